@@ -1,0 +1,33 @@
+# Set-up commands for a fresh clone (see README.md). Everything lives in .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The CPU build of torch lies on this machine kind's disk; an unpinned torch pulls a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_OUT ?= bench/results/demo
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.installed: setup.py requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --disable-pip-version-check $(TORCH_SPEC)
+	$(PIP) install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PIP) install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m macl_kernels info
+	$(PY) -m macl_kernels verify
+	$(PY) -m macl_kernels bench --quick --out $(DEMO_OUT)
+
+bench: install
+	$(PY) -m macl_kernels bench --out bench/results/latest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,28 @@
+"""macl-kernels: fused Model-Aware Contrastive Learning (MACL) and sibling contrastive losses.
+
+    import macl_kernels as mk
+    loss = mk.macl_loss(z1, z2)                 # functional, backend="auto"
+    criterion = mk.MACLLoss()                   # drop-in for lightly's MACLLoss
+
+``macl_kernels.reference`` is the full-matrix PyTorch oracle; ``available_backends()`` says which
+fused backends can run here and why the others cannot.
+"""
+
+from .backends import available_backends
+from .functional import (
+    MACL_TEMPERATURE_FLOOR,
+    clip_loss,
+    dcl_loss,
+    infonce_loss,
+    macl_loss,
+    tfree_loss,
+)
+from .modules import ClipLoss, DCLLoss, DCLWLoss, MACLLoss, NTXentLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "macl_loss", "infonce_loss", "clip_loss", "dcl_loss", "tfree_loss", "available_backends",
+    "MACLLoss", "NTXentLoss", "DCLLoss", "DCLWLoss", "ClipLoss", "MACL_TEMPERATURE_FLOOR",
+    "__version__",
+]

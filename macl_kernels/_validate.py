@@ -1,0 +1,148 @@
+"""Input validation shared by every public entry point.
+
+Every check raises a ``ValueError`` or ``TypeError`` that names the argument and the offending
+shape or value, so that a bad call fails at the call site instead of producing a NaN loss deep
+inside a kernel. Checks that need the tensor's data (finiteness, the sign of a tensor
+``logit_scale``) cost a host synchronisation; ``validate=False`` skips exactly those.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+
+LAYOUTS = ("2n", "cross", "cross_sym")
+REDUCTIONS = ("mean", "sum", "none")
+SCHEDULES = ("linear", "exp")
+TEMPERATURE_MODES = ("batch", "anchor")
+BACKENDS = ("auto", "reference", "torch", "triton", "cpu", "cuda")
+
+
+def check_choice(name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_real(name: str, value) -> float:
+    """A finite Python number (bools and tensors are rejected: they are almost always a mistake)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+def check_positive(name: str, value) -> float:
+    value = check_real(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return value
+
+
+def check_open_unit(name: str, value) -> float:
+    value = check_real(name, value)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must lie in the open interval (0, 1), got {value!r}")
+    return value
+
+
+def check_embedding_pair(
+    name1: str, x1, name2: str, x2, *, validate: bool = True
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Two ``[N, D]`` floating tensors of one shape, dtype and device, N >= 2, finite."""
+    for name, x in ((name1, x1), (name2, x2)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
+                f"got {x.dtype}"
+            )
+        if x.dim() != 2:
+            raise ValueError(
+                f"{name} must be 2-D [batch, dim], got {x.dim()}-D shape {tuple(x.shape)}"
+            )
+    if x1.shape != x2.shape:
+        raise ValueError(
+            f"{name1} and {name2} must have the same shape, got {tuple(x1.shape)} and "
+            f"{tuple(x2.shape)}"
+        )
+    if x1.dtype != x2.dtype:
+        raise TypeError(
+            f"{name1} and {name2} must have the same dtype, got {x1.dtype} and {x2.dtype}"
+        )
+    if x1.device != x2.device:
+        raise ValueError(
+            f"{name1} and {name2} must be on the same device, got {x1.device} and {x2.device}"
+        )
+    n, d = x1.shape
+    if n < 2:
+        raise ValueError(
+            f"{name1} and {name2} need at least 2 rows (a batch of 1 has no negatives), "
+            f"got shape {tuple(x1.shape)}"
+        )
+    if d < 1:
+        raise ValueError(f"{name1} and {name2} need at least 1 column, got shape {tuple(x1.shape)}")
+    if validate:
+        for name, x in ((name1, x1), (name2, x2)):
+            if not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x)).sum())
+                raise ValueError(
+                    f"{name} contains {bad} non-finite value(s) (NaN or Inf); "
+                    f"pass validate=False to skip this check in hot loops"
+                )
+    return x1, x2
+
+
+def check_logit_scale(
+    logit_scale, like: torch.Tensor, *, validate: bool = True
+) -> Union[float, torch.Tensor]:
+    """CLIP's already-exponentiated scale: a positive float or a 0-d (or 1-element) tensor."""
+    if isinstance(logit_scale, torch.Tensor):
+        if logit_scale.numel() != 1 or logit_scale.dim() > 1:
+            raise ValueError(
+                f"logit_scale must be a scalar (0-d tensor or float), got shape "
+                f"{tuple(logit_scale.shape)}"
+            )
+        if not logit_scale.is_floating_point():
+            raise TypeError(f"logit_scale must have a floating dtype, got {logit_scale.dtype}")
+        if logit_scale.device != like.device and logit_scale.device.type != "cpu":
+            raise ValueError(
+                f"logit_scale is on {logit_scale.device} but the features are on {like.device}"
+            )
+        if validate:
+            value = float(logit_scale.detach().reshape(()))
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(
+                    f"logit_scale must be finite and > 0 (it is the already-exponentiated "
+                    f"scale, e.g. model.logit_scale.exp()), got {value!r}"
+                )
+        return logit_scale.reshape(())
+    return check_positive("logit_scale", logit_scale)
+
+
+def check_backend(backend: str) -> str:
+    return check_choice("backend", backend, BACKENDS)
+
+
+def optional_tensor_arg(name: str, x: Optional[torch.Tensor], rows: int, like: torch.Tensor):
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    if x.shape != (rows,):
+        raise ValueError(f"{name} must have shape ({rows},), got {tuple(x.shape)}")
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but the embeddings are on {like.device}")
+    return x

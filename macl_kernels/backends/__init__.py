@@ -1,0 +1,100 @@
+"""Backend registry and dispatch.
+
+Every backend except ``"reference"`` implements the one primitive of ``_primitive.py``
+(``negative_lse`` with its backward); ``"reference"`` runs the full-matrix oracle of
+``macl_kernels.reference`` instead. A backend that cannot run says why, and ``"auto"`` says why
+each candidate was rejected when none fits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable, Dict, Optional
+
+import torch
+
+BACKEND_NAMES = ("reference", "torch", "triton", "cpu", "cuda")
+
+# "auto" tries these in order, per device type: fastest first, "torch" as the universal fallback.
+AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("cpu", "torch"),
+}
+AUTO_ORDER_OTHER = ("torch",)
+
+
+def _triton_reason(device: Optional[torch.device]) -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton; CUDA GPUs, or TRITON_INTERPRET=1 on CPU)"
+    return (
+        "the fused Triton kernels are not part of this release yet (tracked in the Triton "
+        "kernels issue); use backend='torch'"
+    )
+
+
+def _cpu_reason(device: Optional[torch.device]) -> Optional[str]:
+    return (
+        "the fused C++/OpenMP extension (macl_kernels._C) is not part of this release yet "
+        "(tracked in the native kernels issue); use backend='torch'"
+    )
+
+
+def _cuda_reason(device: Optional[torch.device]) -> Optional[str]:
+    if not torch.cuda.is_available():
+        return (
+            "no CUDA device is visible to PyTorch (needs a CUDA build of torch and an NVIDIA GPU)"
+        )
+    return (
+        "the CUDA C++ extension is not part of this release yet (tracked in the native kernels "
+        "issue); use backend='triton' or 'torch'"
+    )
+
+
+def _always(device: Optional[torch.device]) -> Optional[str]:
+    return None
+
+
+_REASONS: Dict[str, Callable[[Optional[torch.device]], Optional[str]]] = {
+    "reference": _always,
+    "torch": _always,
+    "triton": _triton_reason,
+    "cpu": _cpu_reason,
+    "cuda": _cuda_reason,
+}
+
+
+def available_backends(device=None) -> Dict[str, Optional[str]]:
+    """Map every backend name to ``None`` when usable here (for ``device``, if given) or to a
+    sentence saying why not and what to install."""
+    if device is not None:
+        device = torch.device(device)
+    return {name: _REASONS[name](device) for name in BACKEND_NAMES}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for ``backend`` on ``device``; raises ``RuntimeError`` if unusable."""
+    if backend == "auto":
+        rejected = []
+        for name in AUTO_ORDER.get(device.type, AUTO_ORDER_OTHER):
+            reason = _REASONS[name](device)
+            if reason is None:
+                return name
+            rejected.append(f"{name}: {reason}")
+        raise RuntimeError(  # unreachable while "torch" is last in every order
+            f"no backend can run on {device}: " + "; ".join(rejected)
+        )
+    if backend not in _REASONS:
+        raise ValueError(f"backend must be one of {['auto', *BACKEND_NAMES]}, got {backend!r}")
+    reason = _REASONS[backend](device)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} is not usable on {device}: {reason}")
+    return backend
+
+
+def primitive(name: str):
+    """The module implementing ``negative_lse`` for backend ``name``."""
+    if name == "torch":
+        from . import torch_chunked
+
+        return torch_chunked
+    raise RuntimeError(f"backend {name!r} has no primitive implementation")  # pragma: no cover

@@ -1,0 +1,283 @@
+"""The public loss functions.
+
+Every loss is assembled from one primitive (SPEC.md section 6, DESIGN.md): per anchor row ``a``
+the similarity to its positive ``S_a,p(a)`` (``O(M * D)``, plain PyTorch) and
+
+    lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak)
+
+computed by the chosen backend tile by tile, never holding ``S``. With
+``x_a = lse_neg[a] - l_ap`` every loss is a short formula on per-row vectors:
+
+    InfoNCE, CLIP, temperature-free   -log P_ap = softplus(x_a)
+    DCL / DCLW                        lse_neg[a] - w_a l_ap
+    MACL                              sg(V_a) * softplus(x_a) = (1 + e^-x_a) softplus(x_a),
+                                      whose gradient in x_a is exactly 1 (SPEC section 3)
+
+``softplus(x)`` avoids both ``log(softmax)`` underflow and the cancellation in ``1 - P``.
+``LSE`` over all candidates, if ever wanted, is ``logaddexp(lse_neg, l_ap)``.
+
+Shapes: ``z1, z2`` are ``[N, D]``; anchors ``M`` = ``2N`` (layout ``"2n"``), ``N``
+(``"cross"``) or ``2N`` (``"cross_sym"``: the N row-anchors, then the N column-anchors).
+``reduction="none"`` returns the ``M`` per-anchor losses in that order.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import _validate as V
+from . import reference
+from .backends import available_backends, primitive, resolve_backend
+from .reference import MACL_TEMPERATURE_FLOOR, softplus
+
+__all__ = [
+    "macl_loss", "infonce_loss", "clip_loss", "dcl_loss", "tfree_loss", "available_backends",
+    "MACL_TEMPERATURE_FLOOR",
+]
+
+
+class _Block(NamedTuple):
+    """Anchors against candidates; row ``a``'s positive is ``candidates[pos_index[a]]`` and,
+    when ``self_index`` is given, ``candidates[self_index[a]]`` is the anchor itself (skipped)."""
+
+    anchors: torch.Tensor
+    candidates: torch.Tensor
+    pos_index: torch.Tensor
+    self_index: Optional[torch.Tensor]
+
+
+def _blocks(u1: torch.Tensor, u2: torch.Tensor, layout: str):
+    n = u1.shape[0]
+    rows = torch.arange(n, device=u1.device)
+    if layout == "2n":
+        # One block: S = U U^T is symmetric and a backend may exploit that (anchors is candidates).
+        U = torch.cat([u1, u2])
+        all_rows = torch.arange(2 * n, device=u1.device)
+        return [_Block(U, U, (all_rows + n) % (2 * n), all_rows)]
+    if layout == "cross":
+        return [_Block(u1, u2, rows, None)]
+    return [_Block(u1, u2, rows, None), _Block(u2, u1, rows, None)]  # cross_sym: rows, columns
+
+
+def _positive_similarity(blocks) -> torch.Tensor:
+    return torch.cat([(b.anchors * b.candidates[b.pos_index]).sum(dim=1) for b in blocks])
+
+
+def _negative_lse(blocks, impl, inv_temp: Optional[torch.Tensor],
+                  artanh_scale: Optional[float] = None, artanh_eps: float = 0.0):
+    out, r0 = [], 0
+    for b in blocks:
+        m = b.anchors.shape[0]
+        b_rows = inv_temp[r0:r0 + m] if inv_temp is not None else None
+        out.append(impl.negative_lse(b.anchors, b.candidates, b_rows, b.pos_index, b.self_index,
+                                     artanh_scale, artanh_eps))
+        r0 += m
+    return torch.cat(out)
+
+
+class _Prepared(NamedTuple):
+    u1: torch.Tensor
+    u2: torch.Tensor
+    blocks: list
+    impl: object
+    out_dtype: torch.dtype
+
+
+def _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
+             names=("z1", "z2")):
+    """Shared validation and set-up of every loss; returns ``None`` for the reference backend."""
+    V.check_bool("validate", validate)
+    V.check_embedding_pair(names[0], z1, names[1], z2, validate=validate)
+    V.check_choice("layout", layout, V.LAYOUTS)
+    V.check_choice("reduction", reduction, V.REDUCTIONS)
+    V.check_bool("normalize", normalize)
+    V.check_bool("gather_distributed", gather_distributed)
+    V.check_backend(backend)
+    _check_distributed(gather_distributed)
+    name = resolve_backend(backend, z1.device)
+    if name == "reference":
+        return None
+    u1, u2 = (reference.normalize(z, normalize) for z in (z1, z2))
+    return _Prepared(u1, u2, _blocks(u1, u2, layout), primitive(name), z1.dtype)
+
+
+def _check_distributed(gather_distributed: bool) -> None:
+    """Without an initialised process group (or with one rank) gathering is the local loss."""
+    if not gather_distributed:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise NotImplementedError(
+            "gather_distributed=True across more than one rank is not implemented in this "
+            "release (tracked in the distributed issue); a single rank works"
+        )
+
+
+def _constant_rows(value: float, m: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((m,), value, dtype=like.dtype, device=like.device)
+
+
+def _macl_value(x: torch.Tensor) -> torch.Tensor:
+    """``(1 + e^-x) softplus(x)`` without overflow: for ``x < 0`` it is
+    ``softplus(x) + log1p(t) / t`` with ``t = e^x`` (-> 1 as ``t -> 0``)."""
+    t = torch.exp(torch.clamp(x, max=0.0))
+    ratio = torch.where(t > 0, torch.log1p(t) / t, torch.ones_like(t))
+    return torch.where(x < 0, softplus(x) + ratio, softplus(x) * (1 + torch.exp(-x)))
+
+
+def _finish(per_anchor: torch.Tensor, reduction: str, out_dtype: torch.dtype) -> torch.Tensor:
+    return reference.reduce(per_anchor, reduction, out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Public losses
+# --------------------------------------------------------------------------------------------
+
+
+def infonce_loss(z1, z2, *, temperature=0.1, layout="2n", normalize=True, reduction="mean",
+                 gather_distributed=False, backend="auto", validate=True):
+    """NT-Xent / InfoNCE: ``loss_a = -log P_ap``, ``l_ak = S_ak / temperature``.
+
+    Args:
+        z1, z2: ``[N, D]`` embeddings of the two views (N >= 2), any floating dtype.
+        temperature: ``tau > 0``.
+        layout: ``"2n"`` (SimCLR, 2N anchors), ``"cross"`` (SimCSE, N anchors) or ``"cross_sym"``.
+        normalize: L2-normalise the rows first (``False`` if the caller already did).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (the M per-anchor losses).
+        backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"triton"``, ``"cpu"``, ``"cuda"``.
+        validate: ``False`` skips the data-dependent checks (finiteness; a host sync).
+    """
+    temperature = V.check_positive("temperature", temperature)
+    prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate)
+    if prep is None:
+        return reference.infonce_loss(z1, z2, temperature=temperature, layout=layout,
+                                      normalize=normalize, reduction=reduction)
+    s_pos = _positive_similarity(prep.blocks)
+    inv_temp = _constant_rows(1.0 / temperature, s_pos.shape[0], s_pos)
+    x = _negative_lse(prep.blocks, prep.impl, inv_temp) - inv_temp * s_pos
+    return _finish(softplus(x), reduction, prep.out_dtype)
+
+
+def clip_loss(image_features, text_features, logit_scale, *, normalize=True, reduction="mean",
+              gather_distributed=False, backend="auto", validate=True):
+    """Symmetric CLIP loss: ``l_ij = s S_ij``, the mean of the row-wise and column-wise
+    cross-entropies (layout ``"cross_sym"``).
+
+    ``logit_scale`` is the already-exponentiated scale ``s`` (a float, or a 0-d tensor; when it
+    requires grad, ``dL/ds = sum_ij G_ij S_ij`` is returned to it).
+    """
+    prep = _prepare(image_features, text_features, "cross_sym", normalize, reduction,
+                    gather_distributed, backend, validate,
+                    names=("image_features", "text_features"))
+    logit_scale = V.check_logit_scale(logit_scale, image_features, validate=validate)
+    if prep is None:
+        return reference.clip_loss(image_features, text_features, logit_scale,
+                                   normalize=normalize, reduction=reduction)
+    s_pos = _positive_similarity(prep.blocks)
+    if isinstance(logit_scale, torch.Tensor):
+        inv_temp = logit_scale.to(device=s_pos.device, dtype=s_pos.dtype).expand(s_pos.shape[0])
+    else:
+        inv_temp = _constant_rows(logit_scale, s_pos.shape[0], s_pos)
+    x = _negative_lse(prep.blocks, prep.impl, inv_temp) - inv_temp * s_pos
+    return _finish(softplus(x), reduction, prep.out_dtype)
+
+
+def dcl_loss(z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, layout="2n", normalize=True,
+             reduction="mean", gather_distributed=False, backend="auto", validate=True,
+             weights: Optional[torch.Tensor] = None):
+    """Decoupled contrastive loss: ``loss_a = -w_a l_ap + LSE_{k in Neg(a)} l_ak``.
+
+    ``weighted=True`` is DCLW: ``w_i = 2 - N softmax_i(u1_i . u2_i / sigma)`` (no gradient, the
+    same ``w_i`` for both views); otherwise ``w = 1``. ``weights`` (``[M]``, one per anchor row,
+    may carry gradient) overrides both: it is how ``DCLLoss(weight_fn=...)`` reaches the kernels.
+    """
+    temperature = V.check_positive("temperature", temperature)
+    sigma = V.check_positive("sigma", sigma)
+    V.check_bool("weighted", weighted)
+    prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate)
+    m = z1.shape[0] * (1 if layout == "cross" else 2)
+    weights = V.optional_tensor_arg("weights", weights, m, z1)
+    if prep is None:
+        return reference.dcl_loss(z1, z2, temperature=temperature, weighted=weighted, sigma=sigma,
+                                  layout=layout, normalize=normalize, reduction=reduction,
+                                  weights=weights)
+    s_pos = _positive_similarity(prep.blocks)
+    inv_temp = _constant_rows(1.0 / temperature, m, s_pos)
+    if weights is None:
+        weights = (
+            reference.per_anchor_pair_values(reference.dcl_weights(prep.u1, prep.u2, sigma), layout)
+            if weighted else torch.ones_like(s_pos)
+        )
+    per_anchor = _negative_lse(prep.blocks, prep.impl, inv_temp) - weights * (inv_temp * s_pos)
+    return _finish(per_anchor, reduction, prep.out_dtype)
+
+
+def macl_loss(z1, z2, *, temperature=0.1, alpha=0.5, a0=0.0, schedule="linear",
+              temperature_mode="batch", reweight=True, layout="2n", normalize=True,
+              reduction="mean", gather_distributed=False, backend="auto", validate=True):
+    """Model-Aware Contrastive Learning (ICML 2023).
+
+    ``A = sg(mean over positive pairs of S_a,p(a))`` (``temperature_mode="anchor"``: one ``A_a``
+    per anchor), ``tau = temperature * (1 + alpha (A - a0))`` (``schedule="linear"``) or
+    ``temperature * alpha ** A`` (``"exp"``), clamped at ``min(1e-3, temperature)`` so it never
+    reaches zero or flips sign. ``loss_a = -sg(V_a) log P_ap`` with ``V_a = 1 / (1 - P_ap)``
+    (``reweight=False``: InfoNCE at ``tau(A)``). Its gradient is DCL's at ``tau(A)``:
+    ``(Q - Y) / (M tau)``.
+    """
+    loss, _, _ = _macl(z1, z2, temperature=temperature, alpha=alpha, a0=a0, schedule=schedule,
+                       temperature_mode=temperature_mode, reweight=reweight, layout=layout,
+                       normalize=normalize, reduction=reduction,
+                       gather_distributed=gather_distributed, backend=backend, validate=validate)
+    return loss
+
+
+def _macl(z1, z2, *, temperature, alpha, a0, schedule, temperature_mode, reweight, layout,
+          normalize, reduction, gather_distributed, backend, validate):
+    """``macl_loss`` plus the temperature and alignment it used (detached, for logging)."""
+    temperature = V.check_positive("temperature", temperature)
+    alpha = V.check_real("alpha", alpha)
+    a0 = V.check_real("a0", a0)
+    V.check_choice("schedule", schedule, V.SCHEDULES)
+    V.check_choice("temperature_mode", temperature_mode, V.TEMPERATURE_MODES)
+    V.check_bool("reweight", reweight)
+    if schedule == "exp" and alpha <= 0:
+        raise ValueError(f"alpha must be > 0 for schedule='exp' (tau = t0 * alpha ** A), got {alpha}")
+    prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate)
+    if prep is None:
+        return reference.macl_loss(z1, z2, temperature=temperature, alpha=alpha, a0=a0,
+                                   schedule=schedule, temperature_mode=temperature_mode,
+                                   reweight=reweight, layout=layout, normalize=normalize,
+                                   reduction=reduction, return_stats=True)
+    s_pos = _positive_similarity(prep.blocks)
+    alignment = s_pos.detach()
+    if temperature_mode == "batch":
+        alignment = alignment.mean()
+    tau = reference.macl_temperature(alignment, temperature, alpha, a0, schedule)
+    inv_temp = (1.0 / tau).expand(s_pos.shape[0])
+    x = _negative_lse(prep.blocks, prep.impl, inv_temp) - inv_temp * s_pos
+    if reweight:
+        # Value (1 + e^-x) softplus(x); gradient in x exactly sg(V) sigmoid(x) = 1.
+        per_anchor = _macl_value(x).detach() + (x - x.detach())
+    else:
+        per_anchor = softplus(x)
+    return _finish(per_anchor, reduction, prep.out_dtype), tau, alignment
+
+
+def tfree_loss(z1, z2, *, scale=2.0, eps=1e-6, layout="2n", normalize=True, reduction="mean",
+               gather_distributed=False, backend="auto", validate=True):
+    """Temperature-free InfoNCE: ``l_ak = scale * artanh(clamp(S_ak, -1 + eps, 1 - eps))``,
+    ``loss_a = -log P_ap``. The clamp keeps ``artanh`` finite; its gradient is 0 where it clamps."""
+    scale = V.check_positive("scale", scale)
+    eps = V.check_open_unit("eps", eps)
+    prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate)
+    if prep is None:
+        return reference.tfree_loss(z1, z2, scale=scale, eps=eps, layout=layout,
+                                    normalize=normalize, reduction=reduction)
+    s_pos = _positive_similarity(prep.blocks)
+    l_pos = scale * torch.atanh(s_pos.clamp(-1 + eps, 1 - eps))
+    x = _negative_lse(prep.blocks, prep.impl, None, artanh_scale=scale, artanh_eps=eps) - l_pos
+    return _finish(softplus(x), reduction, prep.out_dtype)
+

@@ -1,0 +1,223 @@
+"""Pure-PyTorch reference of every loss in SPEC.md: the oracle every backend is tested against.
+
+Written to read like the math, not to be fast: it materialises the full ``M x K`` similarity
+matrix, masks it, and lets autograd produce the gradients (including the stop-gradients the
+losses prescribe). It works in any floating dtype; half inputs are computed in float32.
+
+Notation (SPEC.md section 2): ``u = normalize(z)``; each layout turns ``(u1, u2)`` into a matrix
+``S`` whose row ``a`` holds anchor ``a``'s similarities to its candidates, a boolean mask of the
+candidate set ``C(a)`` (all but self) and the column ``p(a)`` of its positive.
+``Neg(a) = C(a)`` without ``p(a)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+NORMALIZE_EPS = 1e-12  # F.normalize's default: u = z / max(||z||, eps)
+MACL_TEMPERATURE_FLOOR = 1e-3  # tau(A) is clamped here (or at tau0 if smaller), SPEC section 3
+
+
+class AnchorRows(NamedTuple):
+    """Row ``a`` of ``S`` is anchor ``a``; ``candidates[a, k]`` says whether ``k`` is in ``C(a)``."""
+
+    S: torch.Tensor  # [M, K] similarities
+    candidates: torch.Tensor  # [M, K] bool, C(a)
+    positive: torch.Tensor  # [M] long, p(a)
+
+    @property
+    def positive_similarity(self) -> torch.Tensor:
+        return self.S.gather(1, self.positive[:, None])[:, 0]
+
+    @property
+    def Y(self) -> torch.Tensor:
+        """Positive indicator ``Y[a, k] = [k == p(a)]``."""
+        return F.one_hot(self.positive, self.S.shape[1]).bool()
+
+    @property
+    def negatives(self) -> torch.Tensor:
+        return self.candidates & ~self.Y
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 + e^x)`` to full precision (``F.softplus`` switches to ``x`` above 20, an error of
+    ``e^-20`` ~ 2e-9 that would show in float64 comparisons)."""
+    return torch.logaddexp(x, torch.zeros_like(x))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Losses are computed in float32 or wider."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def normalize(z: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    z = z.to(compute_dtype(z.dtype))
+    return F.normalize(z, p=2.0, dim=1, eps=NORMALIZE_EPS) if normalize else z
+
+
+def anchor_rows(u1: torch.Tensor, u2: torch.Tensor, layout: str) -> AnchorRows:
+    n = u1.shape[0]
+    device = u1.device
+    if layout == "2n":
+        # SimCLR / NT-Xent: U = [u1; u2], every row is an anchor, its positive is the other view.
+        U = torch.cat([u1, u2])
+        S = U @ U.T
+        M = 2 * n
+        is_self = torch.eye(M, dtype=torch.bool, device=device)
+        positive = (torch.arange(M, device=device) + n) % M
+        return AnchorRows(S, ~is_self, positive)
+    S = u1 @ u2.T
+    everyone = torch.ones(n, n, dtype=torch.bool, device=device)
+    diagonal = torch.arange(n, device=device)
+    if layout == "cross":
+        # SimCSE / GraphCL: anchors u1, candidates u2, positive on the diagonal.
+        return AnchorRows(S, everyone, diagonal)
+    if layout == "cross_sym":
+        # CLIP: the N rows of S, then the N columns (rows of S^T), each a cross-entropy.
+        return AnchorRows(
+            torch.cat([S, S.T]), torch.cat([everyone, everyone]), torch.cat([diagonal, diagonal])
+        )
+    raise ValueError(f"layout must be one of ['2n', 'cross', 'cross_sym'], got {layout!r}")
+
+
+def masked_logsumexp(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=1)
+
+
+def reduce(per_anchor: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    if reduction == "mean":
+        out = per_anchor.mean()
+    elif reduction == "sum":
+        out = per_anchor.sum()
+    elif reduction == "none":
+        out = per_anchor
+    else:
+        raise ValueError(f"reduction must be one of ['mean', 'sum', 'none'], got {reduction!r}")
+    return out.to(dtype)
+
+
+def negative_log_p_positive(rows: AnchorRows, logits: torch.Tensor) -> torch.Tensor:
+    """``-log P_ap`` with ``P`` the softmax of row ``a`` over ``C(a)``, written as
+    ``softplus(x_a)``, ``x_a = LSE_{k in Neg(a)} l_ak - l_ap`` (the same number: ``1/P_ap =
+    1 + sum_Neg e^(l_ak - l_ap)``). Autograd of this form gives ``P - Y`` without the
+    cancellation of ``softmax - 1`` at a confident positive, so the oracle stays exact in float64.
+    """
+    return softplus(negative_margin(rows, logits))
+
+
+def negative_margin(rows: AnchorRows, logits: torch.Tensor) -> torch.Tensor:
+    """``x_a = LSE_{k in Neg(a)} l_ak - l_ap``; ``-log P_ap = softplus(x_a)``, ``1 - P_ap = sigmoid(x_a)``."""
+    positive_logit = logits.gather(1, rows.positive[:, None])[:, 0]
+    return masked_logsumexp(logits, rows.negatives) - positive_logit
+
+
+# --------------------------------------------------------------------------------------------
+# The losses (SPEC.md section 3)
+# --------------------------------------------------------------------------------------------
+
+
+def infonce_loss(z1, z2, *, temperature=0.1, layout="2n", normalize=True, reduction="mean"):
+    """NT-Xent / InfoNCE: ``loss_a = -log P_ap``, ``l_ak = S_ak / tau``."""
+    rows = anchor_rows(_n(z1, normalize), _n(z2, normalize), layout)
+    return reduce(negative_log_p_positive(rows, rows.S / temperature), reduction, z1.dtype)
+
+
+def clip_loss(image_features, text_features, logit_scale, *, normalize=True, reduction="mean"):
+    """CLIP: ``l_ij = s * S_ij`` over both directions; ``s`` may require grad."""
+    rows = anchor_rows(_n(image_features, normalize), _n(text_features, normalize), "cross_sym")
+    if isinstance(logit_scale, torch.Tensor):
+        logit_scale = logit_scale.to(rows.S.dtype).reshape(())
+    loss = negative_log_p_positive(rows, logit_scale * rows.S)
+    return reduce(loss, reduction, image_features.dtype)
+
+
+def dcl_weights(u1: torch.Tensor, u2: torch.Tensor, sigma: float) -> torch.Tensor:
+    """DCLW's negative von Mises-Fisher weights ``w_i = 2 - N softmax_i(u1_i . u2_i / sigma)`` (sg)."""
+    u1, u2 = u1.detach(), u2.detach()
+    return 2 - u1.shape[0] * torch.softmax((u1 * u2).sum(1) / sigma, dim=0)
+
+
+def per_anchor_pair_values(values_per_pair: torch.Tensor, layout: str) -> torch.Tensor:
+    """Pair ``i``'s value for every anchor row of the layout (2n and cross_sym have each pair twice)."""
+    return values_per_pair if layout == "cross" else torch.cat([values_per_pair, values_per_pair])
+
+
+def dcl_loss(
+    z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, layout="2n", normalize=True,
+    reduction="mean", weights: Optional[torch.Tensor] = None,
+):
+    """Decoupled CL: ``loss_a = -w_a l_ap + LSE_{k in Neg(a)} l_ak`` (``w = 1`` unless weighted).
+
+    ``weights`` (one per anchor row) overrides ``weighted``; it is how lightly's ``weight_fn``
+    reaches the reference.
+    """
+    u1, u2 = _n(z1, normalize), _n(z2, normalize)
+    rows = anchor_rows(u1, u2, layout)
+    logits = rows.S / temperature
+    if weights is None:
+        weights = (
+            per_anchor_pair_values(dcl_weights(u1, u2, sigma), layout)
+            if weighted
+            else torch.ones_like(rows.positive, dtype=logits.dtype)
+        )
+    positive_logit = logits.gather(1, rows.positive[:, None])[:, 0]
+    loss = -weights * positive_logit + masked_logsumexp(logits, rows.negatives)
+    return reduce(loss, reduction, z1.dtype)
+
+
+def macl_temperature(A, temperature: float, alpha: float, a0: float, schedule: str):
+    """MACL's model-aware temperature ``tau(A)``, clamped at a positive floor (never a sign flip)."""
+    if schedule == "linear":
+        tau = temperature * (1 + alpha * (A - a0))
+    elif schedule == "exp":
+        tau = temperature * torch.pow(torch.as_tensor(alpha, dtype=A.dtype, device=A.device), A)
+    else:
+        raise ValueError(f"schedule must be one of ['linear', 'exp'], got {schedule!r}")
+    return tau.clamp_min(min(MACL_TEMPERATURE_FLOOR, temperature))
+
+
+def macl_loss(
+    z1, z2, *, temperature=0.1, alpha=0.5, a0=0.0, schedule="linear", temperature_mode="batch",
+    reweight=True, layout="2n", normalize=True, reduction="mean", return_stats=False,
+):
+    """Model-Aware Contrastive Learning (ICML 2023).
+
+    ``A = sg(mean_a S_a,p(a))`` (or per anchor), ``tau = tau(A)``, ``l = S / tau``,
+    ``loss_a = -sg(V_a) log P_ap`` with ``V_a = 1 / (1 - P_ap) = 1 / sigmoid(x_a)``.
+    """
+    rows = anchor_rows(_n(z1, normalize), _n(z2, normalize), layout)
+    alignment = rows.positive_similarity.detach()
+    if temperature_mode == "batch":
+        alignment = alignment.mean()
+    elif temperature_mode != "anchor":
+        raise ValueError(
+            f"temperature_mode must be one of ['batch', 'anchor'], got {temperature_mode!r}"
+        )
+    tau = macl_temperature(alignment, temperature, alpha, a0, schedule)
+    logits = rows.S / (tau[:, None] if tau.dim() == 1 else tau)
+    x = negative_margin(rows, logits)
+    minus_log_P_positive = softplus(x)
+    if reweight:
+        V = 1 / torch.sigmoid(x)  # 1 / (1 - P_ap), no cancellation
+        loss = V.detach() * minus_log_P_positive
+    else:
+        loss = minus_log_P_positive
+    out = reduce(loss, reduction, z1.dtype)
+    return (out, tau.detach(), alignment) if return_stats else out
+
+
+def tfree_loss(z1, z2, *, scale=2.0, eps=1e-6, layout="2n", normalize=True, reduction="mean"):
+    """Temperature-free InfoNCE: ``l_ak = c * artanh(clamp(S_ak, -1 + e, 1 - e))``."""
+    rows = anchor_rows(_n(z1, normalize), _n(z2, normalize), layout)
+    # Self (S_aa ~ 1, artanh -> inf) is masked out before the map is used.
+    S = rows.S.masked_fill(~rows.candidates, 0.0)
+    logits = scale * torch.atanh(S.clamp(-1 + eps, 1 - eps))
+    return reduce(negative_log_p_positive(rows, logits), reduction, z1.dtype)
+
+
+def _n(z: torch.Tensor, do_normalize: bool) -> torch.Tensor:
+    return normalize(z, do_normalize)
+

@@ -96,8 +96,12 @@ class ChunkedNegativeLSE(torch.autograd.Function):
             if artanh_scale is None:
                 grad_S = grad_logits.mul_(inv_temp[rows, None])
             else:
+                # d artanh(clamp(S))/dS = 1/(1 - S^2) inside the clamp, 0 outside. Self and
+                # exact duplicates have S = +-1: keep the factor finite there (clamp_min) so that
+                # their zero dL/dl does not turn into 0 * inf = NaN.
                 inside = S.abs() < 1 - artanh_eps
-                grad_S = grad_logits.mul_(artanh_scale / (1 - S * S)).mul_(inside)
+                factor = (1 - S * S).clamp_min_(artanh_eps).reciprocal_().mul_(artanh_scale)
+                grad_S = grad_logits.mul_(factor.mul_(inside))
             if need_anchors:
                 grad_anchors[rows] = grad_S @ candidates
             if need_candidates:

@@ -1,6 +1,6 @@
 """Backend registry and dispatch.
 
-Every backend except ``"reference"`` implements the one primitive of ``_primitive.py``
+Every backend except ``"reference"`` implements the one primitive the losses of ``functional.py`` are built from
 (``negative_lse`` with its backward); ``"reference"`` runs the full-matrix oracle of
 ``macl_kernels.reference`` instead. A backend that cannot run says why, and ``"auto"`` says why
 each candidate was rejected when none fits.

@@ -1,6 +1,6 @@
 """Backend ``"torch"``: the shared primitive in pure PyTorch, chunked over anchor rows.
 
-The primitive (see ``macl_kernels/_primitive.py``) is, per anchor row ``a``,
+The primitive (the one every loss is built from, see ``macl_kernels/functional.py``) is, per anchor row ``a``,
 
     lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak),   l_ak = b_a * S_ak   or   c * artanh(S_ak)
 

@@ -1,0 +1,452 @@
+"""``macl-kernels bench``: forward+backward time and peak memory per backend and batch size.
+
+Why one subprocess per (backend, N): on the CPU the only honest memory counter is the process's
+resident set, and a process's peak never goes down. Measuring several configurations in one
+process would report the largest earlier peak for every later one, and even the import of torch
+leaves a transient peak far above the steady state. So the parent (``run_bench``) starts
+``python -m macl_kernels._bench`` (``worker_main``) once per measurement. The worker
+
+1. builds ``z1, z2 = randn(N, D)`` (fixed seed, requiring grad);
+2. runs one small warm-up at ``N = 64`` to page in code and kernels;
+3. resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), records the current RSS,
+   runs one forward+backward and reports the peak RSS minus that baseline as the peak extra
+   memory (on CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus the memory
+   allocated before);
+4. times ``repeats`` further forward+backward runs with ``time.perf_counter`` (synchronising the
+   device around each on CUDA) and prints one JSON line.
+
+The peak RSS is read from ``VmHWM`` in ``/proc/self/status``, not ``ru_maxrss``: after
+``vfork``+``exec`` (how ``subprocess`` starts the worker) Linux seeds the child's ``ru_maxrss``
+with the *parent's* peak RSS, and resetting the high-water mark does not clear that, so
+``ru_maxrss`` would report the parent's memory. ``ru_maxrss`` is the fallback where ``/proc``
+is missing, and the method used is recorded with every result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+BENCH_LOSSES = ("macl", "infonce", "clip", "dcl", "tfree")
+FULL_SIZES = (1024, 2048, 4096, 8192)
+QUICK_SIZES = (512, 1024, 2048)
+FULL_REPEATS = 5
+QUICK_REPEATS = 3
+WARMUP_N = 64
+DEFAULT_TIMEOUT_S = 900.0
+CLIP_SCALE = 1 / 0.07
+
+CSV_COLUMNS = (
+    "device", "device_type", "torch_version", "macl_kernels_version", "torch_threads", "loss",
+    "layout", "N", "D", "dtype", "backend", "repeats", "p20_s", "median_s", "p80_s",
+    "peak_extra_bytes", "memory_method", "speedup_vs_reference", "memory_ratio_vs_reference",
+    "error",
+)
+
+
+def default_layout(loss: str) -> str:
+    """CLIP is defined on ``cross_sym`` only; every other loss defaults to SimCLR's ``2n``."""
+    return "cross_sym" if loss == "clip" else "2n"
+
+
+@dataclass
+class BenchConfig:
+    loss: str = "macl"
+    layout: str = "2n"
+    sizes: Sequence[int] = FULL_SIZES
+    dim: int = 128
+    dtype: str = "float32"
+    backends: Sequence[str] = ("reference", "torch")
+    device: str = "cpu"
+    repeats: int = FULL_REPEATS
+    seed: int = 0
+    threads: Optional[int] = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side: one measurement in this (fresh) process
+# --------------------------------------------------------------------------------------------
+
+
+def make_step(loss: str, layout: str, backend: str, z1: torch.Tensor,
+              z2: torch.Tensor) -> Callable[[], None]:
+    """One forward+backward of ``loss`` (mean reduction) on fixed leaves.
+
+    ``validate=False``, as in a training loop: the finiteness check is a host synchronisation
+    and would be timed as well. Gradients are dropped before each step so that every step
+    allocates them afresh, like ``optimizer.zero_grad(set_to_none=True)``.
+    """
+    import macl_kernels as mk
+
+    leaves = [z1, z2]
+    common = dict(backend=backend, validate=False)
+    if loss == "clip":
+        scale_dtype = z1.dtype if z1.dtype in (torch.float32, torch.float64) else torch.float32
+        scale = torch.tensor(CLIP_SCALE, dtype=scale_dtype, device=z1.device, requires_grad=True)
+        leaves.append(scale)
+        forward = lambda: mk.clip_loss(z1, z2, scale, **common)  # noqa: E731
+    else:
+        fn = {"macl": mk.macl_loss, "infonce": mk.infonce_loss, "dcl": mk.dcl_loss,
+              "tfree": mk.tfree_loss}[loss]
+        forward = lambda: fn(z1, z2, layout=layout, **common)  # noqa: E731
+
+    def step() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+        forward().backward()
+
+    return step
+
+
+def make_inputs(n: int, dim: int, dtype: torch.dtype, device: torch.device,
+                seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    z1, z2 = (torch.randn(n, dim, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+              for _ in range(2))
+    return z1, z2
+
+
+def current_rss_bytes() -> int:
+    """Resident set size now: resident pages (``/proc/self/statm``) times the page size."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (Linux >= 4.0); ``False`` where not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> Tuple[int, str]:
+    """Peak RSS of this process and how it was read (see the module docstring for why
+    ``VmHWM`` comes first)."""
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(r"^VmHWM:\s+(\d+)\s+kB", f.read(), re.MULTILINE)
+        if match:
+            return int(match.group(1)) * 1024, "VmHWM"
+    except OSError:
+        pass
+    import resource  # Unix only, hence imported here
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(loss: str, layout: str, backend: str, n: int, dim: int, dtype: str, device: str,
+            repeats: int, seed: int = 0, warmup_n: int = WARMUP_N) -> Dict:
+    """Peak extra memory of one forward+backward and the times of ``repeats`` more."""
+    import numpy as np
+
+    dev = torch.device(device)
+    torch_dtype = getattr(torch, dtype)
+    z1, z2 = make_inputs(n, dim, torch_dtype, dev, seed)
+    step = make_step(loss, layout, backend, z1, z2)
+    make_step(loss, layout, backend, *make_inputs(warmup_n, dim, torch_dtype, dev, seed + 1))()
+    gc.collect()
+
+    if dev.type == "cuda":
+        _synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        step()
+        _synchronize(dev)
+        peak_extra, method = torch.cuda.max_memory_allocated(dev) - before, "cuda_max_allocated"
+    else:
+        was_reset = reset_peak_rss()
+        before = current_rss_bytes()
+        step()
+        peak, method = peak_rss_bytes()
+        peak_extra = peak - before
+        if not was_reset:
+            method += " (not reset: includes earlier peaks)"
+
+    times = []
+    for _ in range(repeats):
+        _synchronize(dev)
+        t0 = time.perf_counter()
+        step()
+        _synchronize(dev)
+        times.append(time.perf_counter() - t0)
+    p20, p50, p80 = (float(v) for v in np.percentile(times, [20, 50, 80]))
+    return {
+        "ok": True, "loss": loss, "layout": layout, "backend": backend, "N": n, "D": dim,
+        "dtype": dtype, "device": device, "repeats": repeats, "times_s": times,
+        "p20_s": p20, "median_s": p50, "p80_s": p80,
+        "peak_extra_bytes": int(max(0, peak_extra)), "baseline_bytes": int(before),
+        "memory_method": method, "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _worker_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m macl_kernels._bench",
+        description="One benchmark measurement (internal: started by `macl-kernels bench`); "
+                    "prints one JSON line.")
+    p.add_argument("--loss", choices=BENCH_LOSSES, required=True)
+    p.add_argument("--layout", required=True)
+    p.add_argument("--backend", required=True)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--dim", type=int, required=True)
+    p.add_argument("--dtype", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    return p
+
+
+def worker_main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _worker_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        result = measure(args.loss, args.layout, args.backend, args.n, args.dim, args.dtype,
+                         args.device, args.repeats, args.seed)
+    except Exception as exc:  # e.g. torch.OutOfMemoryError: report it as data, not a traceback
+        print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+        return 1
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Parent side: the sweep, the table, the CSV and the plot
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    backend: str
+    n: int
+    result: Dict = field(default_factory=dict)  # the worker's JSON, or {"ok": False, "error"}
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.result.get("ok"))
+
+
+def _package_root() -> str:
+    import macl_kernels
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(macl_kernels.__file__)))
+
+
+def run_worker(config: BenchConfig, backend: str, n: int) -> Dict:
+    """Run one measurement in a fresh interpreter; failures come back as ``{"ok": False}``."""
+    cmd = [sys.executable, "-m", "macl_kernels._bench", "--loss", config.loss,
+           "--layout", config.layout, "--backend", backend, "--n", str(n),
+           "--dim", str(config.dim), "--dtype", config.dtype, "--device", config.device,
+           "--repeats", str(config.repeats), "--seed", str(config.seed)]
+    if config.threads:
+        cmd += ["--threads", str(config.threads)]
+    env = dict(os.environ)
+    # The worker must import this very package, installed or not.
+    env["PYTHONPATH"] = os.pathsep.join(
+        [_package_root()] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                              timeout=config.timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {config.timeout_s:g} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                break
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode).name
+        hint = " (likely out of memory)" if sig == "SIGKILL" else ""
+        return {"ok": False, "error": f"worker killed by {sig}{hint}"}
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"ok": False, "error": f"worker exited with status {proc.returncode}: {last}"}
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is an optional ("bench" extra) dependency
+        return None
+    return tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True)
+
+
+def sweep(config: BenchConfig, progress: bool = True) -> List[Measurement]:
+    tasks = [(backend, n) for n in config.sizes for backend in config.backends]
+    bar = _progress(len(tasks), progress)
+    measurements = []
+    for backend, n in tasks:
+        if bar is not None:
+            bar.set_postfix_str(f"{backend} N={n}")
+        measurements.append(Measurement(backend, n, run_worker(config, backend, n)))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return measurements
+
+
+def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def csv_rows(config: BenchConfig, measurements: Sequence[Measurement]) -> List[Dict]:
+    """One dict per measurement with the columns of ``CSV_COLUMNS`` (ratios vs the reference at
+    the same N; empty when the reference was not run there or failed)."""
+    import macl_kernels as mk
+    from .cli import device_name
+
+    reference = {m.n: m.result for m in measurements if m.backend == "reference" and m.ok}
+    dev_name = device_name(config.device)
+    rows = []
+    for m in measurements:
+        r, ref = m.result, reference.get(m.n, {})
+        ok = m.ok
+        rows.append({
+            "device": dev_name, "device_type": torch.device(config.device).type,
+            "torch_version": torch.__version__, "macl_kernels_version": mk.__version__,
+            "torch_threads": r.get("torch_threads", config.threads or torch.get_num_threads()),
+            "loss": config.loss, "layout": config.layout, "N": m.n, "D": config.dim,
+            "dtype": config.dtype, "backend": m.backend, "repeats": config.repeats,
+            "p20_s": r.get("p20_s"), "median_s": r.get("median_s"), "p80_s": r.get("p80_s"),
+            "peak_extra_bytes": r.get("peak_extra_bytes"),
+            "memory_method": r.get("memory_method"),
+            "speedup_vs_reference": _ratio(ref.get("median_s"), r.get("median_s")) if ok else None,
+            "memory_ratio_vs_reference":
+                _ratio(r.get("peak_extra_bytes"), ref.get("peak_extra_bytes")) if ok else None,
+            "error": None if ok else r.get("error", "unknown error"),
+        })
+    return rows
+
+
+def write_csv(path: str, rows: Sequence[Dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_COLUMNS})
+
+
+def format_results(rows: Sequence[Dict]) -> str:
+    from .cli import format_table
+
+    def num(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    header = ["N", "D", "dtype", "backend", "median ms", "p20-p80 ms", "peak extra MiB",
+              "speedup", "mem ratio", "error"]
+    table = []
+    for r in rows:
+        if r["error"]:
+            table.append([r["N"], r["D"], r["dtype"], r["backend"], "-", "-", "-", "-", "-",
+                          r["error"][:60]])
+            continue
+        table.append([
+            r["N"], r["D"], r["dtype"], r["backend"], num(1e3 * r["median_s"], ".1f"),
+            f"{1e3 * r['p20_s']:.1f}-{1e3 * r['p80_s']:.1f}",
+            num(r["peak_extra_bytes"] / 2**20, ".1f"),
+            num(r["speedup_vs_reference"], ".2f") + ("x" if r["speedup_vs_reference"] else ""),
+            num(r["memory_ratio_vs_reference"], ".3f"), "",
+        ])
+    return format_table(header, table, right_align=[True, True, False, False] + [True] * 5)
+
+
+def plot(path: str, config: BenchConfig, rows: Sequence[Dict]) -> bool:
+    """Time and peak memory against N, log-log, one line per backend; ``False`` without
+    matplotlib (an optional dependency)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for backend in config.backends:
+        ok = [r for r in rows if r["backend"] == backend and not r["error"]]
+        if ok:
+            ax_time.plot([r["N"] for r in ok], [1e3 * r["median_s"] for r in ok], "o-",
+                         label=backend)
+        # Zero extra memory (tiny N) has no place on a log axis.
+        mem = [r for r in ok if r["peak_extra_bytes"]]
+        if mem:
+            ax_mem.plot([r["N"] for r in mem], [r["peak_extra_bytes"] / 2**20 for r in mem],
+                        "o-", label=backend)
+    for ax, ylabel in ((ax_time, "forward+backward median time (ms)"),
+                       (ax_mem, "peak extra memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("N (rows per view)")
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(list(config.sizes))
+        ax.set_xticklabels([str(n) for n in config.sizes])
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    device = rows[0]["device"] if rows else config.device
+    fig.suptitle(f"{config.loss} ({config.layout}), D={config.dim}, {config.dtype} on {device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run_bench(config: BenchConfig, out_dir: str, progress: bool = True) -> int:
+    """The sweep, its table on stdout, ``bench.csv`` and ``bench.png`` in ``out_dir``.
+
+    Returns 0 when at least one measurement succeeded (failures such as the reference running
+    out of memory at large N are results, recorded in the CSV), 1 when none did.
+    """
+    from .cli import device_name
+
+    start = time.perf_counter()
+    print(f"bench: loss={config.loss} layout={config.layout} D={config.dim} "
+          f"dtype={config.dtype} device={config.device} ({device_name(config.device)}), "
+          f"N in {list(config.sizes)}, backends {list(config.backends)}, "
+          f"{config.repeats} timed repeats, torch threads "
+          f"{config.threads or torch.get_num_threads()}, one fresh process per measurement",
+          flush=True)
+    measurements = sweep(config, progress=progress)
+    rows = csv_rows(config, measurements)
+    print(format_results(rows))
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "bench.csv")
+    png_path = os.path.join(out_dir, "bench.png")
+    write_csv(csv_path, rows)
+    plotted = plot(png_path, config, rows)
+    failed = sum(1 for m in measurements if not m.ok)
+    print(f"\nwrote {csv_path}" + (f" and {png_path}" if plotted else
+                                  " (no plot: matplotlib is not installed)"))
+    print(f"{len(measurements) - failed}/{len(measurements)} measurements succeeded in "
+          f"{time.perf_counter() - start:.1f} s; speedup = reference time / time, "
+          f"mem ratio = peak extra memory / reference's")
+    return 0 if failed < len(measurements) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

@@ -1,0 +1,123 @@
+"""Smoke tests of the ``macl-kernels`` console script (``python -m macl_kernels``).
+
+The subcommands run in subprocesses, as a user runs them, so that argument parsing, exit statuses
+and the bench's worker processes are exercised for real; the tolerance logic of ``verify`` is
+checked in-process through ``run_verify``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+
+import macl_kernels as mk
+from macl_kernels import _bench, cli
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [REPO_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return subprocess.run([sys.executable, "-m", "macl_kernels", *args], capture_output=True,
+                          text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
+
+
+def test_info_mentions_every_backend():
+    proc = run_cli("info")
+    assert proc.returncode == 0, proc.stderr
+    assert mk.__version__ in proc.stdout
+    for name, reason in mk.available_backends().items():
+        assert f"{name}: " in proc.stdout
+        assert ("usable" if reason is None else reason) in proc.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["info"], ["verify"], ["bench"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*command, "--help"])
+    assert exc.value.code == 0
+    assert "usage: macl-kernels" in capsys.readouterr().out
+
+
+def test_missing_subcommand_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([])
+    assert exc.value.code == 2
+
+
+def test_verify_passes_at_small_size():
+    proc = run_cli("verify", "--dtype", "all")  # the default size, SPEC tolerances
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table_rows = [line.split() for line in proc.stdout.splitlines()]
+    assert any(row[:1] == ["torch"] for row in table_rows)
+    # Every loss configuration and layout was checked (clip: cross_sym only).
+    expected = sum(len(case.layouts) for case in cli.LOSS_CASES) * len(cli.DTYPES)
+    assert f"{expected}/{expected} checks passed" in proc.stdout
+
+
+def test_verify_exit_status_reflects_tolerance_misses():
+    kwargs = dict(n=8, d=4, dtypes=["float32"], backends=["torch"], device="cpu",
+                  losses=["infonce", "macl", "clip"])
+    assert cli.run_verify(**kwargs, out=io.StringIO()) == 0
+    out = io.StringIO()
+    status = cli.run_verify(**kwargs, tolerances={"float32": 0.0}, out=out)
+    assert status == 1
+    assert "FAIL" in out.getvalue()
+
+
+def test_verify_result_pass_rules():
+    def result(errors):
+        return cli.VerifyResult("torch", "clip", "cross_sym", "float32", errors, 1e-5)
+
+    assert result({"loss": 1e-6, "dscale": 1e-5}).ok
+    assert not result({"loss": 1e-7, "dscale": 3e-5}).ok
+    assert not result({"loss": float("nan")}).ok
+    assert not cli.VerifyResult("torch", "macl", "2n", "float32", {}, 1e-5, "ValueError: x").ok
+
+
+def test_verify_reports_backend_errors_as_failures():
+    results = cli.verify_cases(n=1, d=4, dtypes=["float32"], backends=["torch"], device="cpu",
+                               losses=["macl"])  # N = 1 has no negatives: every case raises
+    assert results and all(not r.ok and "ValueError" in r.error for r in results)
+
+
+def test_bench_tiny_run_writes_csv_and_png(tmp_path):
+    out_dir = tmp_path / "bench"
+    proc = run_cli("bench", "--sizes", "64,128", "--dim", "16", "--repeats", "1",
+                   "--backends", "reference,torch", "--threads", "1", "--no-progress",
+                   "--out", str(out_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(out_dir / "bench.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == _bench.CSV_COLUMNS
+        rows = list(reader)
+    assert sorted((r["backend"], int(r["N"])) for r in rows) == [
+        ("reference", 64), ("reference", 128), ("torch", 64), ("torch", 128)]
+    for r in rows:
+        assert r["error"] == "", r["error"]
+        assert (r["loss"], r["layout"], r["D"], r["dtype"]) == ("macl", "2n", "16", "float32")
+        assert 0 < float(r["p20_s"]) <= float(r["median_s"]) <= float(r["p80_s"])
+        assert int(r["peak_extra_bytes"]) >= 0
+        assert r["device"] and r["torch_version"]
+        assert float(r["speedup_vs_reference"]) > 0
+    assert all(float(r["speedup_vs_reference"]) == 1.0 for r in rows if r["backend"] == "reference")
+    assert (out_dir / "bench.png").stat().st_size > 0
+    assert "torch" in proc.stdout and "speedup" in proc.stdout
+
+
+def test_bench_records_worker_failures_and_continues():
+    config = _bench.BenchConfig(sizes=(64,), dim=8, backends=("torch",), repeats=1,
+                                timeout_s=0.01)
+    result = _bench.run_worker(config, "torch", 64)
+    assert result == {"ok": False, "error": "timed out after 0.01 s"}
+    rows = _bench.csv_rows(config, [_bench.Measurement("torch", 64, result)])
+    assert rows[0]["error"] == "timed out after 0.01 s"
+    assert rows[0]["median_s"] is None and rows[0]["speedup_vs_reference"] is None
+    assert "timed out" in _bench.format_results(rows)

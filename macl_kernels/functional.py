@@ -23,14 +23,15 @@ Shapes: ``z1, z2`` are ``[N, D]``; anchors ``M`` = ``2N`` (layout ``"2n"``), ``N
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import functools
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from . import _validate as V
-from . import reference
+from . import distributed, reference
 from .backends import available_backends, primitive, resolve_backend
-from .reference import MACL_TEMPERATURE_FLOOR, softplus
+from .reference import MACL_TEMPERATURE_FLOOR, compute_dtype, softplus
 
 __all__ = [
     "macl_loss", "infonce_loss", "clip_loss", "dcl_loss", "tfree_loss", "available_backends",
@@ -48,17 +49,33 @@ class _Block(NamedTuple):
     self_index: Optional[torch.Tensor]
 
 
-def _blocks(u1: torch.Tensor, u2: torch.Tensor, layout: str):
+def _blocks(u1: torch.Tensor, u2: torch.Tensor, layout: str, prep_dist=None, gather=None):
+    """The anchor/candidate blocks of ``layout``. Distributed: the anchors are the local rows,
+    the candidates every rank's rows (``gather``), positives and self offset by ``rank * n``."""
     n = u1.shape[0]
-    rows = torch.arange(n, device=u1.device)
+    if prep_dist is None:
+        offset, total, u1_all, u2_all = 0, n, u1, u2
+    else:
+        offset, total = prep_dist.rank * n, prep_dist.world_size * n
+        u1_all, u2_all = gather(u1), gather(u2)
+    rows = torch.arange(n, device=u1.device) + offset
     if layout == "2n":
-        # One block: S = U U^T is symmetric and a backend may exploit that (anchors is candidates).
+        # Local anchors [u1; u2] against all candidates [u1_all; u2_all]. Single process: one
+        # tensor for both, S = U U^T is symmetric and a backend may exploit that.
         U = torch.cat([u1, u2])
-        all_rows = torch.arange(2 * n, device=u1.device)
-        return [_Block(U, U, (all_rows + n) % (2 * n), all_rows)]
+        U_all = U if prep_dist is None else torch.cat([u1_all, u2_all])
+        return [_Block(U, U_all, torch.cat([rows + total, rows]), torch.cat([rows, rows + total]))]
     if layout == "cross":
-        return [_Block(u1, u2, rows, None)]
-    return [_Block(u1, u2, rows, None), _Block(u2, u1, rows, None)]  # cross_sym: rows, columns
+        return [_Block(u1, u2_all, rows, None)]
+    return [_Block(u1, u2_all, rows, None), _Block(u2, u1_all, rows, None)]  # cross_sym
+
+
+def _local_anchor_rows(layout: str, n: int, ctx) -> torch.Tensor:
+    """Where this rank's anchors sit among the global batch's anchors (in ``"none"`` order)."""
+    rows = torch.arange(n) + ctx.rank * n
+    if layout == "cross":
+        return rows
+    return torch.cat([rows, rows + ctx.world_size * n])
 
 
 def _positive_similarity(blocks) -> torch.Tensor:
@@ -78,16 +95,22 @@ def _negative_lse(blocks, impl, inv_temp: Optional[torch.Tensor],
 
 
 class _Prepared(NamedTuple):
-    u1: torch.Tensor
-    u2: torch.Tensor
-    blocks: list
-    impl: object
+    u1: Optional[torch.Tensor]  # local rows, normalised (None for the reference backend)
+    u2: Optional[torch.Tensor]
+    blocks: Optional[list]
+    impl: object  # the backend module, None for the reference backend
     out_dtype: torch.dtype
+    dist: Optional[distributed.DistContext]  # None: the local loss
+    gather: Optional[Callable]  # rows of every rank, with the gradient semantics asked for
+
+    @property
+    def is_reference(self) -> bool:
+        return self.impl is None
 
 
 def _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
-             names=("z1", "z2")):
-    """Shared validation and set-up of every loss; returns ``None`` for the reference backend."""
+             names=("z1", "z2"), gather_kind="with_grad"):
+    """Shared validation and set-up of every loss."""
     V.check_bool("validate", validate)
     V.check_embedding_pair(names[0], z1, names[1], z2, validate=validate)
     V.check_choice("layout", layout, V.LAYOUTS)
@@ -95,25 +118,43 @@ def _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, 
     V.check_bool("normalize", normalize)
     V.check_bool("gather_distributed", gather_distributed)
     V.check_backend(backend)
-    _check_distributed(gather_distributed)
     name = resolve_backend(backend, z1.device)
+    ctx = distributed.context(gather_distributed)
+    gather = None
+    if ctx is not None:
+        distributed.check_equal_rows(z1.shape[0], z1.device, ctx)
+        gather_fn = {"with_grad": distributed.gather_with_grad,
+                     "local_grad": distributed.gather_local_grad}[gather_kind]
+        gather = functools.partial(gather_fn, ctx=ctx)
     if name == "reference":
-        return None
+        return _Prepared(None, None, None, None, z1.dtype, ctx, gather)
     u1, u2 = (reference.normalize(z, normalize) for z in (z1, z2))
-    return _Prepared(u1, u2, _blocks(u1, u2, layout), primitive(name), z1.dtype)
+    return _Prepared(u1, u2, _blocks(u1, u2, layout, ctx, gather), primitive(name), z1.dtype,
+                     ctx, gather)
 
 
-def _check_distributed(gather_distributed: bool) -> None:
-    """Without an initialised process group (or with one rank) gathering is the local loss."""
-    if not gather_distributed:
-        return
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise NotImplementedError(
-            "gather_distributed=True across more than one rank is not implemented in this "
-            "release (tracked in the distributed issue); a single rank works"
-        )
+def _reference_loss(prep: _Prepared, fn: Callable, z1, z2, layout: str, reduction: str,
+                    **kwargs):
+    """The full-matrix oracle. Distributed, it computes the global batch's per-anchor losses from
+    the gathered inputs and keeps this rank's anchors: the same semantics as the kernels' path
+    (local anchors, gathered candidates) at the oracle's ``O(M * K)`` cost."""
+    if prep.dist is None:
+        return fn(z1, z2, layout=layout, reduction=reduction, **kwargs)
+    wide = compute_dtype(z1.dtype)  # the reference computes in this dtype anyway
+    z1_all, z2_all = (prep.gather(z.to(wide)) for z in (z1, z2))
+    if kwargs.get("weights") is not None:  # one per local anchor row, in local "none" order
+        halves = kwargs["weights"].to(wide).chunk(1 if layout == "cross" else 2)
+        kwargs["weights"] = torch.cat([prep.gather(h) for h in halves])
+    per_anchor = fn(z1_all, z2_all, layout=layout, reduction="none", **kwargs)
+    stats = None
+    if isinstance(per_anchor, tuple):  # MACL's (loss, tau, alignment)
+        per_anchor, tau, alignment = per_anchor
+        rows = _local_anchor_rows(layout, z1.shape[0], prep.dist).to(per_anchor.device)
+        stats = (tau[rows] if tau.dim() == 1 else tau, alignment[rows] if alignment.dim() == 1
+                 else alignment)
+    rows = _local_anchor_rows(layout, z1.shape[0], prep.dist).to(per_anchor.device)
+    out = reference.reduce(per_anchor.to(wide)[rows], reduction, z1.dtype)
+    return (out, *stats) if stats is not None else out
 
 
 def _constant_rows(value: float, m: int, like: torch.Tensor) -> torch.Tensor:
@@ -126,6 +167,16 @@ def _macl_value(x: torch.Tensor) -> torch.Tensor:
     t = torch.exp(torch.clamp(x, max=0.0))
     ratio = torch.where(t > 0, torch.log1p(t) / t, torch.ones_like(t))
     return torch.where(x < 0, softplus(x) + ratio, softplus(x) * (1 + torch.exp(-x)))
+
+
+def _dclw_weights(prep: _Prepared, sigma: float) -> torch.Tensor:
+    """DCLW's ``w_i = 2 - N softmax_i(u1_i . u2_i / sigma)`` over the global batch (no gradient)."""
+    if prep.dist is None:
+        return reference.dcl_weights(prep.u1, prep.u2, sigma)
+    n, ctx = prep.u1.shape[0], prep.dist
+    scores = distributed.gather_no_grad((prep.u1.detach() * prep.u2.detach()).sum(1) / sigma, ctx)
+    weights = 2 - scores.numel() * torch.softmax(scores, dim=0)
+    return weights[ctx.rank * n:(ctx.rank + 1) * n]
 
 
 def _finish(per_anchor: torch.Tensor, reduction: str, out_dtype: torch.dtype) -> torch.Tensor:
@@ -152,9 +203,9 @@ def infonce_loss(z1, z2, *, temperature=0.1, layout="2n", normalize=True, reduct
     """
     temperature = V.check_positive("temperature", temperature)
     prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate)
-    if prep is None:
-        return reference.infonce_loss(z1, z2, temperature=temperature, layout=layout,
-                                      normalize=normalize, reduction=reduction)
+    if prep.is_reference:
+        return _reference_loss(prep, reference.infonce_loss, z1, z2, layout, reduction,
+                               temperature=temperature, normalize=normalize)
     s_pos = _positive_similarity(prep.blocks)
     inv_temp = _constant_rows(1.0 / temperature, s_pos.shape[0], s_pos)
     x = _negative_lse(prep.blocks, prep.impl, inv_temp) - inv_temp * s_pos
@@ -169,13 +220,24 @@ def clip_loss(image_features, text_features, logit_scale, *, normalize=True, red
     ``logit_scale`` is the already-exponentiated scale ``s`` (a float, or a 0-d tensor; when it
     requires grad, ``dL/ds = sum_ij G_ij S_ij`` is returned to it).
     """
+    return _clip(image_features, text_features, logit_scale, normalize=normalize,
+                 reduction=reduction, gather_distributed=gather_distributed, backend=backend,
+                 validate=validate)
+
+
+def _clip(image_features, text_features, logit_scale, *, normalize, reduction,
+          gather_distributed, backend, validate, gather_kind="with_grad"):
+    """``clip_loss``; ``gather_kind="local_grad"`` is OpenCLIP's ``gather_with_grad=False``."""
     prep = _prepare(image_features, text_features, "cross_sym", normalize, reduction,
                     gather_distributed, backend, validate,
-                    names=("image_features", "text_features"))
+                    names=("image_features", "text_features"), gather_kind=gather_kind)
     logit_scale = V.check_logit_scale(logit_scale, image_features, validate=validate)
-    if prep is None:
-        return reference.clip_loss(image_features, text_features, logit_scale,
-                                   normalize=normalize, reduction=reduction)
+    if prep.is_reference:
+        def reference_clip(z1, z2, layout, **kwargs):
+            return reference.clip_loss(z1, z2, logit_scale, **kwargs)
+
+        return _reference_loss(prep, reference_clip, image_features, text_features, "cross_sym",
+                               reduction, normalize=normalize)
     s_pos = _positive_similarity(prep.blocks)
     if isinstance(logit_scale, torch.Tensor):
         inv_temp = logit_scale.to(device=s_pos.device, dtype=s_pos.dtype).expand(s_pos.shape[0])
@@ -200,15 +262,15 @@ def dcl_loss(z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, layout="2n",
     prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate)
     m = z1.shape[0] * (1 if layout == "cross" else 2)
     weights = V.optional_tensor_arg("weights", weights, m, z1)
-    if prep is None:
-        return reference.dcl_loss(z1, z2, temperature=temperature, weighted=weighted, sigma=sigma,
-                                  layout=layout, normalize=normalize, reduction=reduction,
-                                  weights=weights)
+    if prep.is_reference:
+        return _reference_loss(prep, reference.dcl_loss, z1, z2, layout, reduction,
+                               temperature=temperature, weighted=weighted, sigma=sigma,
+                               normalize=normalize, weights=weights)
     s_pos = _positive_similarity(prep.blocks)
     inv_temp = _constant_rows(1.0 / temperature, m, s_pos)
     if weights is None:
         weights = (
-            reference.per_anchor_pair_values(reference.dcl_weights(prep.u1, prep.u2, sigma), layout)
+            reference.per_anchor_pair_values(_dclw_weights(prep, sigma), layout)
             if weighted else torch.ones_like(s_pos)
         )
     per_anchor = _negative_lse(prep.blocks, prep.impl, inv_temp) - weights * (inv_temp * s_pos)
@@ -246,15 +308,16 @@ def _macl(z1, z2, *, temperature, alpha, a0, schedule, temperature_mode, reweigh
     if schedule == "exp" and alpha <= 0:
         raise ValueError(f"alpha must be > 0 for schedule='exp' (tau = t0 * alpha ** A), got {alpha}")
     prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate)
-    if prep is None:
-        return reference.macl_loss(z1, z2, temperature=temperature, alpha=alpha, a0=a0,
-                                   schedule=schedule, temperature_mode=temperature_mode,
-                                   reweight=reweight, layout=layout, normalize=normalize,
-                                   reduction=reduction, return_stats=True)
+    if prep.is_reference:
+        return _reference_loss(prep, reference.macl_loss, z1, z2, layout, reduction,
+                               temperature=temperature, alpha=alpha, a0=a0, schedule=schedule,
+                               temperature_mode=temperature_mode, reweight=reweight,
+                               normalize=normalize, return_stats=True)
     s_pos = _positive_similarity(prep.blocks)
     alignment = s_pos.detach()
-    if temperature_mode == "batch":
-        alignment = alignment.mean()
+    if temperature_mode == "batch":  # the global batch's mean: one all-reduce of a scalar
+        alignment = alignment.mean() if prep.dist is None else distributed.global_mean(
+            alignment, prep.dist)
     tau = reference.macl_temperature(alignment, temperature, alpha, a0, schedule)
     inv_temp = (1.0 / tau).expand(s_pos.shape[0])
     x = _negative_lse(prep.blocks, prep.impl, inv_temp) - inv_temp * s_pos
@@ -273,9 +336,9 @@ def tfree_loss(z1, z2, *, scale=2.0, eps=1e-6, layout="2n", normalize=True, redu
     scale = V.check_positive("scale", scale)
     eps = V.check_open_unit("eps", eps)
     prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate)
-    if prep is None:
-        return reference.tfree_loss(z1, z2, scale=scale, eps=eps, layout=layout,
-                                    normalize=normalize, reduction=reduction)
+    if prep.is_reference:
+        return _reference_loss(prep, reference.tfree_loss, z1, z2, layout, reduction,
+                               scale=scale, eps=eps, normalize=normalize)
     s_pos = _positive_similarity(prep.blocks)
     l_pos = scale * torch.atanh(s_pos.clamp(-1 + eps, 1 - eps))
     x = _negative_lse(prep.blocks, prep.impl, None, artanh_scale=scale, artanh_eps=eps) - l_pos

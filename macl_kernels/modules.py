@@ -16,6 +16,7 @@ import torch.distributed as torch_dist
 from torch import Tensor, nn
 
 from . import _validate as V
+from . import distributed as MD
 from . import functional as MF
 from .reference import normalize
 
@@ -36,10 +37,12 @@ class MACLLoss(nn.Module):
     ``forward(z0, z1)`` with ``[N, D]`` views returns the mean MACL loss over the ``2N`` anchors
     (layout ``"2n"``). After each call ``last_temperature`` and ``last_alignment`` hold the step's
     ``tau(A)`` and ``A`` as detached 0-d tensors (no host synchronisation), for logging.
+    ``gather_distributed`` (keyword-only; lightly's MACLLoss has none) gathers the candidates of
+    every rank and makes ``A`` the global batch's alignment.
     """
 
     def __init__(self, temperature: float = 0.1, alpha: float = 0.5, A_0: float = 0.0, *,
-                 backend: str = "auto"):
+                 gather_distributed: bool = False, backend: str = "auto"):
         super().__init__()
         if temperature < _LIGHTLY_EPS:
             raise ValueError(f"Illegal initial temperature: abs({temperature}) < 1e-8")
@@ -47,6 +50,8 @@ class MACLLoss(nn.Module):
             raise ValueError(f"Alpha must be in the range [0, 1], got {alpha}.")
         if A_0 < 0 or A_0 > 1:
             raise ValueError(f"A_0 must be in the range [0, 1], got {A_0}.")
+        _check_gather_distributed(gather_distributed)
+        self.gather_distributed = gather_distributed
         self.temperature = temperature
         self.alpha = alpha
         self.A_0 = A_0
@@ -58,7 +63,8 @@ class MACLLoss(nn.Module):
         loss, tau, alignment = MF._macl(
             z0, z1, temperature=self.temperature, alpha=self.alpha, a0=self.A_0,
             schedule="linear", temperature_mode="batch", reweight=True, layout="2n",
-            normalize=True, reduction="mean", gather_distributed=False, backend=self.backend,
+            normalize=True, reduction="mean", gather_distributed=self.gather_distributed,
+            backend=self.backend,
             validate=True,
         )
         self.last_temperature, self.last_alignment = tau, alignment
@@ -148,7 +154,15 @@ class DCLWLoss(DCLLoss):
 class ClipLoss(nn.Module):
     """OpenCLIP's ``ClipLoss``: ``forward(image_features, text_features, logit_scale,
     output_dict=False)``. Like OpenCLIP it does not normalise the features (the model does) and
-    ``logit_scale`` is the already-exponentiated scale."""
+    ``logit_scale`` is the already-exponentiated scale.
+
+    With ``world_size > 1`` (an initialised ``torch.distributed`` group of that size) the
+    features of every rank are gathered, with OpenCLIP's meaning of the options:
+    ``local_loss=True``: this rank's rows against every rank's columns (labels offset by
+    ``rank * n``); ``local_loss=False``: every rank computes the loss of the whole global batch.
+    ``gather_with_grad=True``: the gather's backward all-reduces, so gradients reach every rank's
+    features; ``False``: only the local slice of the gathered features carries gradient.
+    """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1,
@@ -166,13 +180,38 @@ class ClipLoss(nn.Module):
         self.use_horovod = use_horovod
         self.backend = V.check_backend(backend)
 
+    def _check_group(self) -> None:
+        if not (torch_dist.is_available() and torch_dist.is_initialized()):
+            raise RuntimeError(
+                f"ClipLoss(world_size={self.world_size}) needs an initialised torch.distributed "
+                f"process group (torch.distributed.init_process_group)"
+            )
+        actual = (torch_dist.get_rank(), torch_dist.get_world_size())
+        if actual != (self.rank, self.world_size):
+            raise ValueError(
+                f"ClipLoss(rank={self.rank}, world_size={self.world_size}) does not match the "
+                f"process group (rank {actual[0]}, world size {actual[1]})"
+            )
+
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
                 output_dict: bool = False):
-        if self.world_size > 1:
-            raise NotImplementedError(
-                f"ClipLoss with world_size={self.world_size} is not implemented in this release "
-                f"(tracked in the distributed issue); world_size=1 works"
-            )
-        loss = MF.clip_loss(image_features, text_features, logit_scale, normalize=False,
-                            backend=self.backend)
+        gather_kind = "with_grad" if self.gather_with_grad else "local_grad"
+        common = dict(normalize=False, reduction="mean", backend=self.backend, validate=True,
+                      gather_kind=gather_kind)
+        if self.world_size == 1:
+            loss = MF._clip(image_features, text_features, logit_scale,
+                            gather_distributed=False, **common)
+        else:
+            self._check_group()
+            if self.local_loss:
+                loss = MF._clip(image_features, text_features, logit_scale,
+                                gather_distributed=True, **common)
+            else:
+                ctx = MD.context(True)
+                gather = MD.gather_with_grad if self.gather_with_grad else MD.gather_local_grad
+                V.check_embedding_pair("image_features", image_features, "text_features",
+                                       text_features, validate=False)
+                MD.check_equal_rows(image_features.shape[0], image_features.device, ctx)
+                loss = MF._clip(gather(image_features, ctx), gather(text_features, ctx),
+                                logit_scale, gather_distributed=False, **common)
         return {"contrastive_loss": loss} if output_dict else loss

@@ -1,0 +1,121 @@
+"""gather_distributed over torch.distributed: real multi-process runs (gloo over loopback).
+
+SPEC.md section 5: with each rank holding its rows of the global batch, the mean of the per-rank
+losses equals the single-process loss on the concatenated batch, and each rank's gradient on its
+rows equals ``world_size`` times the matching rows of the single-process gradient (for
+``reduction="sum"``: the per-rank sums add up to the single-process sum and the gradients match
+one to one). float64, 1e-9.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dist_cases
+import macl_kernels as mk
+from conftest import rel_err
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "dist_worker.py")
+TOL = 1e-9
+LAUNCH_TIMEOUT_S = 240
+
+
+def launch(world_size: int, tmp_path):
+    """Start ``world_size`` ranks, wait (bounded), return each rank's saved results."""
+    rendezvous = tmp_path / "rendezvous"
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    procs = [
+        subprocess.Popen([sys.executable, WORKER, str(rank), str(world_size), str(rendezvous),
+                          str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+        for rank in range(world_size)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{output}"
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+
+
+@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda w: f"world{w}")
+def world(request, tmp_path_factory):
+    world_size = request.param
+    return world_size, launch(world_size, tmp_path_factory.mktemp(f"world{world_size}"))
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    z1, z2, scale = dist_cases.global_batch()
+    return {key: run(z1, z2, scale, gather_distributed=False) for key, run in dist_cases.cases()}
+
+
+def _local_rows(rank, world_size):
+    n = dist_cases.N_GLOBAL // world_size
+    return slice(rank * n, (rank + 1) * n)
+
+
+@pytest.mark.parametrize("key", [key for key, _ in dist_cases.cases()], ids=lambda k: "-".join(k))
+def test_ranks_reproduce_the_single_process_loss(world, single_process, key):
+    world_size, ranks = world
+    backend, loss_name, layout, reduction = key
+    expected = single_process[key]
+    losses = torch.stack([ranks[r][key][0] for r in range(world_size)])
+    combined = losses.mean() if reduction == "mean" else losses.sum()
+    assert rel_err(combined, expected[0]) <= TOL
+    factor = world_size if reduction == "mean" else 1
+    for r in range(world_size):
+        rows = _local_rows(r, world_size)
+        for got, want, what in zip(ranks[r][key][1:3], expected[1:3], ("dz1", "dz2")):
+            assert rel_err(got, factor * want[rows]) <= TOL, f"rank {r} {what}"
+    if loss_name == "clip":  # the replicated scale: DDP averages its per-rank gradients
+        dscale = torch.stack([ranks[r][key][3] for r in range(world_size)])
+        combined = dscale.mean() if reduction == "mean" else dscale.sum()
+        assert rel_err(combined, expected[3]) <= TOL
+
+
+def test_ddp_step_equals_single_process_step(world):
+    world_size, ranks = world
+    expected = dist_cases.single_process_step()
+    for r in range(world_size):
+        for got, want in zip(ranks[r]["ddp"], expected):
+            assert rel_err(got, want) <= TOL
+
+
+@pytest.mark.parametrize("local_loss,with_grad", dist_cases.CLIP_MODES)
+@pytest.mark.parametrize("backend", dist_cases.BACKENDS)
+def test_clip_module_open_clip_options(world, local_loss, with_grad, backend):
+    world_size, ranks = world
+    z1, z2, scale = dist_cases.global_batch()
+    for r in range(world_size):
+        got = ranks[r]["clip_module"][(local_loss, with_grad, backend)]
+        want = dist_cases.clip_module_expected(z1, z2, scale, r, world_size, local_loss,
+                                               with_grad)
+        for g, w, what in zip(got, want, ("loss", "d image", "d text", "d scale")):
+            assert rel_err(g, w) <= TOL, f"rank {r} {what}"
+
+
+def test_without_process_group_gather_is_local():
+    z1, z2, _ = dist_cases.global_batch()
+    for backend in dist_cases.BACKENDS:
+        a = mk.macl_loss(z1, z2, gather_distributed=True, backend=backend)
+        b = mk.macl_loss(z1, z2, gather_distributed=False, backend=backend)
+        assert torch.equal(a, b)
+
+
+def test_clip_module_needs_a_process_group_for_world_size_above_one():
+    z = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        mk.ClipLoss(world_size=2)(z, z, 10.0)

@@ -1,6 +1,7 @@
 """Backend ``"torch"``: the shared primitive in pure PyTorch, chunked over anchor rows.
 
-The primitive (the one every loss is built from, see ``macl_kernels/functional.py``) is, per anchor row ``a``,
+The primitive (the one every loss is built from, see ``macl_kernels/functional.py``) is, per
+anchor row ``a``,
 
     lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak),   l_ak = b_a * S_ak   or   c * artanh(S_ak)
 
@@ -8,10 +9,17 @@ with ``S = anchors @ candidates^T``. Forward walks ``chunk`` anchor rows at a ti
 ``lse_neg`` (``M`` floats), and frees each ``chunk x K`` tile. Backward recomputes the tile and
 forms, for an upstream gradient ``g``,
 
-    dL/dl_ak = g_a * Q_ak,   Q_ak = exp(l_ak - lse_neg[a])   (0 off Neg(a))
-    dL/dS    = dL/dl * b_a                 (or * c / (1 - S^2), 0 where clamped)
-    d anchors[a] = sum_k dL/dS_ak candidates[k]      d candidates[k] = sum_a dL/dS_ak anchors[a]
-    d b_a        = sum_k dL/dl_ak S_ak
+    G_ak = dL/dl_ak = g_a * Q_ak,   Q_ak = exp(l_ak - lse_neg[a])   (0 off Neg(a))
+
+Scaled map: ``l = diag(b) S``, so the row scale rides on the ``chunk x D`` operands instead of
+costing a pass over the ``chunk x K`` tile:
+
+    logits        = (b * anchors) @ candidates^T
+    d anchors     = b * (G @ candidates)
+    d candidates += G^T @ (b * anchors)
+    d b_a         = sum_k G_ak S_ak = anchors[a] . (G @ candidates)[a]
+
+artanh map: ``dL/dS = G * c / (1 - S^2)`` (0 where clamped), then the same two GEMMs.
 
 Extra memory: O((M + K) * D + chunk * K), never O(M * K). Works on any device and dtype the
 matmul supports; callers pass float32 or float64 (half inputs are upcast by the caller).
@@ -34,19 +42,20 @@ def default_chunk(num_rows: int, num_candidates: int) -> int:
     return max(1, min(num_rows, TILE_ELEMENTS // max(1, num_candidates)))
 
 
-def _logit_tile(S, inv_temp_rows, artanh_scale, artanh_eps):
-    """Apply the per-row logit map in place where possible; returns the logits tile."""
-    if artanh_scale is None:
-        return S.mul_(inv_temp_rows[:, None])
-    return torch.atanh(S.clamp(-1 + artanh_eps, 1 - artanh_eps)).mul_(artanh_scale)
-
-
 def _exclude(logits, rows, pos_index, self_index):
     """Drop the positive and self from the candidate set (Neg(a)), by index, not by a big constant."""
     logits.scatter_(1, pos_index[rows, None], float("-inf"))
     if self_index is not None:
         logits.scatter_(1, self_index[rows, None], float("-inf"))
     return logits
+
+
+def _logits(anchors, candidates, inv_temp_rows, artanh_scale, artanh_eps):
+    """The logits tile, and ``S`` when the artanh map needs it again in backward."""
+    if artanh_scale is None:
+        return (anchors * inv_temp_rows[:, None]) @ candidates.T, None
+    S = anchors @ candidates.T
+    return torch.atanh(S.clamp(-1 + artanh_eps, 1 - artanh_eps)).mul_(artanh_scale), S
 
 
 class ChunkedNegativeLSE(torch.autograd.Function):
@@ -57,12 +66,10 @@ class ChunkedNegativeLSE(torch.autograd.Function):
         lse_neg = anchors.new_empty(M)
         for r0 in range(0, M, chunk):
             rows = slice(r0, min(M, r0 + chunk))
-            S = anchors[rows] @ candidates.T
-            logits = _exclude(
-                _logit_tile(S, inv_temp[rows] if inv_temp is not None else None, artanh_scale,
-                            artanh_eps),
-                rows, pos_index, self_index,
-            )
+            logits, _ = _logits(anchors[rows], candidates,
+                                inv_temp[rows] if inv_temp is not None else None,
+                                artanh_scale, artanh_eps)
+            _exclude(logits, rows, pos_index, self_index)
             # In-place log-sum-exp: the tile is dead after this, so reuse its storage.
             row_max = logits.amax(dim=1)
             lse_neg[rows] = row_max + logits.sub_(row_max[:, None]).exp_().sum(dim=1).log_()
@@ -81,31 +88,33 @@ class ChunkedNegativeLSE(torch.autograd.Function):
         grad_inv_temp = torch.zeros_like(inv_temp) if need_inv_temp else None
         for r0 in range(0, M, chunk):
             rows = slice(r0, min(M, r0 + chunk))
-            S = anchors[rows] @ candidates.T
-            # The scaled map works in place; keep S when d b_a = sum_k dL/dl_ak S_ak needs it.
-            keep_S = need_inv_temp and artanh_scale is None
-            logits = _logit_tile(
-                S.clone() if keep_S else S,
-                inv_temp[rows] if inv_temp is not None else None, artanh_scale, artanh_eps,
-            )
+            a = anchors[rows]
+            b = inv_temp[rows, None] if inv_temp is not None else None
+            logits, S = _logits(a, candidates, inv_temp[rows] if b is not None else None,
+                                artanh_scale, artanh_eps)
             _exclude(logits, rows, pos_index, self_index)
-            # dL/dl = g_a * Q_ak, built in the logits' storage.
-            grad_logits = logits.sub_(lse_neg[rows, None]).exp_().mul_(grad_lse_neg[rows, None])
-            if need_inv_temp:
-                grad_inv_temp[rows] = (grad_logits * S).sum(dim=1)
-            if artanh_scale is None:
-                grad_S = grad_logits.mul_(inv_temp[rows, None])
-            else:
+            # G = dL/dl = g_a * Q_ak, built in the logits' storage.
+            G = logits.sub_(lse_neg[rows, None]).exp_().mul_(grad_lse_neg[rows, None])
+            if artanh_scale is not None:
                 # d artanh(clamp(S))/dS = 1/(1 - S^2) inside the clamp, 0 outside. Self and
                 # exact duplicates have S = +-1: keep the factor finite there (clamp_min) so that
                 # their zero dL/dl does not turn into 0 * inf = NaN.
                 inside = S.abs() < 1 - artanh_eps
                 factor = (1 - S * S).clamp_min_(artanh_eps).reciprocal_().mul_(artanh_scale)
-                grad_S = grad_logits.mul_(factor.mul_(inside))
-            if need_anchors:
-                grad_anchors[rows] = grad_S @ candidates
+                grad_S = G.mul_(factor.mul_(inside))
+                if need_anchors:
+                    grad_anchors[rows] = grad_S @ candidates
+                if need_candidates:
+                    grad_candidates.addmm_(grad_S.T, a)
+                continue
+            if need_anchors or need_inv_temp:
+                G_candidates = G @ candidates
+                if need_anchors:
+                    grad_anchors[rows] = G_candidates * b
+                if need_inv_temp:
+                    grad_inv_temp[rows] = (G_candidates * a).sum(dim=1)
             if need_candidates:
-                grad_candidates.addmm_(grad_S.T, anchors[rows])
+                grad_candidates.addmm_(G.T, a * b)
         return grad_anchors, grad_candidates, grad_inv_temp, None, None, None, None, None
 
 

@@ -82,14 +82,18 @@ def _positive_similarity(blocks) -> torch.Tensor:
     return torch.cat([(b.anchors * b.candidates[b.pos_index]).sum(dim=1) for b in blocks])
 
 
-def _negative_lse(blocks, impl, inv_temp: Optional[torch.Tensor],
-                  artanh_scale: Optional[float] = None, artanh_eps: float = 0.0):
+def _negative_lse(prep, inv_temp: Optional[torch.Tensor], artanh_scale: Optional[float] = None,
+                  artanh_eps: float = 0.0):
+    """``lse_neg`` of every block's anchor rows, by the backend's primitive. ``operand_dtype``
+    (the inputs' dtype) tells a kernel which precision its GEMM operands may be rounded to (the
+    tensor cores for half inputs); statistics and gradients stay in the compute dtype."""
     out, r0 = [], 0
-    for b in blocks:
+    for b in prep.blocks:
         m = b.anchors.shape[0]
         b_rows = inv_temp[r0:r0 + m] if inv_temp is not None else None
-        out.append(impl.negative_lse(b.anchors, b.candidates, b_rows, b.pos_index, b.self_index,
-                                     artanh_scale, artanh_eps))
+        out.append(prep.impl.negative_lse(b.anchors, b.candidates, b_rows, b.pos_index,
+                                          b.self_index, artanh_scale, artanh_eps,
+                                          operand_dtype=prep.out_dtype))
         r0 += m
     return torch.cat(out)
 
@@ -208,7 +212,7 @@ def infonce_loss(z1, z2, *, temperature=0.1, layout="2n", normalize=True, reduct
                                temperature=temperature, normalize=normalize)
     s_pos = _positive_similarity(prep.blocks)
     inv_temp = _constant_rows(1.0 / temperature, s_pos.shape[0], s_pos)
-    x = _negative_lse(prep.blocks, prep.impl, inv_temp) - inv_temp * s_pos
+    x = _negative_lse(prep, inv_temp) - inv_temp * s_pos
     return _finish(softplus(x), reduction, prep.out_dtype)
 
 
@@ -243,7 +247,7 @@ def _clip(image_features, text_features, logit_scale, *, normalize, reduction,
         inv_temp = logit_scale.to(device=s_pos.device, dtype=s_pos.dtype).expand(s_pos.shape[0])
     else:
         inv_temp = _constant_rows(logit_scale, s_pos.shape[0], s_pos)
-    x = _negative_lse(prep.blocks, prep.impl, inv_temp) - inv_temp * s_pos
+    x = _negative_lse(prep, inv_temp) - inv_temp * s_pos
     return _finish(softplus(x), reduction, prep.out_dtype)
 
 
@@ -273,7 +277,7 @@ def dcl_loss(z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, layout="2n",
             reference.per_anchor_pair_values(_dclw_weights(prep, sigma), layout)
             if weighted else torch.ones_like(s_pos)
         )
-    per_anchor = _negative_lse(prep.blocks, prep.impl, inv_temp) - weights * (inv_temp * s_pos)
+    per_anchor = _negative_lse(prep, inv_temp) - weights * (inv_temp * s_pos)
     return _finish(per_anchor, reduction, prep.out_dtype)
 
 
@@ -320,7 +324,7 @@ def _macl(z1, z2, *, temperature, alpha, a0, schedule, temperature_mode, reweigh
             alignment, prep.dist)
     tau = reference.macl_temperature(alignment, temperature, alpha, a0, schedule)
     inv_temp = (1.0 / tau).expand(s_pos.shape[0])
-    x = _negative_lse(prep.blocks, prep.impl, inv_temp) - inv_temp * s_pos
+    x = _negative_lse(prep, inv_temp) - inv_temp * s_pos
     if reweight:
         # Value (1 + e^-x) softplus(x); gradient in x exactly sg(V) sigmoid(x) = 1.
         per_anchor = _macl_value(x).detach() + (x - x.detach())
@@ -341,6 +345,6 @@ def tfree_loss(z1, z2, *, scale=2.0, eps=1e-6, layout="2n", normalize=True, redu
                                scale=scale, eps=eps, normalize=normalize)
     s_pos = _positive_similarity(prep.blocks)
     l_pos = scale * torch.atanh(s_pos.clamp(-1 + eps, 1 - eps))
-    x = _negative_lse(prep.blocks, prep.impl, None, artanh_scale=scale, artanh_eps=eps) - l_pos
+    x = _negative_lse(prep, None, artanh_scale=scale, artanh_eps=eps) - l_pos
     return _finish(softplus(x), reduction, prep.out_dtype)
 

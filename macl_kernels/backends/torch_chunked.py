@@ -120,8 +120,11 @@ class ChunkedNegativeLSE(torch.autograd.Function):
 
 def negative_lse(anchors: torch.Tensor, candidates: torch.Tensor, inv_temp: Optional[torch.Tensor],
                  pos_index: torch.Tensor, self_index: Optional[torch.Tensor],
-                 artanh_scale: Optional[float], artanh_eps: float,
+                 artanh_scale: Optional[float], artanh_eps: float, *,
+                 operand_dtype: Optional[torch.dtype] = None,
                  chunk: Optional[int] = None) -> torch.Tensor:
+    """The primitive's entry point, the same signature in every backend. This backend computes
+    in the dtype of ``anchors`` (float32 or float64) and ignores ``operand_dtype``."""
     chunk = chunk or default_chunk(anchors.shape[0], candidates.shape[0])
     return ChunkedNegativeLSE.apply(anchors, candidates, inv_temp, pos_index, self_index,
                                     artanh_scale, artanh_eps, chunk)

@@ -9,7 +9,7 @@ DEMO_OUT ?= bench/results/demo
 
 .PHONY: install test demo bench clean
 
-$(VENV)/.installed: setup.py requirements-dev.txt
+$(VENV)/.installed: setup.py requirements-dev.txt $(wildcard csrc/cpu/*.cpp csrc/cuda/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check $(TORCH_SPEC)
 	$(PIP) install --quiet --disable-pip-version-check -r requirements-dev.txt

@@ -1,11 +1,19 @@
 """Build and install macl-kernels.
 
-The package is pure Python today. Native backends (the C++/OpenMP CPU kernels and the CUDA C++
-kernels, see csrc/README.md) are added here as torch extensions when their sources exist, so that
-``pip install --no-build-isolation -e .`` keeps being the one install command.
+    pip install --no-build-isolation -e .      # (make install does this inside .venv)
+
+Builds, as torch extensions:
+- ``macl_kernels._C_cpu`` (csrc/cpu, the fused C++/OpenMP kernels of backend "cpu"): always.
+- ``macl_kernels._C_cuda`` (csrc/cuda, backend "cuda"): when this torch is a CUDA build and the
+  CUDA sources are present; skipped otherwise, and ``available_backends()`` says why.
+
+``--no-build-isolation`` matters: the extensions must be compiled against the torch that will
+import them. Environment: ``MACL_CPU_ARCH_FLAGS`` (default ``-march=native``: the extension is
+built on the machine that runs it) and ``MACL_CUDA_ARCH_FLAGS`` override the target flags.
 """
 
 import os
+import shlex
 
 from setuptools import find_packages, setup
 
@@ -16,6 +24,42 @@ def long_description() -> str:
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         return f.read()
 
+
+def extensions():
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError:  # metadata-only operations (no torch yet): pure-Python install
+        return [], {}
+    torch_version = f'-DMACL_BUILT_WITH_TORCH="{torch.__version__}"'
+    cpu_flags = shlex.split(os.environ.get("MACL_CPU_ARCH_FLAGS", "-march=native"))
+    exts = [
+        CppExtension(
+            "macl_kernels._C_cpu",
+            ["csrc/cpu/macl_cpu.cpp"],
+            extra_compile_args=["-O3", "-fopenmp", "-std=c++20", torch_version, *cpu_flags],
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    cuda_sources = ["csrc/cuda/macl_cuda.cu", "csrc/cuda/binding.cpp"]
+    if torch.version.cuda and all(os.path.exists(os.path.join(HERE, s)) for s in cuda_sources):
+        cuda_arch = shlex.split(os.environ.get(
+            "MACL_CUDA_ARCH_FLAGS",
+            "-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a"))
+        exts.append(
+            CUDAExtension(
+                "macl_kernels._C_cuda",
+                cuda_sources,
+                extra_compile_args={
+                    "cxx": ["-O3", "-std=c++20", torch_version],
+                    "nvcc": ["-O3", "-std=c++17", "--use_fast_math", torch_version, *cuda_arch],
+                },
+            )
+        )
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=False)}
+
+
+ext_modules, cmdclass = extensions()
 
 setup(
     name="macl-kernels",
@@ -31,5 +75,7 @@ setup(
         "bench": ["matplotlib", "tqdm"],
         "test": ["pytest"],
     },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     entry_points={"console_scripts": ["macl-kernels = macl_kernels.cli:main"]},
 )

@@ -12,7 +12,7 @@ from macl_kernels import reference
 
 N_GLOBAL = 12  # rows per view of the global batch: divisible by 1, 2, 3, 4 ranks
 DIM = 5
-BACKENDS = ("reference", "torch")
+BACKENDS = ("reference", "torch", "cpu")  # every CPU backend
 LAYOUTS = ("2n", "cross", "cross_sym")
 REDUCTIONS = ("mean", "sum")
 

@@ -8,7 +8,7 @@ each candidate was rejected when none fits.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from typing import Callable, Dict, Optional
 
 import torch
@@ -23,31 +23,25 @@ AUTO_ORDER = {
 AUTO_ORDER_OTHER = ("torch",)
 
 
-def _triton_reason(device: Optional[torch.device]) -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed (pip install triton; CUDA GPUs, or TRITON_INTERPRET=1 on CPU)"
-    return (
-        "the fused Triton kernels are not part of this release yet (tracked in the Triton "
-        "kernels issue); use backend='torch'"
-    )
+# Each kernel backend lives in its own module of this package, imported lazily (a missing
+# toolchain must not break ``import macl_kernels``). A module exposes
+# ``unavailable_reason(device) -> Optional[str]`` and the primitive ``negative_lse``.
+_KERNEL_MODULES = {"triton": "triton_fused", "cpu": "cpu", "cuda": "cuda"}
 
 
-def _cpu_reason(device: Optional[torch.device]) -> Optional[str]:
-    return (
-        "the fused C++/OpenMP extension (macl_kernels._C) is not part of this release yet "
-        "(tracked in the native kernels issue); use backend='torch'"
-    )
+def _kernel_module(name: str):
+    return importlib.import_module(f"{__name__}.{_KERNEL_MODULES[name]}")
 
 
-def _cuda_reason(device: Optional[torch.device]) -> Optional[str]:
-    if not torch.cuda.is_available():
-        return (
-            "no CUDA device is visible to PyTorch (needs a CUDA build of torch and an NVIDIA GPU)"
-        )
-    return (
-        "the CUDA C++ extension is not part of this release yet (tracked in the native kernels "
-        "issue); use backend='triton' or 'torch'"
-    )
+def _kernel_reason(name: str):
+    def reason(device: Optional[torch.device]) -> Optional[str]:
+        try:
+            module = _kernel_module(name)
+        except ImportError as exc:  # the backend's Python side failed to import
+            return f"its module could not be imported ({type(exc).__name__}: {exc})"
+        return module.unavailable_reason(device)
+
+    return reason
 
 
 def _always(device: Optional[torch.device]) -> Optional[str]:
@@ -57,9 +51,9 @@ def _always(device: Optional[torch.device]) -> Optional[str]:
 _REASONS: Dict[str, Callable[[Optional[torch.device]], Optional[str]]] = {
     "reference": _always,
     "torch": _always,
-    "triton": _triton_reason,
-    "cpu": _cpu_reason,
-    "cuda": _cuda_reason,
+    "triton": _kernel_reason("triton"),
+    "cpu": _kernel_reason("cpu"),
+    "cuda": _kernel_reason("cuda"),
 }
 
 
@@ -97,4 +91,6 @@ def primitive(name: str):
         from . import torch_chunked
 
         return torch_chunked
+    if name in _KERNEL_MODULES:
+        return _kernel_module(name)
     raise RuntimeError(f"backend {name!r} has no primitive implementation")  # pragma: no cover

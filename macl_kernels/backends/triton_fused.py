@@ -269,11 +269,17 @@ if triton is not None:
     # bench script (bench/bench_triton_gpu.py) records the timings the choice rests on.
     # ----------------------------------------------------------------------------------------
 
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages): FlashAttention-like shapes. Kept short on purpose:
+    # every config of every flag combination is compiled once per process during autotuning.
+    _GPU_SHAPES = [
+        (128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2),
+        (128, 128, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2),
+        (32, 32, 8, 1),
+    ]
+
     def _gpu_configs():
-        return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm in (32, 64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3)
-        ]
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                for bm, bn, w, s in _GPU_SHAPES]
 
     def _prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -443,5 +449,16 @@ def negative_lse(anchors: torch.Tensor, candidates: torch.Tensor, inv_temp: Opti
     pos_index = pos_index.to(torch.int32).contiguous()
     if self_index is not None:
         self_index = self_index.to(torch.int32).contiguous()
-    return TritonNegativeLSE.apply(anchors_c, candidates_c, inv_temp, pos_index, self_index,
-                                   artanh_scale, artanh_eps, op_anchors, op_candidates, symmetric)
+    args = (anchors_c, candidates_c, inv_temp, pos_index, self_index, artanh_scale, artanh_eps,
+            op_anchors, op_candidates, symmetric)
+    if anchors.dtype == torch.float64 and anchors.device.type == "cuda":
+        try:
+            return TritonNegativeLSE.apply(*args)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # a Triton build without float64 tl.dot for this GPU
+            raise TypeError(
+                f"the triton backend could not compile its float64 kernels on this GPU "
+                f"({type(exc).__name__}: {str(exc)[:200]}); use backend='torch' for float64"
+            ) from exc
+    return TritonNegativeLSE.apply(*args)

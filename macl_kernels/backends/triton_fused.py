@@ -82,6 +82,10 @@ INTERPRETER_BLOCK_N = 16
 # above this the accumulators would not fit any tile shape, so we refuse rather than spill badly.
 MAX_D = 1024
 
+# Exploit layout 2n's symmetric S in backward ((G + G^T) U in one pass). A switch only so that the
+# benchmark can measure what it buys; there is no reason to turn it off otherwise.
+USE_SYMMETRY = True
+
 
 def unavailable_reason(device: Optional[torch.device]) -> Optional[str]:
     """``None`` when the Triton kernels can run on ``device``, else why not and what to do."""
@@ -127,6 +131,17 @@ if triton is not None:
             return b
 
     @triton.jit
+    def _g_dot(w, y, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, G_WIDE: tl.constexpr):
+        """``w @ y`` for the weight GEMMs (``Q l'`` in forward, ``G`` in backward). ``G_WIDE``
+        (float16 operands): ``w`` can exceed float16's 65504 (the artanh slope reaches ``c / 2e``,
+        upstream gradients are scaled by loss scalers), so these run in tf32: float32's range,
+        float16's 10-bit mantissa, still on the tensor cores."""
+        if G_WIDE:
+            return tl.dot(w, y.to(tl.float32), input_precision="tf32")
+        else:
+            return _dot(w.to(y.dtype), y, DOT_PRECISION, UPCAST)
+
+    @triton.jit
     def _dot(x, y, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         """``x @ y`` with fp32 (fp64) accumulation. ``UPCAST``: Triton's interpreter mis-multiplies
         bfloat16 blocks (it treats them as raw 16-bit integers), so there the already-rounded
@@ -143,7 +158,7 @@ if triton is not None:
         M, K, D, stride_a, stride_c, stride_e,
         artanh_scale, artanh_eps,
         ARTANH: tl.constexpr, HAS_SELF: tl.constexpr, ACC_E: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, G_WIDE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One block of anchor rows against every candidate tile: ``lse_neg`` and, if ``ACC_E``,
@@ -186,8 +201,8 @@ if triton is not None:
             if ACC_E:
                 if ARTANH:
                     p = p * _slope(S, b[:, None], artanh_scale, artanh_eps, ARTANH)
-                e_i = e_i * rescale[:, None] + _dot(p.to(c.dtype), c, DOT_PRECISION,
-                                                     UPCAST).to(acc_ty)
+                e_i = e_i * rescale[:, None] + _g_dot(p, c, DOT_PRECISION, UPCAST,
+                                                       G_WIDE).to(acc_ty)
             m_i = m_new
         has_neg = s_i > 0
         lse = tl.where(has_neg, m_i + tl.log(tl.where(has_neg, s_i, 1.0)), float("-inf"))
@@ -204,6 +219,7 @@ if triton is not None:
         artanh_scale, artanh_eps,
         ARTANH: tl.constexpr, HAS_SELF: tl.constexpr, SYMMETRIC: tl.constexpr,
         NEED_DB: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        G_WIDE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One block of candidates against every anchor block (column order: each program owns
@@ -257,7 +273,7 @@ if triton is not None:
                 gt += gq_k * _slope(St, b_k[:, None], artanh_scale, artanh_eps, ARTANH)
                 if NEED_DB:
                     db += tl.sum(gq_k * St, axis=1)
-            dc += _dot(gt.to(a.dtype), a, DOT_PRECISION, UPCAST).to(acc_ty)
+            dc += _g_dot(gt, a, DOT_PRECISION, UPCAST, G_WIDE).to(acc_ty)
         tl.store(DC + offs_n[:, None] * stride_dc + offs_d[None, :], dc,
                  mask=col_ok[:, None] & d_ok[None, :])
         if SYMMETRIC and NEED_DB:
@@ -274,7 +290,7 @@ if triton is not None:
     _GPU_SHAPES = [
         (128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2),
         (128, 128, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2),
-        (32, 32, 8, 1),
+        (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 1),
     ]
 
     def _gpu_configs():
@@ -356,13 +372,16 @@ class TritonNegativeLSE(torch.autograd.Function):
         block_d = max(16, triton.next_power_of_2(D))
         precision = _dot_precision(op_anchors.dtype)
         ctx.upcast = _INTERPRET and op_anchors.dtype == torch.bfloat16
+        ctx.g_wide = op_anchors.dtype == torch.float16
         _launch(
             _forward, M, "BLOCK_M",
             (op_anchors, op_candidates, b, pos_index, slf, lse, E, M, K, D,
              op_anchors.stride(0), op_candidates.stride(0), E.stride(0),
              float(artanh_scale) if artanh else 0.0, float(artanh_eps)),
             ARTANH=artanh, HAS_SELF=self_index is not None, ACC_E=acc_e,
-            DOT_PRECISION=precision, UPCAST=ctx.upcast, BLOCK_D=block_d,
+            DOT_PRECISION=precision, UPCAST=ctx.upcast,
+            G_WIDE=ctx.g_wide and artanh,  # the scaled map's weights exp(l - m) are <= 1
+            BLOCK_D=block_d,
         )
         ctx.save_for_backward(anchors, inv_temp, pos_index, self_index, lse,
                               E if acc_e else None, op_anchors, op_candidates)
@@ -393,7 +412,7 @@ class TritonNegativeLSE(torch.autograd.Function):
                  float(ctx.artanh_scale) if artanh else 0.0, float(ctx.artanh_eps)),
                 ARTANH=artanh, HAS_SELF=self_index is not None, SYMMETRIC=symmetric,
                 NEED_DB=need_db, DOT_PRECISION=ctx.precision, UPCAST=ctx.upcast,
-                BLOCK_D=ctx.block_d,
+                G_WIDE=ctx.g_wide, BLOCK_D=ctx.block_d,
             )
             if symmetric:
                 # anchors is candidates: dC is already the whole gradient (G + G^T) U of that one
@@ -434,7 +453,7 @@ def negative_lse(anchors: torch.Tensor, candidates: torch.Tensor, inv_temp: Opti
         raise ValueError(f"the triton backend keeps whole rows in a tile and supports D <= "
                          f"{MAX_D}, got D = {D}; use backend='torch' for wider embeddings")
     # Layout 2n on one process: the same tensor on both sides, so S = U U^T is symmetric.
-    symmetric = anchors is candidates
+    symmetric = USE_SYMMETRY and anchors is candidates
     anchors_c = anchors.contiguous()
     candidates_c = anchors_c if symmetric else candidates.contiguous()
     op_dtype = anchors.dtype

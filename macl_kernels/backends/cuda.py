@@ -1,0 +1,118 @@
+"""Backend ``"cuda"``: the CUDA C++ kernels of ``csrc/cuda/macl_cuda.cu`` (extension
+``macl_kernels._C_cuda``, built by ``setup.py`` when torch is a CUDA build).
+
+The same primitive as ``torch_chunked.py`` (per-row ``lse_neg``; recompute-in-backward), as a
+tiled forward kernel and one backward launch whose anchor blocks produce ``d anchors`` and
+``d inv_temp`` and whose candidate blocks produce ``d candidates`` (no atomics: deterministic).
+
+Precision: statistics and gradients are float32 for float32 / bfloat16 / float16 inputs. The
+GEMM operands are the inputs' precision (``operand_dtype``): float32 runs on CUDA cores with fp32
+FMA; bfloat16 / float16 are rounded back to that dtype and run on tensor cores (WMMA, fp32
+accumulation), as the user's data already was. float64 inputs take a plain, untiled float64
+path: exact but slow (use backend ``"torch"`` when float64 speed matters).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+_EXTENSION = "macl_kernels._C_cuda"
+_module = None
+_import_error: Optional[str] = None
+
+# MaclOperand codes of csrc/cuda/macl_cuda.h.
+_OPERAND_F32, _OPERAND_F16, _OPERAND_BF16, _OPERAND_F64 = 0, 1, 2, 3
+_HALF_OPERANDS = {torch.float16: _OPERAND_F16, torch.bfloat16: _OPERAND_BF16}
+
+_REBUILD = ("rebuild the extension against it: `pip install --no-build-isolation --no-deps -e .` "
+            "in the source tree")
+
+
+def _extension():
+    """The compiled module, imported once; ``None`` (with ``_import_error`` set) if missing."""
+    global _module, _import_error
+    if _module is None and _import_error is None:
+        try:
+            _module = importlib.import_module(_EXTENSION)
+        except ImportError as exc:  # not built, or built against another torch
+            _import_error = f"{type(exc).__name__}: {exc}"
+    return _module
+
+
+def unavailable_reason(device: Optional[torch.device]) -> Optional[str]:
+    if device is not None and device.type != "cuda":
+        return f"the cuda backend runs on CUDA tensors only (got {device})"
+    if getattr(torch.version, "hip", None):
+        return (f"this torch ({torch.__version__}) is a ROCm build; the cuda backend needs "
+                f"NVIDIA CUDA (use backend='triton' or 'torch')")
+    if not torch.version.cuda:
+        return (f"this torch ({torch.__version__}) is a CPU build: install a CUDA build of "
+                f"PyTorch, then {_REBUILD}")
+    if not torch.cuda.is_available():
+        return "no CUDA device is available (torch.cuda.is_available() is False)"
+    if _extension() is None:
+        return (f"the CUDA extension {_EXTENSION} was not built or could not be imported "
+                f"({_import_error}); with a CUDA build of torch (here: torch {torch.__version__}, "
+                f"CUDA {torch.version.cuda}) and nvcc installed, {_REBUILD}")
+    return None
+
+
+def _operand_code(compute_dtype: torch.dtype, operand_dtype: Optional[torch.dtype]) -> int:
+    if compute_dtype == torch.float64:
+        return _OPERAND_F64
+    if compute_dtype != torch.float32:
+        raise TypeError(f"the cuda backend computes in float32 or float64, got {compute_dtype}")
+    return _HALF_OPERANDS.get(operand_dtype, _OPERAND_F32)
+
+
+class CudaNegativeLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchors, candidates, inv_temp, pos_index, self_index, artanh_scale,
+                artanh_eps, operand):
+        scale = -1.0 if artanh_scale is None else float(artanh_scale)
+        lse_neg = _extension().forward(anchors, candidates, inv_temp, pos_index, self_index,
+                                       scale, float(artanh_eps), operand)
+        ctx.save_for_backward(anchors, candidates, inv_temp, pos_index, self_index, lse_neg)
+        ctx.scale, ctx.eps, ctx.operand = scale, float(artanh_eps), operand
+        return lse_neg
+
+    @staticmethod
+    def backward(ctx, grad_lse_neg):
+        anchors, candidates, inv_temp, pos_index, self_index, lse_neg = ctx.saved_tensors
+        need_a, need_c, need_b = ctx.needs_input_grad[:3]
+        grad_a, grad_c, grad_b = _extension().backward(
+            anchors, candidates, inv_temp, pos_index, self_index, lse_neg,
+            grad_lse_neg.to(lse_neg.dtype).contiguous(), ctx.scale, ctx.eps, ctx.operand,
+            bool(need_a), bool(need_c), bool(need_b and inv_temp is not None),
+        )
+        # Layout 2n passes one tensor as anchors and candidates: autograd sums the two parts.
+        return (grad_a if need_a else None, grad_c if need_c else None,
+                grad_b if need_b else None, None, None, None, None, None)
+
+
+def negative_lse(anchors: torch.Tensor, candidates: torch.Tensor, inv_temp: Optional[torch.Tensor],
+                 pos_index: torch.Tensor, self_index: Optional[torch.Tensor],
+                 artanh_scale: Optional[float], artanh_eps: float, *,
+                 operand_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The primitive's entry point (see torch_chunked.negative_lse). Computes in the dtype of
+    ``anchors`` (float32, or float64 on a slow exact path); with float32 compute and
+    ``operand_dtype`` bfloat16 / float16 the GEMMs run on tensor cores in that dtype."""
+    if anchors.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"the cuda backend computes in float32 or float64, got {anchors.dtype}")
+    if anchors.device.type != "cuda" or candidates.device != anchors.device:
+        raise ValueError(f"the cuda backend needs CUDA tensors on one device, got anchors on "
+                         f"{anchors.device} and candidates on {candidates.device}")
+    operand = _operand_code(anchors.dtype, operand_dtype)
+    same = anchors is candidates
+    anchors_c = anchors.contiguous()
+    candidates_c = anchors_c if same else candidates.to(anchors.dtype).contiguous()
+    if inv_temp is not None:
+        inv_temp = inv_temp.to(anchors.dtype).contiguous()
+    if artanh_scale is None and inv_temp is None:
+        raise ValueError("the scaled logit map needs inv_temp")
+    return CudaNegativeLSE.apply(anchors_c, candidates_c, inv_temp, pos_index.contiguous(),
+                                 None if self_index is None else self_index.contiguous(),
+                                 artanh_scale, artanh_eps, operand)

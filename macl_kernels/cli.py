@@ -1,6 +1,6 @@
 """The ``macl-kernels`` console script (also ``python -m macl_kernels``).
 
-Three subcommands, each answering one question a user has before trusting the package:
+Four subcommands, each answering one question a user has before trusting the package:
 
 ``info``
     What is installed and which backends can run here (and, for those that cannot, why)?
@@ -11,6 +11,10 @@ Three subcommands, each answering one question a user has before trusting the pa
 ``bench``
     How fast, and how much memory, is each backend across batch sizes? (Code in ``_bench.py``:
     every measurement runs in a fresh process so that peak memory is honest on CPU.)
+``profile``
+    Where do the time and memory of a step go (normalise, forward, backward; top operators from
+    torch.profiler), what throughput does each backend reach, and what is the largest batch that
+    fits a memory budget? (Code in ``_profile.py``, fresh processes as well.)
 
 Nothing here runs at import time; ``main()`` is the entry point declared in ``setup.py``.
 """
@@ -431,6 +435,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# profile (implementation in _profile.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from . import _bench, _profile
+
+    device = args.device or default_device()
+    backends = (_parse_backends(args.backends, device) if args.backends else
+                [name for name, reason in mk.available_backends(device).items() if reason is None])
+    layout = args.layout or _bench.default_layout(args.loss)
+    if args.loss == "clip" and layout != "cross_sym":
+        _usage_error("the CLIP loss has layout 'cross_sym' only")
+    if args.search_max_n < args.search_start:
+        _usage_error("--search-max-n must be >= --search-start")
+    config = _profile.ProfileConfig(
+        loss=args.loss, layout=layout, sizes=args.sizes, dim=args.dim, dtype=args.dtype,
+        backends=backends, device=device, repeats=args.repeats, seed=args.seed,
+        threads=args.threads, timeout_s=args.timeout, op_profile=not args.no_op_profile,
+        budget_gb=args.budget_gb, search_start=args.search_start, search_max_n=args.search_max_n,
+        search_time_s=args.search_time)
+    return _profile.run_profile(config, out_dir=args.out, progress=not args.no_progress)
+
+
+# --------------------------------------------------------------------------------------------
 # Parser and entry point
 # --------------------------------------------------------------------------------------------
 
@@ -508,6 +544,58 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {_bench.DEFAULT_TIMEOUT_S:g})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
+
+    from . import _profile
+
+    p = sub.add_parser(
+        "profile",
+        help="per-phase time, peak memory, throughput and the largest batch in a memory budget",
+        description="For one loss, batch sizes and backends: time of the normalise, forward and "
+                    "backward phases, peak memory of a step (inputs and gradients included), "
+                    "throughput in pairs/s, the top operators (torch.profiler), and with "
+                    "--budget-gb the largest N each backend fits in that budget (doubling then "
+                    "bisecting on measured peak memory, one fresh process per measurement). "
+                    "Writes OUT/profile.csv, ops.csv, capacity.csv and profile.png.")
+    p.add_argument("--out", default=os.path.join("bench", "results", "profile"),
+                   help="output directory (default bench/results/profile)")
+    p.add_argument("--loss", choices=_profile.PROFILE_LOSSES, default="macl",
+                   help="loss to profile (default macl)")
+    p.add_argument("--layout", choices=LAYOUTS, default=None,
+                   help="layout (default 2n; cross_sym for clip)")
+    p.add_argument("--sizes", type=_parse_sizes, default=list(_profile.DEFAULT_SIZES),
+                   help=f"comma-separated N, rows per view (default "
+                        f"{','.join(map(str, _profile.DEFAULT_SIZES))})")
+    p.add_argument("--dim", type=_positive_int, default=128,
+                   help="embedding dimension D (default 128)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="input dtype (default float32)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated backends (default every usable one, incl. reference)")
+    p.add_argument("--repeats", type=_positive_int, default=_profile.DEFAULT_REPEATS,
+                   help=f"timed steps per measurement (default {_profile.DEFAULT_REPEATS})")
+    p.add_argument("--device", default=None, help="device (default cuda if available, else cpu)")
+    p.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch intra-op threads in each worker (default torch's choice)")
+    p.add_argument("--timeout", type=float, default=_profile.DEFAULT_TIMEOUT_S,
+                   help=f"seconds before a worker is killed and recorded as failed "
+                        f"(default {_profile.DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("--no-op-profile", action="store_true",
+                   help="skip the torch.profiler pass (ops.csv stays empty)")
+    p.add_argument("--budget-gb", type=_positive_float, default=None,
+                   help="memory budget in GiB: search the largest N per backend that fits "
+                        "(default: no search)")
+    p.add_argument("--search-start", type=_positive_int, default=_profile.DEFAULT_SEARCH_START,
+                   help=f"first N of the search (default {_profile.DEFAULT_SEARCH_START})")
+    p.add_argument("--search-max-n", type=_positive_int, default=_profile.DEFAULT_SEARCH_MAX_N,
+                   help=f"cap of the search, N rows per view (default "
+                        f"{_profile.DEFAULT_SEARCH_MAX_N}, i.e. 2N = "
+                        f"{2 * _profile.DEFAULT_SEARCH_MAX_N} anchors in layout 2n)")
+    p.add_argument("--search-time", type=_positive_float, default=_profile.DEFAULT_SEARCH_TIME_S,
+                   help=f"seconds of search per backend before it stops with what it has "
+                        f"(default {_profile.DEFAULT_SEARCH_TIME_S:g})")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_profile)
     return parser
 
 

@@ -4,7 +4,8 @@
 Not a test: it asserts nothing about speed. For each loss (MACL layout ``2n``, CLIP), dtype
 (fp32, bf16), embedding width ``D`` and batch size ``N`` it runs every requested backend
 (``reference``: full-matrix autograd; ``torch``: chunked PyTorch; ``triton``: the fused kernels;
-``infcl``: Inf-CL's ``cal_inf_loss``, CLIP only, when the ``inf_cl`` package is importable) and
+``triton_nosym``: the same with layout 2n's symmetric backward turned off, to measure what it
+buys; ``infcl``: Inf-CL's ``cal_inf_loss``, CLIP only, when the ``inf_cl`` package is importable) and
 records
 
 * the median forward+backward time over ``--repeats`` runs, timed with CUDA events after
@@ -42,7 +43,7 @@ import torch
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 LOSSES = ("macl_2n", "clip")
-BACKENDS = ("reference", "torch", "triton", "infcl")
+BACKENDS = ("reference", "torch", "triton", "triton_nosym", "infcl")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FIELDS = ["device", "torch", "triton", "loss", "dtype", "N", "D", "M", "K", "backend", "status",
           "time_ms", "peak_extra_mib", "eff_tflops", "matmul_bf16_tflops", "note"]
@@ -121,15 +122,24 @@ def make_step(loss: str, backend: str, z1, z2, scale) -> Optional[Callable]:
         if fn is None or loss != "clip":
             return None
         forward = lambda: fn(z1, z2, scale)  # noqa: E731
+    elif backend == "triton_nosym" and loss != "macl_2n":
+        return None  # no symmetric path to turn off
     elif loss == "macl_2n":
-        forward = lambda: mk.macl_loss(z1, z2, layout="2n", backend=backend)  # noqa: E731
+        name = "triton" if backend == "triton_nosym" else backend
+        forward = lambda: mk.macl_loss(z1, z2, layout="2n", backend=name)  # noqa: E731
     else:
         forward = lambda: mk.clip_loss(z1, z2, scale, backend=backend)  # noqa: E731
 
     def step():
+        from macl_kernels.backends import triton_fused
+
         for t in (z1, z2, scale):
             t.grad = None
-        forward().backward()
+        triton_fused.USE_SYMMETRY = backend != "triton_nosym"
+        try:
+            forward().backward()
+        finally:
+            triton_fused.USE_SYMMETRY = True
 
     return step
 

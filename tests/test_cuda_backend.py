@@ -91,11 +91,12 @@ def test_float64_path(name, layout, n, d):
 @pytest.mark.parametrize("n,d", SMALL_SHAPES + [LARGE_SHAPE], ids=lambda v: str(v))
 def test_clip_logit_scale_gradient(n, d, dtype, tol):
     z1, z2 = make_pair(n, d, seed=11, dtype=dtype)
-    scale = torch.tensor(1 / 0.07, dtype=torch.float64)
+    # A learnable scale is an fp32 (fp64) parameter; the reference gets exactly its value.
+    scale = torch.tensor(1 / 0.07, dtype=torch.float64 if dtype == torch.float64 else
+                         torch.float32)
     want = run(mk.clip_loss, z1.double().cuda(), z2.double().cuda(),
-               logit_scale=scale.cuda(), backend="reference")
-    got = run(mk.clip_loss, z1.cuda(), z2.cuda(), logit_scale=scale.to(dtype).cuda(),
-              backend="cuda")
+               logit_scale=scale.double().cuda(), backend="reference")
+    got = run(mk.clip_loss, z1.cuda(), z2.cuda(), logit_scale=scale.cuda(), backend="cuda")
     assert len(got) == 4
     assert_same_results(got, want, tol)
 

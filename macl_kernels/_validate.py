@@ -21,6 +21,12 @@ TEMPERATURE_MODES = ("batch", "anchor")
 BACKENDS = ("auto", "reference", "torch", "triton", "cpu", "cuda")
 
 
+def _compiling() -> bool:
+    """Under ``torch.compile`` the data-dependent checks (a host sync on the values) are skipped,
+    as with ``validate=False``: they would break the graph. Shape, dtype and option checks stay."""
+    return torch.compiler.is_compiling()
+
+
 def check_choice(name: str, value, choices) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
@@ -94,7 +100,7 @@ def check_embedding_pair(
         )
     if d < 1:
         raise ValueError(f"{name1} and {name2} need at least 1 column, got shape {tuple(x1.shape)}")
-    if validate:
+    if validate and not _compiling():
         for name, x in ((name1, x1), (name2, x2)):
             if not bool(torch.isfinite(x).all()):
                 bad = int((~torch.isfinite(x)).sum())
@@ -121,7 +127,7 @@ def check_logit_scale(
             raise ValueError(
                 f"logit_scale is on {logit_scale.device} but the features are on {like.device}"
             )
-        if validate:
+        if validate and not _compiling():
             value = float(logit_scale.detach().reshape(()))
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(

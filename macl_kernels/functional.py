@@ -28,9 +28,10 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from . import _ops
 from . import _validate as V
 from . import distributed, reference
-from .backends import available_backends, primitive, resolve_backend
+from .backends import available_backends, has_op_protocol, primitive, resolve_backend
 from .reference import MACL_TEMPERATURE_FLOOR, compute_dtype, softplus
 
 __all__ = [
@@ -84,16 +85,25 @@ def _positive_similarity(blocks) -> torch.Tensor:
 
 def _negative_lse(prep, inv_temp: Optional[torch.Tensor], artanh_scale: Optional[float] = None,
                   artanh_eps: float = 0.0):
-    """``lse_neg`` of every block's anchor rows, by the backend's primitive. ``operand_dtype``
-    (the inputs' dtype) tells a kernel which precision its GEMM operands may be rounded to (the
-    tensor cores for half inputs); statistics and gradients stay in the compute dtype."""
+    """``lse_neg`` of every block's anchor rows, by the backend's primitive, through the custom
+    op of ``_ops.py`` (opaque to ``torch.compile``). ``operand_dtype`` (the inputs' dtype) tells a
+    kernel which precision its GEMM operands may be rounded to (the tensor cores for half inputs);
+    statistics and gradients stay in the compute dtype. A block whose anchors are its candidates
+    (layout 2n, one process) passes them once: ``S`` is symmetric."""
     out, r0 = [], 0
+    as_op = has_op_protocol(prep.name)
     for b in prep.blocks:
         m = b.anchors.shape[0]
         b_rows = inv_temp[r0:r0 + m] if inv_temp is not None else None
-        out.append(prep.impl.negative_lse(b.anchors, b.candidates, b_rows, b.pos_index,
-                                          b.self_index, artanh_scale, artanh_eps,
-                                          operand_dtype=prep.out_dtype))
+        if as_op:
+            candidates = None if b.candidates is b.anchors else b.candidates
+            out.append(_ops.negative_lse(prep.name, b.anchors, candidates, b_rows, b.pos_index,
+                                         b.self_index, artanh_scale, artanh_eps,
+                                         prep.out_dtype))
+        else:  # a backend without the op protocol: its own autograd.Function (eager only)
+            out.append(primitive(prep.name).negative_lse(b.anchors, b.candidates, b_rows, b.pos_index,
+                                              b.self_index, artanh_scale, artanh_eps,
+                                              operand_dtype=prep.out_dtype))
         r0 += m
     return torch.cat(out)
 
@@ -102,14 +112,14 @@ class _Prepared(NamedTuple):
     u1: Optional[torch.Tensor]  # local rows, normalised (None for the reference backend)
     u2: Optional[torch.Tensor]
     blocks: Optional[list]
-    impl: object  # the backend module, None for the reference backend
+    name: str  # the resolved backend's name
     out_dtype: torch.dtype
     dist: Optional[distributed.DistContext]  # None: the local loss
     gather: Optional[Callable]  # rows of every rank, with the gradient semantics asked for
 
     @property
     def is_reference(self) -> bool:
-        return self.impl is None
+        return self.name == "reference"
 
 
 def _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
@@ -131,10 +141,9 @@ def _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, 
                      "local_grad": distributed.gather_local_grad}[gather_kind]
         gather = functools.partial(gather_fn, ctx=ctx)
     if name == "reference":
-        return _Prepared(None, None, None, None, z1.dtype, ctx, gather)
+        return _Prepared(None, None, None, name, z1.dtype, ctx, gather)
     u1, u2 = (reference.normalize(z, normalize) for z in (z1, z2))
-    return _Prepared(u1, u2, _blocks(u1, u2, layout, ctx, gather), primitive(name), z1.dtype,
-                     ctx, gather)
+    return _Prepared(u1, u2, _blocks(u1, u2, layout, ctx, gather), name, z1.dtype, ctx, gather)
 
 
 def _reference_loss(prep: _Prepared, fn: Callable, z1, z2, layout: str, reduction: str,

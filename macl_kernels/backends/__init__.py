@@ -67,22 +67,41 @@ def available_backends(device=None) -> Dict[str, Optional[str]]:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend for ``backend`` on ``device``; raises ``RuntimeError`` if unusable."""
+    if backend != "auto" and backend not in _REASONS:
+        raise ValueError(f"backend must be one of {['auto', *BACKEND_NAMES]}, got {backend!r}")
+    name, error = _resolve(backend, device.type, device.index)
+    if error is not None:
+        raise RuntimeError(error)
+    return name
+
+
+# Evaluated once per (backend, device) at trace time under torch.compile: the answer is a
+# constant of the environment, and the probing (imports, CUDA queries) must not enter a graph.
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str, device_index: Optional[int]):
+    device = torch.device(device_type, device_index) if device_index is not None else \
+        torch.device(device_type)
     if backend == "auto":
         rejected = []
         for name in AUTO_ORDER.get(device.type, AUTO_ORDER_OTHER):
             reason = _REASONS[name](device)
             if reason is None:
-                return name
+                return name, None
             rejected.append(f"{name}: {reason}")
-        raise RuntimeError(  # unreachable while "torch" is last in every order
-            f"no backend can run on {device}: " + "; ".join(rejected)
-        )
-    if backend not in _REASONS:
-        raise ValueError(f"backend must be one of {['auto', *BACKEND_NAMES]}, got {backend!r}")
+        # unreachable while "torch" is last in every order
+        return None, f"no backend can run on {device}: " + "; ".join(rejected)
     reason = _REASONS[backend](device)
     if reason is not None:
-        raise RuntimeError(f"backend={backend!r} is not usable on {device}: {reason}")
-    return backend
+        return None, f"backend={backend!r} is not usable on {device}: {reason}"
+    return backend, None
+
+
+@torch.compiler.assume_constant_result
+def has_op_protocol(name: str) -> bool:
+    """Whether backend ``name`` exposes the ``fwd``/``bwd`` pair that ``macl_kernels/_ops.py``
+    wraps as custom ops (and so compiles without a graph break)."""
+    module = primitive(name)
+    return hasattr(module, "fwd") and hasattr(module, "bwd")
 
 
 def primitive(name: str):

@@ -78,6 +78,40 @@ class FusedNegativeLSE(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+def fwd(anchors, candidates, inv_temp, pos_index, self_index, artanh_scale, artanh_eps, *,
+        operand_dtype=None, need_grad=True):
+    """The custom-op protocol of ``macl_kernels/_ops.py``: ``candidates=None`` is layout 2n on
+    one process, where the kernel computes each off-diagonal tile once for rows and columns."""
+    _check_dtype(anchors)
+    symmetric = candidates is None
+    scale = -1.0 if artanh_scale is None else float(artanh_scale)
+    lse_neg = _extension().forward(anchors, anchors if symmetric else candidates,
+                                   _cast(inv_temp, anchors), pos_index, self_index, scale,
+                                   float(artanh_eps), symmetric)
+    return lse_neg, None
+
+
+def bwd(anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux, grad_lse_neg,
+        artanh_scale, artanh_eps, *, operand_dtype=None, need_anchors=True,
+        need_candidates=True, need_inv_temp=True):
+    symmetric = candidates is None
+    scale = -1.0 if artanh_scale is None else float(artanh_scale)
+    d_anchors, d_candidates, d_inv_temp = _extension().backward(
+        anchors, anchors if symmetric else candidates, _cast(inv_temp, anchors), pos_index,
+        self_index, lse_neg, grad_lse_neg.to(anchors.dtype).contiguous(), scale,
+        float(artanh_eps), symmetric, need_anchors, need_candidates, need_inv_temp)
+    return d_anchors, (None if symmetric else d_candidates), d_inv_temp
+
+
+def _check_dtype(anchors):
+    if anchors.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"the cpu backend computes in float32 or float64, got {anchors.dtype}")
+
+
+def _cast(inv_temp, like):
+    return None if inv_temp is None else inv_temp.to(like.dtype).contiguous()
+
+
 def negative_lse(anchors: torch.Tensor, candidates: torch.Tensor, inv_temp: Optional[torch.Tensor],
                  pos_index: torch.Tensor, self_index: Optional[torch.Tensor],
                  artanh_scale: Optional[float], artanh_eps: float, *,

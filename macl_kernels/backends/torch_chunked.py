@@ -58,21 +58,66 @@ def _logits(anchors, candidates, inv_temp_rows, artanh_scale, artanh_eps):
     return torch.atanh(S.clamp(-1 + artanh_eps, 1 - artanh_eps)).mul_(artanh_scale), S
 
 
+def forward_lse(anchors, candidates, inv_temp, pos_index, self_index, artanh_scale, artanh_eps,
+                chunk):
+    M = anchors.shape[0]
+    lse_neg = anchors.new_empty(M)
+    for r0 in range(0, M, chunk):
+        rows = slice(r0, min(M, r0 + chunk))
+        logits, _ = _logits(anchors[rows], candidates,
+                            inv_temp[rows] if inv_temp is not None else None,
+                            artanh_scale, artanh_eps)
+        _exclude(logits, rows, pos_index, self_index)
+        # In-place log-sum-exp: the tile is dead after this, so reuse its storage.
+        row_max = logits.amax(dim=1)
+        lse_neg[rows] = row_max + logits.sub_(row_max[:, None]).exp_().sum(dim=1).log_()
+    return lse_neg
+
+
+def backward_grads(anchors, candidates, inv_temp, pos_index, self_index, lse_neg, grad_lse_neg,
+                   artanh_scale, artanh_eps, chunk, need_anchors, need_candidates, need_inv_temp):
+    M = anchors.shape[0]
+    grad_anchors = torch.zeros_like(anchors) if need_anchors else None
+    grad_candidates = torch.zeros_like(candidates) if need_candidates else None
+    grad_inv_temp = torch.zeros_like(inv_temp) if need_inv_temp else None
+    for r0 in range(0, M, chunk):
+        rows = slice(r0, min(M, r0 + chunk))
+        a = anchors[rows]
+        b = inv_temp[rows, None] if inv_temp is not None else None
+        logits, S = _logits(a, candidates, inv_temp[rows] if b is not None else None,
+                            artanh_scale, artanh_eps)
+        _exclude(logits, rows, pos_index, self_index)
+        # G = dL/dl = g_a * Q_ak, built in the logits' storage.
+        G = logits.sub_(lse_neg[rows, None]).exp_().mul_(grad_lse_neg[rows, None])
+        if artanh_scale is not None:
+            # d artanh(clamp(S))/dS = 1/(1 - S^2) inside the clamp, 0 outside. Self and
+            # exact duplicates have S = +-1: keep the factor finite there (clamp_min) so that
+            # their zero dL/dl does not turn into 0 * inf = NaN.
+            inside = S.abs() < 1 - artanh_eps
+            factor = (1 - S * S).clamp_min_(artanh_eps).reciprocal_().mul_(artanh_scale)
+            grad_S = G.mul_(factor.mul_(inside))
+            if need_anchors:
+                grad_anchors[rows] = grad_S @ candidates
+            if need_candidates:
+                grad_candidates.addmm_(grad_S.T, a)
+            continue
+        if need_anchors or need_inv_temp:
+            G_candidates = G @ candidates
+            if need_anchors:
+                grad_anchors[rows] = G_candidates * b
+            if need_inv_temp:
+                grad_inv_temp[rows] = (G_candidates * a).sum(dim=1)
+        if need_candidates:
+            grad_candidates.addmm_(G.T, a * b)
+    return grad_anchors, grad_candidates, grad_inv_temp
+
+
 class ChunkedNegativeLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchors, candidates, inv_temp, pos_index, self_index, artanh_scale,
                 artanh_eps, chunk):
-        M = anchors.shape[0]
-        lse_neg = anchors.new_empty(M)
-        for r0 in range(0, M, chunk):
-            rows = slice(r0, min(M, r0 + chunk))
-            logits, _ = _logits(anchors[rows], candidates,
-                                inv_temp[rows] if inv_temp is not None else None,
-                                artanh_scale, artanh_eps)
-            _exclude(logits, rows, pos_index, self_index)
-            # In-place log-sum-exp: the tile is dead after this, so reuse its storage.
-            row_max = logits.amax(dim=1)
-            lse_neg[rows] = row_max + logits.sub_(row_max[:, None]).exp_().sum(dim=1).log_()
+        lse_neg = forward_lse(anchors, candidates, inv_temp, pos_index, self_index, artanh_scale,
+                              artanh_eps, chunk)
         ctx.save_for_backward(anchors, candidates, inv_temp, pos_index, self_index, lse_neg)
         ctx.artanh_scale, ctx.artanh_eps, ctx.chunk = artanh_scale, artanh_eps, chunk
         return lse_neg
@@ -80,42 +125,34 @@ class ChunkedNegativeLSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lse_neg):
         anchors, candidates, inv_temp, pos_index, self_index, lse_neg = ctx.saved_tensors
-        artanh_scale, artanh_eps, chunk = ctx.artanh_scale, ctx.artanh_eps, ctx.chunk
-        need_anchors, need_candidates, need_inv_temp = ctx.needs_input_grad[:3]
-        M = anchors.shape[0]
-        grad_anchors = torch.zeros_like(anchors) if need_anchors else None
-        grad_candidates = torch.zeros_like(candidates) if need_candidates else None
-        grad_inv_temp = torch.zeros_like(inv_temp) if need_inv_temp else None
-        for r0 in range(0, M, chunk):
-            rows = slice(r0, min(M, r0 + chunk))
-            a = anchors[rows]
-            b = inv_temp[rows, None] if inv_temp is not None else None
-            logits, S = _logits(a, candidates, inv_temp[rows] if b is not None else None,
-                                artanh_scale, artanh_eps)
-            _exclude(logits, rows, pos_index, self_index)
-            # G = dL/dl = g_a * Q_ak, built in the logits' storage.
-            G = logits.sub_(lse_neg[rows, None]).exp_().mul_(grad_lse_neg[rows, None])
-            if artanh_scale is not None:
-                # d artanh(clamp(S))/dS = 1/(1 - S^2) inside the clamp, 0 outside. Self and
-                # exact duplicates have S = +-1: keep the factor finite there (clamp_min) so that
-                # their zero dL/dl does not turn into 0 * inf = NaN.
-                inside = S.abs() < 1 - artanh_eps
-                factor = (1 - S * S).clamp_min_(artanh_eps).reciprocal_().mul_(artanh_scale)
-                grad_S = G.mul_(factor.mul_(inside))
-                if need_anchors:
-                    grad_anchors[rows] = grad_S @ candidates
-                if need_candidates:
-                    grad_candidates.addmm_(grad_S.T, a)
-                continue
-            if need_anchors or need_inv_temp:
-                G_candidates = G @ candidates
-                if need_anchors:
-                    grad_anchors[rows] = G_candidates * b
-                if need_inv_temp:
-                    grad_inv_temp[rows] = (G_candidates * a).sum(dim=1)
-            if need_candidates:
-                grad_candidates.addmm_(G.T, a * b)
-        return grad_anchors, grad_candidates, grad_inv_temp, None, None, None, None, None
+        grads = backward_grads(anchors, candidates, inv_temp, pos_index, self_index, lse_neg,
+                               grad_lse_neg, ctx.artanh_scale, ctx.artanh_eps, ctx.chunk,
+                               *ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None, None)
+
+
+def fwd(anchors, candidates, inv_temp, pos_index, self_index, artanh_scale, artanh_eps, *,
+        operand_dtype=None, need_grad=True):
+    """The custom-op protocol of ``macl_kernels/_ops.py`` (``candidates=None``: the anchors)."""
+    candidates = anchors if candidates is None else candidates
+    chunk = default_chunk(anchors.shape[0], candidates.shape[0])
+    return forward_lse(anchors, candidates, inv_temp, pos_index, self_index, artanh_scale,
+                       artanh_eps, chunk), None
+
+
+def bwd(anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux, grad_lse_neg,
+        artanh_scale, artanh_eps, *, operand_dtype=None, need_anchors=True,
+        need_candidates=True, need_inv_temp=True):
+    symmetric = candidates is None
+    candidates = anchors if symmetric else candidates
+    chunk = default_chunk(anchors.shape[0], candidates.shape[0])
+    d_anchors, d_candidates, d_inv_temp = backward_grads(
+        anchors, candidates, inv_temp, pos_index, self_index, lse_neg, grad_lse_neg,
+        artanh_scale, artanh_eps, chunk, need_anchors or symmetric,
+        need_candidates or symmetric, need_inv_temp)
+    if symmetric:  # one tensor in both roles: its gradient is the sum of both
+        return d_anchors.add_(d_candidates), None, d_inv_temp
+    return d_anchors, d_candidates, d_inv_temp
 
 
 def negative_lse(anchors: torch.Tensor, candidates: torch.Tensor, inv_temp: Optional[torch.Tensor],

@@ -35,6 +35,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def default_tile_shapes(monkeypatch):
+    """On a GPU, one default tile shape per D instead of autotuning: otherwise the first call of
+    every flag/dtype/D combination compiles and times every config (minutes over this file).
+    ``test_gpu_autotuned_path`` turns autotuning back on."""
+    monkeypatch.setattr(TF, "AUTOTUNE", False)
+
+
 def on_device(*tensors):
     return [t.to(DEVICE) for t in tensors]
 
@@ -177,6 +185,18 @@ def test_symmetric_path_matches_non_symmetric(artanh, monkeypatch):
     assert seen == [True, False]
     for i, (a, b) in enumerate(zip(to_cpu(sym), to_cpu(general))):
         assert_rel_close(a, b, 1e-6, f"output {i}")
+
+
+@pytest.mark.parametrize("name", ["macl_anchor", "tfree"])
+def test_use_symmetry_switch_gives_the_same_losses(name, monkeypatch):
+    """The loss-level 2n path with the symmetric backward on (default) and off (benchmarking)."""
+    z1, z2 = make_pair(40, 32, seed=12, dtype=torch.float32)
+    fn, kw = loss_case(name, "2n")
+    sym = to_cpu(loss_and_grads(fn, *on_device(z1, z2), reduction="none", backend="triton", **kw))
+    monkeypatch.setattr(TF, "USE_SYMMETRY", False)
+    general = to_cpu(loss_and_grads(fn, *on_device(z1, z2), reduction="none", backend="triton",
+                                    **kw))
+    assert_same_results(sym, general, 1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,6 +378,32 @@ def test_gpu_real_sizes(name, layout, dtype, tol, d):
     want = to_cpu(loss_and_grads(fn, z1.cuda().double(), z2.cuda().double(), reduction="none",
                                  backend="reference", **kw))
     assert_same_results(got, want, tol)
+
+
+def test_tile_shapes_fit_every_width():
+    """The GPU shape rules (pure Python, checked everywhere): every D up to MAX_D gets a shape,
+    and the autotuner's pruning never leaves it empty."""
+    for d in (1, 7, 64, 128, 200, 256, 512, TF.MAX_D):
+        block_d = max(16, 1 << (d - 1).bit_length())
+        for elem in (2, 4, 8):
+            for cand in (False, True):
+                bm, bn, warps, stages = TF._default_shape(block_d, elem, cand)
+                assert bm >= 16 and bn >= 16 and warps in (4, 8)
+                named = {"A": torch.empty(0, dtype={2: torch.bfloat16, 4: torch.float32,
+                                                    8: torch.float64}[elem])}
+                if cand:
+                    named["DC"] = None
+                kept = TF._prune(TF._gpu_configs(), named, BLOCK_D=block_d)
+                assert kept
+                if block_d <= 256 and elem <= 4:
+                    assert TF._fits((bm, bn, warps, stages), block_d, elem, cand)
+
+
+@gpu
+@pytest.mark.parametrize("name,layout", [("macl", "2n"), ("clip", "cross_sym")])
+def test_gpu_autotuned_path(name, layout, monkeypatch):
+    monkeypatch.setattr(TF, "AUTOTUNE", True)
+    triton_vs_reference(name, layout, 1000, 128, torch.bfloat16, HALF_RTOL, "none", seed=4)
 
 
 @gpu

@@ -40,6 +40,11 @@ Passes and GEMM work (one "GEMM" = ``2 M K D`` flops over the whole ``M x K`` ti
   ``d b`` of the row side. Total 2 passes, 3 GEMMs (``6 M^2 D`` flops) instead of 4 - the
   symmetry saves the anchor-side accumulation. (The forward still computes each off-diagonal tile
   for both of its row blocks: sharing it there needs a cross-program merge of online statistics.)
+  Whether this wins on a GPU is for the benchmark to say (``bench/bench_triton_gpu.py``, backend
+  ``triton_nosym`` turns it off via ``USE_SYMMETRY``): at D = 128 in bf16 a tile's ``exp`` work is
+  comparable to its GEMM work, and the symmetric backward evaluates two exponentials per element
+  (rows' and columns' ``Q``) where the general path's backward evaluates one (3 vs 2 over both
+  passes), against 3 vs 4 GEMMs.
 * CLIP (``cross_sym``) reaches this module as two cross blocks (``u1`` vs ``u2`` and back):
   2 x 4 GEMMs of ``N x N x D``.
 
@@ -80,11 +85,17 @@ INTERPRETER_BLOCK_N = 16
 
 # Whole-D tiles (``BLOCK_D`` = next power of two >= max(D, 16)) live in registers/shared memory;
 # above this the accumulators would not fit any tile shape, so we refuse rather than spill badly.
+# The GPU tests cover D <= 512; 513..1024 get the smallest tiles (16 x 32) and are untested there.
 MAX_D = 1024
 
 # Exploit layout 2n's symmetric S in backward ((G + G^T) U in one pass). A switch only so that the
 # benchmark can measure what it buys; there is no reason to turn it off otherwise.
 USE_SYMMETRY = True
+
+# GPU only: pick BLOCK_M/BLOCK_N/num_warps/num_stages by triton.autotune (keyed on BLOCK_D, the
+# flags and the dtypes; the first call per key benchmarks every fitting config). Off
+# (MACL_TRITON_AUTOTUNE=0): one default shape per D, compiled once - for test runs.
+AUTOTUNE = os.environ.get("MACL_TRITON_AUTOTUNE", "1") != "0"
 
 
 def unavailable_reason(device: Optional[torch.device]) -> Optional[str]:
@@ -97,6 +108,8 @@ def unavailable_reason(device: Optional[torch.device]) -> Optional[str]:
             return ("the Triton kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 "
                     "when macl_kernels' triton backend was imported); unset it for CUDA tensors")
         return None
+    if device is None and not _INTERPRET and torch.cuda.is_available():
+        return None  # "usable here": on this machine's GPU
     if device is None or device.type == "cpu":
         if _INTERPRET:
             return None
@@ -290,59 +303,74 @@ if triton is not None:
     _GPU_SHAPES = [
         (128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2),
         (128, 128, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2),
-        (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 1),
+        (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 1), (16, 32, 8, 1), (32, 16, 8, 1),
     ]
 
     def _gpu_configs():
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                 for bm, bn, w, s in _GPU_SHAPES]
 
+    # Without autotuning (MACL_TRITON_AUTOTUNE=0, e.g. a test run that would otherwise compile
+    # every config of every flag combination): the first of these that fits.
+    _DEFAULT_SHAPES = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 1),
+                       (16, 32, 8, 1), (32, 16, 8, 1)]
+
+    def _fits(shape, block_d: int, elem: int, candidates_kernel: bool) -> bool:
+        bm, bn, warps, stages = shape
+        # The program's resident block (anchors in forward, candidates in backward) and its
+        # fp32 accumulator [BLOCK, BLOCK_D] must fit the registers; the streamed tiles, one per
+        # pipeline stage, the shared memory.
+        resident, streamed = (bn, bm) if candidates_kernel else (bm, bn)
+        return (resident * block_d <= 128 * 256
+                and (resident + streamed * stages) * block_d * elem <= 200 * 1024
+                and (block_d < 256 or warps >= 8))
+
     def _prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        block_d = args["BLOCK_D"]
-        elem = args["A"].element_size()
-        kept = []
-        for cfg in configs:
-            bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-            # The program's resident block (anchors in forward, candidates in backward) and its
-            # fp32 accumulator [BLOCK, BLOCK_D] must fit the registers; the streamed tiles, one
-            # per pipeline stage, the shared memory.
-            resident = bn if "DC" in args else bm
-            streamed = bm if "DC" in args else bn
-            if resident * block_d > 128 * 256:
-                continue
-            if (resident + streamed * cfg.num_stages) * block_d * elem > 200 * 1024:
-                continue
-            if block_d >= 256 and cfg.num_warps < 8:
-                continue
-            kept.append(cfg)
-        if not kept:  # the smallest shape always compiles (it may spill for huge D)
-            kept = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1)]
-        return kept
+        block_d, elem, cand = args["BLOCK_D"], args["A"].element_size(), "DC" in args
+        kept = [cfg for cfg in configs if _fits(
+            (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages),
+            block_d, elem, cand)]
+        # The smallest shape always compiles (it may spill for huge D).
+        return kept or [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1)]
 
-    if _INTERPRET:
-        _forward = _forward_kernel
-        _candidates = _candidates_kernel
-    else:
-        # Each kernel writes its outputs without reading them, so benchmarking configs on the
-        # real buffers is harmless (no reset_to_zero needed).
-        _forward = triton.autotune(
+    def _default_shape(block_d: int, elem: int, candidates_kernel: bool):
+        for shape in _DEFAULT_SHAPES:
+            if _fits(shape, block_d, elem, candidates_kernel):
+                return shape
+        return _DEFAULT_SHAPES[-1]
+
+    # Each kernel writes its outputs without reading them, so benchmarking configs on the real
+    # buffers is harmless (no reset_to_zero needed). Under the interpreter these are never used.
+    _TUNED = {
+        _forward_kernel: triton.autotune(
             configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
             key=["BLOCK_D", "ARTANH", "HAS_SELF", "ACC_E", "DOT_PRECISION"],
-        )(_forward_kernel)
-        _candidates = triton.autotune(
+        )(_forward_kernel),
+        _candidates_kernel: triton.autotune(
             configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
             key=["BLOCK_D", "ARTANH", "HAS_SELF", "SYMMETRIC", "NEED_DB", "DOT_PRECISION"],
-        )(_candidates_kernel)
+        )(_candidates_kernel),
+    }
 
 
 def _launch(kernel, grid_rows: int, block_key: str, args, **flags):
-    """Launch under the interpreter with the fixed small blocks, on a GPU through the autotuner."""
+    """Launch ``kernel`` over ``grid_rows`` rows: under the interpreter with the fixed small
+    blocks; on a GPU (on the tensors' device: Triton launches on the current one) through the
+    autotuner, or with the default shape when ``AUTOTUNE`` is off."""
     if _INTERPRET:
         blocks = dict(BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=INTERPRETER_BLOCK_N)
         kernel[(triton.cdiv(grid_rows, blocks[block_key]),)](*args, **flags, **blocks)
-    else:
-        kernel[lambda meta: (triton.cdiv(grid_rows, meta[block_key]),)](*args, **flags)
+        return
+    with torch.cuda.device(args[0].device):
+        if AUTOTUNE:
+            _TUNED[kernel][lambda meta: (triton.cdiv(grid_rows, meta[block_key]),)](*args, **flags)
+        else:
+            bm, bn, warps, stages = _default_shape(flags["BLOCK_D"], args[0].element_size(),
+                                                   kernel is _candidates_kernel)
+            blocks = dict(BLOCK_M=bm, BLOCK_N=bn)
+            kernel[(triton.cdiv(grid_rows, blocks[block_key]),)](
+                *args, **flags, **blocks, num_warps=warps, num_stages=stages)
 
 
 def _dot_precision(op_dtype: torch.dtype) -> str:
@@ -374,7 +402,7 @@ class TritonNegativeLSE(torch.autograd.Function):
         ctx.upcast = _INTERPRET and op_anchors.dtype == torch.bfloat16
         ctx.g_wide = op_anchors.dtype == torch.float16
         _launch(
-            _forward, M, "BLOCK_M",
+            _forward_kernel, M, "BLOCK_M",
             (op_anchors, op_candidates, b, pos_index, slf, lse, E, M, K, D,
              op_anchors.stride(0), op_candidates.stride(0), E.stride(0),
              float(artanh_scale) if artanh else 0.0, float(artanh_eps)),
@@ -405,7 +433,7 @@ class TritonNegativeLSE(torch.autograd.Function):
             need_db = symmetric and need_b
             dB = anchors.new_empty(M) if need_db else lse
             _launch(
-                _candidates, K, "BLOCK_N",
+                _candidates_kernel, K, "BLOCK_N",
                 (op_anchors, op_candidates, inv_temp if inv_temp is not None else lse, pos_index,
                  self_index if self_index is not None else pos_index, lse, g, dC, dB,
                  M, K, D, op_anchors.stride(0), op_candidates.stride(0), dC.stride(0),

@@ -93,6 +93,49 @@ class CudaNegativeLSE(torch.autograd.Function):
                 grad_b if need_b else None, None, None, None, None, None)
 
 
+def _cast(inv_temp, like):
+    return None if inv_temp is None else inv_temp.to(like.dtype).contiguous()
+
+
+def fwd(anchors, candidates, inv_temp, pos_index, self_index, artanh_scale, artanh_eps, *,
+        operand_dtype=None, need_grad=True):
+    """The custom-op protocol of ``macl_kernels/_ops.py`` (``candidates=None``: layout 2n on one
+    process, the anchors are the candidates). No auxiliary state: backward recomputes."""
+    operand = _operand_code(anchors.dtype, operand_dtype)
+    anchors = anchors.contiguous()
+    cands = anchors if candidates is None else candidates.to(anchors.dtype).contiguous()
+    scale = -1.0 if artanh_scale is None else float(artanh_scale)
+    lse_neg = _extension().forward(anchors, cands, _cast(inv_temp, anchors),
+                                   pos_index.contiguous(),
+                                   None if self_index is None else self_index.contiguous(),
+                                   scale, float(artanh_eps), operand)
+    return lse_neg, None
+
+
+def bwd(anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux, grad_lse_neg,
+        artanh_scale, artanh_eps, *, operand_dtype=None, need_anchors=True,
+        need_candidates=True, need_inv_temp=True):
+    operand = _operand_code(anchors.dtype, operand_dtype)
+    symmetric = candidates is None
+    anchors = anchors.contiguous()
+    cands = anchors if symmetric else candidates.to(anchors.dtype).contiguous()
+    # 2n: both sides of every pair land on the one tensor, d anchors = dA + dC.
+    want_a = bool(need_anchors or (symmetric and need_candidates))
+    want_c = bool(need_candidates or (symmetric and need_anchors))
+    want_b = bool(need_inv_temp and inv_temp is not None)
+    scale = -1.0 if artanh_scale is None else float(artanh_scale)
+    d_a, d_c, d_b = _extension().backward(
+        anchors, cands, _cast(inv_temp, anchors), pos_index.contiguous(),
+        None if self_index is None else self_index.contiguous(), lse_neg.contiguous(),
+        grad_lse_neg.to(lse_neg.dtype).contiguous(), scale, float(artanh_eps), operand,
+        want_a, want_c, want_b)
+    if symmetric:
+        d_a, d_c = (d_a + d_c if want_a else None), None
+    if d_b is not None and inv_temp is not None:
+        d_b = d_b.to(inv_temp.dtype)
+    return d_a, d_c, d_b
+
+
 def negative_lse(anchors: torch.Tensor, candidates: torch.Tensor, inv_temp: Optional[torch.Tensor],
                  pos_index: torch.Tensor, self_index: Optional[torch.Tensor],
                  artanh_scale: Optional[float], artanh_eps: float, *,
@@ -109,8 +152,7 @@ def negative_lse(anchors: torch.Tensor, candidates: torch.Tensor, inv_temp: Opti
     same = anchors is candidates
     anchors_c = anchors.contiguous()
     candidates_c = anchors_c if same else candidates.to(anchors.dtype).contiguous()
-    if inv_temp is not None:
-        inv_temp = inv_temp.to(anchors.dtype).contiguous()
+    inv_temp = _cast(inv_temp, anchors)
     if artanh_scale is None and inv_temp is None:
         raise ValueError("the scaled logit map needs inv_temp")
     return CudaNegativeLSE.apply(anchors_c, candidates_c, inv_temp, pos_index.contiguous(),

@@ -196,11 +196,29 @@ def _finish(per_anchor: torch.Tensor, reduction: str, out_dtype: torch.dtype) ->
     return reference.reduce(per_anchor, reduction, out_dtype)
 
 
+def _outside_autocast(fn: Callable) -> Callable:
+    """Run a loss with autocast off. Under ``torch.autocast`` the embeddings arrive in half
+    precision; the loss upcasts them itself (float32 logits, LSE and accumulators, SPEC section 7)
+    and returns the loss and gradients in the inputs' dtype. Left on, autocast would silently
+    round the similarity GEMMs of the reference and torch backends to half precision."""
+
+    @functools.wraps(fn)
+    def wrapper(z1, *args, **kwargs):
+        device_type = z1.device.type if isinstance(z1, torch.Tensor) else "cpu"
+        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return fn(z1, *args, **kwargs)
+        return fn(z1, *args, **kwargs)
+
+    return wrapper
+
+
 # --------------------------------------------------------------------------------------------
 # Public losses
 # --------------------------------------------------------------------------------------------
 
 
+@_outside_autocast
 def infonce_loss(z1, z2, *, temperature=0.1, layout="2n", normalize=True, reduction="mean",
                  gather_distributed=False, backend="auto", validate=True):
     """NT-Xent / InfoNCE: ``loss_a = -log P_ap``, ``l_ak = S_ak / temperature``.
@@ -238,6 +256,7 @@ def clip_loss(image_features, text_features, logit_scale, *, normalize=True, red
                  validate=validate)
 
 
+@_outside_autocast
 def _clip(image_features, text_features, logit_scale, *, normalize, reduction,
           gather_distributed, backend, validate, gather_kind="with_grad"):
     """``clip_loss``; ``gather_kind="local_grad"`` is OpenCLIP's ``gather_with_grad=False``."""
@@ -260,6 +279,7 @@ def _clip(image_features, text_features, logit_scale, *, normalize, reduction,
     return _finish(softplus(x), reduction, prep.out_dtype)
 
 
+@_outside_autocast
 def dcl_loss(z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, layout="2n", normalize=True,
              reduction="mean", gather_distributed=False, backend="auto", validate=True,
              weights: Optional[torch.Tensor] = None):
@@ -309,6 +329,7 @@ def macl_loss(z1, z2, *, temperature=0.1, alpha=0.5, a0=0.0, schedule="linear",
     return loss
 
 
+@_outside_autocast
 def _macl(z1, z2, *, temperature, alpha, a0, schedule, temperature_mode, reweight, layout,
           normalize, reduction, gather_distributed, backend, validate):
     """``macl_loss`` plus the temperature and alignment it used (detached, for logging)."""
@@ -342,6 +363,7 @@ def _macl(z1, z2, *, temperature, alpha, a0, schedule, temperature_mode, reweigh
     return _finish(per_anchor, reduction, prep.out_dtype), tau, alignment
 
 
+@_outside_autocast
 def tfree_loss(z1, z2, *, scale=2.0, eps=1e-6, layout="2n", normalize=True, reduction="mean",
                gather_distributed=False, backend="auto", validate=True):
     """Temperature-free InfoNCE: ``l_ak = scale * artanh(clamp(S_ak, -1 + eps, 1 - eps))``,

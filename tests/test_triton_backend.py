@@ -36,11 +36,15 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True)
-def default_tile_shapes(monkeypatch):
+def small_tiles(monkeypatch):
     """On a GPU, one default tile shape per D instead of autotuning: otherwise the first call of
     every flag/dtype/D combination compiles and times every config (minutes over this file).
     ``test_gpu_autotuned_path`` turns autotuning back on."""
     monkeypatch.setattr(TF, "AUTOTUNE", False)
+    # Under the interpreter: tl.dot's minimum tile, so that N in {13, 40} spans several ragged
+    # tiles in both directions.
+    monkeypatch.setattr(TF, "INTERPRETER_BLOCK_M", 16)
+    monkeypatch.setattr(TF, "INTERPRETER_BLOCK_N", 16)
 
 
 def on_device(*tensors):

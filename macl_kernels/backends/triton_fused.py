@@ -78,10 +78,13 @@ except ImportError as exc:  # pragma: no cover - exercised only where triton is 
 # kernels below were built in is the environment's at import.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Under the interpreter every program runs in NumPy, one at a time: one fixed small config (16 is
-# tl.dot's minimum tile; tiles this small also exercise the edge masking of every test size).
-INTERPRETER_BLOCK_M = 16
-INTERPRETER_BLOCK_N = 16
+# Under the interpreter every program runs in NumPy, one at a time, and each tile operation costs
+# a Python-level dispatch: one fixed config, no autotuning. 32 x 32 runs MACL 2n at N = 64, D = 32
+# forward+backward in ~0.3 s on the 2-core CI machine (16 x 16: ~1.8 s; 64 x 64: ~0.14 s, but then
+# small test batches would fit one tile and the multi-tile paths go untested). The test file
+# lowers it to 16, tl.dot's minimum, to cross many tile edges at small sizes.
+INTERPRETER_BLOCK_M = 32
+INTERPRETER_BLOCK_N = 32
 
 # Whole-D tiles (``BLOCK_D`` = next power of two >= max(D, 16)) live in registers/shared memory;
 # above this the accumulators would not fit any tile shape, so we refuse rather than spill badly.

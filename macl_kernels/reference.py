@@ -12,6 +12,8 @@ candidate set ``C(a)`` (all but self) and the column ``p(a)`` of its positive.
 
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple, Optional
 
 import torch
@@ -201,12 +203,28 @@ def macl_loss(
     x = negative_margin(rows, logits)
     minus_log_P_positive = softplus(x)
     if reweight:
-        V = 1 / torch.sigmoid(x)  # 1 / (1 - P_ap), no cancellation
-        loss = V.detach() * minus_log_P_positive
+        loss = _macl_reweighted(x)
     else:
         loss = minus_log_P_positive
     out = reduce(loss, reduction, z1.dtype)
     return (out, tau.detach(), alignment) if return_stats else out
+
+
+def _macl_reweighted(x: torch.Tensor) -> torch.Tensor:
+    """``sg(V) * (-log P_ap)`` with ``V = 1 / (1 - P_ap) = 1 / sigmoid(x)`` (no cancellation).
+
+    Where ``e^x`` is below the dtype's rounding (``P_ap`` is 1 in floating point, as with very
+    low temperatures) ``V`` overflows while ``-log P_ap = softplus(x)`` underflows to 0, and
+    ``inf * 0`` would be NaN. There the product is ``(1 + e^-x) log(1 + e^x) = 1 + e^x / 2 + ...``,
+    which is 1 to rounding, and its gradient ``sg(V) sigmoid(x)`` is exactly 1: the tail is
+    written as ``1 + (x - sg(x))``. The formula sees a harmless 0 there, so that ``torch.where``
+    back-propagates no NaN from the branch it does not take.
+    """
+    tail = x < math.log(torch.finfo(x.dtype).eps)
+    x_body = torch.where(tail, torch.zeros_like(x), x)
+    V = 1 / torch.sigmoid(x_body)
+    body = V.detach() * softplus(x_body)
+    return torch.where(tail, 1 + (x - x.detach()), body)
 
 
 def tfree_loss(z1, z2, *, scale=2.0, eps=1e-6, layout="2n", normalize=True, reduction="mean"):

@@ -63,7 +63,7 @@ def upstream_like(loss: torch.Tensor, seed: int = 1234) -> torch.Tensor:
     being rounded to bfloat16 first, exactly the same numbers in every floating dtype."""
     g = torch.Generator().manual_seed(seed + 7919 * loss.numel())
     up = torch.randn(loss.shape, generator=g, dtype=torch.float64).to(torch.bfloat16)
-    return up.to(loss.dtype)
+    return up.to(device=loss.device, dtype=loss.dtype)
 
 
 def loss_and_grads(fn: Callable, z1: torch.Tensor, z2: torch.Tensor, *,

@@ -11,7 +11,7 @@ import torch
 
 import macl_kernels as mk
 from conftest import (
-    F32_RTOL, F64_RTOL, HALF_RTOL, LOSS_CASES, LOSS_LAYOUTS, assert_rel_close,
+    F32_RTOL, F64_RTOL, HALF_RTOL, LOSS_CASES, LOSS_LAYOUTS, assert_rel_close, rel_err,
     assert_same_results, loss_and_grads, loss_case, make_pair, upstream_like,
 )
 from macl_kernels import _ops
@@ -300,3 +300,28 @@ def test_runs_under_torch_deterministic_algorithms(backend):
                        logit_scale=torch.tensor(10.0, dtype=torch.float64))
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_macl_when_p_positive_rounds_to_one(backend, dtype):
+    """Found by the property tests: at 1/tau = 1000 the positive's probability is 1 in floating
+    point, V = 1/(1 - P) overflows and -log P underflows. The loss is then 1 per anchor (its
+    limit) with gradient sg(V) sigmoid(x) = 1 in x: never inf * 0 = NaN, in the reference too."""
+    z1 = torch.tensor([[1.5302, -0.3074], [-2.1748, 0.5768]], dtype=dtype)
+    z2 = torch.tensor([[1.5338, -0.2975], [-2.1848, 0.5703]], dtype=dtype)
+    kw = dict(temperature=0.03125, alpha=0.0625, schedule="exp")  # tau hits its 1e-3 floor
+    got = loss_and_grads(mk.macl_loss, z1, z2, backend=backend, reduction="none", **kw)
+    assert all(bool(torch.isfinite(t).all()) for t in got)
+    assert torch.allclose(got[0], torch.ones_like(got[0]))
+    want = loss_and_grads(mk.macl_loss, z1.double(), z2.double(), backend="reference",
+                          reduction="none", **kw)
+    if dtype == torch.float64:
+        assert_same_results(got, want, F64_RTOL)
+        return
+    # 1/tau = 1000 amplifies float32 rounding a hundredfold beyond SPEC's ordinary temperatures:
+    # the float32 reference itself lands ~1.2e-5 from float64 here. A kernel must do as well as
+    # float32 arithmetic can: within twice the float32 reference's own error (or 1e-5).
+    fp32_ref = loss_and_grads(mk.macl_loss, z1, z2, backend="reference", reduction="none", **kw)
+    for name, a, r, b in zip(("loss", "dz1", "dz2"), got, fp32_ref, want):
+        assert_rel_close(a, b, max(F32_RTOL, 2 * rel_err(r, b)), name)

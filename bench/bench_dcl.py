@@ -1,0 +1,20 @@
+"""Micro-benchmarks: forward+backward of DCL and DCLW (weighted), layout 2n, per usable backend and N.
+
+    python -m pytest bench/bench_dcl.py --benchmark-json=OUT.json
+
+(see bench_common.py for the environment knobs).
+"""
+
+import pytest
+
+from bench_common import params, run
+
+LOSSES = ["dcl", "dclw"]
+LAYOUTS = ["2n"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("loss", LOSSES)
+@params(pytest)
+def test_dcl(benchmark, backend, n, loss, layout):
+    run(benchmark, loss, layout, backend, n)

@@ -14,7 +14,7 @@ import torch
 
 import macl_kernels as mk
 from conftest import (
-    F32_RTOL, F64_RTOL, HALF_RTOL, LAYOUT_LOSSES, LAYOUTS, LOSS_LAYOUTS, REDUCTIONS,
+    F32_RTOL, F64_RTOL, HALF_RTOL, LAYOUTS, LOSS_LAYOUTS, REDUCTIONS,
     assert_rel_close, assert_same_results, loss_and_grads, loss_case, make_pair, upstream_like,
 )
 from macl_kernels.backends import cpu as CPU

@@ -12,7 +12,7 @@ import torch
 import macl_kernels as mk
 from conftest import (
     F32_RTOL, F64_RTOL, HALF_RTOL, LOSS_LAYOUTS, REDUCTIONS, assert_rel_close,
-    assert_same_results, loss_case, make_pair, upstream_like,
+    assert_same_results, loss_and_grads, loss_case, make_pair,
 )
 
 HAS_CUDA = torch.cuda.is_available()
@@ -35,21 +35,10 @@ def test_availability_is_reported():
         assert reason is None, f"CUDA is available but the cuda backend is not: {reason}"
 
 
-def run(fn, z1, z2, *, logit_scale=None, seed=1234, **kwargs):
-    """``conftest.loss_and_grads`` for tensors on any device: the same fixed upstream gradient
-    (built on the CPU, then moved), results returned on the CPU."""
-    leaves = [z1.detach().clone().requires_grad_(True), z2.detach().clone().requires_grad_(True)]
-    if logit_scale is not None:
-        if isinstance(logit_scale, torch.Tensor):
-            ls = logit_scale.detach().clone().requires_grad_(True)
-            leaves.append(ls)
-            kwargs["logit_scale"] = ls
-        else:
-            kwargs["logit_scale"] = logit_scale
-    loss = fn(leaves[0], leaves[1], **kwargs)
-    up = upstream_like(loss.detach().cpu(), seed).to(loss.device)
-    grads = torch.autograd.grad(loss, leaves, up)
-    return tuple(t.detach().cpu() for t in (loss, *grads))
+def run(fn, z1, z2, **kwargs):
+    """``conftest.loss_and_grads`` (the same fixed upstream gradient on any device), results
+    returned on the CPU."""
+    return tuple(t.cpu() for t in loss_and_grads(fn, z1, z2, **kwargs))
 
 
 def check_loss(name, layout, reduction, n, d, dtype, tol, seed=0):

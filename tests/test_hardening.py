@@ -12,7 +12,7 @@ import torch
 import macl_kernels as mk
 from conftest import (
     F32_RTOL, F64_RTOL, HALF_RTOL, LOSS_CASES, LOSS_LAYOUTS, assert_rel_close, rel_err,
-    assert_same_results, loss_and_grads, loss_case, make_pair, upstream_like,
+    assert_same_results, loss_and_grads, loss_case, make_pair,
 )
 from macl_kernels import _ops
 from macl_kernels.backends import has_op_protocol

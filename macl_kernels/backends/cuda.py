@@ -14,14 +14,14 @@ path: exact but slow (use backend ``"torch"`` when float64 speed matters).
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
 
-_EXTENSION = "macl_kernels._C_cuda"
-_module = None
-_import_error: Optional[str] = None
+from .. import _ops
+from ._native import Extension, artanh_scale_arg, cast_rows
+
+_EXTENSION = Extension("macl_kernels._C_cuda")
 
 # MaclOperand codes of csrc/cuda/macl_cuda.h.
 _OPERAND_F32, _OPERAND_F16, _OPERAND_BF16, _OPERAND_F64 = 0, 1, 2, 3
@@ -32,14 +32,7 @@ _REBUILD = ("rebuild the extension against it: `pip install --no-build-isolation
 
 
 def _extension():
-    """The compiled module, imported once; ``None`` (with ``_import_error`` set) if missing."""
-    global _module, _import_error
-    if _module is None and _import_error is None:
-        try:
-            _module = importlib.import_module(_EXTENSION)
-        except ImportError as exc:  # not built, or built against another torch
-            _import_error = f"{type(exc).__name__}: {exc}"
-    return _module
+    return _EXTENSION.get()
 
 
 def unavailable_reason(device: Optional[torch.device]) -> Optional[str]:
@@ -54,8 +47,8 @@ def unavailable_reason(device: Optional[torch.device]) -> Optional[str]:
     if not torch.cuda.is_available():
         return "no CUDA device is available (torch.cuda.is_available() is False)"
     if _extension() is None:
-        return (f"the CUDA extension {_EXTENSION} was not built or could not be imported "
-                f"({_import_error}); with a CUDA build of torch (here: torch {torch.__version__}, "
+        return (f"the CUDA extension {_EXTENSION.name} was not built or could not be imported "
+                f"({_EXTENSION.error}); with a CUDA build of torch (here: torch {torch.__version__}, "
                 f"CUDA {torch.version.cuda}) and nvcc installed, {_REBUILD}")
     return None
 
@@ -68,35 +61,6 @@ def _operand_code(compute_dtype: torch.dtype, operand_dtype: Optional[torch.dtyp
     return _HALF_OPERANDS.get(operand_dtype, _OPERAND_F32)
 
 
-class CudaNegativeLSE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, anchors, candidates, inv_temp, pos_index, self_index, artanh_scale,
-                artanh_eps, operand):
-        scale = -1.0 if artanh_scale is None else float(artanh_scale)
-        lse_neg = _extension().forward(anchors, candidates, inv_temp, pos_index, self_index,
-                                       scale, float(artanh_eps), operand)
-        ctx.save_for_backward(anchors, candidates, inv_temp, pos_index, self_index, lse_neg)
-        ctx.scale, ctx.eps, ctx.operand = scale, float(artanh_eps), operand
-        return lse_neg
-
-    @staticmethod
-    def backward(ctx, grad_lse_neg):
-        anchors, candidates, inv_temp, pos_index, self_index, lse_neg = ctx.saved_tensors
-        need_a, need_c, need_b = ctx.needs_input_grad[:3]
-        grad_a, grad_c, grad_b = _extension().backward(
-            anchors, candidates, inv_temp, pos_index, self_index, lse_neg,
-            grad_lse_neg.to(lse_neg.dtype).contiguous(), ctx.scale, ctx.eps, ctx.operand,
-            bool(need_a), bool(need_c), bool(need_b and inv_temp is not None),
-        )
-        # Layout 2n passes one tensor as anchors and candidates: autograd sums the two parts.
-        return (grad_a if need_a else None, grad_c if need_c else None,
-                grad_b if need_b else None, None, None, None, None, None)
-
-
-def _cast(inv_temp, like):
-    return None if inv_temp is None else inv_temp.to(like.dtype).contiguous()
-
-
 def fwd(anchors, candidates, inv_temp, pos_index, self_index, artanh_scale, artanh_eps, *,
         operand_dtype=None, need_grad=True):
     """The custom-op protocol of ``macl_kernels/_ops.py`` (``candidates=None``: layout 2n on one
@@ -104,8 +68,8 @@ def fwd(anchors, candidates, inv_temp, pos_index, self_index, artanh_scale, arta
     operand = _operand_code(anchors.dtype, operand_dtype)
     anchors = anchors.contiguous()
     cands = anchors if candidates is None else candidates.to(anchors.dtype).contiguous()
-    scale = -1.0 if artanh_scale is None else float(artanh_scale)
-    lse_neg = _extension().forward(anchors, cands, _cast(inv_temp, anchors),
+    scale = artanh_scale_arg(artanh_scale)
+    lse_neg = _extension().forward(anchors, cands, cast_rows(inv_temp, anchors),
                                    pos_index.contiguous(),
                                    None if self_index is None else self_index.contiguous(),
                                    scale, float(artanh_eps), operand)
@@ -123,9 +87,9 @@ def bwd(anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux, grad
     want_a = bool(need_anchors or (symmetric and need_candidates))
     want_c = bool(need_candidates or (symmetric and need_anchors))
     want_b = bool(need_inv_temp and inv_temp is not None)
-    scale = -1.0 if artanh_scale is None else float(artanh_scale)
+    scale = artanh_scale_arg(artanh_scale)
     d_a, d_c, d_b = _extension().backward(
-        anchors, cands, _cast(inv_temp, anchors), pos_index.contiguous(),
+        anchors, cands, cast_rows(inv_temp, anchors), pos_index.contiguous(),
         None if self_index is None else self_index.contiguous(), lse_neg.contiguous(),
         grad_lse_neg.to(lse_neg.dtype).contiguous(), scale, float(artanh_eps), operand,
         want_a, want_c, want_b)
@@ -148,13 +112,8 @@ def negative_lse(anchors: torch.Tensor, candidates: torch.Tensor, inv_temp: Opti
     if anchors.device.type != "cuda" or candidates.device != anchors.device:
         raise ValueError(f"the cuda backend needs CUDA tensors on one device, got anchors on "
                          f"{anchors.device} and candidates on {candidates.device}")
-    operand = _operand_code(anchors.dtype, operand_dtype)
-    same = anchors is candidates
-    anchors_c = anchors.contiguous()
-    candidates_c = anchors_c if same else candidates.to(anchors.dtype).contiguous()
-    inv_temp = _cast(inv_temp, anchors)
     if artanh_scale is None and inv_temp is None:
         raise ValueError("the scaled logit map needs inv_temp")
-    return CudaNegativeLSE.apply(anchors_c, candidates_c, inv_temp, pos_index.contiguous(),
-                                 None if self_index is None else self_index.contiguous(),
-                                 artanh_scale, artanh_eps, operand)
+    return _ops.negative_lse("cuda", anchors, None if candidates is anchors else candidates,
+                             inv_temp, pos_index, self_index, artanh_scale, artanh_eps,
+                             operand_dtype)

@@ -356,12 +356,12 @@ if triton is not None:
 
     # Each kernel writes its outputs without reading them, so benchmarking configs on the real
     # buffers is harmless (no reset_to_zero needed). Under the interpreter these are never used.
-    _TUNED = {
-        _forward_kernel: triton.autotune(
+    _TUNED = {  # by name: the JIT function objects need not be hashable in every Triton
+        "_forward_kernel": triton.autotune(
             configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
             key=["BLOCK_D", "ARTANH", "HAS_SELF", "ACC_E", "DOT_PRECISION"],
         )(_forward_kernel),
-        _candidates_kernel: triton.autotune(
+        "_candidates_kernel": triton.autotune(
             configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
             key=["BLOCK_D", "ARTANH", "HAS_SELF", "SYMMETRIC", "NEED_DB", "DOT_PRECISION"],
         )(_candidates_kernel),
@@ -378,7 +378,8 @@ def _launch(kernel, grid_rows: int, block_key: str, args, **flags):
         return
     with torch.cuda.device(args[0].device):
         if AUTOTUNE:
-            _TUNED[kernel][lambda meta: (triton.cdiv(grid_rows, meta[block_key]),)](*args, **flags)
+            tuned = _TUNED[kernel.__name__]
+            tuned[lambda meta: (triton.cdiv(grid_rows, meta[block_key]),)](*args, **flags)
         else:
             bm, bn, warps, stages = _default_shape(flags["BLOCK_D"], args[0].element_size(),
                                                    kernel is _candidates_kernel)

@@ -23,6 +23,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ)
+    # conftest turns Triton's interpreter on for this process; the CLI's subprocesses run as a
+    # user's would, without it (the Triton kernels have their own tests).
+    env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = os.pathsep.join(
         [REPO_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return subprocess.run([sys.executable, "-m", "macl_kernels", *args], capture_output=True,
@@ -58,7 +61,11 @@ def test_verify_passes_at_small_size():
     table_rows = [line.split() for line in proc.stdout.splitlines()]
     assert any(row[:1] == ["torch"] for row in table_rows)
     # Every loss configuration and layout was checked (clip: cross_sym only).
-    expected = sum(len(case.layouts) for case in cli.LOSS_CASES) * len(cli.DTYPES)
+    backends = sorted(name for name, reason in mk.available_backends("cpu").items()
+                      if reason is None and name not in ("reference", "triton"))
+    assert f"backends: {', '.join(backends)};" in proc.stdout
+    expected = (sum(len(case.layouts) for case in cli.LOSS_CASES) * len(cli.DTYPES)
+                * len(backends))
     assert f"{expected}/{expected} checks passed" in proc.stdout
 
 

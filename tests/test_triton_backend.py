@@ -176,13 +176,13 @@ def test_symmetric_path_matches_non_symmetric(artanh, monkeypatch):
     U = U.to(DEVICE)
     args = tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
     seen = []
-    original = TF.TritonNegativeLSE.apply
+    original = TF._run_backward
 
-    def spy(*a):
-        seen.append(a[-1])
-        return original(*a)
+    def spy(ops, *rest):
+        seen.append(ops.symmetric)
+        return original(ops, *rest)
 
-    monkeypatch.setattr(TF.TritonNegativeLSE, "apply", spy)
+    monkeypatch.setattr(TF, "_run_backward", spy)
     sym = run_primitive(TF.negative_lse, None, U, args, square=True)
     general = run_primitive(lambda a, c, *rest: TF.negative_lse(a, c.view_as(c), *rest),
                             None, U, args, square=True)

@@ -65,26 +65,37 @@ def available_backends(device=None) -> Dict[str, Optional[str]]:
     return {name: _REASONS[name](device) for name in BACKEND_NAMES}
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for ``backend`` on ``device``; raises ``RuntimeError`` if unusable."""
+def resolve_backend(backend: str, device: torch.device, dim: Optional[int] = None) -> str:
+    """The concrete backend for ``backend`` on ``device`` (and embeddings of width ``dim``, when
+    given: ``auto`` passes over a backend whose kernels cap the width); raises ``RuntimeError``
+    if unusable."""
     if backend != "auto" and backend not in _REASONS:
         raise ValueError(f"backend must be one of {['auto', *BACKEND_NAMES]}, got {backend!r}")
-    name, error = _resolve(backend, device.type, device.index)
+    name, error = _resolve(backend, device.type, device.index, dim)
     if error is not None:
         raise RuntimeError(error)
     return name
 
 
-# Evaluated once per (backend, device) at trace time under torch.compile: the answer is a
+def _width_reason(name: str, dim: Optional[int]) -> Optional[str]:
+    """A kernel module may cap the embedding width (``MAX_D``); explicit requests beyond it get
+    the backend's own ``ValueError``, ``auto`` moves on to the next backend."""
+    max_d = getattr(primitive(name), "MAX_D", None) if name in _KERNEL_MODULES else None
+    if dim is not None and max_d is not None and dim > max_d:
+        return f"supports D <= {max_d}, got D = {dim}"
+    return None
+
+
+# Evaluated once per (backend, device, width) at trace time under torch.compile: the answer is a
 # constant of the environment, and the probing (imports, CUDA queries) must not enter a graph.
 @torch.compiler.assume_constant_result
-def _resolve(backend: str, device_type: str, device_index: Optional[int]):
+def _resolve(backend: str, device_type: str, device_index: Optional[int], dim: Optional[int]):
     device = torch.device(device_type, device_index) if device_index is not None else \
         torch.device(device_type)
     if backend == "auto":
         rejected = []
         for name in AUTO_ORDER.get(device.type, AUTO_ORDER_OTHER):
-            reason = _REASONS[name](device)
+            reason = _REASONS[name](device) or _width_reason(name, dim)
             if reason is None:
                 return name, None
             rejected.append(f"{name}: {reason}")

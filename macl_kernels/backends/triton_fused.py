@@ -68,9 +68,11 @@ fp32 / fp64 / bf16 / fp16); the compiled kernels are built for sm_90 without a G
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+
+from .. import _ops
 
 try:
     import triton
@@ -394,128 +396,140 @@ def _dot_precision(op_dtype: torch.dtype) -> str:
     return "ieee"
 
 
-class TritonNegativeLSE(torch.autograd.Function):
-    """``lse_neg`` by ``_forward_kernel``; backward by the saved ``E`` (anchor side) and
-    ``_candidates_kernel`` (candidate side, or everything when ``symmetric``)."""
+class _Operands(NamedTuple):
+    """What the kernels read: contiguous rows, the operand copies (rounded to half precision for
+    half inputs: plain data, the gradient flows through anchors/candidates), int32 indices."""
 
-    @staticmethod
-    def forward(ctx, anchors, candidates, inv_temp, pos_index, self_index, artanh_scale,
-                artanh_eps, op_anchors, op_candidates, symmetric):
-        M, D = anchors.shape
-        K = candidates.shape[0]
-        need_a, need_c, need_b = ctx.needs_input_grad[:3]
-        artanh = artanh_scale is not None
-        lse = anchors.new_empty(M)
-        # E is needed for the anchor side (or d b) of a non-symmetric block; symmetric blocks get
-        # everything from the backward pass.
-        acc_e = (need_a or need_b) and not symmetric
-        E = anchors.new_empty((M, D)) if acc_e else lse
-        b = inv_temp if inv_temp is not None else lse  # dummy pointer for the artanh map
-        slf = self_index if self_index is not None else pos_index
-        block_d = max(16, triton.next_power_of_2(D))
-        precision = _dot_precision(op_anchors.dtype)
-        ctx.upcast = _INTERPRET and op_anchors.dtype == torch.bfloat16
-        ctx.g_wide = op_anchors.dtype == torch.float16
-        _launch(
-            _forward_kernel, M, "BLOCK_M",
-            (op_anchors, op_candidates, b, pos_index, slf, lse, E, M, K, D,
-             op_anchors.stride(0), op_candidates.stride(0), E.stride(0),
-             float(artanh_scale) if artanh else 0.0, float(artanh_eps)),
-            ARTANH=artanh, HAS_SELF=self_index is not None, ACC_E=acc_e,
-            DOT_PRECISION=precision, UPCAST=ctx.upcast,
-            G_WIDE=ctx.g_wide and artanh,  # the scaled map's weights exp(l - m) are <= 1
-            BLOCK_D=block_d,
-        )
-        ctx.save_for_backward(anchors, inv_temp, pos_index, self_index, lse,
-                              E if acc_e else None, op_anchors, op_candidates)
-        ctx.artanh_scale, ctx.artanh_eps, ctx.symmetric = artanh_scale, artanh_eps, symmetric
-        ctx.block_d, ctx.precision, ctx.K = block_d, precision, K
-        return lse
-
-    @staticmethod
-    def backward(ctx, grad_lse):
-        (anchors, inv_temp, pos_index, self_index, lse, E, op_anchors,
-         op_candidates) = ctx.saved_tensors
-        need_a, need_c, need_b = ctx.needs_input_grad[:3]
-        artanh = ctx.artanh_scale is not None
-        M, D = anchors.shape
-        K = ctx.K
-        g = grad_lse.to(anchors.dtype).contiguous()
-        grad_a = grad_c = grad_b = None
-        symmetric = ctx.symmetric
-        if need_c or (symmetric and (need_a or need_b)):
-            dC = anchors.new_empty((K, D))
-            need_db = symmetric and need_b
-            dB = anchors.new_empty(M) if need_db else lse
-            _launch(
-                _candidates_kernel, K, "BLOCK_N",
-                (op_anchors, op_candidates, inv_temp if inv_temp is not None else lse, pos_index,
-                 self_index if self_index is not None else pos_index, lse, g, dC, dB,
-                 M, K, D, op_anchors.stride(0), op_candidates.stride(0), dC.stride(0),
-                 float(ctx.artanh_scale) if artanh else 0.0, float(ctx.artanh_eps)),
-                ARTANH=artanh, HAS_SELF=self_index is not None, SYMMETRIC=symmetric,
-                NEED_DB=need_db, DOT_PRECISION=ctx.precision, UPCAST=ctx.upcast,
-                G_WIDE=ctx.g_wide, BLOCK_D=ctx.block_d,
-            )
-            if symmetric:
-                # anchors is candidates: dC is already the whole gradient (G + G^T) U of that one
-                # tensor; autograd adds the two slots, so only one carries it.
-                grad_a = dC if (need_a or need_c) else None
-                grad_b = dB if need_db else None
-            else:
-                grad_c = dC
-        if not symmetric and (need_a or need_b):
-            # Anchor side from the forward's E: a per-row scale, no second pass over the tiles.
-            if artanh:
-                grad_a = g[:, None] * E if need_a else None
-            else:
-                if need_a:
-                    grad_a = (g * inv_temp)[:, None] * E
-                if need_b:
-                    grad_b = g * (anchors * E).sum(dim=1)
-        return grad_a, grad_c, grad_b, None, None, None, None, None, None, None
+    anchors: torch.Tensor
+    candidates: torch.Tensor
+    op_anchors: torch.Tensor
+    op_candidates: torch.Tensor
+    inv_temp: Optional[torch.Tensor]
+    pos_index: torch.Tensor
+    self_index: Optional[torch.Tensor]
+    symmetric: bool  # layout 2n on one process, and the symmetric backward switched on
 
 
-def negative_lse(anchors: torch.Tensor, candidates: torch.Tensor, inv_temp: Optional[torch.Tensor],
-                 pos_index: torch.Tensor, self_index: Optional[torch.Tensor],
-                 artanh_scale: Optional[float], artanh_eps: float, *,
-                 operand_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The primitive's entry point (see ``torch_chunked.negative_lse``). Computes in the dtype of
-    ``anchors`` (float32 or float64); with ``operand_dtype`` float16/bfloat16 the GEMM operands
-    are rounded to it (tensor cores, fp32 accumulation)."""
+def _check(anchors, candidates) -> None:
     if _IMPORT_ERROR is not None:
         raise RuntimeError(unavailable_reason(anchors.device))
     if anchors.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"the triton backend computes in float32 or float64, got {anchors.dtype} "
                         f"(half inputs reach it upcast to float32 by the loss functions)")
-    if candidates.dtype != anchors.dtype:
+    if candidates is not None and candidates.dtype != anchors.dtype:
         raise TypeError(f"anchors and candidates must share a dtype, got {anchors.dtype} and "
                         f"{candidates.dtype}")
-    M, D = anchors.shape
-    if D > MAX_D:
+    if anchors.shape[1] > MAX_D:
         raise ValueError(f"the triton backend keeps whole rows in a tile and supports D <= "
-                         f"{MAX_D}, got D = {D}; use backend='torch' for wider embeddings")
-    # Layout 2n on one process: the same tensor on both sides, so S = U U^T is symmetric.
-    symmetric = USE_SYMMETRY and anchors is candidates
+                         f"{MAX_D}, got D = {anchors.shape[1]}; use backend='torch' for wider "
+                         f"embeddings")
+
+
+def _operands(anchors, candidates, inv_temp, pos_index, self_index, operand_dtype) -> _Operands:
+    """The kernels' view of the arguments; ``candidates=None``: the anchors."""
+    _check(anchors, candidates)
+    symmetric = USE_SYMMETRY and candidates is None
     anchors_c = anchors.contiguous()
-    candidates_c = anchors_c if symmetric else candidates.contiguous()
+    candidates_c = anchors_c if candidates is None else candidates.contiguous()
     op_dtype = anchors.dtype
     if anchors.dtype == torch.float32 and operand_dtype in (torch.float16, torch.bfloat16):
         op_dtype = operand_dtype
-    # The operands the kernels read (rounded copies for half inputs); plain data, the gradient
-    # flows through anchors/candidates.
     op_anchors = anchors_c.detach().to(op_dtype)
-    op_candidates = op_anchors if symmetric else candidates_c.detach().to(op_dtype)
-    if inv_temp is not None:
-        inv_temp = inv_temp.to(anchors.dtype).contiguous()
-    pos_index = pos_index.to(torch.int32).contiguous()
-    if self_index is not None:
-        self_index = self_index.to(torch.int32).contiguous()
-    args = (anchors_c, candidates_c, inv_temp, pos_index, self_index, artanh_scale, artanh_eps,
-            op_anchors, op_candidates, symmetric)
+    op_candidates = op_anchors if candidates is None else candidates_c.detach().to(op_dtype)
+    return _Operands(
+        anchors_c, candidates_c, op_anchors, op_candidates,
+        None if inv_temp is None else inv_temp.to(anchors.dtype).contiguous(),
+        pos_index.to(torch.int32).contiguous(),
+        None if self_index is None else self_index.to(torch.int32).contiguous(), symmetric)
+
+
+def _flags(op_dtype: torch.dtype, D: int) -> dict:
+    return dict(block_d=max(16, triton.next_power_of_2(D)), precision=_dot_precision(op_dtype),
+                upcast=_INTERPRET and op_dtype == torch.bfloat16,
+                g_wide=op_dtype == torch.float16)
+
+
+def _run_forward(ops: _Operands, artanh_scale, artanh_eps, acc_e: bool):
+    """``lse_neg`` and, when ``acc_e``, the anchor-side accumulator ``E`` (``None`` otherwise)."""
+    M, D = ops.anchors.shape
+    K = ops.candidates.shape[0]
+    artanh = artanh_scale is not None
+    lse = ops.anchors.new_empty(M)
+    E = ops.anchors.new_empty((M, D)) if acc_e else lse
+    b = ops.inv_temp if ops.inv_temp is not None else lse  # dummy pointer for the artanh map
+    slf = ops.self_index if ops.self_index is not None else ops.pos_index
+    f = _flags(ops.op_anchors.dtype, D)
+    _launch(
+        _forward_kernel, M, "BLOCK_M",
+        (ops.op_anchors, ops.op_candidates, b, ops.pos_index, slf, lse, E, M, K, D,
+         ops.op_anchors.stride(0), ops.op_candidates.stride(0), E.stride(0),
+         float(artanh_scale) if artanh else 0.0, float(artanh_eps)),
+        ARTANH=artanh, HAS_SELF=ops.self_index is not None, ACC_E=acc_e,
+        DOT_PRECISION=f["precision"], UPCAST=f["upcast"],
+        G_WIDE=f["g_wide"] and artanh,  # the scaled map's weights exp(l - m) are <= 1
+        BLOCK_D=f["block_d"],
+    )
+    return lse, (E if acc_e else None)
+
+
+def _run_backward(ops: _Operands, artanh_scale, artanh_eps, lse, E, grad_lse, need_a, need_c,
+                  need_b):
+    """``(d anchors, d candidates, d inv_temp)``; symmetric: d anchors is the whole gradient of
+    the one tensor (``(G + G^T) U``) and d candidates is ``None``."""
+    artanh = artanh_scale is not None
+    M, D = ops.anchors.shape
+    K = ops.candidates.shape[0]
+    g = grad_lse.to(ops.anchors.dtype).contiguous()
+    f = _flags(ops.op_anchors.dtype, D)
+    grad_a = grad_c = grad_b = None
+    symmetric = ops.symmetric
+    if need_c or (symmetric and (need_a or need_b)):
+        dC = ops.anchors.new_empty((K, D))
+        need_db = symmetric and need_b
+        dB = ops.anchors.new_empty(M) if need_db else lse
+        _launch(
+            _candidates_kernel, K, "BLOCK_N",
+            (ops.op_anchors, ops.op_candidates,
+             ops.inv_temp if ops.inv_temp is not None else lse, ops.pos_index,
+             ops.self_index if ops.self_index is not None else ops.pos_index, lse, g, dC, dB,
+             M, K, D, ops.op_anchors.stride(0), ops.op_candidates.stride(0), dC.stride(0),
+             float(artanh_scale) if artanh else 0.0, float(artanh_eps)),
+            ARTANH=artanh, HAS_SELF=ops.self_index is not None, SYMMETRIC=symmetric,
+            NEED_DB=need_db, DOT_PRECISION=f["precision"], UPCAST=f["upcast"],
+            G_WIDE=f["g_wide"], BLOCK_D=f["block_d"],
+        )
+        if symmetric:
+            grad_a = dC if (need_a or need_c) else None
+            grad_b = dB if need_db else None
+        else:
+            grad_c = dC
+    if not symmetric and (need_a or need_b):
+        # Anchor side from the forward's E: a per-row scale, no second pass over the tiles.
+        if artanh:
+            grad_a = g[:, None] * E if need_a else None
+        else:
+            if need_a:
+                grad_a = (g * ops.inv_temp)[:, None] * E
+            if need_b:
+                grad_b = g * (ops.anchors * E).sum(dim=1)
+    return grad_a, grad_c, grad_b
+
+
+def _accumulates_e(candidates, need_grad: bool) -> bool:
+    # E serves the anchor side (and d b) of a non-symmetric block; a symmetric block gets
+    # everything from the backward pass.
+    return need_grad and not (USE_SYMMETRY and candidates is None)
+
+
+def fwd(anchors, candidates, inv_temp, pos_index, self_index, artanh_scale, artanh_eps, *,
+        operand_dtype=None, need_grad=True):
+    """The custom-op protocol of ``macl_kernels/_ops.py`` (``candidates=None``: layout 2n on one
+    process). ``aux`` is ``E`` when a non-symmetric block needs gradients."""
+    ops = _operands(anchors, candidates, inv_temp, pos_index, self_index, operand_dtype)
+    acc_e = _accumulates_e(candidates, need_grad)
     if anchors.dtype == torch.float64 and anchors.device.type == "cuda":
         try:
-            return TritonNegativeLSE.apply(*args)
+            return _run_forward(ops, artanh_scale, artanh_eps, acc_e)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:  # a Triton build without float64 tl.dot for this GPU
@@ -523,4 +537,37 @@ def negative_lse(anchors: torch.Tensor, candidates: torch.Tensor, inv_temp: Opti
                 f"the triton backend could not compile its float64 kernels on this GPU "
                 f"({type(exc).__name__}: {str(exc)[:200]}); use backend='torch' for float64"
             ) from exc
-    return TritonNegativeLSE.apply(*args)
+    return _run_forward(ops, artanh_scale, artanh_eps, acc_e)
+
+
+def bwd(anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux, grad_lse_neg,
+        artanh_scale, artanh_eps, *, operand_dtype=None, need_anchors=True,
+        need_candidates=True, need_inv_temp=True):
+    ops = _operands(anchors, candidates, inv_temp, pos_index, self_index, operand_dtype)
+    one_tensor = candidates is None
+    if one_tensor and not ops.symmetric:  # USE_SYMMETRY off: both sides, then their sum
+        need_anchors = need_candidates = need_anchors or need_candidates
+    grad_a, grad_c, grad_b = _run_backward(ops, artanh_scale, artanh_eps, lse_neg, aux,
+                                           grad_lse_neg, need_anchors, need_candidates,
+                                           need_inv_temp and inv_temp is not None)
+    if one_tensor and not ops.symmetric:
+        grad_a, grad_c = (grad_a + grad_c if grad_a is not None else None), None
+    return grad_a, grad_c, grad_b
+
+
+def fake_aux(anchors, candidates, need_grad):
+    return anchors.new_empty(anchors.shape) if _accumulates_e(candidates, need_grad) else None
+
+
+def negative_lse(anchors: torch.Tensor, candidates: torch.Tensor, inv_temp: Optional[torch.Tensor],
+                 pos_index: torch.Tensor, self_index: Optional[torch.Tensor],
+                 artanh_scale: Optional[float], artanh_eps: float, *,
+                 operand_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The primitive's entry point (see ``torch_chunked.negative_lse``), through the custom op.
+    Computes in the dtype of ``anchors`` (float32 or float64); with ``operand_dtype``
+    float16/bfloat16 the GEMM operands are rounded to it (tensor cores, fp32 accumulation).
+    Passing one tensor as both ``anchors`` and ``candidates`` selects the symmetric backward."""
+    _check(anchors, None if candidates is anchors else candidates)
+    return _ops.negative_lse("triton", anchors, None if candidates is anchors else candidates,
+                             inv_temp, pos_index, self_index, artanh_scale, artanh_eps,
+                             operand_dtype)

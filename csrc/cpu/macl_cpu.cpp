@@ -150,6 +150,16 @@ void artanh_logits(const Problem& p, const T* S, int64_t n, T* out) {
   for (int64_t q = 0; q < n; ++q) out[q] = c * std::atanh(std::min(std::max(S[q], lo), hi));
 }
 
+// S = A_r C_k^T for one tile, by BLAS, into the calling thread's buffer (laid out [bm, bn]).
+// Writing into a reused buffer matters: a fresh 256 KiB tensor per tile sits between glibc's
+// mmap threshold and its heap, and thousands of them grew the peak RSS by hundreds of MiB.
+template <typename T>
+const T* tile_similarity(const at::Tensor& A_r, const at::Tensor& C_k, std::vector<T>& buf) {
+  at::Tensor out = at::from_blob(buf.data(), {A_r.size(0), C_k.size(0)}, A_r.options());
+  at::mm_out(out, A_r, C_k.t());
+  return buf.data();
+}
+
 // Per-thread online log-sum-exp state for every anchor: running max and the sum of
 // exp(l - max).
 template <typename T>
@@ -171,12 +181,11 @@ at::Tensor forward_impl(const Problem& p, const at::Tensor& A, const at::Tensor&
   std::vector<OnlineLse<T>> states(at::get_num_threads(), OnlineLse<T>(p.M));
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     OnlineLse<T>& state = states[at::get_thread_num()];
-    std::vector<T> L(BLOCK * BLOCK), artanh_S(p.scaled ? 0 : BLOCK * BLOCK);
+    std::vector<T> S_buf(BLOCK * BLOCK), L(BLOCK * BLOCK), artanh_S(p.scaled ? 0 : BLOCK * BLOCK);
     std::vector<T> col_max(BLOCK), col_sum(BLOCK);
     for (int64_t q = begin; q < end; ++q) {
       const Tile t = make_tile(p, tiles[q].first, tiles[q].second);
-      const at::Tensor S_tile = at::mm(A.narrow(0, t.r0, t.bm), C.narrow(0, t.k0, t.bn).t());
-      const T* S = S_tile.data_ptr<T>();
+      const T* S = tile_similarity(A.narrow(0, t.r0, t.bm), C.narrow(0, t.k0, t.bn), S_buf);
       if (!p.scaled) artanh_logits(p, S, t.bm * t.bn, artanh_S.data());
 
       side_logits(p, t, S, artanh_S.data(), inv_temp, false, L.data());
@@ -275,14 +284,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   }
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     const int th = at::get_thread_num();
-    std::vector<T> H_buf(BLOCK * BLOCK), L(BLOCK * BLOCK),
+    std::vector<T> S_buf(BLOCK * BLOCK), H_buf(BLOCK * BLOCK), L(BLOCK * BLOCK),
         artanh_S(p.scaled ? 0 : BLOCK * BLOCK);
     T* db_th = need_b ? db[th].data() : nullptr;
     for (int64_t q = begin; q < end; ++q) {
       const Tile t = make_tile(p, tiles[q].first, tiles[q].second);
       const at::Tensor A_r = A.narrow(0, t.r0, t.bm), C_k = C.narrow(0, t.k0, t.bn);
-      const at::Tensor S_tile = at::mm(A_r, C_k.t());
-      const T* S = S_tile.data_ptr<T>();
+      const T* S = tile_similarity(A_r, C_k, S_buf);
       if (!p.scaled) artanh_logits(p, S, t.bm * t.bn, artanh_S.data());
       const at::Tensor H = at::from_blob(H_buf.data(), {t.bm, t.bn}, A.options());
       T* h = H.data_ptr<T>();
@@ -383,7 +391,9 @@ at::Tensor forward(const at::Tensor& anchors, const at::Tensor& candidates,
                                  artanh_scale, artanh_eps, symmetric);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_forward", [&] {
-    out = forward_impl<scalar_t>(p, anchors, candidates,
+    // detach: the kernels write tiles with at::mm_out, which refuses inputs that require grad
+    // (autograd is the caller's business: the custom op's registered backward).
+    out = forward_impl<scalar_t>(p, anchors.detach(), candidates.detach(),
                                  p.scaled ? inv_temp->data_ptr<scalar_t>() : nullptr);
   });
   return out;
@@ -403,7 +413,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
               "lse_neg and its gradient must be contiguous, of the anchors' dtype");
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_backward", [&] {
-    out = backward_impl<scalar_t>(p, anchors, candidates,
+    out = backward_impl<scalar_t>(p, anchors.detach(), candidates.detach(),
                                   p.scaled ? inv_temp->data_ptr<scalar_t>() : nullptr,
                                   lse_neg.data_ptr<scalar_t>(), grad_lse_neg.data_ptr<scalar_t>(),
                                   need_anchors, need_candidates, need_inv_temp && p.scaled);

@@ -37,7 +37,11 @@ def extensions():
         CppExtension(
             "macl_kernels._C_cpu",
             ["csrc/cpu/macl_cpu.cpp"],
-            extra_compile_args=["-O3", "-fopenmp", "-std=c++20", torch_version, *cpu_flags],
+            # -fno-trapping-math lets GCC turn the float selects of the exp/max loops into
+            # blends and vectorise them (2.5x on the forward); the kernels never rely on
+            # floating-point exceptions. (Not -ffast-math: -inf marks excluded pairs.)
+            extra_compile_args=["-O3", "-fopenmp", "-fno-trapping-math", "-std=c++20",
+                                torch_version, *cpu_flags],
             extra_link_args=["-fopenmp"],
         )
     ]

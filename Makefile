@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= bench/results/demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-micro clean
 
 $(VENV)/.installed: setup.py requirements-dev.txt $(wildcard csrc/cpu/*.cpp csrc/cuda/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ demo: install
 
 bench: install
 	$(PY) -m macl_kernels bench --out bench/results/latest
+
+# pytest-benchmark micro-benchmarks, one file per loss family (never collected by `make test`).
+BENCH_MICRO := bench/bench_macl.py bench/bench_infonce.py bench/bench_clip.py bench/bench_dcl.py bench/bench_tfree.py
+bench-micro: install
+	mkdir -p bench/results/micro
+	$(PY) -m pytest $(BENCH_MICRO) --benchmark-json=bench/results/micro/micro.json
+	$(PY) bench/plot_micro.py bench/results/micro/micro.json --out bench/results/micro/micro.png --csv bench/results/micro/micro.csv
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

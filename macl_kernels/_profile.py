@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -80,17 +80,11 @@ CAPACITY_COLUMNS = (
 
 
 @dataclass
-class ProfileConfig:
-    loss: str = "macl"
-    layout: str = "2n"
+class ProfileConfig(_bench.BenchConfig):
+    """``bench``'s configuration (loss, layout, sizes, backends, ...) plus the profile's own."""
+
     sizes: Sequence[int] = DEFAULT_SIZES
-    dim: int = 128
-    dtype: str = "float32"
-    backends: Sequence[str] = ("reference", "torch")
-    device: str = "cpu"
     repeats: int = DEFAULT_REPEATS
-    seed: int = 0
-    threads: Optional[int] = None
     timeout_s: float = DEFAULT_TIMEOUT_S
     op_profile: bool = True
     budget_gb: Optional[float] = None

@@ -93,6 +93,23 @@ def assert_same_results(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor
         assert_rel_close(a, b, tol, name)
 
 
+def dense_negative_lse(anchors, candidates, inv_temp, pos_index, self_index, artanh_scale,
+                       artanh_eps):
+    """The primitive every backend implements, as a full matrix by autograd: the independent
+    oracle of the backends' ``negative_lse`` (SPEC.md section 6)."""
+    S = anchors @ candidates.T
+    if artanh_scale is None:
+        logits = S * inv_temp[:, None]
+    else:
+        logits = artanh_scale * torch.atanh(S.clamp(-1 + artanh_eps, 1 - artanh_eps))
+    rows = torch.arange(S.shape[0], device=S.device)
+    excluded = torch.zeros_like(S, dtype=torch.bool)
+    excluded[rows, pos_index] = True
+    if self_index is not None:
+        excluded[rows, self_index] = True
+    return torch.logsumexp(logits.masked_fill(excluded, float("-inf")), dim=1)
+
+
 # Every public loss, as (function, extra keyword arguments, layouts it supports). CLIP has its own
 # fixed layout (cross_sym) and takes the scale instead of a temperature.
 LOSS_CASES: Dict[str, Tuple[Callable, dict]] = {
@@ -148,5 +165,6 @@ def hand_case():
 __all__ = [
     "F64_RTOL", "F32_RTOL", "HALF_RTOL", "COMPUTE_BACKENDS", "LAYOUTS", "REDUCTIONS", "rel_err",
     "assert_rel_close", "make_pair", "upstream_like", "loss_and_grads", "assert_same_results",
+    "dense_negative_lse",
     "LOSS_CASES", "LAYOUT_LOSSES", "LOSS_LAYOUTS", "loss_case", "num_anchors",
 ]

@@ -15,10 +15,11 @@ import torch
 import macl_kernels as mk
 from conftest import (
     F32_RTOL, F64_RTOL, HALF_RTOL, LAYOUTS, LOSS_LAYOUTS, REDUCTIONS,
-    assert_rel_close, assert_same_results, loss_and_grads, loss_case, make_pair, upstream_like,
+    assert_rel_close, assert_same_results, dense_negative_lse, loss_and_grads, loss_case,
+    make_pair, upstream_like,
 )
 from macl_kernels.backends import cpu as CPU
-from test_torch_backend import dense_negative_lse, primitive_inputs
+from test_torch_backend import primitive_inputs
 
 TILE = 256  # the kernel's BLOCK
 

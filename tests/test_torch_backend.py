@@ -11,29 +11,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import macl_kernels as mk
 from conftest import (
     F32_RTOL, F64_RTOL, HALF_RTOL, LAYOUT_LOSSES, LAYOUTS, LOSS_CASES, LOSS_LAYOUTS,
-    assert_rel_close, assert_same_results, loss_and_grads, loss_case, make_pair, upstream_like,
+    assert_rel_close, assert_same_results, dense_negative_lse, loss_and_grads, loss_case,
+    make_pair, upstream_like,
 )
 from macl_kernels.backends import torch_chunked as TC
 
 # --------------------------------------------------------------------------------------------
 # The primitive: lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak), called directly with tiny chunks
 # --------------------------------------------------------------------------------------------
-
-
-def dense_negative_lse(anchors, candidates, inv_temp, pos_index, self_index, artanh_scale,
-                       artanh_eps):
-    """The same quantity, full matrix, by autograd (independent of the chunked code)."""
-    S = anchors @ candidates.T
-    if artanh_scale is None:
-        logits = S * inv_temp[:, None]
-    else:
-        logits = artanh_scale * torch.atanh(S.clamp(-1 + artanh_eps, 1 - artanh_eps))
-    rows = torch.arange(S.shape[0])
-    excluded = torch.zeros_like(S, dtype=torch.bool)
-    excluded[rows, pos_index] = True
-    if self_index is not None:
-        excluded[rows, self_index] = True
-    return torch.logsumexp(logits.masked_fill(excluded, float("-inf")), dim=1)
 
 
 def primitive_inputs(m, k, d, seed, square):

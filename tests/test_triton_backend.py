@@ -20,7 +20,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 import macl_kernels as mk  # noqa: E402
 from conftest import (  # noqa: E402
     F32_RTOL, F64_RTOL, HALF_RTOL, LOSS_LAYOUTS, REDUCTIONS, assert_rel_close,
-    assert_same_results, loss_and_grads, loss_case, make_pair, upstream_like,
+    assert_same_results, dense_negative_lse, loss_and_grads, loss_case, make_pair, upstream_like,
 )
 from macl_kernels.backends import triton_fused as TF  # noqa: E402
 
@@ -101,21 +101,6 @@ def test_unavailable_reason_says_why():
 # --------------------------------------------------------------------------------------------
 # The primitive itself against a dense autograd version, in float64 (exact to rounding)
 # --------------------------------------------------------------------------------------------
-
-
-def dense_negative_lse(anchors, candidates, inv_temp, pos_index, self_index, artanh_scale,
-                       artanh_eps):
-    S = anchors @ candidates.T
-    if artanh_scale is None:
-        logits = S * inv_temp[:, None]
-    else:
-        logits = artanh_scale * torch.atanh(S.clamp(-1 + artanh_eps, 1 - artanh_eps))
-    rows = torch.arange(S.shape[0], device=S.device)
-    excluded = torch.zeros_like(S, dtype=torch.bool)
-    excluded[rows, pos_index] = True
-    if self_index is not None:
-        excluded[rows, self_index] = True
-    return torch.logsumexp(logits.masked_fill(excluded, float("-inf")), dim=1)
 
 
 def primitive_case(m, k, d, square, artanh, dtype, seed=0):

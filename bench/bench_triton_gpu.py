@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""GPU benchmark of the Triton backend: forward+backward time and peak extra memory.
+"""GPU benchmark of the fused backends (Triton, and the CUDA C++ kernels): forward+backward time and
+peak extra memory.
 
 Not a test: it asserts nothing about speed. For each loss (MACL layout ``2n``, CLIP), dtype
 (fp32, bf16), embedding width ``D`` and batch size ``N`` it runs every requested backend
 (``reference``: full-matrix autograd; ``torch``: chunked PyTorch; ``triton``: the fused kernels;
 ``triton_nosym``: the same with layout 2n's symmetric backward turned off, to measure what it
-buys; ``infcl``: Inf-CL's ``cal_inf_loss``, CLIP only, when the ``inf_cl`` package is importable) and
+buys; ``cuda``: the CUDA C++ kernels of ``csrc/cuda``; ``infcl``: Inf-CL's ``cal_inf_loss``, CLIP only, when the ``inf_cl`` package is importable) and
 records
 
 * the median forward+backward time over ``--repeats`` runs, timed with CUDA events after
@@ -43,7 +44,7 @@ import torch
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 LOSSES = ("macl_2n", "clip")
-BACKENDS = ("reference", "torch", "triton", "triton_nosym", "infcl")
+BACKENDS = ("reference", "torch", "triton", "triton_nosym", "cuda", "infcl")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FIELDS = ["device", "torch", "triton", "loss", "dtype", "N", "D", "M", "K", "backend", "status",
           "time_ms", "peak_extra_mib", "eff_tflops", "matmul_bf16_tflops", "note"]

@@ -95,3 +95,26 @@ def check_equal_rows(n: int, device: torch.device, ctx: DistContext) -> None:
             f"gather_distributed=True needs the same batch size on every rank; rank {ctx.rank} "
             f"has {n} rows, the ranks range from {int(-sizes[1])} to {int(sizes[0])}"
         )
+
+
+def shutdown(*ddp_models) -> None:
+    """Destroy the default process group without racing gloo's worker threads.
+
+    With torch 2.13 a collective launched during ``backward()`` (DDP's all-reduces, this
+    module's gradient all-reduce) captures a Python object in its thread-local state, so the
+    thread that drops the work's last reference needs the GIL. If a gloo worker drops it while
+    the main thread, holding the GIL, destroys the group (and joins that worker), both wait
+    forever: ``destroy_process_group()`` at the end of a DDP script hung about one run in two on
+    the 2-core CI machine. Here the main thread waits on a barrier whose work object it keeps
+    (that work holds every earlier collective), destroys the group, drops the reducers of
+    ``ddp_models`` (they own the group too), and only then releases the barrier.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    barrier = dist.barrier(async_op=True)
+    barrier.wait()
+    dist.destroy_process_group()
+    for model in ddp_models:
+        if hasattr(model, "reducer"):
+            model.reducer = None
+    del barrier

@@ -16,6 +16,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from macl_kernels import distributed as mk_distributed
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dist_cases  # noqa: E402
 
@@ -39,7 +41,7 @@ def main() -> int:
                                                               rank, world_size)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        mk_distributed.shutdown()
     return 0
 
 

@@ -200,20 +200,28 @@ def measure(loss: str, layout: str, backend: str, n: int, dim: int, dtype: str, 
     }
 
 
-def _worker_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m macl_kernels._bench",
-        description="One benchmark measurement (internal: started by `macl-kernels bench`); "
-                    "prints one JSON line.")
-    p.add_argument("--loss", choices=BENCH_LOSSES, required=True)
+def add_worker_arguments(p: argparse.ArgumentParser, losses, repeats_required: bool) -> None:
+    """The measurement arguments shared by the bench and profile workers."""
+    p.add_argument("--loss", choices=losses, required=True)
     p.add_argument("--layout", required=True)
     p.add_argument("--backend", required=True)
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--dim", type=int, required=True)
     p.add_argument("--dtype", required=True)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, required=True)
+    if repeats_required:
+        p.add_argument("--repeats", type=int, required=True)
+    else:
+        p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+
+
+def _worker_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m macl_kernels._bench",
+        description="One benchmark measurement (internal: started by `macl-kernels bench`); "
+                    "prints one JSON line.")
+    add_worker_arguments(p, BENCH_LOSSES, repeats_required=True)
     p.add_argument("--threads", type=int, default=None)
     return p
 

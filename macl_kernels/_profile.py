@@ -331,15 +331,7 @@ def _worker_parser() -> argparse.ArgumentParser:
         prog="python -m macl_kernels._profile",
         description="One profile measurement (internal: started by `macl-kernels profile`); "
                     "prints one JSON line.")
-    p.add_argument("--loss", choices=PROFILE_LOSSES, required=True)
-    p.add_argument("--layout", required=True)
-    p.add_argument("--backend", required=True)
-    p.add_argument("--n", type=int, required=True)
-    p.add_argument("--dim", type=int, required=True)
-    p.add_argument("--dtype", required=True)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    _bench.add_worker_arguments(p, PROFILE_LOSSES, repeats_required=False)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-op-profile", action="store_true")
     p.add_argument("--probe", action="store_true", help="memory of one step only")

@@ -416,7 +416,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def _run_target(args: argparse.Namespace):
+    """``bench`` and ``profile``: the device, the backends (default: every usable one) and the
+    layout (CLIP: ``cross_sym`` only)."""
     from . import _bench
 
     device = args.device or default_device()
@@ -425,6 +427,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     layout = args.layout or _bench.default_layout(args.loss)
     if args.loss == "clip" and layout != "cross_sym":
         _usage_error("the CLIP loss has layout 'cross_sym' only")
+    return device, backends, layout
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import _bench
+
+    device, backends, layout = _run_target(args)
     sizes = args.sizes or (_bench.QUICK_SIZES if args.quick else _bench.FULL_SIZES)
     repeats = args.repeats or (_bench.QUICK_REPEATS if args.quick else _bench.FULL_REPEATS)
     config = _bench.BenchConfig(loss=args.loss, layout=layout, sizes=sizes, dim=args.dim,
@@ -447,14 +456,9 @@ def _positive_float(text: str) -> float:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from . import _bench, _profile
+    from . import _profile
 
-    device = args.device or default_device()
-    backends = (_parse_backends(args.backends, device) if args.backends else
-                [name for name, reason in mk.available_backends(device).items() if reason is None])
-    layout = args.layout or _bench.default_layout(args.loss)
-    if args.loss == "clip" and layout != "cross_sym":
-        _usage_error("the CLIP loss has layout 'cross_sym' only")
+    device, backends, layout = _run_target(args)
     if args.search_max_n < args.search_start:
         _usage_error("--search-max-n must be >= --search-start")
     config = _profile.ProfileConfig(

@@ -262,23 +262,30 @@ def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(macl_kernels.__file__)))
 
 
-def run_worker(config: BenchConfig, backend: str, n: int) -> Dict:
-    """Run one measurement in a fresh interpreter; failures come back as ``{"ok": False}``."""
-    cmd = [sys.executable, "-m", "macl_kernels._bench", "--loss", config.loss,
+def worker_command(module: str, config: "BenchConfig", backend: str, n: int) -> List[str]:
+    """The command line of one measurement by ``python -m module`` (bench or profile)."""
+    cmd = [sys.executable, "-m", module, "--loss", config.loss,
            "--layout", config.layout, "--backend", backend, "--n", str(n),
            "--dim", str(config.dim), "--dtype", config.dtype, "--device", config.device,
            "--repeats", str(config.repeats), "--seed", str(config.seed)]
     if config.threads:
         cmd += ["--threads", str(config.threads)]
+    return cmd
+
+
+def run_worker_process(cmd: Sequence[str], timeout_s: float,
+                       oom_signals: Sequence[str] = ("SIGKILL",)) -> Dict:
+    """Run a worker in a fresh interpreter and return the JSON line it prints; failures (time
+    out, a signal, an error exit) come back as ``{"ok": False, "error": ...}``."""
     env = dict(os.environ)
     # The worker must import this very package, installed or not.
     env["PYTHONPATH"] = os.pathsep.join(
         [_package_root()] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                              timeout=config.timeout_s)
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, env=env,
+                              timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {config.timeout_s:g} s"}
+        return {"ok": False, "error": f"timed out after {timeout_s:g} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             try:
@@ -287,10 +294,16 @@ def run_worker(config: BenchConfig, backend: str, n: int) -> Dict:
                 break
     if proc.returncode < 0:
         sig = signal.Signals(-proc.returncode).name
-        hint = " (likely out of memory)" if sig == "SIGKILL" else ""
+        hint = " (likely out of memory)" if sig in oom_signals else ""
         return {"ok": False, "error": f"worker killed by {sig}{hint}"}
     last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"ok": False, "error": f"worker exited with status {proc.returncode}: {last}"}
+    return {"ok": False, "error": f"worker exited with status {proc.returncode}: {last[:300]}"}
+
+
+def run_worker(config: BenchConfig, backend: str, n: int) -> Dict:
+    """Run one measurement in a fresh interpreter; failures come back as ``{"ok": False}``."""
+    return run_worker_process(worker_command("macl_kernels._bench", config, backend, n),
+                              config.timeout_s)
 
 
 def _progress(total: int, enabled: bool):

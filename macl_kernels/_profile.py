@@ -42,8 +42,6 @@ import csv
 import gc
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -364,38 +362,15 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
 def run_worker(config: ProfileConfig, backend: str, n: int, probe: bool = False,
                timeout_s: Optional[float] = None) -> Dict:
     """One measurement in a fresh interpreter; failures come back as ``{"ok": False}``."""
-    cmd = [sys.executable, "-m", "macl_kernels._profile", "--loss", config.loss,
-           "--layout", config.layout, "--backend", backend, "--n", str(n),
-           "--dim", str(config.dim), "--dtype", config.dtype, "--device", config.device,
-           "--repeats", str(config.repeats), "--seed", str(config.seed)]
-    if config.threads:
-        cmd += ["--threads", str(config.threads)]
+    cmd = _bench.worker_command("macl_kernels._profile", config, backend, n)
     if not config.op_profile:
         cmd.append("--no-op-profile")
     if probe:
         cmd.append("--probe")
         if config.budget_gb:
             cmd += ["--budget-bytes", str(int(config.budget_gb * GIB))]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [_bench._package_root()] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    timeout_s = config.timeout_s if timeout_s is None else timeout_s
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {timeout_s:g} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                break
-    if proc.returncode < 0:
-        sig = signal.Signals(-proc.returncode).name
-        hint = " (likely out of memory)" if sig in ("SIGKILL", "SIGSEGV", "SIGABRT") else ""
-        return {"ok": False, "error": f"worker killed by {sig}{hint}"}
-    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"ok": False, "error": f"worker exited with status {proc.returncode}: {last[:300]}"}
+    return _bench.run_worker_process(cmd, config.timeout_s if timeout_s is None else timeout_s,
+                                     oom_signals=("SIGKILL", "SIGSEGV", "SIGABRT"))
 
 
 @dataclass

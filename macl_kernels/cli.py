@@ -416,6 +416,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_measurement_arguments(p: argparse.ArgumentParser, timeout_default: float) -> None:
+    """The options ``bench`` and ``profile`` share: what to measure, where, and how workers run."""
+    p.add_argument("--layout", choices=LAYOUTS, default=None,
+                   help="layout (default 2n; cross_sym for clip)")
+    p.add_argument("--dim", type=_positive_int, default=128,
+                   help="embedding dimension D (default 128)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="input dtype (default float32)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated backends (default every usable one, incl. reference)")
+    p.add_argument("--device", default=None, help="device (default cuda if available, else cpu)")
+    p.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch intra-op threads in each worker (default torch's choice)")
+    p.add_argument("--timeout", type=float, default=timeout_default,
+                   help=f"seconds before a worker is killed and recorded as failed "
+                        f"(default {timeout_default:g})")
+
+
 def _run_target(args: argparse.Namespace):
     """``bench`` and ``profile``: the device, the backends (default: every usable one) and the
     layout (CLIP: ``cross_sym`` only)."""
@@ -525,27 +544,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default bench/results/latest)")
     p.add_argument("--loss", choices=_bench.BENCH_LOSSES, default="macl",
                    help="loss to benchmark (default macl)")
-    p.add_argument("--layout", choices=LAYOUTS, default=None,
-                   help="layout (default 2n; cross_sym for clip)")
     p.add_argument("--sizes", type=_parse_sizes, default=None,
                    help=f"comma-separated N, rows per view (default "
                         f"{','.join(map(str, _bench.FULL_SIZES))})")
-    p.add_argument("--dim", type=_positive_int, default=128, help="embedding dimension D "
-                                                                 "(default 128)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                   help="input dtype (default float32)")
-    p.add_argument("--backends", default=None,
-                   help="comma-separated backends (default every usable one, incl. reference)")
     p.add_argument("--repeats", type=_positive_int, default=None,
                    help=f"timed runs per measurement (default {_bench.FULL_REPEATS}, "
                         f"{_bench.QUICK_REPEATS} with --quick)")
-    p.add_argument("--device", default=None, help="device (default cuda if available, else cpu)")
-    p.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch intra-op threads in each worker (default torch's choice)")
-    p.add_argument("--timeout", type=float, default=_bench.DEFAULT_TIMEOUT_S,
-                   help=f"seconds before a worker is killed and recorded as failed "
-                        f"(default {_bench.DEFAULT_TIMEOUT_S:g})")
+    _add_measurement_arguments(p, _bench.DEFAULT_TIMEOUT_S)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
 
@@ -564,26 +569,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default bench/results/profile)")
     p.add_argument("--loss", choices=_profile.PROFILE_LOSSES, default="macl",
                    help="loss to profile (default macl)")
-    p.add_argument("--layout", choices=LAYOUTS, default=None,
-                   help="layout (default 2n; cross_sym for clip)")
     p.add_argument("--sizes", type=_parse_sizes, default=list(_profile.DEFAULT_SIZES),
                    help=f"comma-separated N, rows per view (default "
                         f"{','.join(map(str, _profile.DEFAULT_SIZES))})")
-    p.add_argument("--dim", type=_positive_int, default=128,
-                   help="embedding dimension D (default 128)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                   help="input dtype (default float32)")
-    p.add_argument("--backends", default=None,
-                   help="comma-separated backends (default every usable one, incl. reference)")
     p.add_argument("--repeats", type=_positive_int, default=_profile.DEFAULT_REPEATS,
                    help=f"timed steps per measurement (default {_profile.DEFAULT_REPEATS})")
-    p.add_argument("--device", default=None, help="device (default cuda if available, else cpu)")
-    p.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch intra-op threads in each worker (default torch's choice)")
-    p.add_argument("--timeout", type=float, default=_profile.DEFAULT_TIMEOUT_S,
-                   help=f"seconds before a worker is killed and recorded as failed "
-                        f"(default {_profile.DEFAULT_TIMEOUT_S:g})")
+    _add_measurement_arguments(p, _profile.DEFAULT_TIMEOUT_S)
     p.add_argument("--no-op-profile", action="store_true",
                    help="skip the torch.profiler pass (ops.csv stays empty)")
     p.add_argument("--budget-gb", type=_positive_float, default=None,

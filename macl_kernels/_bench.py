@@ -214,6 +214,7 @@ def add_worker_arguments(p: argparse.ArgumentParser, losses, repeats_required: b
     else:
         p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
 
 
 def _worker_parser() -> argparse.ArgumentParser:
@@ -222,7 +223,6 @@ def _worker_parser() -> argparse.ArgumentParser:
         description="One benchmark measurement (internal: started by `macl-kernels bench`); "
                     "prints one JSON line.")
     add_worker_arguments(p, BENCH_LOSSES, repeats_required=True)
-    p.add_argument("--threads", type=int, default=None)
     return p
 
 

@@ -330,7 +330,6 @@ def _worker_parser() -> argparse.ArgumentParser:
         description="One profile measurement (internal: started by `macl-kernels profile`); "
                     "prints one JSON line.")
     _bench.add_worker_arguments(p, PROFILE_LOSSES, repeats_required=False)
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-op-profile", action="store_true")
     p.add_argument("--probe", action="store_true", help="memory of one step only")
     p.add_argument("--budget-bytes", type=int, default=None)

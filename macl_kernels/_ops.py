@@ -1,33 +1,25 @@
-"""The primitive as PyTorch custom operators, so that ``torch.compile(fullgraph=True)`` sees every
-backend as one opaque, shape-known op with a registered backward (no graph break), and
-``torch.library.opcheck`` can check it.
-
-Two ops, shared by every kernel backend (the backend is a string argument):
+"""The primitive (``docs/math.md#the-primitive``) as two PyTorch custom operators, shared by
+every kernel backend (the backend is a string argument):
 
     macl_kernels::negative_lse(backend, anchors, candidates?, inv_temp?, pos_index, self_index?,
-                               artanh_scale?, artanh_eps, operand_dtype?, need_grad)
+                               logit_map, artanh_scale, artanh_eps, operand_dtype?, need_grad)
         -> (lse_neg [M], aux)
-    macl_kernels::negative_lse_backward(..., lse_neg, aux, grad_lse_neg, needs...)
-        -> (d anchors, d candidates, d inv_temp)
+    macl_kernels::negative_lse_backward(..., lse_neg, aux, g, need_d_anchors,
+                                        need_d_candidates, need_d_inv_temp)
+        -> (d_anchors, d_candidates, d_inv_temp)
 
-``candidates=None`` means "the candidates are the anchors" (layout ``2n`` on one process, where
-``S`` is symmetric and a backend may compute each off-diagonal tile once): the same tensor is then
-passed once, never twice, which custom ops and Dynamo both require. ``aux`` is whatever a backend
-keeps from forward for backward besides ``lse_neg`` (the Triton kernels' anchor-side accumulator
-``E``); an empty tensor for the others.
+so that ``torch.compile(fullgraph=True)`` sees one opaque, shape-known op with a registered
+backward, and ``torch.library.opcheck`` can check it. Inside, the arguments become one
+``Problem`` (``_primitive.py``) handed to the backend's ``fwd`` / ``bwd`` / ``fake_aux``.
 
-A backend module takes part by defining
+``candidates=None`` means the candidates are the anchors (layout ``2n`` on one process): the
+tensor is passed once, as custom ops and Dynamo require, and ``S`` is symmetric. The gradient of
+that one tensor is ``d_anchors + d_candidates``; that fold is made here and nowhere else.
+``aux`` is what a backend keeps from forward for backward besides ``lse_neg`` (Triton's
+anchor-side accumulator ``E``), an empty tensor otherwise. Gradients autograd does not need come
+back from the op as empty tensors (ops return tensors only).
 
-    fwd(anchors, candidates, inv_temp, pos_index, self_index, artanh_scale, artanh_eps, *,
-        operand_dtype, need_grad) -> (lse_neg, aux or None)
-    bwd(anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux, grad_lse_neg,
-        artanh_scale, artanh_eps, *, operand_dtype, need_anchors, need_candidates, need_inv_temp)
-        -> (d anchors, d candidates, d inv_temp)   (None where not needed; with candidates=None,
-                                                    d anchors is the whole gradient of the one
-                                                    tensor and d candidates is None)
-    fake_aux(anchors, candidates, need_grad) -> aux shape/dtype on the meta device (optional)
-
-Gradients unused by autograd come back from the op as empty tensors (ops return tensors only).
+``negative_lse(...)`` at the bottom is the one entry point of the losses and the tests.
 """
 
 from __future__ import annotations
@@ -37,82 +29,111 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .backends import primitive
+from ._primitive import LogitMap, Needs, Problem
+from .backends import kernel_backend
 
 
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
+def _problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map, artanh_scale,
+             artanh_eps, operand_dtype) -> Problem:
+    return Problem(anchors, candidates, inv_temp, pos_index, self_index, LogitMap(logit_map),
+                   artanh_scale, artanh_eps, operand_dtype)
+
+
 @torch.library.custom_op("macl_kernels::negative_lse", mutates_args=())
 def negative_lse_op(backend: str, anchors: Tensor, candidates: Optional[Tensor],
                     inv_temp: Optional[Tensor], pos_index: Tensor, self_index: Optional[Tensor],
-                    artanh_scale: Optional[float], artanh_eps: float,
+                    logit_map: int, artanh_scale: float, artanh_eps: float,
                     operand_dtype: Optional[torch.dtype], need_grad: bool) -> Tuple[Tensor, Tensor]:
-    lse_neg, aux = primitive(backend).fwd(
-        anchors, candidates, inv_temp, pos_index, self_index, artanh_scale, artanh_eps,
-        operand_dtype=operand_dtype, need_grad=need_grad)
+    problem = _problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
+                       artanh_scale, artanh_eps, operand_dtype)
+    impl = kernel_backend(backend)
+    impl.check(problem)
+    lse_neg, aux = impl.fwd(problem, need_grad)
     return lse_neg, (aux if aux is not None else _empty(lse_neg))
 
 
 @negative_lse_op.register_fake
-def _(backend, anchors, candidates, inv_temp, pos_index, self_index, artanh_scale, artanh_eps,
-      operand_dtype, need_grad):
+def _(backend, anchors, candidates, inv_temp, pos_index, self_index, logit_map, artanh_scale,
+      artanh_eps, operand_dtype, need_grad):
+    problem = _problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
+                       artanh_scale, artanh_eps, operand_dtype)
     lse_neg = anchors.new_empty((anchors.shape[0],))
-    fake_aux = getattr(primitive(backend), "fake_aux", None)
-    aux = fake_aux(anchors, candidates, need_grad) if fake_aux is not None else None
+    aux = kernel_backend(backend).fake_aux(problem, need_grad)
     return lse_neg, (aux if aux is not None else _empty(lse_neg))
 
 
 @torch.library.custom_op("macl_kernels::negative_lse_backward", mutates_args=())
 def negative_lse_backward_op(backend: str, anchors: Tensor, candidates: Optional[Tensor],
                              inv_temp: Optional[Tensor], pos_index: Tensor,
-                             self_index: Optional[Tensor], lse_neg: Tensor, aux: Tensor,
-                             grad_lse_neg: Tensor, artanh_scale: Optional[float],
+                             self_index: Optional[Tensor], logit_map: int, artanh_scale: float,
                              artanh_eps: float, operand_dtype: Optional[torch.dtype],
-                             need_anchors: bool, need_candidates: bool,
-                             need_inv_temp: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    grads = primitive(backend).bwd(
-        anchors, candidates, inv_temp, pos_index, self_index, lse_neg,
-        aux if aux.numel() else None, grad_lse_neg.contiguous(), artanh_scale, artanh_eps,
-        operand_dtype=operand_dtype, need_anchors=need_anchors, need_candidates=need_candidates,
-        need_inv_temp=need_inv_temp)
+                             lse_neg: Tensor, aux: Tensor, g: Tensor, need_d_anchors: bool,
+                             need_d_candidates: bool,
+                             need_d_inv_temp: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    problem = _problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
+                       artanh_scale, artanh_eps, operand_dtype)
+    need_d_inv_temp = need_d_inv_temp and inv_temp is not None
+    if problem.symmetric:  # one tensor in both roles: it needs both sides
+        needs = Needs(need_d_anchors or need_d_candidates, need_d_anchors or need_d_candidates,
+                      need_d_inv_temp)
+    else:
+        needs = Needs(need_d_anchors, need_d_candidates, need_d_inv_temp)
+    grads = kernel_backend(backend).bwd(problem, lse_neg, aux if aux.numel() else None,
+                                        g.to(lse_neg.dtype).contiguous(), needs)
+    d_anchors, d_candidates, d_inv_temp = grads
+    if problem.symmetric:
+        # The fold: the gradient of the one tensor is the sum of both sides (a kernel that
+        # exploits the symmetry inside has already summed them into d_anchors).
+        if d_candidates is not None:
+            d_anchors = d_candidates if d_anchors is None else d_anchors + d_candidates
+        d_candidates = None
+    if d_inv_temp is not None:
+        d_inv_temp = d_inv_temp.to(inv_temp.dtype)
     # Fresh tensors only: a custom op may not return (a view of) one of its inputs.
-    return tuple(g.clone() if g is not None and g._base is not None else
-                 (g if g is not None else _empty(anchors)) for g in grads)
+    return tuple(t.clone() if t is not None and t._base is not None else
+                 (t if t is not None else _empty(anchors))
+                 for t in (d_anchors, d_candidates, d_inv_temp))
 
 
 @negative_lse_backward_op.register_fake
-def _(backend, anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux, grad_lse_neg,
-      artanh_scale, artanh_eps, operand_dtype, need_anchors, need_candidates, need_inv_temp):
+def _(backend, anchors, candidates, inv_temp, pos_index, self_index, logit_map, artanh_scale,
+      artanh_eps, operand_dtype, lse_neg, aux, g, need_d_anchors, need_d_candidates,
+      need_d_inv_temp):
     symmetric = candidates is None
-    d_anchors = torch.empty_like(anchors) if (need_anchors or symmetric) else _empty(anchors)
-    d_cand = (torch.empty_like(candidates) if (need_candidates and not symmetric)
-              else _empty(anchors))
-    d_inv = torch.empty_like(inv_temp) if (need_inv_temp and inv_temp is not None) else \
-        _empty(anchors)
-    return d_anchors, d_cand, d_inv
+    one_tensor_grad = symmetric and (need_d_anchors or need_d_candidates)
+    d_anchors = (torch.empty_like(anchors) if (need_d_anchors or one_tensor_grad)
+                 else _empty(anchors))
+    d_candidates = (torch.empty_like(candidates) if (need_d_candidates and not symmetric)
+                    else _empty(anchors))
+    d_inv_temp = (torch.empty_like(inv_temp) if (need_d_inv_temp and inv_temp is not None)
+                  else _empty(anchors))
+    return d_anchors, d_candidates, d_inv_temp
 
 
 def _setup_context(ctx, inputs, output):
-    (backend, anchors, candidates, inv_temp, pos_index, self_index, artanh_scale, artanh_eps,
-     operand_dtype, need_grad) = inputs
+    (backend, anchors, candidates, inv_temp, pos_index, self_index, logit_map, artanh_scale,
+     artanh_eps, operand_dtype, need_grad) = inputs
     lse_neg, aux = output
     ctx.mark_non_differentiable(aux)
     ctx.save_for_backward(anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux)
-    ctx.backend, ctx.artanh_scale, ctx.artanh_eps = backend, artanh_scale, artanh_eps
-    ctx.operand_dtype = operand_dtype
+    ctx.scalars = (logit_map, artanh_scale, artanh_eps, operand_dtype)
+    ctx.backend = backend
 
 
 def _backward(ctx, grad_lse_neg, grad_aux):
     anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux = ctx.saved_tensors
-    need_anchors, need_candidates, need_inv_temp = ctx.needs_input_grad[1:4]
-    d_anchors, d_cand, d_inv = negative_lse_backward_op(
-        ctx.backend, anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux,
-        grad_lse_neg, ctx.artanh_scale, ctx.artanh_eps, ctx.operand_dtype,
-        need_anchors, need_candidates, need_inv_temp and inv_temp is not None)
-    return (None, d_anchors if need_anchors else None, d_cand if need_candidates else None,
-            d_inv if need_inv_temp else None, None, None, None, None, None, None)
+    need_d_anchors, need_d_candidates, need_d_inv_temp = ctx.needs_input_grad[1:4]
+    d_anchors, d_candidates, d_inv_temp = negative_lse_backward_op(
+        ctx.backend, anchors, candidates, inv_temp, pos_index, self_index, *ctx.scalars,
+        lse_neg, aux, grad_lse_neg, need_d_anchors, need_d_candidates,
+        need_d_inv_temp and inv_temp is not None)
+    return (None, d_anchors if need_d_anchors else None,
+            d_candidates if need_d_candidates else None,
+            d_inv_temp if need_d_inv_temp else None) + (None,) * 7
 
 
 negative_lse_op.register_autograd(_backward, setup_context=_setup_context)
@@ -120,16 +141,29 @@ negative_lse_op.register_autograd(_backward, setup_context=_setup_context)
 
 def negative_lse(backend: str, anchors: Tensor, candidates: Optional[Tensor],
                  inv_temp: Optional[Tensor], pos_index: Tensor, self_index: Optional[Tensor],
-                 artanh_scale: Optional[float], artanh_eps: float,
-                 operand_dtype: Optional[torch.dtype]) -> Tensor:
-    """``lse_neg`` of every anchor row by ``backend``'s kernels, through the custom op.
-    ``candidates=None``: the candidates are the anchors (symmetric ``S``)."""
+                 logit_map: LogitMap = LogitMap.SCALED, artanh_scale: float = 0.0,
+                 artanh_eps: float = 0.0, operand_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``lse_neg`` of every anchor row by kernel backend ``backend`` (``"torch"``, ``"cpu"``,
+    ``"triton"``, ``"cuda"``), differentiable in ``anchors``, ``candidates`` and ``inv_temp``.
+
+    ``candidates=None``: the candidates are the anchors (symmetric ``S``). ``LogitMap.SCALED``
+    needs ``inv_temp [M]``; ``LogitMap.ARTANH`` takes ``artanh_scale > 0`` and ``artanh_eps`` in
+    ``(0, 1)`` and no ``inv_temp``. ``operand_dtype``: see ``Problem``.
+    """
+    logit_map = LogitMap(logit_map)
+    if logit_map is LogitMap.SCALED and inv_temp is None:
+        raise ValueError("inv_temp is required by LogitMap.SCALED (l = inv_temp[a] * S)")
+    if logit_map is LogitMap.ARTANH:
+        if inv_temp is not None:
+            raise ValueError("LogitMap.ARTANH takes no inv_temp (l = artanh_scale * artanh(S))")
+        if not artanh_scale > 0 or not 0 < artanh_eps < 1:
+            raise ValueError(f"LogitMap.ARTANH needs artanh_scale > 0 and 0 < artanh_eps < 1, "
+                             f"got {artanh_scale!r} and {artanh_eps!r}")
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (anchors, candidates, inv_temp))
     lse_neg, _ = negative_lse_op(
         backend, anchors.contiguous(), None if candidates is None else candidates.contiguous(),
         None if inv_temp is None else inv_temp.contiguous(), pos_index.contiguous(),
-        None if self_index is None else self_index.contiguous(),
-        None if artanh_scale is None else float(artanh_scale), float(artanh_eps),
-        operand_dtype, need_grad)
+        None if self_index is None else self_index.contiguous(), int(logit_map),
+        float(artanh_scale), float(artanh_eps), operand_dtype, need_grad)
     return lse_neg

@@ -108,7 +108,7 @@ class PhasedStep:
     def __init__(self, loss: str, layout: str, backend: str, z1: torch.Tensor,
                  z2: torch.Tensor):
         import macl_kernels as mk
-        from .reference import normalize
+        from ._math import normalize
 
         self.leaves = [z1, z2]
         self.z1, self.z2 = z1, z2

@@ -1,6 +1,6 @@
 """The public loss functions.
 
-Every loss is assembled from one primitive (SPEC.md section 6, DESIGN.md): per anchor row ``a``
+Every loss is assembled from one primitive (``docs/math.md#the-primitive``): per anchor row ``a``
 the similarity to its positive ``S_a,p(a)`` (``O(M * D)``, plain PyTorch) and
 
     lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak)
@@ -11,7 +11,7 @@ computed by the chosen backend tile by tile, never holding ``S``. With
     InfoNCE, CLIP, temperature-free   -log P_ap = softplus(x_a)
     DCL / DCLW                        lse_neg[a] - w_a l_ap
     MACL                              sg(V_a) * softplus(x_a) = (1 + e^-x_a) softplus(x_a),
-                                      whose gradient in x_a is exactly 1 (SPEC section 3)
+                                      whose gradient in x_a is exactly 1 (docs/math.md#macl)
 
 ``softplus(x)`` avoids both ``log(softmax)`` underflow and the cancellation in ``1 - P``.
 ``LSE`` over all candidates, if ever wanted, is ``logaddexp(lse_neg, l_ap)``.
@@ -28,11 +28,12 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import _ops
+from . import _math, _ops
 from . import _validate as V
 from . import distributed, reference
-from .backends import available_backends, has_op_protocol, primitive, resolve_backend
-from .reference import MACL_TEMPERATURE_FLOOR, compute_dtype, softplus
+from ._math import MACL_TEMPERATURE_FLOOR, compute_dtype, softplus
+from ._primitive import LogitMap
+from .backends import available_backends, resolve_backend
 
 __all__ = [
     "macl_loss", "infonce_loss", "clip_loss", "dcl_loss", "tfree_loss", "available_backends",
@@ -83,27 +84,22 @@ def _positive_similarity(blocks) -> torch.Tensor:
     return torch.cat([(b.anchors * b.candidates[b.pos_index]).sum(dim=1) for b in blocks])
 
 
-def _negative_lse(prep, inv_temp: Optional[torch.Tensor], artanh_scale: Optional[float] = None,
+def _negative_lse(prep, inv_temp: Optional[torch.Tensor],
+                  logit_map: LogitMap = LogitMap.SCALED, artanh_scale: float = 0.0,
                   artanh_eps: float = 0.0):
-    """``lse_neg`` of every block's anchor rows, by the backend's primitive, through the custom
+    """``lse_neg`` of every block's anchor rows by the backend's primitive, through the custom
     op of ``_ops.py`` (opaque to ``torch.compile``). ``operand_dtype`` (the inputs' dtype) tells a
     kernel which precision its GEMM operands may be rounded to (the tensor cores for half inputs);
     statistics and gradients stay in the compute dtype. A block whose anchors are its candidates
     (layout 2n, one process) passes them once: ``S`` is symmetric."""
     out, r0 = [], 0
-    as_op = has_op_protocol(prep.name)
     for b in prep.blocks:
         m = b.anchors.shape[0]
-        b_rows = inv_temp[r0:r0 + m] if inv_temp is not None else None
-        if as_op:
-            candidates = None if b.candidates is b.anchors else b.candidates
-            out.append(_ops.negative_lse(prep.name, b.anchors, candidates, b_rows, b.pos_index,
-                                         b.self_index, artanh_scale, artanh_eps,
-                                         prep.out_dtype))
-        else:  # a backend without the op protocol: its own autograd.Function (eager only)
-            out.append(primitive(prep.name).negative_lse(b.anchors, b.candidates, b_rows, b.pos_index,
-                                              b.self_index, artanh_scale, artanh_eps,
-                                              operand_dtype=prep.out_dtype))
+        inv_temp_rows = inv_temp[r0:r0 + m] if inv_temp is not None else None
+        candidates = None if b.candidates is b.anchors else b.candidates
+        out.append(_ops.negative_lse(prep.name, b.anchors, candidates, inv_temp_rows,
+                                     b.pos_index, b.self_index, logit_map, artanh_scale,
+                                     artanh_eps, prep.out_dtype))
         r0 += m
     return torch.cat(out)
 
@@ -142,7 +138,7 @@ def _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, 
         gather = functools.partial(gather_fn, ctx=ctx)
     if name == "reference":
         return _Prepared(None, None, None, name, z1.dtype, ctx, gather)
-    u1, u2 = (reference.normalize(z, normalize) for z in (z1, z2))
+    u1, u2 = (_math.normalize(z, normalize) for z in (z1, z2))
     return _Prepared(u1, u2, _blocks(u1, u2, layout, ctx, gather), name, z1.dtype, ctx, gather)
 
 
@@ -166,7 +162,7 @@ def _reference_loss(prep: _Prepared, fn: Callable, z1, z2, layout: str, reductio
         stats = (tau[rows] if tau.dim() == 1 else tau, alignment[rows] if alignment.dim() == 1
                  else alignment)
     rows = _local_anchor_rows(layout, z1.shape[0], prep.dist).to(per_anchor.device)
-    out = reference.reduce(per_anchor.to(wide)[rows], reduction, z1.dtype)
+    out = _math.reduce(per_anchor.to(wide)[rows], reduction, z1.dtype)
     return (out, *stats) if stats is not None else out
 
 
@@ -174,31 +170,23 @@ def _constant_rows(value: float, m: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((m,), value, dtype=like.dtype, device=like.device)
 
 
-def _macl_value(x: torch.Tensor) -> torch.Tensor:
-    """``(1 + e^-x) softplus(x)`` without overflow: for ``x < 0`` it is
-    ``softplus(x) + log1p(t) / t`` with ``t = e^x`` (-> 1 as ``t -> 0``)."""
-    t = torch.exp(torch.clamp(x, max=0.0))
-    ratio = torch.where(t > 0, torch.log1p(t) / t, torch.ones_like(t))
-    return torch.where(x < 0, softplus(x) + ratio, softplus(x) * (1 + torch.exp(-x)))
-
-
 def _dclw_weights(prep: _Prepared, sigma: float) -> torch.Tensor:
     """DCLW's ``w_i = 2 - N softmax_i(u1_i . u2_i / sigma)`` over the global batch (no gradient)."""
+    alignment = (prep.u1.detach() * prep.u2.detach()).sum(1)
     if prep.dist is None:
-        return reference.dcl_weights(prep.u1, prep.u2, sigma)
+        return _math.dclw_weights(alignment, sigma)
     n, ctx = prep.u1.shape[0], prep.dist
-    scores = distributed.gather_no_grad((prep.u1.detach() * prep.u2.detach()).sum(1) / sigma, ctx)
-    weights = 2 - scores.numel() * torch.softmax(scores, dim=0)
+    weights = _math.dclw_weights(distributed.gather_no_grad(alignment, ctx), sigma)
     return weights[ctx.rank * n:(ctx.rank + 1) * n]
 
 
 def _finish(per_anchor: torch.Tensor, reduction: str, out_dtype: torch.dtype) -> torch.Tensor:
-    return reference.reduce(per_anchor, reduction, out_dtype)
+    return _math.reduce(per_anchor, reduction, out_dtype)
 
 
 def _outside_autocast(fn: Callable) -> Callable:
     """Run a loss with autocast off. Under ``torch.autocast`` the embeddings arrive in half
-    precision; the loss upcasts them itself (float32 logits, LSE and accumulators, SPEC section 7)
+    precision; the loss upcasts them itself (float32 logits, LSE and accumulators, docs/math.md#numerical-hazards)
     and returns the loss and gradients in the inputs' dtype. Left on, autocast would silently
     round the similarity GEMMs of the reference and torch backends to half precision."""
 
@@ -303,7 +291,7 @@ def dcl_loss(z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, layout="2n",
     inv_temp = _constant_rows(1.0 / temperature, m, s_pos)
     if weights is None:
         weights = (
-            reference.per_anchor_pair_values(_dclw_weights(prep, sigma), layout)
+            _math.per_anchor_rows(_dclw_weights(prep, sigma), layout)
             if weighted else torch.ones_like(s_pos)
         )
     per_anchor = _negative_lse(prep, inv_temp) - weights * (inv_temp * s_pos)
@@ -352,12 +340,12 @@ def _macl(z1, z2, *, temperature, alpha, a0, schedule, temperature_mode, reweigh
     if temperature_mode == "batch":  # the global batch's mean: one all-reduce of a scalar
         alignment = alignment.mean() if prep.dist is None else distributed.global_mean(
             alignment, prep.dist)
-    tau = reference.macl_temperature(alignment, temperature, alpha, a0, schedule)
+    tau = _math.macl_temperature(alignment, temperature, alpha, a0, schedule)
     inv_temp = (1.0 / tau).expand(s_pos.shape[0])
     x = _negative_lse(prep, inv_temp) - inv_temp * s_pos
     if reweight:
         # Value (1 + e^-x) softplus(x); gradient in x exactly sg(V) sigmoid(x) = 1.
-        per_anchor = _macl_value(x).detach() + (x - x.detach())
+        per_anchor = _math.macl_value(x).detach() + (x - x.detach())
     else:
         per_anchor = softplus(x)
     return _finish(per_anchor, reduction, prep.out_dtype), tau, alignment
@@ -376,6 +364,6 @@ def tfree_loss(z1, z2, *, scale=2.0, eps=1e-6, layout="2n", normalize=True, redu
                                scale=scale, eps=eps, normalize=normalize)
     s_pos = _positive_similarity(prep.blocks)
     l_pos = scale * torch.atanh(s_pos.clamp(-1 + eps, 1 - eps))
-    x = _negative_lse(prep, None, artanh_scale=scale, artanh_eps=eps) - l_pos
+    x = _negative_lse(prep, None, LogitMap.ARTANH, scale, eps) - l_pos
     return _finish(softplus(x), reduction, prep.out_dtype)
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import _validate as V
 from . import distributed as MD
 from . import functional as MF
-from .reference import normalize
+from ._math import normalize
 
 _LIGHTLY_EPS = 1e-8
 

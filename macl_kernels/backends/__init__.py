@@ -1,18 +1,25 @@
-"""Backend registry and dispatch.
+"""Backend registry and selection.
 
-Every backend except ``"reference"`` implements the one primitive the losses of ``functional.py`` are built from
-(``negative_lse`` with its backward); ``"reference"`` runs the full-matrix oracle of
-``macl_kernels.reference`` instead. A backend that cannot run says why, and ``"auto"`` says why
-each candidate was rejected when none fits.
+``"reference"`` is the full-matrix oracle of ``macl_kernels/reference.py`` (no primitive: the
+losses call it whole). Every other name is a kernel backend: a ``Backend`` instance
+(``macl_kernels/_primitive.py``) that ``macl_kernels/_ops.py`` wraps as custom operators, one
+module each in this package, imported lazily (a missing toolchain must not break
+``import macl_kernels``). See ``docs/design.md`` for the protocol and how to add a backend.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict, Optional
+import warnings
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from .._primitive import Backend
+
+# The kernel backends and the module (in this package) whose ``BACKEND`` implements each.
+KERNEL_MODULES = {"torch": "torch_chunked", "triton": "triton_fused", "cpu": "cpu",
+                  "cuda": "cuda"}
 BACKEND_NAMES = ("reference", "torch", "triton", "cpu", "cuda")
 
 # "auto" tries these in order, per device type: fastest first, "torch" as the universal fallback.
@@ -22,65 +29,70 @@ AUTO_ORDER = {
 }
 AUTO_ORDER_OTHER = ("torch",)
 
-
-# Each kernel backend lives in its own module of this package, imported lazily (a missing
-# toolchain must not break ``import macl_kernels``). A module exposes
-# ``unavailable_reason(device) -> Optional[str]`` and the primitive ``negative_lse``.
-_KERNEL_MODULES = {"triton": "triton_fused", "cpu": "cpu", "cuda": "cuda"}
+_IMPORT_ERRORS: Dict[str, str] = {}
 
 
-def _kernel_module(name: str):
-    return importlib.import_module(f"{__name__}.{_KERNEL_MODULES[name]}")
+def kernel_backend(name: str) -> Backend:
+    """The ``Backend`` of kernel backend ``name``; ``RuntimeError`` if its module cannot be
+    imported (``available_backends`` says why)."""
+    if name not in KERNEL_MODULES:
+        raise ValueError(f"backend must be one of {list(KERNEL_MODULES)} here, got {name!r}")
+    try:
+        module = importlib.import_module(f"{__name__}.{KERNEL_MODULES[name]}")
+    except ImportError as exc:  # the backend's Python side failed to import
+        reason = f"its module could not be imported ({type(exc).__name__}: {exc})"
+        _IMPORT_ERRORS[name] = reason
+        raise RuntimeError(f"backend {name!r} is not usable: {reason}") from exc
+    return module.BACKEND
 
 
-def _kernel_reason(name: str):
-    def reason(device: Optional[torch.device]) -> Optional[str]:
-        try:
-            module = _kernel_module(name)
-        except ImportError as exc:  # the backend's Python side failed to import
-            return f"its module could not be imported ({type(exc).__name__}: {exc})"
-        return module.unavailable_reason(device)
-
-    return reason
-
-
-def _always(device: Optional[torch.device]) -> Optional[str]:
-    return None
-
-
-_REASONS: Dict[str, Callable[[Optional[torch.device]], Optional[str]]] = {
-    "reference": _always,
-    "torch": _always,
-    "triton": _kernel_reason("triton"),
-    "cpu": _kernel_reason("cpu"),
-    "cuda": _kernel_reason("cuda"),
-}
+def _reason(name: str, device: Optional[torch.device]) -> Optional[str]:
+    if name == "reference":
+        return None
+    try:
+        return kernel_backend(name).unavailable_reason(device)
+    except RuntimeError:
+        return _IMPORT_ERRORS[name]
 
 
 def available_backends(device=None) -> Dict[str, Optional[str]]:
     """Map every backend name to ``None`` when usable here (for ``device``, if given) or to a
-    sentence saying why not and what to install."""
+    sentence saying why not and what to do."""
     if device is not None:
         device = torch.device(device)
-    return {name: _REASONS[name](device) for name in BACKEND_NAMES}
+    return {name: _reason(name, device) for name in BACKEND_NAMES}
 
 
 def resolve_backend(backend: str, device: torch.device, dim: Optional[int] = None) -> str:
-    """The concrete backend for ``backend`` on ``device`` (and embeddings of width ``dim``, when
-    given: ``auto`` passes over a backend whose kernels cap the width); raises ``RuntimeError``
-    if unusable."""
-    if backend != "auto" and backend not in _REASONS:
+    """The concrete backend for ``backend`` on ``device`` (and embeddings of width ``dim``,
+    when given: ``auto`` passes over a backend whose kernels cap the width). An explicit but
+    unusable backend raises ``RuntimeError`` with the reason."""
+    if backend != "auto" and backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {['auto', *BACKEND_NAMES]}, got {backend!r}")
-    name, error = _resolve(backend, device.type, device.index, dim)
+    name, error, unbuilt = _resolve(backend, device.type, device.index, dim)
+    if unbuilt:
+        _warn_unbuilt(unbuilt, name)
     if error is not None:
         raise RuntimeError(error)
     return name
 
 
+_WARNED = set()
+
+
+def _warn_unbuilt(passed_over: Tuple[Tuple[str, str], ...], chosen: str) -> None:
+    """Once per backend and process: ``auto`` ran something slower because a native backend was
+    not built - a packaging problem the user should hear about, not a silent slowdown."""
+    for name, reason in passed_over:
+        if name in _WARNED:
+            continue
+        _WARNED.add(name)
+        warnings.warn(f"backend='auto' passed over the native backend {name!r} and uses "
+                      f"{chosen!r} instead: {reason}", RuntimeWarning, stacklevel=4)
+
+
 def _width_reason(name: str, dim: Optional[int]) -> Optional[str]:
-    """A kernel module may cap the embedding width (``MAX_D``); explicit requests beyond it get
-    the backend's own ``ValueError``, ``auto`` moves on to the next backend."""
-    max_d = getattr(primitive(name), "MAX_D", None) if name in _KERNEL_MODULES else None
+    max_d = kernel_backend(name).max_d if name in KERNEL_MODULES else None
     if dim is not None and max_d is not None and dim > max_d:
         return f"supports D <= {max_d}, got D = {dim}"
     return None
@@ -90,37 +102,23 @@ def _width_reason(name: str, dim: Optional[int]) -> Optional[str]:
 # constant of the environment, and the probing (imports, CUDA queries) must not enter a graph.
 @torch.compiler.assume_constant_result
 def _resolve(backend: str, device_type: str, device_index: Optional[int], dim: Optional[int]):
+    """``(name, error, unbuilt)``: ``unbuilt`` lists the native backends ``auto`` passed over
+    because their extension was not built (for the warning, outside the traced region)."""
     device = torch.device(device_type, device_index) if device_index is not None else \
         torch.device(device_type)
     if backend == "auto":
-        rejected = []
+        rejected, unbuilt = [], []
         for name in AUTO_ORDER.get(device.type, AUTO_ORDER_OTHER):
-            reason = _REASONS[name](device) or _width_reason(name, dim)
+            reason = _reason(name, device) or _width_reason(name, dim)
             if reason is None:
-                return name, None
+                return name, None, tuple(unbuilt)
             rejected.append(f"{name}: {reason}")
+            impl = kernel_backend(name) if name not in _IMPORT_ERRORS else None
+            if impl is not None and impl.native and not impl.built():
+                unbuilt.append((name, reason))
         # unreachable while "torch" is last in every order
-        return None, f"no backend can run on {device}: " + "; ".join(rejected)
-    reason = _REASONS[backend](device)
+        return None, f"no backend can run on {device}: " + "; ".join(rejected), tuple(unbuilt)
+    reason = _reason(backend, device)
     if reason is not None:
-        return None, f"backend={backend!r} is not usable on {device}: {reason}"
-    return backend, None
-
-
-@torch.compiler.assume_constant_result
-def has_op_protocol(name: str) -> bool:
-    """Whether backend ``name`` exposes the ``fwd``/``bwd`` pair that ``macl_kernels/_ops.py``
-    wraps as custom ops (and so compiles without a graph break)."""
-    module = primitive(name)
-    return hasattr(module, "fwd") and hasattr(module, "bwd")
-
-
-def primitive(name: str):
-    """The module implementing ``negative_lse`` for backend ``name``."""
-    if name == "torch":
-        from . import torch_chunked
-
-        return torch_chunked
-    if name in _KERNEL_MODULES:
-        return _kernel_module(name)
-    raise RuntimeError(f"backend {name!r} has no primitive implementation")  # pragma: no cover
+        return None, f"backend={backend!r} is not usable on {device}: {reason}", ()
+    return backend, None, ()

@@ -27,10 +27,6 @@ class Extension:
         return self._module
 
 
-def artanh_scale_arg(artanh_scale: Optional[float]) -> float:
-    """The extensions' encoding of the logit map: a scale <= 0 selects ``b_a * S``."""
-    return -1.0 if artanh_scale is None else float(artanh_scale)
-
-
 def cast_rows(inv_temp: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """``inv_temp`` in the dtype the kernels compute in (the anchors'), contiguous."""
     return None if inv_temp is None else inv_temp.to(like.dtype).contiguous()

@@ -72,7 +72,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .. import _ops
+from .._primitive import Backend, Grads, LogitMap, Needs, Problem
 
 try:
     import triton
@@ -135,33 +135,40 @@ def unavailable_reason(device: Optional[torch.device]) -> Optional[str]:
 
 
 if triton is not None:
+    # LogitMap's values as Triton constants (macl_kernels/_primitive.py): ``LOGIT_MAP`` is a
+    # constexpr, so each map compiles to its own kernel with the other branch removed.
+    LOGIT_MAP_SCALED = tl.constexpr(int(LogitMap.SCALED))
+    LOGIT_MAP_ARTANH = tl.constexpr(int(LogitMap.ARTANH))
 
     @triton.jit
-    def _logit(S, b, artanh_scale, artanh_eps, ARTANH: tl.constexpr):
-        """``l = b * S`` or ``c * artanh(clamp(S))``; ``b`` comes broadcast to ``S``'s shape."""
-        if ARTANH:
+    def _logit(S, inv_temp, artanh_scale, artanh_eps, LOGIT_MAP: tl.constexpr):
+        """``l = inv_temp * S`` or ``artanh_scale * artanh(clamp(S))``; ``inv_temp`` comes
+        broadcast to ``S``'s shape."""
+        if LOGIT_MAP == LOGIT_MAP_ARTANH:
             x = tl.minimum(tl.maximum(S, -1.0 + artanh_eps), 1.0 - artanh_eps)
             return (0.5 * artanh_scale) * tl.log((1.0 + x) / (1.0 - x))
         else:
-            return b * S
+            return inv_temp * S
 
     @triton.jit
-    def _slope(S, b, artanh_scale, artanh_eps, ARTANH: tl.constexpr):
-        """``dl/dS``: ``b``, or ``c / (1 - S^2)`` inside the clamp and 0 where it clamps (self and
-        duplicates at ``S = +-1``): a finite 0, so a zero ``Q`` there never meets an infinity."""
-        if ARTANH:
+    def _dl_dS(S, inv_temp, artanh_scale, artanh_eps, LOGIT_MAP: tl.constexpr):
+        """The slope ``dl_dS``: ``inv_temp``, or ``artanh_scale / (1 - S^2)`` inside the clamp
+        and 0 where it clamps (self and duplicates at ``S = +-1``): a finite 0, so a zero ``Q``
+        there never meets an infinity."""
+        if LOGIT_MAP == LOGIT_MAP_ARTANH:
             inside = tl.abs(S) < 1.0 - artanh_eps
             return tl.where(inside, artanh_scale / tl.where(inside, 1.0 - S * S, 1.0), 0.0)
         else:
-            return b
+            return inv_temp
 
     @triton.jit
-    def _g_dot(w, y, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, G_WIDE: tl.constexpr):
-        """``w @ y`` for the weight GEMMs (``Q l'`` in forward, ``G`` in backward). ``G_WIDE``
-        (float16 operands): ``w`` can exceed float16's 65504 (the artanh slope reaches ``c / 2e``,
-        upstream gradients are scaled by loss scalers), so these run in tf32: float32's range,
-        float16's 10-bit mantissa, still on the tensor cores."""
-        if G_WIDE:
+    def _weights_dot(w, y, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     WIDE_WEIGHTS: tl.constexpr):
+        """``w @ y`` for the weight GEMMs (``Q dl_dS`` in forward, ``dL_dS`` in backward).
+        ``WIDE_WEIGHTS`` (float16 operands): ``w`` can exceed float16's 65504 (the artanh slope
+        reaches ``artanh_scale / 2 artanh_eps``, upstream gradients are scaled by loss scalers),
+        so these run in tf32: float32's range, float16's 10-bit mantissa, on the tensor cores."""
+        if WIDE_WEIGHTS:
             return tl.dot(w, y.to(tl.float32), input_precision="tf32")
         else:
             return _dot(w.to(y.dtype), y, DOT_PRECISION, UPCAST)
@@ -179,27 +186,28 @@ if triton is not None:
 
     @triton.jit
     def _forward_kernel(
-        A, C, B, POS, SELF, LSE, E,
-        M, K, D, stride_a, stride_c, stride_e,
+        anchors_ptr, candidates_ptr, inv_temp_ptr, pos_index_ptr, self_index_ptr, lse_neg_ptr,
+        E_ptr,
+        M, K, D, stride_anchors, stride_candidates, stride_E,
         artanh_scale, artanh_eps,
-        ARTANH: tl.constexpr, HAS_SELF: tl.constexpr, ACC_E: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, G_WIDE: tl.constexpr,
+        LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr, ACC_E: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE_WEIGHTS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One block of anchor rows against every candidate tile: ``lse_neg`` and, if ``ACC_E``,
-        ``E_a = sum_k Q_ak w_ak u_k`` (``w = 1`` scaled map, ``w = l'`` artanh map)."""
-        acc_ty = LSE.dtype.element_ty  # float32, or float64 for float64 inputs
+        ``E_a = sum_k Q_ak w_ak u_k`` (``w = 1`` for SCALED, ``w = dl_dS`` for ARTANH)."""
+        acc_ty = lse_neg_ptr.dtype.element_ty  # float32, or float64 for float64 inputs
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < M
         d_ok = offs_d < D
-        a = tl.load(A + offs_m[:, None] * stride_a + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        # B is a valid dummy pointer for the artanh map (its values are then unused); likewise
-        # SELF without HAS_SELF.
-        b = tl.load(B + offs_m, mask=row_ok, other=0.0).to(acc_ty)
-        pos = tl.load(POS + offs_m, mask=row_ok, other=-1)
-        slf = tl.load(SELF + offs_m, mask=row_ok, other=-1)
+        anchors = tl.load(anchors_ptr + offs_m[:, None] * stride_anchors + offs_d[None, :],
+                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        # inv_temp_ptr is a valid dummy pointer for ARTANH (its values are then unused);
+        # likewise self_index_ptr without HAS_SELF.
+        inv_temp = tl.load(inv_temp_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+        pos_index = tl.load(pos_index_ptr + offs_m, mask=row_ok, other=-1)
+        self_index = tl.load(self_index_ptr + offs_m, mask=row_ok, other=-1)
 
         m_i = tl.full([BLOCK_M], float("-inf"), acc_ty)  # running max of the row's logits
         s_i = tl.zeros([BLOCK_M], acc_ty)  # running sum of exp(l - m_i)
@@ -207,14 +215,15 @@ if triton is not None:
         for n0 in range(0, K, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             col_ok = offs_n < K
-            c = tl.load(C + offs_n[:, None] * stride_c + offs_d[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            S = _dot(a, tl.trans(c), DOT_PRECISION, UPCAST).to(acc_ty)
+            candidates = tl.load(
+                candidates_ptr + offs_n[:, None] * stride_candidates + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            S = _dot(anchors, tl.trans(candidates), DOT_PRECISION, UPCAST).to(acc_ty)
             # Neg(a): in range, not the positive, not self - excluded by index, as -inf.
-            keep = col_ok[None, :] & (offs_n[None, :] != pos[:, None])
+            keep = col_ok[None, :] & (offs_n[None, :] != pos_index[:, None])
             if HAS_SELF:
-                keep = keep & (offs_n[None, :] != slf[:, None])
-            l = tl.where(keep, _logit(S, b[:, None], artanh_scale, artanh_eps, ARTANH),
+                keep = keep & (offs_n[None, :] != self_index[:, None])
+            l = tl.where(keep, _logit(S, inv_temp[:, None], artanh_scale, artanh_eps, LOGIT_MAP),
                          float("-inf"))
             m_new = tl.maximum(m_i, tl.max(l, axis=1))
             # A row with nothing kept yet has m_new = -inf: shift by 0 there, not by -inf
@@ -224,85 +233,93 @@ if triton is not None:
             p = tl.exp(l - m_ref[:, None])
             s_i = s_i * rescale + tl.sum(p, axis=1)
             if ACC_E:
-                if ARTANH:
-                    p = p * _slope(S, b[:, None], artanh_scale, artanh_eps, ARTANH)
-                e_i = e_i * rescale[:, None] + _g_dot(p, c, DOT_PRECISION, UPCAST,
-                                                       G_WIDE).to(acc_ty)
+                if LOGIT_MAP == LOGIT_MAP_ARTANH:
+                    p = p * _dl_dS(S, inv_temp[:, None], artanh_scale, artanh_eps, LOGIT_MAP)
+                e_i = e_i * rescale[:, None] + _weights_dot(p, candidates, DOT_PRECISION, UPCAST,
+                                                            WIDE_WEIGHTS).to(acc_ty)
             m_i = m_new
         has_neg = s_i > 0
-        lse = tl.where(has_neg, m_i + tl.log(tl.where(has_neg, s_i, 1.0)), float("-inf"))
-        tl.store(LSE + offs_m, lse, mask=row_ok)
+        lse_neg = tl.where(has_neg, m_i + tl.log(tl.where(has_neg, s_i, 1.0)), float("-inf"))
+        tl.store(lse_neg_ptr + offs_m, lse_neg, mask=row_ok)
         if ACC_E:
             e_i = e_i / tl.where(has_neg, s_i, 1.0)[:, None]  # sum exp(l - m) -> sum Q
-            tl.store(E + offs_m[:, None] * stride_e + offs_d[None, :], e_i,
+            tl.store(E_ptr + offs_m[:, None] * stride_E + offs_d[None, :], e_i,
                      mask=row_ok[:, None] & d_ok[None, :])
 
     @triton.jit
     def _candidates_kernel(
-        A, C, B, POS, SELF, LSE, G, DC, DB,
-        M, K, D, stride_a, stride_c, stride_dc,
+        anchors_ptr, candidates_ptr, inv_temp_ptr, pos_index_ptr, self_index_ptr, lse_neg_ptr,
+        g_ptr, d_candidates_ptr, d_inv_temp_ptr,
+        M, K, D, stride_anchors, stride_candidates, stride_d_candidates,
         artanh_scale, artanh_eps,
-        ARTANH: tl.constexpr, HAS_SELF: tl.constexpr, SYMMETRIC: tl.constexpr,
-        NEED_DB: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        G_WIDE: tl.constexpr,
+        LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr, SYMMETRIC: tl.constexpr,
+        NEED_D_INV_TEMP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        WIDE_WEIGHTS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One block of candidates against every anchor block (column order: each program owns
         its output rows, so no atomics and a deterministic sum):
-        ``dC_k = sum_a G_ak u_a``. ``SYMMETRIC`` (``A`` is ``C``): candidate ``k`` is anchor ``k``
-        too, and the same recomputed tile also gives its row side ``G_ka = G'(S_ak)``, so
-        ``dU_k = sum_a (G_ak + G_ka) u_a`` and ``d b_k = g_k sum_a Q_ka S_ka``."""
-        acc_ty = LSE.dtype.element_ty
+        ``d_candidates_k = sum_a dL_dS_ak u_a``. ``SYMMETRIC`` (the anchors are the
+        candidates): candidate ``k`` is anchor ``k`` too, and the same recomputed tile also gives
+        its row side ``dL_dS_ka`` (``S_ka = S_ak``), so the block accumulates the one tensor's
+        whole gradient ``sum_a (dL_dS_ak + dL_dS_ka) u_a`` and ``d_inv_temp_k = g_k sum_a Q_ka
+        S_ka``."""
+        acc_ty = lse_neg_ptr.dtype.element_ty
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         col_ok = offs_n < K
         d_ok = offs_d < D
-        c = tl.load(C + offs_n[:, None] * stride_c + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        dc = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
-        db = tl.zeros([BLOCK_N], acc_ty)
+        candidates = tl.load(
+            candidates_ptr + offs_n[:, None] * stride_candidates + offs_d[None, :],
+            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        d_candidates = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
+        d_inv_temp = tl.zeros([BLOCK_N], acc_ty)
         if SYMMETRIC:  # candidate k's own row statistics (K == M)
-            b_k = tl.load(B + offs_n, mask=col_ok, other=0.0).to(acc_ty)
-            pos_k = tl.load(POS + offs_n, mask=col_ok, other=-1)
-            slf_k = tl.load(SELF + offs_n, mask=col_ok, other=-1)
-            lse_k = tl.load(LSE + offs_n, mask=col_ok, other=0.0)
-            g_k = tl.load(G + offs_n, mask=col_ok, other=0.0).to(acc_ty)
+            inv_temp_k = tl.load(inv_temp_ptr + offs_n, mask=col_ok, other=0.0).to(acc_ty)
+            pos_index_k = tl.load(pos_index_ptr + offs_n, mask=col_ok, other=-1)
+            self_index_k = tl.load(self_index_ptr + offs_n, mask=col_ok, other=-1)
+            lse_neg_k = tl.load(lse_neg_ptr + offs_n, mask=col_ok, other=0.0)
+            g_k = tl.load(g_ptr + offs_n, mask=col_ok, other=0.0).to(acc_ty)
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             row_ok = offs_m < M
-            a = tl.load(A + offs_m[:, None] * stride_a + offs_d[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            b_a = tl.load(B + offs_m, mask=row_ok, other=0.0).to(acc_ty)
-            pos_a = tl.load(POS + offs_m, mask=row_ok, other=-1)
-            slf_a = tl.load(SELF + offs_m, mask=row_ok, other=-1)
-            lse_a = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
-            g_a = tl.load(G + offs_m, mask=row_ok, other=0.0).to(acc_ty)
-            St = _dot(c, tl.trans(a), DOT_PRECISION, UPCAST).to(acc_ty)  # St[k,a]=S_ak
+            anchors = tl.load(anchors_ptr + offs_m[:, None] * stride_anchors + offs_d[None, :],
+                              mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            inv_temp_a = tl.load(inv_temp_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+            pos_index_a = tl.load(pos_index_ptr + offs_m, mask=row_ok, other=-1)
+            self_index_a = tl.load(self_index_ptr + offs_m, mask=row_ok, other=-1)
+            lse_neg_a = tl.load(lse_neg_ptr + offs_m, mask=row_ok, other=0.0)
+            g_a = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+            # S^T: St[k, a] = S_ak.
+            St = _dot(candidates, tl.trans(anchors), DOT_PRECISION, UPCAST).to(acc_ty)
             in_range = col_ok[:, None] & row_ok[None, :]
             # Column side: anchor a's Q_ak over its Neg(a).
-            keep = in_range & (offs_n[:, None] != pos_a[None, :])
+            keep = in_range & (offs_n[:, None] != pos_index_a[None, :])
             if HAS_SELF:
-                keep = keep & (offs_n[:, None] != slf_a[None, :])
-            l = tl.where(keep, _logit(St, b_a[None, :], artanh_scale, artanh_eps, ARTANH),
-                         float("-inf"))
-            q = tl.exp(l - lse_a[None, :])
-            gt = (g_a[None, :] * q) * _slope(St, b_a[None, :], artanh_scale, artanh_eps, ARTANH)
+                keep = keep & (offs_n[:, None] != self_index_a[None, :])
+            l = tl.where(keep, _logit(St, inv_temp_a[None, :], artanh_scale, artanh_eps,
+                                      LOGIT_MAP), float("-inf"))
+            Q = tl.exp(l - lse_neg_a[None, :])
+            dL_dS_t = (g_a[None, :] * Q) * _dl_dS(St, inv_temp_a[None, :], artanh_scale,
+                                                  artanh_eps, LOGIT_MAP)
             if SYMMETRIC:
                 # Row side: candidate k as an anchor, Q_ka over Neg(k), S_ka = S_ak.
-                keep_k = in_range & (offs_m[None, :] != pos_k[:, None])
+                keep_k = in_range & (offs_m[None, :] != pos_index_k[:, None])
                 if HAS_SELF:
-                    keep_k = keep_k & (offs_m[None, :] != slf_k[:, None])
-                l_k = tl.where(keep_k, _logit(St, b_k[:, None], artanh_scale, artanh_eps, ARTANH),
-                               float("-inf"))
-                gq_k = g_k[:, None] * tl.exp(l_k - lse_k[:, None])
-                gt += gq_k * _slope(St, b_k[:, None], artanh_scale, artanh_eps, ARTANH)
-                if NEED_DB:
-                    db += tl.sum(gq_k * St, axis=1)
-            dc += _g_dot(gt, a, DOT_PRECISION, UPCAST, G_WIDE).to(acc_ty)
-        tl.store(DC + offs_n[:, None] * stride_dc + offs_d[None, :], dc,
-                 mask=col_ok[:, None] & d_ok[None, :])
-        if SYMMETRIC and NEED_DB:
-            tl.store(DB + offs_n, db, mask=col_ok)
+                    keep_k = keep_k & (offs_m[None, :] != self_index_k[:, None])
+                l_k = tl.where(keep_k, _logit(St, inv_temp_k[:, None], artanh_scale, artanh_eps,
+                                              LOGIT_MAP), float("-inf"))
+                dL_dl_k = g_k[:, None] * tl.exp(l_k - lse_neg_k[:, None])
+                dL_dS_t += dL_dl_k * _dl_dS(St, inv_temp_k[:, None], artanh_scale, artanh_eps,
+                                            LOGIT_MAP)
+                if NEED_D_INV_TEMP:
+                    d_inv_temp += tl.sum(dL_dl_k * St, axis=1)
+            d_candidates += _weights_dot(dL_dS_t, anchors, DOT_PRECISION, UPCAST,
+                                         WIDE_WEIGHTS).to(acc_ty)
+        tl.store(d_candidates_ptr + offs_n[:, None] * stride_d_candidates + offs_d[None, :],
+                 d_candidates, mask=col_ok[:, None] & d_ok[None, :])
+        if SYMMETRIC and NEED_D_INV_TEMP:
+            tl.store(d_inv_temp_ptr + offs_n, d_inv_temp, mask=col_ok)
 
     # ----------------------------------------------------------------------------------------
     # GPU tile shapes: a small autotune space keyed on D (and, automatically, the dtypes), pruned
@@ -343,7 +360,8 @@ if triton is not None:
 
     def _prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        block_d, elem, cand = args["BLOCK_D"], args["A"].element_size(), "DC" in args
+        block_d, elem = args["BLOCK_D"], args["anchors_ptr"].element_size()
+        cand = "d_candidates_ptr" in args
         kept = [cfg for cfg in configs if _fits(
             (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages),
             block_d, elem, cand)]
@@ -361,11 +379,12 @@ if triton is not None:
     _TUNED = {  # by name: the JIT function objects need not be hashable in every Triton
         "_forward_kernel": triton.autotune(
             configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
-            key=["BLOCK_D", "ARTANH", "HAS_SELF", "ACC_E", "DOT_PRECISION"],
+            key=["BLOCK_D", "LOGIT_MAP", "HAS_SELF", "ACC_E", "DOT_PRECISION"],
         )(_forward_kernel),
         "_candidates_kernel": triton.autotune(
             configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
-            key=["BLOCK_D", "ARTANH", "HAS_SELF", "SYMMETRIC", "NEED_DB", "DOT_PRECISION"],
+            key=["BLOCK_D", "LOGIT_MAP", "HAS_SELF", "SYMMETRIC", "NEED_D_INV_TEMP",
+                 "DOT_PRECISION"],
         )(_candidates_kernel),
     }
 
@@ -397,177 +416,150 @@ def _dot_precision(op_dtype: torch.dtype) -> str:
 
 
 class _Operands(NamedTuple):
-    """What the kernels read: contiguous rows, the operand copies (rounded to half precision for
-    half inputs: plain data, the gradient flows through anchors/candidates), int32 indices."""
+    """What the kernels read: the operand copies of the rows (rounded to half precision for half
+    inputs: plain data, the gradient flows through the problem's anchors/candidates), int32
+    indices, and dummy pointers where a tensor is absent."""
 
     anchors: torch.Tensor
-    candidates: torch.Tensor
-    op_anchors: torch.Tensor
-    op_candidates: torch.Tensor
-    inv_temp: Optional[torch.Tensor]
+    candidates: torch.Tensor  # the anchors themselves when symmetric
+    inv_temp: torch.Tensor  # a dummy (lse-sized) for ARTANH
     pos_index: torch.Tensor
-    self_index: Optional[torch.Tensor]
-    symmetric: bool  # layout 2n on one process, and the symmetric backward switched on
+    self_index: torch.Tensor  # pos_index as a dummy without HAS_SELF
+    has_self: bool
+    symmetric: bool  # the symmetric backward runs (a symmetric problem and USE_SYMMETRY)
 
 
-def _check(anchors, candidates) -> None:
-    if _IMPORT_ERROR is not None:
-        raise RuntimeError(unavailable_reason(anchors.device))
-    if anchors.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"the triton backend computes in float32 or float64, got {anchors.dtype} "
-                        f"(half inputs reach it upcast to float32 by the loss functions)")
-    if candidates is not None and candidates.dtype != anchors.dtype:
-        raise TypeError(f"anchors and candidates must share a dtype, got {anchors.dtype} and "
-                        f"{candidates.dtype}")
-    if anchors.shape[1] > MAX_D:
-        raise ValueError(f"the triton backend keeps whole rows in a tile and supports D <= "
-                         f"{MAX_D}, got D = {anchors.shape[1]}; use backend='torch' for wider "
-                         f"embeddings")
+def _operands(problem: Problem) -> _Operands:
+    p = problem
+    op_dtype = p.anchors.dtype
+    if op_dtype == torch.float32 and p.operand_dtype in (torch.float16, torch.bfloat16):
+        op_dtype = p.operand_dtype
+    anchors = p.anchors.detach().to(op_dtype)
+    candidates = anchors if p.symmetric else p.candidates.detach().to(op_dtype)
+    pos_index = p.pos_index.to(torch.int32).contiguous()
+    self_index = pos_index if p.self_index is None else p.self_index.to(torch.int32).contiguous()
+    inv_temp = (p.anchors.new_empty(p.M) if p.inv_temp is None
+                else p.inv_temp.to(p.anchors.dtype).contiguous())
+    return _Operands(anchors, candidates, inv_temp, pos_index, self_index,
+                     p.self_index is not None, USE_SYMMETRY and p.symmetric)
 
 
-def _operands(anchors, candidates, inv_temp, pos_index, self_index, operand_dtype) -> _Operands:
-    """The kernels' view of the arguments; ``candidates=None``: the anchors."""
-    _check(anchors, candidates)
-    symmetric = USE_SYMMETRY and candidates is None
-    anchors_c = anchors.contiguous()
-    candidates_c = anchors_c if candidates is None else candidates.contiguous()
-    op_dtype = anchors.dtype
-    if anchors.dtype == torch.float32 and operand_dtype in (torch.float16, torch.bfloat16):
-        op_dtype = operand_dtype
-    op_anchors = anchors_c.detach().to(op_dtype)
-    op_candidates = op_anchors if candidates is None else candidates_c.detach().to(op_dtype)
-    return _Operands(
-        anchors_c, candidates_c, op_anchors, op_candidates,
-        None if inv_temp is None else inv_temp.to(anchors.dtype).contiguous(),
-        pos_index.to(torch.int32).contiguous(),
-        None if self_index is None else self_index.to(torch.int32).contiguous(), symmetric)
+def _flags(problem: Problem, ops: _Operands) -> dict:
+    """The constexpr flags every launch shares."""
+    op_dtype = ops.anchors.dtype
+    return dict(LOGIT_MAP=int(problem.logit_map), HAS_SELF=ops.has_self,
+                DOT_PRECISION=_dot_precision(op_dtype),
+                UPCAST=_INTERPRET and op_dtype == torch.bfloat16,
+                BLOCK_D=max(16, triton.next_power_of_2(problem.D)))
 
 
-def _flags(op_dtype: torch.dtype, D: int) -> dict:
-    return dict(block_d=max(16, triton.next_power_of_2(D)), precision=_dot_precision(op_dtype),
-                upcast=_INTERPRET and op_dtype == torch.bfloat16,
-                g_wide=op_dtype == torch.float16)
-
-
-def _run_forward(ops: _Operands, artanh_scale, artanh_eps, acc_e: bool):
+def _run_forward(problem: Problem, acc_e: bool):
     """``lse_neg`` and, when ``acc_e``, the anchor-side accumulator ``E`` (``None`` otherwise)."""
-    M, D = ops.anchors.shape
-    K = ops.candidates.shape[0]
-    artanh = artanh_scale is not None
-    lse = ops.anchors.new_empty(M)
-    E = ops.anchors.new_empty((M, D)) if acc_e else lse
-    b = ops.inv_temp if ops.inv_temp is not None else lse  # dummy pointer for the artanh map
-    slf = ops.self_index if ops.self_index is not None else ops.pos_index
-    f = _flags(ops.op_anchors.dtype, D)
+    ops = _operands(problem)
+    M, K, D = problem.M, problem.K, problem.D
+    lse_neg = problem.anchors.new_empty(M)
+    E = problem.anchors.new_empty((M, D)) if acc_e else lse_neg
+    artanh = problem.logit_map is LogitMap.ARTANH
     _launch(
         _forward_kernel, M, "BLOCK_M",
-        (ops.op_anchors, ops.op_candidates, b, ops.pos_index, slf, lse, E, M, K, D,
-         ops.op_anchors.stride(0), ops.op_candidates.stride(0), E.stride(0),
-         float(artanh_scale) if artanh else 0.0, float(artanh_eps)),
-        ARTANH=artanh, HAS_SELF=ops.self_index is not None, ACC_E=acc_e,
-        DOT_PRECISION=f["precision"], UPCAST=f["upcast"],
-        G_WIDE=f["g_wide"] and artanh,  # the scaled map's weights exp(l - m) are <= 1
-        BLOCK_D=f["block_d"],
+        (ops.anchors, ops.candidates, ops.inv_temp, ops.pos_index, ops.self_index, lse_neg, E,
+         M, K, D, ops.anchors.stride(0), ops.candidates.stride(0), E.stride(0),
+         float(problem.artanh_scale), float(problem.artanh_eps)),
+        ACC_E=acc_e,
+        # The SCALED map's weights exp(l - m) are <= 1: float16 holds them.
+        WIDE_WEIGHTS=ops.anchors.dtype == torch.float16 and artanh,
+        **_flags(problem, ops),
     )
-    return lse, (E if acc_e else None)
+    return lse_neg, (E if acc_e else None)
 
 
-def _run_backward(ops: _Operands, artanh_scale, artanh_eps, lse, E, grad_lse, need_a, need_c,
-                  need_b):
-    """``(d anchors, d candidates, d inv_temp)``; symmetric: d anchors is the whole gradient of
-    the one tensor (``(G + G^T) U``) and d candidates is ``None``."""
-    artanh = artanh_scale is not None
-    M, D = ops.anchors.shape
-    K = ops.candidates.shape[0]
-    g = grad_lse.to(ops.anchors.dtype).contiguous()
-    f = _flags(ops.op_anchors.dtype, D)
-    grad_a = grad_c = grad_b = None
-    symmetric = ops.symmetric
-    if need_c or (symmetric and (need_a or need_b)):
-        dC = ops.anchors.new_empty((K, D))
-        need_db = symmetric and need_b
-        dB = ops.anchors.new_empty(M) if need_db else lse
+def _run_backward(problem: Problem, lse_neg, E, g, needs: Needs) -> Grads:
+    """Symmetric (``USE_SYMMETRY``): one column-ordered pass gives the one tensor's whole
+    gradient as ``d_anchors``. Otherwise the candidates' pass gives ``d_candidates`` and the
+    forward's ``E`` the anchor side, a per-row scale."""
+    ops = _operands(problem)
+    M, K, D = problem.M, problem.K, problem.D
+    g = g.to(problem.anchors.dtype).contiguous()
+    d_anchors = d_candidates = d_inv_temp = None
+    need_d_inv_temp = needs.d_inv_temp and problem.logit_map is LogitMap.SCALED
+    if needs.d_candidates or (ops.symmetric and (needs.d_anchors or need_d_inv_temp)):
+        d_rows = problem.anchors.new_empty((K, D))
+        need_symmetric_d_inv_temp = ops.symmetric and need_d_inv_temp
+        d_inv_temp_out = problem.anchors.new_empty(M) if need_symmetric_d_inv_temp else lse_neg
         _launch(
             _candidates_kernel, K, "BLOCK_N",
-            (ops.op_anchors, ops.op_candidates,
-             ops.inv_temp if ops.inv_temp is not None else lse, ops.pos_index,
-             ops.self_index if ops.self_index is not None else ops.pos_index, lse, g, dC, dB,
-             M, K, D, ops.op_anchors.stride(0), ops.op_candidates.stride(0), dC.stride(0),
-             float(artanh_scale) if artanh else 0.0, float(artanh_eps)),
-            ARTANH=artanh, HAS_SELF=ops.self_index is not None, SYMMETRIC=symmetric,
-            NEED_DB=need_db, DOT_PRECISION=f["precision"], UPCAST=f["upcast"],
-            G_WIDE=f["g_wide"], BLOCK_D=f["block_d"],
+            (ops.anchors, ops.candidates, ops.inv_temp, ops.pos_index, ops.self_index, lse_neg,
+             g, d_rows, d_inv_temp_out, M, K, D, ops.anchors.stride(0),
+             ops.candidates.stride(0), d_rows.stride(0),
+             float(problem.artanh_scale), float(problem.artanh_eps)),
+            SYMMETRIC=ops.symmetric, NEED_D_INV_TEMP=need_symmetric_d_inv_temp,
+            WIDE_WEIGHTS=ops.anchors.dtype == torch.float16,
+            **_flags(problem, ops),
         )
-        if symmetric:
-            grad_a = dC if (need_a or need_c) else None
-            grad_b = dB if need_db else None
+        if ops.symmetric:
+            d_anchors = d_rows
+            d_inv_temp = d_inv_temp_out if need_symmetric_d_inv_temp else None
         else:
-            grad_c = dC
-    if not symmetric and (need_a or need_b):
+            d_candidates = d_rows
+    if not ops.symmetric and (needs.d_anchors or need_d_inv_temp):
         # Anchor side from the forward's E: a per-row scale, no second pass over the tiles.
-        if artanh:
-            grad_a = g[:, None] * E if need_a else None
+        if problem.logit_map is LogitMap.ARTANH:
+            d_anchors = g[:, None] * E if needs.d_anchors else None
         else:
-            if need_a:
-                grad_a = (g * ops.inv_temp)[:, None] * E
-            if need_b:
-                grad_b = g * (ops.anchors * E).sum(dim=1)
-    return grad_a, grad_c, grad_b
+            if needs.d_anchors:
+                d_anchors = (g * ops.inv_temp)[:, None] * E
+            if need_d_inv_temp:
+                d_inv_temp = g * (problem.anchors * E).sum(dim=1)
+    return Grads(d_anchors, d_candidates, d_inv_temp)
 
 
-def _accumulates_e(candidates, need_grad: bool) -> bool:
-    # E serves the anchor side (and d b) of a non-symmetric block; a symmetric block gets
-    # everything from the backward pass.
-    return need_grad and not (USE_SYMMETRY and candidates is None)
+def _accumulates_e(problem: Problem, need_grad: bool) -> bool:
+    # E serves the anchor side (and d_inv_temp) of a non-symmetric pass; the symmetric backward
+    # gets everything from its one pass.
+    return need_grad and not (USE_SYMMETRY and problem.symmetric)
 
 
-def fwd(anchors, candidates, inv_temp, pos_index, self_index, artanh_scale, artanh_eps, *,
-        operand_dtype=None, need_grad=True):
-    """The custom-op protocol of ``macl_kernels/_ops.py`` (``candidates=None``: layout 2n on one
-    process). ``aux`` is ``E`` when a non-symmetric block needs gradients."""
-    ops = _operands(anchors, candidates, inv_temp, pos_index, self_index, operand_dtype)
-    acc_e = _accumulates_e(candidates, need_grad)
-    if anchors.dtype == torch.float64 and anchors.device.type == "cuda":
-        try:
-            return _run_forward(ops, artanh_scale, artanh_eps, acc_e)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as exc:  # a Triton build without float64 tl.dot for this GPU
-            raise TypeError(
-                f"the triton backend could not compile its float64 kernels on this GPU "
-                f"({type(exc).__name__}: {str(exc)[:200]}); use backend='torch' for float64"
-            ) from exc
-    return _run_forward(ops, artanh_scale, artanh_eps, acc_e)
+class TritonBackend(Backend):
+    """Triton kernels: on a GPU, or in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+
+    name = "triton"
+    max_d = MAX_D
+
+    def unavailable_reason(self, device):
+        return unavailable_reason(device)
+
+    def check(self, problem: Problem) -> None:
+        if _IMPORT_ERROR is not None:
+            raise RuntimeError(unavailable_reason(problem.anchors.device))
+        if problem.anchors.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"the triton backend computes in float32 or float64, got "
+                            f"{problem.anchors.dtype} (half inputs reach it upcast to float32 by "
+                            f"the loss functions)")
+        if problem.D > MAX_D:
+            raise ValueError(f"the triton backend keeps whole rows in a tile and supports D <= "
+                             f"{MAX_D}, got D = {problem.D}; use backend='torch' for wider "
+                             f"embeddings")
+
+    def fwd(self, problem: Problem, need_grad: bool):
+        acc_e = _accumulates_e(problem, need_grad)
+        if problem.anchors.dtype == torch.float64 and problem.anchors.device.type == "cuda":
+            try:
+                return _run_forward(problem, acc_e)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:  # a Triton build without float64 tl.dot for this GPU
+                raise TypeError(
+                    f"the triton backend could not compile its float64 kernels on this GPU "
+                    f"({type(exc).__name__}: {str(exc)[:200]}); use backend='torch' for float64"
+                ) from exc
+        return _run_forward(problem, acc_e)
+
+    def bwd(self, problem: Problem, lse_neg, aux, g, needs: Needs) -> Grads:
+        return _run_backward(problem, lse_neg, aux, g, needs)
+
+    def fake_aux(self, problem: Problem, need_grad: bool):
+        return problem.anchors.new_empty(problem.anchors.shape) \
+            if _accumulates_e(problem, need_grad) else None
 
 
-def bwd(anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux, grad_lse_neg,
-        artanh_scale, artanh_eps, *, operand_dtype=None, need_anchors=True,
-        need_candidates=True, need_inv_temp=True):
-    ops = _operands(anchors, candidates, inv_temp, pos_index, self_index, operand_dtype)
-    one_tensor = candidates is None
-    if one_tensor and not ops.symmetric:  # USE_SYMMETRY off: both sides, then their sum
-        need_anchors = need_candidates = need_anchors or need_candidates
-    grad_a, grad_c, grad_b = _run_backward(ops, artanh_scale, artanh_eps, lse_neg, aux,
-                                           grad_lse_neg, need_anchors, need_candidates,
-                                           need_inv_temp and inv_temp is not None)
-    if one_tensor and not ops.symmetric:
-        grad_a, grad_c = (grad_a + grad_c if grad_a is not None else None), None
-    return grad_a, grad_c, grad_b
-
-
-def fake_aux(anchors, candidates, need_grad):
-    return anchors.new_empty(anchors.shape) if _accumulates_e(candidates, need_grad) else None
-
-
-def negative_lse(anchors: torch.Tensor, candidates: torch.Tensor, inv_temp: Optional[torch.Tensor],
-                 pos_index: torch.Tensor, self_index: Optional[torch.Tensor],
-                 artanh_scale: Optional[float], artanh_eps: float, *,
-                 operand_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The primitive's entry point (see ``torch_chunked.negative_lse``), through the custom op.
-    Computes in the dtype of ``anchors`` (float32 or float64); with ``operand_dtype``
-    float16/bfloat16 the GEMM operands are rounded to it (tensor cores, fp32 accumulation).
-    Passing one tensor as both ``anchors`` and ``candidates`` selects the symmetric backward."""
-    _check(anchors, None if candidates is anchors else candidates)
-    return _ops.negative_lse("triton", anchors, None if candidates is anchors else candidates,
-                             inv_temp, pos_index, self_index, artanh_scale, artanh_eps,
-                             operand_dtype)
+BACKEND = TritonBackend()

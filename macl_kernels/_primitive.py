@@ -1,0 +1,158 @@
+"""The one primitive every loss is built from, and the protocol a backend implements.
+
+Math (``docs/math.md``, section "The primitive"; names as in the glossary of ``docs/design.md``):
+for anchor rows ``anchors [M, D]`` and candidate rows ``candidates [K, D]``,
+
+    S_ak       = anchors[a] . candidates[k]
+    l_ak       = inv_temp[a] * S_ak                                    LogitMap.SCALED
+               = artanh_scale * artanh(clamp(S_ak, -1 + artanh_eps, 1 - artanh_eps))
+                                                                       LogitMap.ARTANH
+    Neg(a)     = every candidate but pos_index[a] and self_index[a]
+    lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak)          (-inf when Neg(a) is empty)
+
+and its backward for an upstream gradient ``g = dL/d lse_neg``:
+
+    Q_ak       = exp(l_ak - lse_neg[a])  on Neg(a), 0 elsewhere
+    dL_dl      = g_a Q_ak
+    dL_dS      = dL_dl * dl_dS,   dl_dS = inv_temp[a]  (SCALED)
+                                        = artanh_scale / (1 - S_ak^2) inside the clamp, 0 outside
+    d_anchors    = dL_dS @ candidates
+    d_candidates = dL_dS^T @ anchors
+    d_inv_temp_a = sum_k dL_dl_ak S_ak                    (SCALED only)
+
+This module holds no math of its own: it names the arguments (``Problem``), the logit map
+(``LogitMap``), what a backward must produce (``Needs``, ``Grads``) and the ``Backend`` protocol
+that ``macl_kernels/_ops.py`` wraps as custom operators. It imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+class LogitMap(enum.IntEnum):
+    """How a similarity ``S_ak`` becomes a logit ``l_ak``. The integer values are the ones the
+    kernels use: Triton's ``LOGIT_MAP`` constexpr, C++'s ``LogitMap``, CUDA's
+    ``MACL_LOGIT_MAP_*``. Any other value is refused by every backend."""
+
+    SCALED = 0  # l_ak = inv_temp[a] * S_ak
+    ARTANH = 1  # l_ak = artanh_scale * artanh(clamp(S_ak, -1 + artanh_eps, 1 - artanh_eps))
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One call of the primitive: the tensors and the scalars, passed down once from ``_ops``
+    to a backend's ``fwd`` / ``bwd`` / ``fake_aux``.
+
+    ``candidates is None`` means the candidates are the anchors (layout ``2n`` on one process):
+    ``S`` is symmetric and a kernel may compute each off-diagonal tile once for both of its
+    rows. The tensors arrive contiguous; ``pos_index`` / ``self_index`` are int64 ``[M]``.
+    """
+
+    anchors: Tensor  # [M, D], float32 or float64 (the compute dtype)
+    candidates: Optional[Tensor]  # [K, D] of the anchors' dtype and device; None: the anchors
+    inv_temp: Optional[Tensor]  # [M], LogitMap.SCALED only (None for ARTANH)
+    pos_index: Tensor  # [M] int64: row a's positive among the candidates
+    self_index: Optional[Tensor]  # [M] int64: row a itself among the candidates, or None
+    logit_map: LogitMap
+    artanh_scale: float = 0.0  # LogitMap.ARTANH's c (> 0); unused by SCALED
+    artanh_eps: float = 0.0  # LogitMap.ARTANH's clamp e in (0, 1); unused by SCALED
+    # The inputs' dtype before the upcast to the compute dtype: a kernel may round its GEMM
+    # operands to it (float16 / bfloat16 tensor cores); statistics stay in the compute dtype.
+    operand_dtype: Optional[torch.dtype] = None
+
+    @property
+    def symmetric(self) -> bool:
+        return self.candidates is None
+
+    @property
+    def candidate_rows(self) -> Tensor:
+        """The candidates as a tensor (the anchors themselves when ``symmetric``)."""
+        return self.anchors if self.candidates is None else self.candidates
+
+    @property
+    def M(self) -> int:
+        return self.anchors.shape[0]
+
+    @property
+    def K(self) -> int:
+        return self.candidate_rows.shape[0]
+
+    @property
+    def D(self) -> int:
+        return self.anchors.shape[1]
+
+
+class Needs(NamedTuple):
+    """Which gradients a backward must produce. For a ``symmetric`` problem ``_ops`` asks for
+    both ``d_anchors`` and ``d_candidates`` whenever the one tensor needs a gradient."""
+
+    d_anchors: bool
+    d_candidates: bool
+    d_inv_temp: bool
+
+
+class Grads(NamedTuple):
+    """A backward's result; ``None`` where not needed.
+
+    Symmetric problems: the one tensor's gradient is ``d_anchors + d_candidates``. A kernel that
+    exploits the symmetry inside (the cpu and triton backends) returns that sum as
+    ``d_anchors`` and ``d_candidates=None``; ``_ops`` adds the two when both are given. That
+    fold happens in ``_ops`` only."""
+
+    d_anchors: Optional[Tensor]
+    d_candidates: Optional[Tensor]
+    d_inv_temp: Optional[Tensor]
+
+
+class Backend:
+    """What a kernel backend implements (``backends/<name>.py`` exposes one instance as
+    ``BACKEND``). ``_ops`` turns it into the two custom operators; nothing else calls it.
+
+    Subclasses set ``name`` and, when their kernels cap the embedding width, ``max_d`` (``auto``
+    passes over the backend beyond it; an explicit request gets a ``ValueError``)."""
+
+    name: str = ""
+    max_d: Optional[int] = None
+    # Whether the backend is compiled code that the package builds (``auto`` warns once when
+    # it passes over such a backend because it was not built).
+    native: bool = False
+
+    def unavailable_reason(self, device: Optional[torch.device]) -> Optional[str]:
+        """``None`` when usable on ``device`` (or here at all, for ``None``), else a sentence
+        saying why not and what to do."""
+        raise NotImplementedError
+
+    def built(self) -> bool:
+        """Native backends: whether their compiled extension imports (``auto`` warns once when it
+        passes over a native backend that was not built)."""
+        return True
+
+    def check(self, problem: Problem) -> None:
+        """Refuse what the kernels cannot do (dtype, width), with a ``TypeError`` /
+        ``ValueError`` naming it. Called by ``_ops`` before ``fwd``."""
+        if self.max_d is not None and problem.D > self.max_d:
+            raise ValueError(
+                f"backend {self.name!r} supports embeddings of width D <= {self.max_d}, got "
+                f"D = {problem.D}; use backend='torch' (or 'auto') for wider embeddings")
+
+    def fwd(self, problem: Problem, need_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(lse_neg [M], aux)``: ``aux`` is whatever the backward needs besides ``lse_neg``
+        (e.g. Triton's anchor-side accumulator ``E``), or ``None``."""
+        raise NotImplementedError
+
+    def bwd(self, problem: Problem, lse_neg: Tensor, aux: Optional[Tensor], g: Tensor,
+            needs: Needs) -> Grads:
+        """The gradients of ``sum_a g[a] * lse_neg[a]`` (``g`` contiguous, of ``lse_neg``'s
+        dtype)."""
+        raise NotImplementedError
+
+    def fake_aux(self, problem: Problem, need_grad: bool) -> Optional[Tensor]:
+        """``aux``'s shape and dtype (an empty-like tensor) for ``torch.compile``'s fake
+        tensors; ``None`` when ``fwd`` returns no ``aux``."""
+        return None

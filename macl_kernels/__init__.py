@@ -8,9 +8,10 @@
 fused backends can run here and why the others cannot.
 """
 
+from ._version import __version__
 from .backends import available_backends
+from ._math import MACL_TEMPERATURE_FLOOR
 from .functional import (
-    MACL_TEMPERATURE_FLOOR,
     clip_loss,
     dcl_loss,
     infonce_loss,
@@ -19,7 +20,6 @@ from .functional import (
 )
 from .modules import ClipLoss, DCLLoss, DCLWLoss, MACLLoss, NTXentLoss
 
-__version__ = "0.1.0"
 
 __all__ = [
     "macl_loss", "infonce_loss", "clip_loss", "dcl_loss", "tfree_loss", "available_backends",

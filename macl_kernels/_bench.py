@@ -39,6 +39,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ._cases import CLIP_SCALE, LOSS_CASES
+from ._report import device_name, format_table
+from ._version import __version__
+
 BENCH_LOSSES = ("macl", "infonce", "clip", "dcl", "tfree")
 FULL_SIZES = (1024, 2048, 4096, 8192)
 QUICK_SIZES = (512, 1024, 2048)
@@ -46,7 +50,6 @@ FULL_REPEATS = 5
 QUICK_REPEATS = 3
 WARMUP_N = 64
 DEFAULT_TIMEOUT_S = 900.0
-CLIP_SCALE = 1 / 0.07
 
 CSV_COLUMNS = (
     "device", "device_type", "torch_version", "macl_kernels_version", "torch_threads", "loss",
@@ -89,19 +92,16 @@ def make_step(loss: str, layout: str, backend: str, z1: torch.Tensor,
     and would be timed as well. Gradients are dropped before each step so that every step
     allocates them afresh, like ``optimizer.zero_grad(set_to_none=True)``.
     """
-    import macl_kernels as mk
-
+    case = LOSS_CASES[loss]
     leaves = [z1, z2]
-    common = dict(backend=backend, validate=False)
-    if loss == "clip":
+    scale = CLIP_SCALE
+    if case.uses_logit_scale:
         scale_dtype = z1.dtype if z1.dtype in (torch.float32, torch.float64) else torch.float32
         scale = torch.tensor(CLIP_SCALE, dtype=scale_dtype, device=z1.device, requires_grad=True)
         leaves.append(scale)
-        forward = lambda: mk.clip_loss(z1, z2, scale, **common)  # noqa: E731
-    else:
-        fn = {"macl": mk.macl_loss, "infonce": mk.infonce_loss, "dcl": mk.dcl_loss,
-              "tfree": mk.tfree_loss}[loss]
-        forward = lambda: fn(z1, z2, layout=layout, **common)  # noqa: E731
+
+    def forward():
+        return case.call(z1, z2, layout, logit_scale=scale, backend=backend, validate=False)
 
     def step() -> None:
         for leaf in leaves:
@@ -257,9 +257,8 @@ class Measurement:
 
 
 def _package_root() -> str:
-    import macl_kernels
-
-    return os.path.dirname(os.path.dirname(os.path.abspath(macl_kernels.__file__)))
+    # The directory above this package (the worker must import this very package).
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def worker_command(module: str, config: "BenchConfig", backend: str, n: int) -> List[str]:
@@ -339,8 +338,6 @@ def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional
 def csv_rows(config: BenchConfig, measurements: Sequence[Measurement]) -> List[Dict]:
     """One dict per measurement with the columns of ``CSV_COLUMNS`` (ratios vs the reference at
     the same N; empty when the reference was not run there or failed)."""
-    import macl_kernels as mk
-    from .cli import device_name
 
     reference = {m.n: m.result for m in measurements if m.backend == "reference" and m.ok}
     dev_name = device_name(config.device)
@@ -350,7 +347,7 @@ def csv_rows(config: BenchConfig, measurements: Sequence[Measurement]) -> List[D
         ok = m.ok
         rows.append({
             "device": dev_name, "device_type": torch.device(config.device).type,
-            "torch_version": torch.__version__, "macl_kernels_version": mk.__version__,
+            "torch_version": torch.__version__, "macl_kernels_version": __version__,
             "torch_threads": r.get("torch_threads", config.threads or torch.get_num_threads()),
             "loss": config.loss, "layout": config.layout, "N": m.n, "D": config.dim,
             "dtype": config.dtype, "backend": m.backend, "repeats": config.repeats,
@@ -374,7 +371,6 @@ def write_csv(path: str, rows: Sequence[Dict]) -> None:
 
 
 def format_results(rows: Sequence[Dict]) -> str:
-    from .cli import format_table
 
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
@@ -443,7 +439,6 @@ def run_bench(config: BenchConfig, out_dir: str, progress: bool = True) -> int:
     Returns 0 when at least one measurement succeeded (failures such as the reference running
     out of memory at large N are results, recorded in the CSV), 1 when none did.
     """
-    from .cli import device_name
 
     start = time.perf_counter()
     print(f"bench: loss={config.loss} layout={config.layout} D={config.dim} "

@@ -50,6 +50,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import _bench
+from ._cases import CLIP_SCALE, LOSS_CASES
+from ._math import normalize
+from ._report import device_name, format_table
+from ._version import __version__
 
 PROFILE_LOSSES = ("macl", "infonce", "clip", "dcl", "dclw", "tfree")
 PHASES = ("normalise", "forward", "backward")
@@ -107,24 +111,18 @@ class PhasedStep:
 
     def __init__(self, loss: str, layout: str, backend: str, z1: torch.Tensor,
                  z2: torch.Tensor):
-        import macl_kernels as mk
-        from ._math import normalize
-
         self.leaves = [z1, z2]
         self.z1, self.z2 = z1, z2
         self._normalize = normalize
-        common = dict(backend=backend, validate=False, normalize=False)
-        if loss == "clip":
+        case = LOSS_CASES[loss]
+        scale = CLIP_SCALE
+        if case.uses_logit_scale:
             scale_dtype = z1.dtype if z1.dtype in (torch.float32, torch.float64) else torch.float32
-            scale = torch.tensor(_bench.CLIP_SCALE, dtype=scale_dtype, device=z1.device,
+            scale = torch.tensor(CLIP_SCALE, dtype=scale_dtype, device=z1.device,
                                  requires_grad=True)
             self.leaves.append(scale)
-            self._loss = lambda u1, u2: mk.clip_loss(u1, u2, scale, **common)
-        else:
-            fn, extra = {"macl": (mk.macl_loss, {}), "infonce": (mk.infonce_loss, {}),
-                         "dcl": (mk.dcl_loss, {}), "dclw": (mk.dcl_loss, {"weighted": True}),
-                         "tfree": (mk.tfree_loss, {})}[loss]
-            self._loss = lambda u1, u2: fn(u1, u2, layout=layout, **extra, **common)
+        self._loss = lambda u1, u2: case.call(u1, u2, layout, logit_scale=scale,
+                                              backend=backend, validate=False, normalize=False)
 
     def zero_grad(self) -> None:
         for leaf in self.leaves:
@@ -466,8 +464,6 @@ def search_capacity(config: ProfileConfig, backend: str, progress=None) -> Capac
 
 
 def csv_rows(config: ProfileConfig, results: Sequence[Tuple[str, int, Dict]]) -> List[Dict]:
-    import macl_kernels as mk
-    from .cli import device_name
 
     dev_name = device_name(config.device)
     rows = []
@@ -475,7 +471,7 @@ def csv_rows(config: ProfileConfig, results: Sequence[Tuple[str, int, Dict]]) ->
         ok = bool(r.get("ok"))
         row = {
             "device": dev_name, "device_type": torch.device(config.device).type,
-            "torch_version": torch.__version__, "macl_kernels_version": mk.__version__,
+            "torch_version": torch.__version__, "macl_kernels_version": __version__,
             "torch_threads": r.get("torch_threads", config.threads or torch.get_num_threads()),
             "loss": config.loss, "layout": config.layout, "N": n,
             "anchors": anchors_of(config.layout, n), "D": config.dim, "dtype": config.dtype,
@@ -491,7 +487,6 @@ def csv_rows(config: ProfileConfig, results: Sequence[Tuple[str, int, Dict]]) ->
 
 
 def capacity_rows(config: ProfileConfig, caps: Sequence[Capacity]) -> List[Dict]:
-    from .cli import device_name
 
     dev_name = device_name(config.device)
     return [{
@@ -520,7 +515,6 @@ def _mib(value: Optional[float]) -> str:
 
 
 def format_profile(rows: Sequence[Dict]) -> str:
-    from .cli import format_table
 
     def ms(v):
         return "-" if v is None else f"{v:.1f}"
@@ -541,7 +535,6 @@ def format_profile(rows: Sequence[Dict]) -> str:
 
 
 def format_capacity(config: ProfileConfig, rows: Sequence[Dict]) -> str:
-    from .cli import format_table
 
     header = ["backend", "budget GiB", "largest N", "anchors", "its peak MiB", "first miss N",
               "why", "cap hit", "search s"]
@@ -623,7 +616,6 @@ def plot(path: str, config: ProfileConfig, rows: Sequence[Dict],
 def run_profile(config: ProfileConfig, out_dir: str, progress: bool = True) -> int:
     """Measure, print the tables, write the CSVs and the plot. Exit status 0 when at least one
     measurement succeeded, 1 otherwise."""
-    from .cli import device_name
 
     started = time.perf_counter()
     print(f"profile: loss={config.loss} layout={config.layout} D={config.dim} "

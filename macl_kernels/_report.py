@@ -1,0 +1,96 @@
+"""What a report says about where it ran: device and CPU names, versions, the backends usable
+here, and plain-text tables. Used by ``info``, ``verify``, ``bench`` and ``profile``."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Iterable, List, Sequence
+
+import torch
+
+from ._version import __version__
+from .backends import available_backends
+
+
+def default_device() -> str:
+    """The device a user most likely wants to check: the GPU when PyTorch sees one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_model_name() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo`` on Linux), so results say what they ran on."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device: str) -> str:
+    """Human-readable name of ``device``: the CUDA device name, else the CPU model."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(dev)
+    return cpu_model_name()
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[str]],
+                 right_align: Sequence[bool] = ()) -> str:
+    """A plain-text table with columns as wide as their widest cell (numbers right-aligned)."""
+    rows = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    align = list(right_align) + [False] * (len(header) - len(right_align))
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if a else c.ljust(w)
+                         for c, w, a in zip(cells, widths, align)).rstrip()
+
+    out = [line(header), line(["-" * w for w in widths])]
+    out.extend(line(r) for r in rows)
+    return "\n".join(out)
+
+
+def _triton_version() -> str:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return "not installed"
+    try:
+        import triton
+
+        return getattr(triton, "__version__", "installed (version unknown)")
+    except Exception as exc:  # a broken install should be reported, not crash `info`
+        return f"installed but not importable ({type(exc).__name__}: {exc})"
+
+
+def info_lines() -> List[str]:
+    """The ``info`` report, one ``key: value`` line each (a list so that tests can inspect it)."""
+    lines = [
+        f"macl_kernels: {__version__} ({os.path.dirname(os.path.abspath(__file__))})",
+        f"python: {platform.python_version()} ({platform.python_implementation()}, "
+        f"{sys.executable})",
+        f"platform: {platform.platform()}",
+        f"torch: {torch.__version__}",
+        f"torch CUDA build: {torch.version.cuda or 'none (CPU-only build)'}",
+    ]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            lines.append(f"cuda:{i}: {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
+    else:
+        lines.append("CUDA device: none visible")
+    lines.append(f"triton: {_triton_version()}")
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    cpus = f"{os.cpu_count()}" + (f" ({affinity} usable by this process)"
+                                  if affinity is not None and affinity != os.cpu_count() else "")
+    lines.append(f"CPU: {cpu_model_name()}, {cpus} logical CPUs, "
+                 f"torch threads {torch.get_num_threads()}")
+    lines.append("backends:")
+    for name, reason in available_backends().items():
+        lines.append(f"  {name}: {'usable' if reason is None else 'unusable: ' + reason}")
+    return lines

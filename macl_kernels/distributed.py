@@ -1,6 +1,6 @@
 """``gather_distributed=True``: the loss over the global batch on ``torch.distributed``.
 
-SPEC.md section 5. Each rank holds ``n`` local rows per view (the same ``n`` on every rank). The
+The semantics of ``docs/math.md#distributed``. Each rank holds ``n`` local rows per view (the same ``n`` on every rank). The
 anchors are the local rows; the candidates are every rank's rows, all-gathered by
 :class:`GatherWithGrad`, whose backward all-reduces (sums) the candidates' gradients and keeps
 the local slice. Positives and the self mask are offset by ``rank * n``; MACL's alignment ``A`` is

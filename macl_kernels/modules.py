@@ -4,7 +4,7 @@ argument checks of the libraries users already have (lightly's ``MACLLoss``, ``N
 
 Swap ``from lightly.loss import MACLLoss`` for ``from macl_kernels import MACLLoss``: same numbers
 (to float64 rounding; where lightly's ``1e-8`` in ``1 / (1 - P + 1e-8)`` matters, i.e.
-``1 - P < 1e-6``, this package follows SPEC.md and keeps the exact reweighting).
+``1 - P < 1e-6``, this package keeps the exact reweighting, docs/math.md#macl).
 """
 
 from __future__ import annotations

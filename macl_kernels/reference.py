@@ -1,10 +1,11 @@
-"""Pure-PyTorch reference of every loss in SPEC.md: the oracle every backend is tested against.
+"""Pure-PyTorch reference of every loss of ``docs/math.md``: the oracle every backend is tested
+against.
 
 Written to read like the math, not to be fast: it materialises the full ``M x K`` similarity
 matrix, masks it, and lets autograd produce the gradients (including the stop-gradients the
 losses prescribe). It works in any floating dtype; half inputs are computed in float32.
 
-Notation (SPEC.md section 2): ``u = normalize(z)``; each layout turns ``(u1, u2)`` into a matrix
+Notation (``docs/math.md#notation``, ``#layouts``): ``u = normalize(z)``; each layout turns ``(u1, u2)`` into a matrix
 ``S`` whose row ``a`` holds anchor ``a``'s similarities to its candidates, a boolean mask of the
 candidate set ``C(a)`` (all but self) and the column ``p(a)`` of its positive.
 ``Neg(a) = C(a)`` without ``p(a)``.
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 NORMALIZE_EPS = 1e-12  # F.normalize's default: u = z / max(||z||, eps)
-MACL_TEMPERATURE_FLOOR = 1e-3  # tau(A) is clamped here (or at tau0 if smaller), SPEC section 3
+MACL_TEMPERATURE_FLOOR = 1e-3  # tau(A) is clamped here (or at tau0 if smaller), docs/math.md#macl
 
 
 class AnchorRows(NamedTuple):
@@ -117,7 +118,7 @@ def negative_margin(rows: AnchorRows, logits: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# The losses (SPEC.md section 3)
+# The losses (docs/math.md, one section each)
 # --------------------------------------------------------------------------------------------
 
 

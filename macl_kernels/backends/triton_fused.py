@@ -1,24 +1,24 @@
 """Backend ``"triton"``: the shared primitive as fused Triton kernels (GPU, or Triton's CPU
 interpreter with ``TRITON_INTERPRET=1``).
 
-The math (SPEC.md sections 3, 4 and 6). For anchor row ``a`` and candidate ``k``, ``u`` rows
-already L2-normalised,
+The math: ``docs/math.md#the-primitive``, in the glossary of ``docs/design.md``. For anchor row
+``a`` and candidate ``k`` (rows already L2-normalised),
 
     S_ak     = anchors[a] . candidates[k]
-    l_ak     = b_a * S_ak                                   (scaled map, b = inv_temp)
-             = c * artanh(clamp(S_ak, -1 + e, 1 - e))       (artanh map, temperature-free)
+    l_ak     = inv_temp[a] * S_ak                           (LOGIT_MAP == SCALED)
+             = artanh_scale * artanh(clamp(S_ak, -1 + artanh_eps, 1 - artanh_eps))   (ARTANH)
     lse_neg  = log sum_{k in Neg(a)} exp(l_ak)              Neg(a): all k but p(a) and self(a)
     Q_ak     = exp(l_ak - lse_neg[a])                       (0 off Neg(a))
 
-Backward, for an upstream gradient ``g`` of ``lse_neg``: ``G_ak = dL/dS_ak = g_a Q_ak l'_ak`` with
-the slope ``l'_ak = b_a`` (scaled) or ``c / (1 - S_ak^2)`` inside the clamp and 0 outside
-(artanh: self and duplicates sit at ``S = +-1``, outside the clamp, so their slope is a finite 0,
-never ``0 * inf``), and
+Backward, for an upstream gradient ``g`` of ``lse_neg``: ``dL_dS_ak = g_a Q_ak dl_dS_ak`` with
+the slope ``dl_dS_ak = inv_temp[a]`` (SCALED) or ``artanh_scale / (1 - S_ak^2)`` inside the clamp
+and 0 outside (ARTANH: self and duplicates sit at ``S = +-1``, outside the clamp, so their slope is
+a finite 0, never ``0 * inf``), and
 
-    d anchors[a]    = sum_k G_ak u_k            d candidates[k] = sum_a G_ak u_a
-    d b_a           = g_a sum_k Q_ak S_ak       (scaled map only)
+    d_anchors[a]    = sum_k dL_dS_ak u_k        d_candidates[k] = sum_a dL_dS_ak u_a
+    d_inv_temp[a]   = g_a sum_k Q_ak S_ak       (SCALED only)
 
-Both ``Q`` and ``G`` are recomputed from the saved per-row ``lse_neg`` (FlashAttention's pattern);
+Both ``Q`` and ``dL_dS`` are recomputed from the saved per-row ``lse_neg`` (FlashAttention's pattern);
 nothing of size ``M x K`` is ever stored.
 
 Passes and GEMM work (one "GEMM" = ``2 M K D`` flops over the whole ``M x K`` tile grid):
@@ -26,18 +26,19 @@ Passes and GEMM work (one "GEMM" = ``2 M K D`` flops over the whole ``M x K`` ti
 * cross layouts (``anchors`` and ``candidates`` differ), gradients required:
   - forward (``_forward_kernel``, one program per block of anchor rows, streaming candidate
     tiles): ``S = A C^T`` (1 GEMM), the online max/sum for ``lse_neg`` and, rescaled online like
-    attention's output, ``E_a = sum_k Q_ak l'_ak u_k`` (``F_a = sum_k Q_ak u_k`` for the scaled map)
-    with a second ``tl.dot`` (1 GEMM). Then the anchor side of backward is a per-row scale:
-    ``d anchors = g_a b_a F_a`` (artanh: ``g_a E_a``) and ``d b_a = g_a anchors[a] . F_a``.
+    attention's output, ``E_a = sum_k Q_ak dl_dS_ak u_k`` for ARTANH (``E_a = sum_k Q_ak u_k``
+    for SCALED) with a second ``tl.dot`` (1 GEMM). Then the anchor side of backward is a per-row
+    scale: ``d_anchors = g_a inv_temp[a] E_a`` (ARTANH: ``g_a E_a``) and
+    ``d_inv_temp[a] = g_a anchors[a] . E_a``.
   - backward (``_candidates_kernel``, one program per block of candidates looping over every
     anchor block: column-ordered, no atomics, deterministic): recompute ``S^T`` (1 GEMM), form
-    ``G^T`` from the saved statistics, accumulate ``G^T A`` (1 GEMM).
+    ``dL_dS^T`` from the saved statistics, accumulate ``dL_dS^T anchors`` (1 GEMM).
   Total 2 passes, 4 GEMMs (``8 M K D`` flops); 1 GEMM when no gradient is required.
 * layout ``2n`` on one process (``anchors is candidates``, ``S`` symmetric): the forward keeps
   only ``lse_neg`` (1 GEMM); the backward's column-ordered pass builds, from one recompute of the
-  tile, both ``G_ak`` (column side, anchor ``a``'s statistics) and ``G_ka`` (row side, candidate
-  ``k``'s own statistics, since ``S_ka = S_ak``) and accumulates ``(G + G^T) U`` (1 GEMM), plus
-  ``d b`` of the row side. Total 2 passes, 3 GEMMs (``6 M^2 D`` flops) instead of 4 - the
+  tile, both ``dL_dS_ak`` (column side, anchor ``a``'s statistics) and ``dL_dS_ka`` (row side,
+  candidate ``k``'s own statistics, since ``S_ka = S_ak``) and accumulates the one tensor's whole
+  gradient ``(dL_dS + dL_dS^T) U`` (1 GEMM), plus ``d_inv_temp`` of the row side. Total 2 passes, 3 GEMMs (``6 M^2 D`` flops) instead of 4 - the
   symmetry saves the anchor-side accumulation. (The forward still computes each off-diagonal tile
   for both of its row blocks: sharing it there needs a cross-program merge of online statistics.)
   Whether this wins on a GPU is for the benchmark to say (``bench/bench_triton_gpu.py``, backend
@@ -54,7 +55,7 @@ rounded half-precision operands (``(M + K) x D``, half inputs only), the gradien
 Precision: statistics, ``E`` and every accumulator are float32 (float64 for float64 inputs).
 Half-precision inputs (``operand_dtype`` float16/bfloat16) are rounded back to that dtype for the
 ``tl.dot`` operands (tensor cores, fp32 accumulation), except that with float16 the weight GEMMs
-(``Q l'`` and ``G`` against rows) run in tf32: those weights can exceed float16's 65504 (artanh
+(``Q dl_dS`` and ``dL_dS`` against rows) run in tf32: those weights can exceed float16's 65504 (artanh
 slopes, loss-scaled upstream gradients), tf32 has float32's range and float16's mantissa. float32
 operands use tf32 only when ``torch.get_float32_matmul_precision() != "highest"``. float64 runs as
 float64 ``tl.dot`` (exact to float64 rounding; on a GPU it is slow, FMA-based - use it to check,
@@ -62,7 +63,8 @@ not to train).
 
 Tested: under the interpreter against the float64 reference (every loss, layout, reduction;
 fp32 / fp64 / bf16 / fp16); the compiled kernels are built for sm_90 without a GPU by
-``tests/test_triton_backend.py`` (Triton's bundled ptxas); the GPU tests there run them for real.
+``tests/test_triton_backend.py`` (Triton's bundled ptxas); the GPU tests there and in
+``tests/test_primitive.py`` run them for real.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ except ImportError:  # a source checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import macl_kernels as mk
 
-CLIP_SCALE = 1 / 0.07
+from macl_kernels._cases import CLIP_SCALE, LOSS_CASES
 
 
 def _env_list(name: str, default: str) -> List[str]:
@@ -64,16 +64,14 @@ def make_step(loss: str, layout: str, backend: str, n: int, dim: int = DIM, dtyp
     z1, z2 = (torch.randn(n, dim, generator=gen).to(device=device, dtype=torch_dtype)
               .requires_grad_() for _ in range(2))
     leaves = [z1, z2]
-    common = dict(backend=backend, validate=False)
-    if loss == "clip":
+    case = LOSS_CASES[loss]  # the registry's configuration of this loss
+    scale = CLIP_SCALE
+    if case.uses_logit_scale:
         scale = torch.tensor(CLIP_SCALE, device=device, requires_grad=True)
         leaves.append(scale)
-        forward = lambda: mk.clip_loss(z1, z2, scale, **common)  # noqa: E731
-    else:
-        fn, extra = {"macl": (mk.macl_loss, {}), "infonce": (mk.infonce_loss, {}),
-                     "dcl": (mk.dcl_loss, {}), "dclw": (mk.dcl_loss, {"weighted": True}),
-                     "tfree": (mk.tfree_loss, {})}[loss]
-        forward = lambda: fn(z1, z2, layout=layout, **extra, **common)  # noqa: E731
+
+    def forward():
+        return case.call(z1, z2, layout, logit_scale=scale, backend=backend, validate=False)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
     def step() -> None:

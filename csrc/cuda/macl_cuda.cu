@@ -1,18 +1,28 @@
-// CUDA kernels for the contrastive primitive (backend "cuda"), SPEC.md sections 3-6.
+// CUDA kernels for the contrastive primitive (backend "cuda"): docs/math.md, section "The
+// primitive" (the math, in the names used below), "Numerical hazards" (the artanh
+// clamp, the fp16 rounding of dL_dS) and "Tolerances" (what fp16 / bf16 operands cost).
 //
-// Per anchor row a (anchors A [M, D], candidates C [K, D], both L2-normalised):
+// Per anchor row a (anchors [M, D], candidates [K, D], both L2-normalised):
 //
-//   S = A C^T,   l_ak = b_a S_ak  (scaled map)   or   c artanh(clamp(S_ak, -1 + e, 1 - e))
-//   Neg(a) = every k but pos[a] and self[a]
+//   S_ak = anchors[a] . candidates[k]
+//   l_ak = inv_temp[a] * S_ak                                        (MACL_LOGIT_MAP_SCALED)
+//        = artanh_scale * artanh(clamp(S_ak, -1 + artanh_eps, 1 - artanh_eps))
+//                                                                      (MACL_LOGIT_MAP_ARTANH)
+//   Neg(a) = every k but pos_index[a] and self_index[a]
 //   forward:  lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak)       (online max/sum over tiles)
-//   backward: G_ak = g_a exp(l_ak - lse_neg[a]) on Neg(a), 0 elsewhere
-//             H_ak = G_ak * dl/dS_ak  (b_a, or c / (1 - S^2) inside the clamp, 0 outside)
-//             dA = H C,   dC = H^T A,   db_a = sum_k G_ak S_ak
+//   backward: Q_ak  = exp(l_ak - lse_neg[a]) on Neg(a), 0 elsewhere;  g = dL/d lse_neg
+//             dL_dl = g_a Q_ak
+//             dL_dS = dL_dl * dl_dS   (dl_dS: inv_temp[a], or artanh_scale / (1 - S^2) inside
+//                                      the clamp, 0 outside)
+//             d_anchors = dL_dS candidates,   d_candidates = dL_dS^T anchors,
+//             d_inv_temp[a] = sum_k dL_dl_ak S_ak                       (scaled map only)
 //
 // One family of kernels, templated on the operand type T (float: CUDA-core FMA tiles; __half /
-// __nv_bfloat16: WMMA tensor cores with fp32 accumulation) and on the logit map. Everything
-// after the GEMM (logits, masks, exp, statistics, gradients) is fp32. The M x K matrix is never
-// formed: a thread block owns a 64 x 64 tile of S in shared memory at a time.
+// __nv_bfloat16: WMMA tensor cores with fp32 accumulation) and on the logit map (LOGIT_MAP, a
+// MaclLogitMap). Everything after the GEMM (logits, masks, exp, statistics, gradients) is fp32.
+// The M x K matrix is never formed: a thread block owns a 64 x 64 tile of S in shared memory at
+// a time. The kernels do not exploit a symmetric S (candidates == anchors): both sides are
+// computed, and the caller sums d_anchors + d_candidates.
 //
 // Passes (M anchors, K candidates, D columns):
 //   forward   1 launch: grid (anchor blocks x candidate splits), each block streams its share of
@@ -21,13 +31,16 @@
 //             GPU busy when M is small; the partials cost 2 * splits * M floats.
 //   backward  1 launch with two kinds of blocks:
 //             - anchor blocks (64 anchor rows each) loop over candidate tiles, recompute S, form
-//               H and accumulate dA[rows] += H C_tile and db (2 M K D multiply-adds);
+//               dL_dS and accumulate d_anchors[rows] += dL_dS candidates_tile and d_inv_temp
+//               (2 M K D multiply-adds);
 //             - candidate blocks (64 candidate rows each) loop over anchor tiles, recompute S and
-//               H and accumulate dC[rows] += H^T A_tile (2 M K D multiply-adds).
+//               dL_dS and accumulate d_candidates[rows] += dL_dS^T anchors_tile (2 M K D
+//               multiply-adds).
 //             Every output element is owned by one thread of one block, so there are no atomics
-//             and results are bitwise reproducible. dA / dC are accumulated in global memory (a
-//             read-modify-write of a 64 x 32 chunk per tile), which lets D be any size without
-//             registers or shared memory growing with D. Extra memory: none beyond the outputs.
+//             and results are bitwise reproducible. d_anchors / d_candidates are accumulated in
+//             global memory (a read-modify-write of a 64 x 32 chunk per tile), which lets D be
+//             any size without registers or shared memory growing with D. Extra memory: none
+//             beyond the outputs.
 //
 // float64 inputs take a separate, plain path (one thread per row, no tiling): correct, not fast.
 
@@ -58,10 +71,10 @@ __host__ __device__ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 
 
 struct Args {
   int64_t M, K, D;
-  float c, eps;
-  const float* inv_temp;
-  const int64_t* pos;
-  const int64_t* self;  // nullptr: no self among the candidates
+  float artanh_scale, artanh_eps;  // MACL_LOGIT_MAP_ARTANH only
+  const float* inv_temp;           // [M], MACL_LOGIT_MAP_SCALED only (nullptr otherwise)
+  const int64_t* pos_index;
+  const int64_t* self_index;  // nullptr: no self among the candidates
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -71,18 +84,18 @@ struct Args {
 // member size below is a multiple of 32 bytes, so all fragment addresses stay aligned.
 // ---------------------------------------------------------------------------------------------
 struct alignas(128) SmemF32 {
-  float S[BM][BN + 4];  // S, then H (in place)
-  float As[BK][BM + 1];
-  float Cs[BK][BN + 1];
-  float X[BN][DN + 1];  // a 64 x DN chunk of the rows that H multiplies
+  float S[BM][BN + 4];  // S, then dL_dS (in place)
+  float As[BK][BM + 1];  // staging tile of the anchors (transposed)
+  float Cs[BK][BN + 1];  // staging tile of the candidates (transposed)
+  float X[BN][DN + 1];  // a 64 x DN chunk of the rows that dL_dS multiplies
 };
 
 template <typename T>
 struct alignas(128) SmemHalf {
-  float S[BM][BN + 4];  // S, then H in fp32; then reused as R, the 64 x DN gradient chunk
-  T Ah[BM][BK + 8];
-  T Ch[BN][BK + 8];
-  T Hh[BM][BN + 8];     // H rounded to T, after scaling by a power of two (see set_scale)
+  float S[BM][BN + 4];  // S, then dL_dS in fp32; then reused as R, the 64 x DN gradient chunk
+  T Ah[BM][BK + 8];     // staging tile of the anchors
+  T Ch[BN][BK + 8];     // staging tile of the candidates
+  T dL_dSh[BM][BN + 8];  // dL_dS rounded to T, after scaling by a power of two (see set_scale)
   T Xh[BN][DN + 8];
   float scale[64];      // per output row of the gradient GEMM
   float inv_scale[64];
@@ -104,45 +117,54 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(x);
 }
 
-template <bool ARTANH>
-__device__ __forceinline__ float logit(float s, float b, float c, float eps) {
-  if (ARTANH) return c * atanhf(fminf(fmaxf(s, -1.0f + eps), 1.0f - eps));
-  return b * s;
+// l_ak of S_ak (inv_temp_a: inv_temp[a], scaled map only).
+template <MaclLogitMap LOGIT_MAP>
+__device__ __forceinline__ float logit(float S_ak, float inv_temp_a, float artanh_scale,
+                                       float artanh_eps) {
+  if (LOGIT_MAP == MACL_LOGIT_MAP_ARTANH)
+    return artanh_scale * atanhf(fminf(fmaxf(S_ak, -1.0f + artanh_eps), 1.0f - artanh_eps));
+  return inv_temp_a * S_ak;
 }
 
-// dl/dS. artanh: 0 outside the clamp; finite at S = +-1 (self, exact duplicates) so that a zero
-// G never meets an infinite slope.
-template <bool ARTANH>
-__device__ __forceinline__ float slope(float s, float b, float c, float eps) {
-  if (ARTANH) return fabsf(s) < 1.0f - eps ? c / fmaxf(1.0f - s * s, eps) : 0.0f;
-  return b;
+// dl_dS of S_ak. Artanh: 0 outside the clamp; finite at S = +-1 (self, exact duplicates) so that
+// a zero dL_dl never meets an infinite slope (docs/math.md, "Numerical hazards").
+template <MaclLogitMap LOGIT_MAP>
+__device__ __forceinline__ float dl_dS(float S_ak, float inv_temp_a, float artanh_scale,
+                                       float artanh_eps) {
+  if (LOGIT_MAP == MACL_LOGIT_MAP_ARTANH)
+    return fabsf(S_ak) < 1.0f - artanh_eps
+               ? artanh_scale / fmaxf(1.0f - S_ak * S_ak, artanh_eps)
+               : 0.0f;
+  return inv_temp_a;
 }
 
 // Per-row data of anchor a for the epilogues (a row past M is inert: never valid).
 struct Row {
   bool ok;
-  float b;
-  int64_t pos, self;
+  float inv_temp;
+  int64_t pos_index, self_index;
 };
 
 __device__ __forceinline__ Row load_row(const Args& p, int64_t a) {
   Row r;
   r.ok = a < p.M;
-  r.b = (r.ok && p.inv_temp) ? p.inv_temp[a] : 0.0f;
-  r.pos = r.ok ? p.pos[a] : -1;
-  r.self = (r.ok && p.self) ? p.self[a] : -1;
+  r.inv_temp = (r.ok && p.inv_temp) ? p.inv_temp[a] : 0.0f;
+  r.pos_index = r.ok ? p.pos_index[a] : -1;
+  r.self_index = (r.ok && p.self_index) ? p.self_index[a] : -1;
   return r;
 }
 
 __device__ __forceinline__ bool in_neg(const Row& r, int64_t k, int64_t K) {
-  return r.ok && k < K && k != r.pos && k != r.self;
+  return r.ok && k < K && k != r.pos_index && k != r.self_index;
 }
 
 // ---------------------------------------------------------------------------------------------
-// S tile: sm.S[r][k] = A[a0 + r] . C[c0 + k] (0 outside the matrices). Ends synchronised.
+// S tile: sm.S[r][k] = anchors[a0 + r] . candidates[c0 + k] (0 outside the matrices). Ends
+// synchronised.
 // ---------------------------------------------------------------------------------------------
-__device__ void tile_S(SmemF32& sm, const float* __restrict__ A, const float* __restrict__ C,
-                       int64_t a0, int64_t c0, const Args& p) {
+__device__ void tile_S(SmemF32& sm, const float* __restrict__ anchors,
+                       const float* __restrict__ candidates, int64_t a0, int64_t c0,
+                       const Args& p) {
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
   float acc[4][4] = {};
   for (int64_t d0 = 0; d0 < p.D; d0 += BK) {
@@ -151,8 +173,8 @@ __device__ void tile_S(SmemF32& sm, const float* __restrict__ A, const float* __
     for (int i = 0; i < BM * BK / THREADS; ++i) {
       const int idx = tid + i * THREADS, r = idx / BK, k = idx % BK;
       const int64_t d = d0 + k, a = a0 + r, c = c0 + r;
-      sm.As[k][r] = (a < p.M && d < p.D) ? A[a * p.D + d] : 0.0f;
-      sm.Cs[k][r] = (c < p.K && d < p.D) ? C[c * p.D + d] : 0.0f;
+      sm.As[k][r] = (a < p.M && d < p.D) ? anchors[a * p.D + d] : 0.0f;
+      sm.Cs[k][r] = (c < p.K && d < p.D) ? candidates[c * p.D + d] : 0.0f;
     }
     __syncthreads();
 #pragma unroll 8
@@ -178,8 +200,8 @@ __device__ void tile_S(SmemF32& sm, const float* __restrict__ A, const float* __
 }
 
 template <typename T>
-__device__ void tile_S(SmemHalf<T>& sm, const T* __restrict__ A, const T* __restrict__ C,
-                       int64_t a0, int64_t c0, const Args& p) {
+__device__ void tile_S(SmemHalf<T>& sm, const T* __restrict__ anchors,
+                       const T* __restrict__ candidates, int64_t a0, int64_t c0, const Args& p) {
   const int tid = threadIdx.x, warp = tid / 32;
   // 8 warps over the 4 x 4 grid of 16 x 16 fragments: warp w owns row w / 2, columns 2(w % 2)+{0,1}.
   const int fi = warp / 2, fj0 = (warp % 2) * 2;
@@ -192,8 +214,8 @@ __device__ void tile_S(SmemHalf<T>& sm, const T* __restrict__ A, const T* __rest
     for (int i = 0; i < BM * BK / THREADS; ++i) {
       const int idx = tid + i * THREADS, r = idx / BK, k = idx % BK;
       const int64_t d = d0 + k, a = a0 + r, c = c0 + r;
-      sm.Ah[r][k] = (a < p.M && d < p.D) ? A[a * p.D + d] : zero;
-      sm.Ch[r][k] = (c < p.K && d < p.D) ? C[c * p.D + d] : zero;
+      sm.Ah[r][k] = (a < p.M && d < p.D) ? anchors[a * p.D + d] : zero;
+      sm.Ch[r][k] = (c < p.K && d < p.D) ? candidates[c * p.D + d] : zero;
     }
     __syncthreads();
 #pragma unroll
@@ -202,7 +224,7 @@ __device__ void tile_S(SmemHalf<T>& sm, const T* __restrict__ A, const T* __rest
       wmma::load_matrix_sync(fa, &sm.Ah[fi * 16][kk], BK + 8);
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        // C^T as a K x N operand: element (k, n) sits at Ch[n][k], i.e. column-major.
+        // candidates^T as a K x N operand: element (k, n) sits at Ch[n][k], i.e. column-major.
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
         wmma::load_matrix_sync(fb, &sm.Ch[(fj0 + j) * 16][kk], BK + 8);
         wmma::mma_sync(acc[j], fa, fb, acc[j]);
@@ -217,16 +239,17 @@ __device__ void tile_S(SmemHalf<T>& sm, const T* __restrict__ A, const T* __rest
 }
 
 // ---------------------------------------------------------------------------------------------
-// Gradient GEMM of one tile: out[o0 + o, :] += sum_n Hop[o, n] X[x0 + n, :] where Hop = H (anchor
-// side: o is an anchor row, X = C) or H^T (candidate side: o is a candidate, X = A). H is in
-// sm.S (fp32). Each output element is owned by one thread: deterministic.
+// Gradient GEMM of one tile: out[o0 + o, :] += sum_n op[o, n] X[x0 + n, :] where op = dL_dS
+// (anchor side: o is an anchor row, X = candidates, out = d_anchors) or dL_dS^T (candidate side:
+// o is a candidate, X = anchors, out = d_candidates). dL_dS is in sm.S (fp32). Each output
+// element is owned by one thread: deterministic.
 // ---------------------------------------------------------------------------------------------
 template <bool CAND>
-__device__ void accumulate_tile(SmemF32& sm, float /*row_hmax*/, const float* __restrict__ X,
+__device__ void accumulate_tile(SmemF32& sm, float /*row_dL_dS_max*/, const float* __restrict__ X,
                                 int64_t x0, int64_t x_rows, float* __restrict__ out, int64_t o0,
                                 int64_t out_rows, int64_t D) {
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  __syncthreads();  // H complete
+  __syncthreads();  // dL_dS complete
   for (int64_t d0 = 0; d0 < D; d0 += DN) {
 #pragma unroll
     for (int i = 0; i < BN * DN / THREADS; ++i) {
@@ -238,7 +261,7 @@ __device__ void accumulate_tile(SmemF32& sm, float /*row_hmax*/, const float* __
     float acc[4][2] = {};
 #pragma unroll 8
     for (int n = 0; n < BN; ++n) {
-      float h[4], x[2];
+      float h[4], x[2];  // h: dL_dS (or its transpose) entries
 #pragma unroll
       for (int i = 0; i < 4; ++i) h[i] = CAND ? sm.S[n][ty + 16 * i] : sm.S[ty + 16 * i][n];
 #pragma unroll
@@ -261,14 +284,14 @@ __device__ void accumulate_tile(SmemF32& sm, float /*row_hmax*/, const float* __
   }
 }
 
-// H is rounded to T for the tensor cores. Its entries span many decades (g_a can be 1/M, Q_ak
-// 1/K, the artanh slope up to c / e), which in fp16 would land in subnormals or overflow. So
-// each output row's H values (a row of H, or a column for H^T) are scaled by a power of two that
-// brings the largest into [2^14, 2^15), and the result is scaled back in fp32: exact, and
-// harmless for bf16.
-__device__ __forceinline__ void set_scale(float hmax, float* scale, float* inv_scale) {
-  if (hmax > 0.0f && hmax <= 3.0e38f) {
-    int e = 14 - ilogbf(hmax);
+// dL_dS is rounded to T for the tensor cores. Its entries span many decades (g_a can be 1/M,
+// Q_ak 1/K, the artanh slope dl_dS up to artanh_scale / artanh_eps), which in fp16 would land in
+// subnormals or overflow (docs/math.md, "Numerical hazards"). So each output row's dL_dS values
+// (a row of dL_dS, or a column for dL_dS^T) are scaled by a power of two that brings the largest
+// into [2^14, 2^15), and the result is scaled back in fp32: exact, and harmless for bf16.
+__device__ __forceinline__ void set_scale(float dL_dS_max, float* scale, float* inv_scale) {
+  if (dL_dS_max > 0.0f && dL_dS_max <= 3.0e38f) {
+    int e = 14 - ilogbf(dL_dS_max);
     e = e < -100 ? -100 : (e > 100 ? 100 : e);
     *scale = ldexpf(1.0f, e);
     *inv_scale = ldexpf(1.0f, -e);
@@ -289,18 +312,18 @@ __device__ __forceinline__ float quad_sum(float v) {
 }
 
 template <bool CAND, typename T>
-__device__ void accumulate_tile(SmemHalf<T>& sm, float row_hmax, const T* __restrict__ X,
+__device__ void accumulate_tile(SmemHalf<T>& sm, float row_dL_dS_max, const T* __restrict__ X,
                                 int64_t x0, int64_t x_rows, float* __restrict__ out, int64_t o0,
                                 int64_t out_rows, int64_t D) {
   const int tid = threadIdx.x, warp = tid / 32, quad_row = tid / 4, part = tid % 4;
   if (!CAND) {
-    // Rows of H: this thread's 16 entries are a quarter of row quad_row.
-    const float m = quad_max(row_hmax);
+    // Rows of dL_dS: this thread's 16 entries are a quarter of row quad_row.
+    const float m = quad_max(row_dL_dS_max);
     if (part == 0) set_scale(m, &sm.scale[quad_row], &sm.inv_scale[quad_row]);
   }
-  __syncthreads();  // H complete (and anchor-side scales)
+  __syncthreads();  // dL_dS complete (and anchor-side scales)
   if (CAND) {
-    // Columns of H, with the same 64 x 4 thread mapping turned sideways.
+    // Columns of dL_dS, with the same 64 x 4 thread mapping turned sideways.
     float m = 0.0f;
 #pragma unroll
     for (int j = 0; j < 16; ++j) m = fmaxf(m, fabsf(sm.S[part + 4 * j][quad_row]));
@@ -311,7 +334,7 @@ __device__ void accumulate_tile(SmemHalf<T>& sm, float row_hmax, const T* __rest
 #pragma unroll
   for (int i = 0; i < BM * BN / THREADS; ++i) {
     const int idx = tid + i * THREADS, r = idx / BN, k = idx % BN;
-    sm.Hh[r][k] = from_float<T>(sm.S[r][k] * sm.scale[CAND ? k : r]);
+    sm.dL_dSh[r][k] = from_float<T>(sm.S[r][k] * sm.scale[CAND ? k : r]);
   }
   __syncthreads();
   float* R = &sm.S[0][0];  // S is dead now: reuse it for the 64 x DN fp32 result
@@ -333,13 +356,13 @@ __device__ void accumulate_tile(SmemHalf<T>& sm, float row_hmax, const T* __rest
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
       wmma::load_matrix_sync(fb, &sm.Xh[kk][fj * 16], DN + 8);
       if (CAND) {
-        // H^T: element (o, n) of the operand sits at Hh[n][o], i.e. column-major.
+        // dL_dS^T: element (o, n) of the operand sits at dL_dSh[n][o], i.e. column-major.
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
-        wmma::load_matrix_sync(fa, &sm.Hh[kk][fi * 16], BN + 8);
+        wmma::load_matrix_sync(fa, &sm.dL_dSh[kk][fi * 16], BN + 8);
         wmma::mma_sync(acc, fa, fb, acc);
       } else {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::load_matrix_sync(fa, &sm.Hh[fi * 16][kk], BN + 8);
+        wmma::load_matrix_sync(fa, &sm.dL_dSh[fi * 16][kk], BN + 8);
         wmma::mma_sync(acc, fa, fb, acc);
       }
     }
@@ -359,9 +382,9 @@ __device__ void accumulate_tile(SmemHalf<T>& sm, float row_hmax, const T* __rest
 // Forward: block (x, y) = anchor rows [64 x, 64 x + 64) against candidate tiles of split y.
 // Thread t serves row t / 4 and its columns t % 4 + 4 j (interleaved: conflict-free banks).
 // ---------------------------------------------------------------------------------------------
-template <typename T, bool ARTANH>
+template <typename T, MaclLogitMap LOGIT_MAP>
 __global__ void __launch_bounds__(THREADS)
-forward_kernel(Args p, const T* __restrict__ A, const T* __restrict__ C,
+forward_kernel(Args p, const T* __restrict__ anchors, const T* __restrict__ candidates,
                float* __restrict__ part_max, float* __restrict__ part_sum, int64_t tiles_per_split) {
   __shared__ Smem<T> sm;
   const int tid = threadIdx.x, row = tid / 4, part = tid % 4;
@@ -373,13 +396,15 @@ forward_kernel(Args p, const T* __restrict__ A, const T* __restrict__ C,
   const int64_t t1 = t0 + tiles_per_split < tiles ? t0 + tiles_per_split : tiles;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t c0 = t * BN;
-    tile_S(sm, A, C, a0, c0, p);
+    tile_S(sm, anchors, candidates, a0, c0, p);
     float l[16], mx = -INFINITY;
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
       const int k = part + 4 * j;
       // Excluded pairs are dropped by index before the map: artanh never sees the self's S = 1.
-      l[j] = in_neg(r, c0 + k, p.K) ? logit<ARTANH>(sm.S[row][k], r.b, p.c, p.eps) : -INFINITY;
+      l[j] = in_neg(r, c0 + k, p.K)
+                 ? logit<LOGIT_MAP>(sm.S[row][k], r.inv_temp, p.artanh_scale, p.artanh_eps)
+                 : -INFINITY;
       mx = fmaxf(mx, l[j]);
     }
     const float m_new = fmaxf(m_run, quad_max(mx));
@@ -399,7 +424,7 @@ forward_kernel(Args p, const T* __restrict__ A, const T* __restrict__ C,
 }
 
 __global__ void combine_kernel(int64_t M, int64_t splits, const float* __restrict__ part_max,
-                               const float* __restrict__ part_sum, float* __restrict__ lse) {
+                               const float* __restrict__ part_sum, float* __restrict__ lse_neg) {
   const int64_t a = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (a >= M) return;
   float m = -INFINITY;
@@ -410,78 +435,84 @@ __global__ void combine_kernel(int64_t M, int64_t splits, const float* __restric
       const float my = part_max[y * M + a];
       if (my != -INFINITY) s += part_sum[y * M + a] * __expf(my - m);
     }
-  lse[a] = m + logf(s);  // -inf for an anchor without negatives (the Python side forbids it)
+  lse_neg[a] = m + logf(s);  // -inf for an anchor without negatives (Python forbids it)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Backward. Blocks [0, anchor_blocks) are anchor blocks, the rest candidate blocks (see top).
 // ---------------------------------------------------------------------------------------------
-template <bool CAND, typename T, bool ARTANH>
-__device__ void backward_side(Smem<T>& sm, const Args& p, const T* __restrict__ A,
-                              const T* __restrict__ C, const float* __restrict__ lse,
-                              const float* __restrict__ grad, float* __restrict__ out,
+// out: d_anchors (anchor side, !CAND) or d_candidates (candidate side, CAND), or nullptr.
+template <bool CAND, typename T, MaclLogitMap LOGIT_MAP>
+__device__ void backward_side(Smem<T>& sm, const Args& p, const T* __restrict__ anchors,
+                              const T* __restrict__ candidates, const float* __restrict__ lse_neg,
+                              const float* __restrict__ g, float* __restrict__ out,
                               float* __restrict__ d_inv_temp, int64_t block) {
   const int tid = threadIdx.x, row = tid / 4, part = tid % 4;
   const int64_t o0 = block * 64;
   const int64_t tiles = CAND ? cdiv(p.M, BM) : cdiv(p.K, BN);
-  float db = 0.0f;
+  float d_inv_temp_a = 0.0f;  // this lane's share of d_inv_temp[a] (anchor side)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t a0 = CAND ? t * BM : o0, c0 = CAND ? o0 : t * BN;
-    tile_S(sm, A, C, a0, c0, p);
+    tile_S(sm, anchors, candidates, a0, c0, p);
     const int64_t a = a0 + row;
     const Row r = load_row(p, a);
-    const float lse_a = r.ok ? lse[a] : 0.0f, g_a = r.ok ? grad[a] : 0.0f;
-    float hmax = 0.0f;
+    const float lse_neg_a = r.ok ? lse_neg[a] : 0.0f, g_a = r.ok ? g[a] : 0.0f;
+    float dL_dS_max = 0.0f;
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
       const int k = part + 4 * j;
-      const float s = sm.S[row][k];
-      float h = 0.0f;
+      const float S_ak = sm.S[row][k];
+      float dL_dS = 0.0f;
       if (in_neg(r, c0 + k, p.K)) {
-        const float G = g_a * __expf(logit<ARTANH>(s, r.b, p.c, p.eps) - lse_a);
-        db = fmaf(G, s, db);
-        h = G * slope<ARTANH>(s, r.b, p.c, p.eps);
+        const float dL_dl =
+            g_a * __expf(logit<LOGIT_MAP>(S_ak, r.inv_temp, p.artanh_scale, p.artanh_eps) -
+                         lse_neg_a);
+        d_inv_temp_a = fmaf(dL_dl, S_ak, d_inv_temp_a);
+        dL_dS = dL_dl * dl_dS<LOGIT_MAP>(S_ak, r.inv_temp, p.artanh_scale, p.artanh_eps);
       }
-      sm.S[row][k] = h;
-      hmax = fmaxf(hmax, fabsf(h));
+      sm.S[row][k] = dL_dS;
+      dL_dS_max = fmaxf(dL_dS_max, fabsf(dL_dS));
     }
     if (out != nullptr) {  // uniform over the block
-      accumulate_tile<CAND>(sm, hmax, CAND ? A : C, CAND ? a0 : c0, CAND ? p.M : p.K, out, o0,
-                            CAND ? p.K : p.M, p.D);
+      accumulate_tile<CAND>(sm, dL_dS_max, CAND ? anchors : candidates, CAND ? a0 : c0,
+                            CAND ? p.M : p.K, out, o0, CAND ? p.K : p.M, p.D);
     } else {
       __syncthreads();
     }
   }
   if (!CAND && d_inv_temp != nullptr) {
-    db = quad_sum(db);
-    if (part == 0 && o0 + row < p.M) d_inv_temp[o0 + row] = db;
+    d_inv_temp_a = quad_sum(d_inv_temp_a);
+    if (part == 0 && o0 + row < p.M) d_inv_temp[o0 + row] = d_inv_temp_a;
   }
 }
 
-template <typename T, bool ARTANH>
+template <typename T, MaclLogitMap LOGIT_MAP>
 __global__ void __launch_bounds__(THREADS)
-backward_kernel(Args p, const T* __restrict__ A, const T* __restrict__ C,
-                const float* __restrict__ lse, const float* __restrict__ grad,
-                float* __restrict__ dA, float* __restrict__ dC, float* __restrict__ d_inv_temp,
-                int64_t anchor_blocks) {
+backward_kernel(Args p, const T* __restrict__ anchors, const T* __restrict__ candidates,
+                const float* __restrict__ lse_neg, const float* __restrict__ g,
+                float* __restrict__ d_anchors, float* __restrict__ d_candidates,
+                float* __restrict__ d_inv_temp, int64_t anchor_blocks) {
   __shared__ Smem<T> sm;
   const int64_t b = blockIdx.x;
   if (b < anchor_blocks)
-    backward_side<false, T, ARTANH>(sm, p, A, C, lse, grad, dA, d_inv_temp, b);
+    backward_side<false, T, LOGIT_MAP>(sm, p, anchors, candidates, lse_neg, g, d_anchors,
+                                       d_inv_temp, b);
   else
-    backward_side<true, T, ARTANH>(sm, p, A, C, lse, grad, dC, nullptr, b - anchor_blocks);
+    backward_side<true, T, LOGIT_MAP>(sm, p, anchors, candidates, lse_neg, g, d_candidates,
+                                      nullptr, b - anchor_blocks);
 }
 
 // ---------------------------------------------------------------------------------------------
-// float64: one thread per anchor row (forward, dA, db) or candidate row (dC), no shared memory.
+// float64: one thread per anchor row (forward, d_anchors, d_inv_temp) or candidate row
+// (d_candidates), no shared memory. The logit map is a runtime field here.
 // ---------------------------------------------------------------------------------------------
 struct ArgsF64 {
   int64_t M, K, D;
-  bool artanh;
-  double c, eps;
+  int logit_map;  // MaclLogitMap
+  double artanh_scale, artanh_eps;
   const double* inv_temp;
-  const int64_t* pos;
-  const int64_t* self;
+  const int64_t* pos_index;
+  const int64_t* self_index;
 };
 
 __device__ __forceinline__ double dot64(const double* x, const double* y, int64_t D) {
@@ -491,27 +522,32 @@ __device__ __forceinline__ double dot64(const double* x, const double* y, int64_
 }
 
 __device__ __forceinline__ bool excluded64(const ArgsF64& p, int64_t a, int64_t k) {
-  return k == p.pos[a] || (p.self != nullptr && k == p.self[a]);
+  return k == p.pos_index[a] || (p.self_index != nullptr && k == p.self_index[a]);
 }
 
-__device__ __forceinline__ double logit64(const ArgsF64& p, int64_t a, double s) {
-  if (p.artanh) return p.c * atanh(fmin(fmax(s, -1.0 + p.eps), 1.0 - p.eps));
-  return p.inv_temp[a] * s;
+__device__ __forceinline__ double logit64(const ArgsF64& p, int64_t a, double S_ak) {
+  if (p.logit_map == MACL_LOGIT_MAP_ARTANH)
+    return p.artanh_scale * atanh(fmin(fmax(S_ak, -1.0 + p.artanh_eps), 1.0 - p.artanh_eps));
+  return p.inv_temp[a] * S_ak;
 }
 
-__device__ __forceinline__ double slope64(const ArgsF64& p, int64_t a, double s) {
-  if (p.artanh) return fabs(s) < 1.0 - p.eps ? p.c / fmax(1.0 - s * s, p.eps) : 0.0;
+__device__ __forceinline__ double dl_dS64(const ArgsF64& p, int64_t a, double S_ak) {
+  if (p.logit_map == MACL_LOGIT_MAP_ARTANH)
+    return fabs(S_ak) < 1.0 - p.artanh_eps
+               ? p.artanh_scale / fmax(1.0 - S_ak * S_ak, p.artanh_eps)
+               : 0.0;
   return p.inv_temp[a];
 }
 
-__global__ void forward_f64(ArgsF64 p, const double* __restrict__ A, const double* __restrict__ C,
-                            double* __restrict__ lse) {
+__global__ void forward_f64(ArgsF64 p, const double* __restrict__ anchors,
+                            const double* __restrict__ candidates,
+                            double* __restrict__ lse_neg) {
   const int64_t a = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (a >= p.M) return;
   double m = -INFINITY, s = 0.0;
   for (int64_t k = 0; k < p.K; ++k) {
     if (excluded64(p, a, k)) continue;
-    const double l = logit64(p, a, dot64(A + a * p.D, C + k * p.D, p.D));
+    const double l = logit64(p, a, dot64(anchors + a * p.D, candidates + k * p.D, p.D));
     if (l > m) {
       s = s * exp(m - l) + 1.0;
       m = l;
@@ -519,38 +555,40 @@ __global__ void forward_f64(ArgsF64 p, const double* __restrict__ A, const doubl
       s += exp(l - m);
     }
   }
-  lse[a] = m + log(s);
+  lse_neg[a] = m + log(s);
 }
 
-__global__ void backward_f64(ArgsF64 p, const double* __restrict__ A,
-                             const double* __restrict__ C, const double* __restrict__ lse,
-                             const double* __restrict__ grad, double* __restrict__ dA,
-                             double* __restrict__ dC, double* __restrict__ d_inv_temp,
-                             int64_t anchor_threads) {
+__global__ void backward_f64(ArgsF64 p, const double* __restrict__ anchors,
+                             const double* __restrict__ candidates,
+                             const double* __restrict__ lse_neg, const double* __restrict__ g,
+                             double* __restrict__ d_anchors, double* __restrict__ d_candidates,
+                             double* __restrict__ d_inv_temp, int64_t anchor_threads) {
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t < anchor_threads) {
     const int64_t a = t;
     if (a >= p.M) return;
-    double db = 0.0;
+    double d_inv_temp_a = 0.0;
     for (int64_t k = 0; k < p.K; ++k) {
       if (excluded64(p, a, k)) continue;
-      const double s = dot64(A + a * p.D, C + k * p.D, p.D);
-      const double G = grad[a] * exp(logit64(p, a, s) - lse[a]);
-      db += G * s;
-      if (dA != nullptr) {
-        const double h = G * slope64(p, a, s);
-        for (int64_t d = 0; d < p.D; ++d) dA[a * p.D + d] += h * C[k * p.D + d];
+      const double S_ak = dot64(anchors + a * p.D, candidates + k * p.D, p.D);
+      const double dL_dl = g[a] * exp(logit64(p, a, S_ak) - lse_neg[a]);
+      d_inv_temp_a += dL_dl * S_ak;
+      if (d_anchors != nullptr) {
+        const double dL_dS = dL_dl * dl_dS64(p, a, S_ak);
+        for (int64_t d = 0; d < p.D; ++d)
+          d_anchors[a * p.D + d] += dL_dS * candidates[k * p.D + d];
       }
     }
-    if (d_inv_temp != nullptr) d_inv_temp[a] = db;
+    if (d_inv_temp != nullptr) d_inv_temp[a] = d_inv_temp_a;
   } else {
     const int64_t k = t - anchor_threads;
-    if (k >= p.K || dC == nullptr) return;
+    if (k >= p.K || d_candidates == nullptr) return;
     for (int64_t a = 0; a < p.M; ++a) {
       if (excluded64(p, a, k)) continue;
-      const double s = dot64(A + a * p.D, C + k * p.D, p.D);
-      const double h = grad[a] * exp(logit64(p, a, s) - lse[a]) * slope64(p, a, s);
-      for (int64_t d = 0; d < p.D; ++d) dC[k * p.D + d] += h * A[a * p.D + d];
+      const double S_ak = dot64(anchors + a * p.D, candidates + k * p.D, p.D);
+      const double dL_dS =
+          g[a] * exp(logit64(p, a, S_ak) - lse_neg[a]) * dl_dS64(p, a, S_ak);
+      for (int64_t d = 0; d < p.D; ++d) d_candidates[k * p.D + d] += dL_dS * anchors[a * p.D + d];
     }
   }
 }
@@ -558,15 +596,19 @@ __global__ void backward_f64(ArgsF64 p, const double* __restrict__ A,
 // ---------------------------------------------------------------------------------------------
 // Launch helpers
 // ---------------------------------------------------------------------------------------------
+bool is_artanh(const MaclProblem* p) { return p->logit_map == MACL_LOGIT_MAP_ARTANH; }
+
 Args make_args(const MaclProblem* p) {
-  return Args{p->M, p->K, p->D, static_cast<float>(p->scale), static_cast<float>(p->eps),
-              p->artanh ? nullptr : static_cast<const float*>(p->inv_temp), p->pos, p->self};
+  return Args{p->M, p->K, p->D, static_cast<float>(p->artanh_scale),
+              static_cast<float>(p->artanh_eps),
+              is_artanh(p) ? nullptr : static_cast<const float*>(p->inv_temp), p->pos_index,
+              p->self_index};
 }
 
 ArgsF64 make_args64(const MaclProblem* p) {
-  return ArgsF64{p->M, p->K, p->D, p->artanh != 0, p->scale, p->eps,
-                 p->artanh ? nullptr : static_cast<const double*>(p->inv_temp), p->pos,
-                 p->self};
+  return ArgsF64{p->M, p->K, p->D, p->logit_map, p->artanh_scale, p->artanh_eps,
+                 is_artanh(p) ? nullptr : static_cast<const double*>(p->inv_temp), p->pos_index,
+                 p->self_index};
 }
 
 int64_t forward_splits(int64_t M, int64_t K) {
@@ -577,65 +619,86 @@ int64_t forward_splits(int64_t M, int64_t K) {
   return splits < 1 ? 1 : splits;
 }
 
-template <typename T, bool ARTANH>
-cudaError_t launch_forward(const MaclProblem* p, const void* A, const void* C, float* lse,
-                           float* workspace, cudaStream_t stream) {
+template <typename T, MaclLogitMap LOGIT_MAP>
+cudaError_t launch_forward(const MaclProblem* p, const void* anchors, const void* candidates,
+                           float* lse_neg, float* workspace, cudaStream_t stream) {
   const Args args = make_args(p);
   const int64_t splits = forward_splits(p->M, p->K);
   const int64_t tiles_per_split = cdiv(cdiv(p->K, BN), splits);
   float* part_max = workspace;
   float* part_sum = workspace + splits * p->M;
   const dim3 grid(static_cast<unsigned>(cdiv(p->M, BM)), static_cast<unsigned>(splits));
-  forward_kernel<T, ARTANH><<<grid, THREADS, 0, stream>>>(
-      args, static_cast<const T*>(A), static_cast<const T*>(C), part_max, part_sum,
-      tiles_per_split);
+  forward_kernel<T, LOGIT_MAP><<<grid, THREADS, 0, stream>>>(
+      args, static_cast<const T*>(anchors), static_cast<const T*>(candidates), part_max,
+      part_sum, tiles_per_split);
   combine_kernel<<<static_cast<unsigned>(cdiv(p->M, 256)), 256, 0, stream>>>(
-      p->M, splits, part_max, part_sum, lse);
+      p->M, splits, part_max, part_sum, lse_neg);
   return cudaGetLastError();
 }
 
-template <typename T, bool ARTANH>
-cudaError_t launch_backward(const MaclProblem* p, const void* A, const void* C, const float* lse,
-                            const float* grad, float* dA, float* dC, float* d_inv_temp,
-                            cudaStream_t stream) {
+template <typename T, MaclLogitMap LOGIT_MAP>
+cudaError_t launch_backward(const MaclProblem* p, const void* anchors, const void* candidates,
+                            const float* lse_neg, const float* g, float* d_anchors,
+                            float* d_candidates, float* d_inv_temp, cudaStream_t stream) {
   const Args args = make_args(p);
   // Blocks with nothing to produce are not launched at all.
-  const int64_t anchor_blocks = (dA != nullptr || d_inv_temp != nullptr) ? cdiv(p->M, BM) : 0;
-  const int64_t candidate_blocks = dC != nullptr ? cdiv(p->K, BN) : 0;
+  const int64_t anchor_blocks =
+      (d_anchors != nullptr || d_inv_temp != nullptr) ? cdiv(p->M, BM) : 0;
+  const int64_t candidate_blocks = d_candidates != nullptr ? cdiv(p->K, BN) : 0;
   const int64_t blocks = anchor_blocks + candidate_blocks;
   if (blocks == 0) return cudaSuccess;
-  backward_kernel<T, ARTANH><<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(
-      args, static_cast<const T*>(A), static_cast<const T*>(C), lse, grad, dA, dC, d_inv_temp,
-      anchor_blocks);
+  backward_kernel<T, LOGIT_MAP><<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(
+      args, static_cast<const T*>(anchors), static_cast<const T*>(candidates), lse_neg, g,
+      d_anchors, d_candidates, d_inv_temp, anchor_blocks);
   return cudaGetLastError();
 }
 
-template <bool ARTANH>
-cudaError_t forward_map(const MaclProblem* p, const void* A, const void* C, float* lse,
-                        float* ws, cudaStream_t s) {
+template <MaclLogitMap LOGIT_MAP>
+cudaError_t forward_map(const MaclProblem* p, const void* anchors, const void* candidates,
+                        float* lse_neg, float* ws, cudaStream_t s) {
   switch (p->operand) {
-    case MACL_OPERAND_F32: return launch_forward<float, ARTANH>(p, A, C, lse, ws, s);
-    case MACL_OPERAND_F16: return launch_forward<__half, ARTANH>(p, A, C, lse, ws, s);
-    case MACL_OPERAND_BF16: return launch_forward<__nv_bfloat16, ARTANH>(p, A, C, lse, ws, s);
+    case MACL_OPERAND_F32:
+      return launch_forward<float, LOGIT_MAP>(p, anchors, candidates, lse_neg, ws, s);
+    case MACL_OPERAND_F16:
+      return launch_forward<__half, LOGIT_MAP>(p, anchors, candidates, lse_neg, ws, s);
+    case MACL_OPERAND_BF16:
+      return launch_forward<__nv_bfloat16, LOGIT_MAP>(p, anchors, candidates, lse_neg, ws, s);
     default: return cudaErrorInvalidValue;
   }
 }
 
-template <bool ARTANH>
-cudaError_t backward_map(const MaclProblem* p, const void* A, const void* C, const float* lse,
-                         const float* g, float* dA, float* dC, float* db, cudaStream_t s) {
+template <MaclLogitMap LOGIT_MAP>
+cudaError_t backward_map(const MaclProblem* p, const void* anchors, const void* candidates,
+                         const float* lse_neg, const float* g, float* d_anchors,
+                         float* d_candidates, float* d_inv_temp, cudaStream_t s) {
   switch (p->operand) {
-    case MACL_OPERAND_F32: return launch_backward<float, ARTANH>(p, A, C, lse, g, dA, dC, db, s);
-    case MACL_OPERAND_F16: return launch_backward<__half, ARTANH>(p, A, C, lse, g, dA, dC, db, s);
+    case MACL_OPERAND_F32:
+      return launch_backward<float, LOGIT_MAP>(p, anchors, candidates, lse_neg, g, d_anchors,
+                                               d_candidates, d_inv_temp, s);
+    case MACL_OPERAND_F16:
+      return launch_backward<__half, LOGIT_MAP>(p, anchors, candidates, lse_neg, g, d_anchors,
+                                                d_candidates, d_inv_temp, s);
     case MACL_OPERAND_BF16:
-      return launch_backward<__nv_bfloat16, ARTANH>(p, A, C, lse, g, dA, dC, db, s);
+      return launch_backward<__nv_bfloat16, LOGIT_MAP>(p, anchors, candidates, lse_neg, g,
+                                                       d_anchors, d_candidates, d_inv_temp, s);
     default: return cudaErrorInvalidValue;
+  }
+}
+
+// The checks of the binding, repeated for C callers: an unknown logit_map, a missing inv_temp
+// (scaled map) or an artanh_scale / artanh_eps out of range (artanh map) is cudaErrorInvalidValue.
+bool valid_logit_map(const MaclProblem* p) {
+  switch (p->logit_map) {
+    case MACL_LOGIT_MAP_SCALED: return p->inv_temp != nullptr;
+    case MACL_LOGIT_MAP_ARTANH:
+      return p->artanh_scale > 0.0 && p->artanh_eps > 0.0 && p->artanh_eps < 1.0;
+    default: return false;
   }
 }
 
 bool valid_problem(const MaclProblem* p) {
-  return p != nullptr && p->M >= 0 && p->K >= 0 && p->D >= 0 && p->pos != nullptr &&
-         (p->artanh || p->inv_temp != nullptr) && p->operand >= MACL_OPERAND_F32 &&
+  return p != nullptr && p->M >= 0 && p->K >= 0 && p->D >= 0 && p->pos_index != nullptr &&
+         valid_logit_map(p) && p->operand >= MACL_OPERAND_F32 &&
          p->operand <= MACL_OPERAND_F64 && cdiv(p->M + p->K, BM) < (int64_t(1) << 31);
 }
 
@@ -646,46 +709,52 @@ extern "C" size_t macl_cuda_forward_workspace(const MaclProblem* p) {
   return static_cast<size_t>(2 * forward_splits(p->M, p->K) * p->M);
 }
 
-extern "C" cudaError_t macl_cuda_forward(const MaclProblem* p, const void* A, const void* C,
-                                         void* lse_neg, void* workspace, cudaStream_t stream) {
+extern "C" cudaError_t macl_cuda_forward(const MaclProblem* p, const void* anchors,
+                                         const void* candidates, void* lse_neg, void* workspace,
+                                         cudaStream_t stream) {
   if (!valid_problem(p)) return cudaErrorInvalidValue;
   if (p->M == 0) return cudaSuccess;
   if (p->operand == MACL_OPERAND_F64) {
     forward_f64<<<static_cast<unsigned>(cdiv(p->M, 128)), 128, 0, stream>>>(
-        make_args64(p), static_cast<const double*>(A), static_cast<const double*>(C),
-        static_cast<double*>(lse_neg));
+        make_args64(p), static_cast<const double*>(anchors),
+        static_cast<const double*>(candidates), static_cast<double*>(lse_neg));
     return cudaGetLastError();
   }
   if (workspace == nullptr) return cudaErrorInvalidValue;
   float* lse = static_cast<float*>(lse_neg);
   float* ws = static_cast<float*>(workspace);
-  return p->artanh ? forward_map<true>(p, A, C, lse, ws, stream)
-                   : forward_map<false>(p, A, C, lse, ws, stream);
+  return is_artanh(p)
+             ? forward_map<MACL_LOGIT_MAP_ARTANH>(p, anchors, candidates, lse, ws, stream)
+             : forward_map<MACL_LOGIT_MAP_SCALED>(p, anchors, candidates, lse, ws, stream);
 }
 
-extern "C" cudaError_t macl_cuda_backward(const MaclProblem* p, const void* A, const void* C,
-                                          const void* lse_neg, const void* grad_lse, void* dA,
-                                          void* dC, void* d_inv_temp, cudaStream_t stream) {
+extern "C" cudaError_t macl_cuda_backward(const MaclProblem* p, const void* anchors,
+                                          const void* candidates, const void* lse_neg,
+                                          const void* g, void* d_anchors, void* d_candidates,
+                                          void* d_inv_temp, cudaStream_t stream) {
   if (!valid_problem(p)) return cudaErrorInvalidValue;
-  if (p->artanh) d_inv_temp = nullptr;  // no temperature in the artanh map
+  if (is_artanh(p)) d_inv_temp = nullptr;  // no temperature in the artanh map
   if (p->M == 0) return cudaSuccess;
   if (p->operand == MACL_OPERAND_F64) {
     const int64_t anchor_threads =
-        (dA != nullptr || d_inv_temp != nullptr) ? cdiv(p->M, 128) * 128 : 0;
-    const int64_t threads = anchor_threads + (dC != nullptr ? p->K : 0);
+        (d_anchors != nullptr || d_inv_temp != nullptr) ? cdiv(p->M, 128) * 128 : 0;
+    const int64_t threads = anchor_threads + (d_candidates != nullptr ? p->K : 0);
     if (threads == 0) return cudaSuccess;
     backward_f64<<<static_cast<unsigned>(cdiv(threads, 128)), 128, 0, stream>>>(
-        make_args64(p), static_cast<const double*>(A), static_cast<const double*>(C),
-        static_cast<const double*>(lse_neg), static_cast<const double*>(grad_lse),
-        static_cast<double*>(dA), static_cast<double*>(dC), static_cast<double*>(d_inv_temp),
-        anchor_threads);
+        make_args64(p), static_cast<const double*>(anchors),
+        static_cast<const double*>(candidates), static_cast<const double*>(lse_neg),
+        static_cast<const double*>(g), static_cast<double*>(d_anchors),
+        static_cast<double*>(d_candidates), static_cast<double*>(d_inv_temp), anchor_threads);
     return cudaGetLastError();
   }
   const float* lse = static_cast<const float*>(lse_neg);
-  const float* g = static_cast<const float*>(grad_lse);
-  float* a = static_cast<float*>(dA);
-  float* c = static_cast<float*>(dC);
-  float* db = static_cast<float*>(d_inv_temp);
-  return p->artanh ? backward_map<true>(p, A, C, lse, g, a, c, db, stream)
-                   : backward_map<false>(p, A, C, lse, g, a, c, db, stream);
+  const float* g32 = static_cast<const float*>(g);
+  float* da = static_cast<float*>(d_anchors);
+  float* dc = static_cast<float*>(d_candidates);
+  float* dt = static_cast<float*>(d_inv_temp);
+  return is_artanh(p)
+             ? backward_map<MACL_LOGIT_MAP_ARTANH>(p, anchors, candidates, lse, g32, da, dc, dt,
+                                                   stream)
+             : backward_map<MACL_LOGIT_MAP_SCALED>(p, anchors, candidates, lse, g32, da, dc, dt,
+                                                   stream);
 }

@@ -3,16 +3,18 @@
 Test modules import the plain helpers with ``from conftest import ...`` (pytest puts ``tests/`` on
 ``sys.path``); the fixtures wrap the same helpers.
 
-Tolerances come from SPEC.md section 8: float64 backends agree to float64 rounding (we use a
-relative error of 1e-10), float32 inputs to 1e-5 and bfloat16/float16 inputs to 2e-2 relative
-error against the float64 reference.
+The loss cases, layouts, dtypes and tolerances are NOT declared here: they come from the one
+registry ``macl_kernels/_cases.py`` (the tolerances and their reasons:
+docs/math.md#tolerances). This file adds the test-only pieces: seeded inputs, a fixed upstream
+gradient, the dense oracle of the primitive (docs/math.md#the-primitive) and the list of kernel
+backends usable on this machine.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -22,25 +24,61 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import macl_kernels as mk
+import macl_kernels as mk  # noqa: E402
+from macl_kernels._cases import (  # noqa: E402
+    CLIP_SCALE, DTYPES, LOSS_CASES, LOSS_LAYOUTS, TOLERANCES, num_anchors, relative_error,
+    tolerance,
+)
+from macl_kernels._primitive import LogitMap  # noqa: E402
+from macl_kernels._validate import LAYOUTS, REDUCTIONS  # noqa: E402
 
-F64_RTOL = 1e-10  # float64 backend vs float64 reference (SPEC: "to float64 rounding")
-F32_RTOL = 1e-5  # float32 inputs vs float64 reference (SPEC section 8)
-HALF_RTOL = 2e-2  # bfloat16 / float16 inputs vs float64 reference (SPEC section 8)
+
+def pytest_configure(config):
+    # Also registered in the project configuration; repeated here so that `-m "not slow"` works
+    # (and --strict-markers accepts it) whatever that file says.
+    config.addinivalue_line(
+        "markers", "slow: subprocess-heavy tests (compilers, torchrun, example scripts, CLI "
+                   "workers); `make test-fast` deselects them")
+
+
+F64_RTOL = TOLERANCES["float64"]  # float64 backend vs float64 reference ("to float64 rounding")
+F32_RTOL = TOLERANCES["float32"]  # float32 inputs vs float64 reference
+HALF_RTOL = TOLERANCES["bfloat16"]  # bfloat16 / float16 inputs vs float64 reference
+assert TOLERANCES["float16"] == HALF_RTOL
 
 COMPUTE_BACKENDS = ("reference", "torch", "cpu")  # every backend that runs on CPU tensors in CI
-LAYOUTS = ("2n", "cross", "cross_sym")
-REDUCTIONS = ("mean", "sum", "none")
+# Every loss that takes a layout (all but CLIP, whose one layout is cross_sym).
+LAYOUT_LOSSES = [name for name, case in LOSS_CASES.items() if not case.uses_logit_scale]
+
+HAS_CUDA = torch.cuda.is_available()
+# Where the device kernels (triton, cuda) run: the GPU if there is one, else the CPU (Triton's
+# interpreter).
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def kernel_backends() -> Tuple[str, ...]:
+    """The kernel backends to test on this machine: torch and cpu always (a missing cpu extension
+    is a failure, not a skip), triton when it is usable on ``DEVICE`` (its interpreter without a
+    GPU), cuda when there is a GPU (a missing extension is then a failure)."""
+    names = ["torch", "cpu"]
+    if mk.available_backends(DEVICE)["triton"] is None:
+        names.append("triton")
+    if HAS_CUDA:
+        names.append("cuda")
+    return tuple(names)
+
+
+KERNEL_BACKENDS = kernel_backends()
+
+
+def backend_device(backend: str) -> torch.device:
+    """Where ``backend``'s kernels run here."""
+    return DEVICE if backend in ("triton", "cuda") else torch.device("cpu")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """``||a - b|| / ||b||`` in float64 (the absolute ``||a - b||`` when ``b == 0``)."""
-    a = torch.as_tensor(a).detach().to(torch.float64)
-    b = torch.as_tensor(b).detach().to(torch.float64)
-    assert a.shape == b.shape, f"shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}"
-    diff = torch.linalg.vector_norm(a - b).item()
-    ref = torch.linalg.vector_norm(b).item()
-    return diff / ref if ref > 0 else diff
+    return relative_error(a, b)
 
 
 def assert_rel_close(a, b, tol: float, what: str = "") -> None:
@@ -93,12 +131,15 @@ def assert_same_results(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor
         assert_rel_close(a, b, tol, name)
 
 
-def dense_negative_lse(anchors, candidates, inv_temp, pos_index, self_index, artanh_scale,
-                       artanh_eps):
-    """The primitive every backend implements, as a full matrix by autograd: the independent
-    oracle of the backends' ``negative_lse`` (SPEC.md section 6)."""
+def dense_negative_lse(anchors, candidates, inv_temp, pos_index, self_index,
+                       logit_map=LogitMap.SCALED, artanh_scale=0.0, artanh_eps=0.0):
+    """The primitive every kernel backend implements (docs/math.md#the-primitive), as a full
+    matrix by autograd: the independent oracle of ``macl_kernels._ops.negative_lse``, with the
+    same arguments (``candidates=None``: the candidates are the anchors)."""
+    if candidates is None:
+        candidates = anchors
     S = anchors @ candidates.T
-    if artanh_scale is None:
+    if LogitMap(logit_map) is LogitMap.SCALED:
         logits = S * inv_temp[:, None]
     else:
         logits = artanh_scale * torch.atanh(S.clamp(-1 + artanh_eps, 1 - artanh_eps))
@@ -110,36 +151,16 @@ def dense_negative_lse(anchors, candidates, inv_temp, pos_index, self_index, art
     return torch.logsumexp(logits.masked_fill(excluded, float("-inf")), dim=1)
 
 
-# Every public loss, as (function, extra keyword arguments, layouts it supports). CLIP has its own
-# fixed layout (cross_sym) and takes the scale instead of a temperature.
-LOSS_CASES: Dict[str, Tuple[Callable, dict]] = {
-    "infonce": (mk.infonce_loss, dict(temperature=0.2)),
-    "dcl": (mk.dcl_loss, dict(temperature=0.2)),
-    "dclw": (mk.dcl_loss, dict(temperature=0.2, weighted=True)),
-    "macl": (mk.macl_loss, dict()),
-    "macl_anchor": (mk.macl_loss, dict(temperature_mode="anchor")),
-    "macl_exp": (mk.macl_loss, dict(schedule="exp", alpha=2.0)),
-    "macl_noreweight": (mk.macl_loss, dict(reweight=False)),
-    "tfree": (mk.tfree_loss, dict()),
-    "clip": (mk.clip_loss, dict(logit_scale=1 / 0.07)),
-}
-LAYOUT_LOSSES = [name for name in LOSS_CASES if name != "clip"]
-# Every (loss, layout) pair that exists: CLIP only as cross_sym.
-LOSS_LAYOUTS = [(name, layout) for name in LAYOUT_LOSSES for layout in LAYOUTS] + [
-    ("clip", "cross_sym")]
-
-
 def loss_case(name: str, layout: str = "2n"):
-    """``(fn, kwargs)`` for a loss case; ``layout`` is added for every loss except CLIP."""
-    fn, kw = LOSS_CASES[name]
-    kw = dict(kw)
-    if name != "clip":
+    """``(fn, kwargs)`` of the registry's loss case ``name`` (``macl_kernels._cases``);
+    ``layout`` is added for every loss except CLIP, which gets the registry's logit scale."""
+    case = LOSS_CASES[name]
+    kw = dict(case.kwargs)
+    if case.uses_logit_scale:
+        kw["logit_scale"] = CLIP_SCALE
+    else:
         kw["layout"] = layout
-    return fn, kw
-
-
-def num_anchors(n: int, layout: str) -> int:
-    return n if layout == "cross" else 2 * n
+    return case.fn, kw
 
 
 @pytest.fixture
@@ -156,15 +177,16 @@ def pair_factory():
 
 @pytest.fixture
 def hand_case():
-    """SPEC.md section 8's hand case in float64."""
+    """The hand case of docs/math.md#tolerances in float64."""
     z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     z2 = torch.tensor([[0.8, 0.6], [0.6, 0.8]], dtype=torch.float64)
     return z1, z2
 
 
 __all__ = [
-    "F64_RTOL", "F32_RTOL", "HALF_RTOL", "COMPUTE_BACKENDS", "LAYOUTS", "REDUCTIONS", "rel_err",
+    "F64_RTOL", "F32_RTOL", "HALF_RTOL", "COMPUTE_BACKENDS", "KERNEL_BACKENDS", "DEVICE",
+    "HAS_CUDA", "LAYOUTS", "REDUCTIONS", "DTYPES", "TOLERANCES", "tolerance", "rel_err",
     "assert_rel_close", "make_pair", "upstream_like", "loss_and_grads", "assert_same_results",
-    "dense_negative_lse",
-    "LOSS_CASES", "LAYOUT_LOSSES", "LOSS_LAYOUTS", "loss_case", "num_anchors",
+    "dense_negative_lse", "backend_device", "LOSS_CASES", "LAYOUT_LOSSES", "LOSS_LAYOUTS",
+    "loss_case", "num_anchors", "LogitMap",
 ]

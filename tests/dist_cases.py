@@ -9,21 +9,12 @@ import torch
 
 import macl_kernels as mk
 from macl_kernels import reference
+from macl_kernels._cases import LOSS_LAYOUTS, LOSS_CASES
 
 N_GLOBAL = 12  # rows per view of the global batch: divisible by 1, 2, 3, 4 ranks
 DIM = 5
 BACKENDS = ("reference", "torch", "cpu")  # every CPU backend
-LAYOUTS = ("2n", "cross", "cross_sym")
-REDUCTIONS = ("mean", "sum")
-
-LOSSES = {
-    "infonce": functools.partial(mk.infonce_loss, temperature=0.2),
-    "dcl": functools.partial(mk.dcl_loss, temperature=0.2),
-    "dclw": functools.partial(mk.dcl_loss, temperature=0.2, weighted=True),
-    "macl": functools.partial(mk.macl_loss, temperature=0.1),
-    "macl_anchor": functools.partial(mk.macl_loss, temperature=0.1, temperature_mode="anchor"),
-    "tfree": mk.tfree_loss,
-}
+REDUCTIONS = ("mean", "sum")  # "none" has no cross-rank meaning beyond the local rows
 
 
 def global_batch():
@@ -34,27 +25,26 @@ def global_batch():
     return z1, z2, torch.tensor(5.0, dtype=torch.float64)
 
 
-def run_case(fn, z1, z2, scale, *, uses_scale=False, **kwargs):
-    """Loss and gradients wrt ``z1``, ``z2`` (and the scale for CLIP) of ``fn`` on fresh leaves."""
+def run_case(case, layout, z1, z2, scale, **kwargs):
+    """Loss and gradients wrt ``z1``, ``z2`` (and the scale for CLIP) of the registry's loss
+    ``case`` (``macl_kernels._cases``) on fresh leaves."""
     leaves = [z1.detach().clone().requires_grad_(), z2.detach().clone().requires_grad_()]
-    if uses_scale:
+    if case.uses_logit_scale:
         leaves.append(scale.detach().clone().requires_grad_())
-        loss = fn(leaves[0], leaves[1], leaves[2], **kwargs)
+        loss = case.call(leaves[0], leaves[1], layout, logit_scale=leaves[2], **kwargs)
     else:
-        loss = fn(leaves[0], leaves[1], **kwargs)
+        loss = case.call(leaves[0], leaves[1], layout, **kwargs)
     return (loss.detach(), *torch.autograd.grad(loss, leaves))
 
 
 def cases():
-    """``(key, run)`` pairs; ``run(z1, z2, scale, gather_distributed=...)``."""
+    """``(key, run)`` pairs for every backend, reduction and (loss, layout) of the registry;
+    ``run(z1, z2, scale, gather_distributed=...)``."""
     for backend in BACKENDS:
         for reduction in REDUCTIONS:
-            for name, fn in LOSSES.items():
-                for layout in LAYOUTS:
-                    yield (backend, name, layout, reduction), functools.partial(
-                        run_case, fn, backend=backend, layout=layout, reduction=reduction)
-            yield (backend, "clip", "cross_sym", reduction), functools.partial(
-                run_case, mk.clip_loss, uses_scale=True, backend=backend, reduction=reduction)
+            for name, layout in LOSS_LAYOUTS:
+                yield (backend, name, layout, reduction), functools.partial(
+                    run_case, LOSS_CASES[name], layout, backend=backend, reduction=reduction)
 
 
 def _model():
@@ -83,6 +73,12 @@ def single_process_step():
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
+def _run_module(module, z1, z2, scale):
+    leaves = [t.detach().clone().requires_grad_() for t in (z1, z2, scale)]
+    loss = module(*leaves)
+    return (loss.detach(), *torch.autograd.grad(loss, leaves))
+
+
 CLIP_MODES = [(local_loss, with_grad) for local_loss in (False, True) for with_grad in (False, True)]
 
 
@@ -93,8 +89,8 @@ def clip_module_cases(z1, z2, scale, rank, world_size):
         for backend in BACKENDS:
             module = mk.ClipLoss(local_loss=local_loss, gather_with_grad=with_grad, rank=rank,
                                  world_size=world_size, backend=backend)
-            out[(local_loss, with_grad, backend)] = run_case(
-                module, reference.normalize(z1), reference.normalize(z2), scale, uses_scale=True)
+            out[(local_loss, with_grad, backend)] = _run_module(
+                module, reference.normalize(z1), reference.normalize(z2), scale)
     return out
 
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 import macl_kernels as mk
-from macl_kernels import _bench, cli
+from macl_kernels import _bench, _cases, _verify, cli
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,6 +32,7 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_info_mentions_every_backend():
     proc = run_cli("info")
     assert proc.returncode == 0, proc.stderr
@@ -55,8 +56,9 @@ def test_missing_subcommand_is_a_usage_error(capsys):
     assert exc.value.code == 2
 
 
+@pytest.mark.slow
 def test_verify_passes_at_small_size():
-    proc = run_cli("verify", "--dtype", "all")  # the default size, SPEC tolerances
+    proc = run_cli("verify", "--dtype", "all")  # the default size, docs/math.md#tolerances
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table_rows = [line.split() for line in proc.stdout.splitlines()]
     assert any(row[:1] == ["torch"] for row in table_rows)
@@ -64,37 +66,37 @@ def test_verify_passes_at_small_size():
     backends = sorted(name for name, reason in mk.available_backends("cpu").items()
                       if reason is None and name not in ("reference", "triton"))
     assert f"backends: {', '.join(backends)};" in proc.stdout
-    expected = (sum(len(case.layouts) for case in cli.LOSS_CASES) * len(cli.DTYPES)
-                * len(backends))
+    expected = (len(_cases.LOSS_LAYOUTS) * len(_cases.DTYPES) * len(backends))
     assert f"{expected}/{expected} checks passed" in proc.stdout
 
 
 def test_verify_exit_status_reflects_tolerance_misses():
     kwargs = dict(n=8, d=4, dtypes=["float32"], backends=["torch"], device="cpu",
                   losses=["infonce", "macl", "clip"])
-    assert cli.run_verify(**kwargs, out=io.StringIO()) == 0
+    assert _verify.run_verify(**kwargs, out=io.StringIO()) == 0
     out = io.StringIO()
-    status = cli.run_verify(**kwargs, tolerances={"float32": 0.0}, out=out)
+    status = _verify.run_verify(**kwargs, tolerances={"float32": 0.0}, out=out)
     assert status == 1
     assert "FAIL" in out.getvalue()
 
 
 def test_verify_result_pass_rules():
     def result(errors):
-        return cli.VerifyResult("torch", "clip", "cross_sym", "float32", errors, 1e-5)
+        return _verify.VerifyResult("torch", "clip", "cross_sym", "float32", errors, 1e-5)
 
     assert result({"loss": 1e-6, "dscale": 1e-5}).ok
     assert not result({"loss": 1e-7, "dscale": 3e-5}).ok
     assert not result({"loss": float("nan")}).ok
-    assert not cli.VerifyResult("torch", "macl", "2n", "float32", {}, 1e-5, "ValueError: x").ok
+    assert not _verify.VerifyResult("torch", "macl", "2n", "float32", {}, 1e-5, "ValueError: x").ok
 
 
 def test_verify_reports_backend_errors_as_failures():
-    results = cli.verify_cases(n=1, d=4, dtypes=["float32"], backends=["torch"], device="cpu",
+    results = _verify.verify_cases(n=1, d=4, dtypes=["float32"], backends=["torch"], device="cpu",
                                losses=["macl"])  # N = 1 has no negatives: every case raises
     assert results and all(not r.ok and "ValueError" in r.error for r in results)
 
 
+@pytest.mark.slow
 def test_bench_tiny_run_writes_csv_and_png(tmp_path):
     out_dir = tmp_path / "bench"
     proc = run_cli("bench", "--sizes", "64,128", "--dim", "16", "--repeats", "1",
@@ -119,6 +121,7 @@ def test_bench_tiny_run_writes_csv_and_png(tmp_path):
     assert "torch" in proc.stdout and "speedup" in proc.stdout
 
 
+@pytest.mark.slow  # a worker subprocess (timed out)
 def test_bench_records_worker_failures_and_continues():
     config = _bench.BenchConfig(sizes=(64,), dim=8, backends=("torch",), repeats=1,
                                 timeout_s=0.01)

@@ -1,6 +1,6 @@
 """gather_distributed over torch.distributed: real multi-process runs (gloo over loopback).
 
-SPEC.md section 5: with each rank holding its rows of the global batch, the mean of the per-rank
+docs/math.md#distributed: with each rank holding its rows of the global batch, the mean of the per-rank
 losses equals the single-process loss on the concatenated batch, and each rank's gradient on its
 rows equals ``world_size`` times the matching rows of the single-process gradient (for
 ``reduction="sum"``: the per-rank sums add up to the single-process sum and the gradients match
@@ -67,6 +67,7 @@ def _local_rows(rank, world_size):
     return slice(rank * n, (rank + 1) * n)
 
 
+@pytest.mark.slow  # the `world` fixture launches the ranks as subprocesses
 @pytest.mark.parametrize("key", [key for key, _ in dist_cases.cases()], ids=lambda k: "-".join(k))
 def test_ranks_reproduce_the_single_process_loss(world, single_process, key):
     world_size, ranks = world
@@ -86,6 +87,7 @@ def test_ranks_reproduce_the_single_process_loss(world, single_process, key):
         assert rel_err(combined, expected[3]) <= TOL
 
 
+@pytest.mark.slow  # the `world` fixture launches the ranks as subprocesses
 def test_ddp_step_equals_single_process_step(world):
     world_size, ranks = world
     expected = dist_cases.single_process_step()
@@ -94,6 +96,7 @@ def test_ddp_step_equals_single_process_step(world):
             assert rel_err(got, want) <= TOL
 
 
+@pytest.mark.slow  # the `world` fixture launches the ranks as subprocesses
 @pytest.mark.parametrize("local_loss,with_grad", dist_cases.CLIP_MODES)
 @pytest.mark.parametrize("backend", dist_cases.BACKENDS)
 def test_clip_module_open_clip_options(world, local_loss, with_grad, backend):

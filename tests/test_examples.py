@@ -13,6 +13,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Every test here runs an example script in a subprocess (torchrun for the DDP one).
+pytestmark = pytest.mark.slow
+
+
 def run(args, timeout=240):
     env = dict(os.environ, PYTHONPATH=ROOT, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,

@@ -28,6 +28,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_train_simclr_one_short_epoch(tmp_path):
     out = tmp_path / "run"
     proc = run([sys.executable, "python/train_simclr.py", "--loss", "macl", "--backend", "torch",
@@ -49,6 +50,7 @@ def test_train_simclr_one_short_epoch(tmp_path):
     assert "epoch   1" in proc.stdout and "final: linear probe" in proc.stdout
 
 
+@pytest.mark.slow
 def test_train_simclr_rejects_bad_arguments():
     proc = run([sys.executable, "python/train_simclr.py", "--backend", "no-such-backend"])
     assert proc.returncode == 2 and "unknown backend" in proc.stderr
@@ -56,6 +58,7 @@ def test_train_simclr_rejects_bad_arguments():
     assert proc.returncode == 2
 
 
+@pytest.mark.slow
 def test_compare_losses_tiny(tmp_path):
     out = tmp_path / "cmp"
     proc = run([sys.executable, "python/compare_losses.py", "--tiny", "--seeds", "0,1",
@@ -78,6 +81,7 @@ def test_compare_losses_tiny(tmp_path):
     assert "python python/compare_losses.py --tiny" in readme and "± " in readme
 
 
+@pytest.mark.slow
 def test_profile_tiny_with_budget(tmp_path):
     out = tmp_path / "prof"
     proc = run([sys.executable, "-m", "macl_kernels", "profile", "--sizes", "64", "--dim", "8",
@@ -139,6 +143,7 @@ def test_profile_help_and_existing_subcommands_still_parse():
         assert exc.value.code == 0
 
 
+@pytest.mark.slow
 def test_micro_benchmarks_collect_and_run_disabled():
     proc = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                 "--benchmark-disable", *MICRO_FILES], MACL_BENCH_SIZES="16",
@@ -147,6 +152,7 @@ def test_micro_benchmarks_collect_and_run_disabled():
     assert "7 passed" in proc.stdout  # macl, infonce x2 layouts, clip, dcl + dclw, tfree
 
 
+@pytest.mark.slow
 def test_plot_micro_on_synthetic_json(tmp_path):
     benchmarks = []
     for backend, scale in (("reference", 2.0), ("torch", 1.0)):

@@ -145,11 +145,11 @@ def test_macl_matches_lightly(params, n, d, backend):
     z0, z1 = make_pair(n, d, seed=n + d)
     crit = mk.MACLLoss(**params, backend=backend)
     got = loss_and_grads(crit, z0, z1)
-    # Exactly (float64 rounding) lightly's formula with its 1e-8 in V taken out (SPEC section 3).
+    # Exactly (float64 rounding) lightly's formula with its 1e-8 in V taken out (docs/math.md#macl).
     exact = loss_and_grads(lambda a, b: lightly_macl(a, b, eps=0.0, **params), z0, z1)
     assert_same_results(got, exact, F64_RTOL)
     # lightly's own formula, 1e-8 included, differs by about 1e-8 / (1 - P_ap): to 1e-6 where
-    # every 1 - P_ap >= 1e-2 (where it is smaller SPEC, not lightly's epsilon, is followed).
+    # every 1 - P_ap >= 1e-2 (where it is smaller docs/math.md#macl, not lightly's epsilon, is followed).
     if _lightly_min_one_minus_p(z0, z1, **params) >= 1e-2:
         lightly = loss_and_grads(lambda a, b: lightly_macl(a, b, **params), z0, z1)
         assert_same_results(got, lightly, 1e-6)
@@ -349,7 +349,7 @@ def test_macl_constructor_accepts_boundaries(kwargs):
 
 
 def test_macl_module_alpha1_a0_1_anti_aligned_hits_floor():
-    """lightly accepts alpha=1, A_0=1; anti-aligned views would give tau < 0 (SPEC section 3)."""
+    """lightly accepts alpha=1, A_0=1; anti-aligned views would give tau < 0 (docs/math.md#macl)."""
     z0, _ = make_pair(5, 4, seed=16)
     crit = mk.MACLLoss(alpha=1.0, A_0=1.0)
     loss = crit(z0, -z0)

@@ -48,6 +48,7 @@ def test_there_are_cuda_sources():
     assert CU_FILES, "no .cu file under csrc/"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda)")
 @pytest.mark.parametrize("arch", ARCHS, ids=["sm_80", "sm_90a"])
 def test_cuda_sources_compile(arch, tmp_path):

@@ -1,4 +1,5 @@
-"""The reference oracle and the public API against SPEC.md's closed forms (sections 3 and 8),
+"""The reference oracle and the public API against the closed forms of docs/math.md
+(#macl, #dcl-and-dclw, #tolerances),
 reduction semantics, autograd correctness (gradcheck) and the MACL / DCLW properties."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from macl_kernels import reference as R
 HAND_ATOL = 1e-9
 
 # --------------------------------------------------------------------------------------------
-# SPEC section 8: the hand case z1 = [[1,0],[0,1]], z2 = [[.8,.6],[.6,.8]]
+# docs/math.md#tolerances: the hand case z1 = [[1,0],[0,1]], z2 = [[.8,.6],[.6,.8]]
 # --------------------------------------------------------------------------------------------
 
 HAND_VALUES = {
@@ -72,7 +73,7 @@ def test_hand_case_macl_module_stats(hand_case):
 
 
 # --------------------------------------------------------------------------------------------
-# SPEC section 8: equal similarities
+# docs/math.md#tolerances: equal similarities
 # --------------------------------------------------------------------------------------------
 
 
@@ -130,7 +131,7 @@ def test_equal_similarity_closed_forms(name, layout, n, reduction, backend):
 
 
 def test_equal_similarity_spec_formulas_literal():
-    # The exact expressions of SPEC section 8, independent of the helper above.
+    # The exact expressions of docs/math.md#tolerances, independent of the helper above.
     for n in (2, 5):
         z = torch.ones(n, 3, dtype=torch.float64)
         assert mk.infonce_loss(z, z).item() == pytest.approx(math.log(2 * n - 1), abs=1e-12)
@@ -338,7 +339,7 @@ def test_gradcheck_macl_frozen_stop_gradients(case, layout):
 
 
 # --------------------------------------------------------------------------------------------
-# MACL properties (SPEC section 3)
+# MACL properties (docs/math.md#macl)
 # --------------------------------------------------------------------------------------------
 
 
@@ -479,7 +480,7 @@ def test_macl_temperature_floor_below_t0():
 
 
 # --------------------------------------------------------------------------------------------
-# DCLW weights (SPEC section 3)
+# DCLW weights (docs/math.md#dcl-and-dclw)
 # --------------------------------------------------------------------------------------------
 
 

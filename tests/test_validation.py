@@ -258,7 +258,7 @@ def test_auto_backend_matches_reference(good):
 
 
 # --------------------------------------------------------------------------------------------
-# Zero rows (SPEC section 7: u = 0, gradient g / eps, never NaN)
+# Zero rows (docs/math.md#reductions-and-normalisation: u = 0, gradient g / eps, never NaN)
 # --------------------------------------------------------------------------------------------
 
 ZERO_ROW_CASES = [(f, layout) for f in FUNCTIONS if f != "clip_loss" for layout in LAYOUTS] + [

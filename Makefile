@@ -7,9 +7,9 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= bench/results/demo
 
-.PHONY: install test demo bench bench-micro clean
+.PHONY: install test test-fast demo bench bench-micro clean
 
-$(VENV)/.installed: setup.py requirements-dev.txt $(wildcard csrc/cpu/*.cpp csrc/cuda/*)
+$(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/cpu/*.cpp csrc/cuda/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check $(TORCH_SPEC)
 	$(PIP) install --quiet --disable-pip-version-check -r requirements-dev.txt
@@ -20,6 +20,10 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The quick loop: everything but the tests marked `slow` (compiles, torchrun, training scripts).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: install
 	$(PY) -m macl_kernels info

@@ -1,85 +1,236 @@
-"""Build and install macl-kernels.
+"""Build the C++/CUDA extensions of macl-kernels (metadata lives in pyproject.toml).
 
-    pip install --no-build-isolation -e .      # (make install does this inside .venv)
+Install into an environment that already has torch, WITHOUT build isolation:
 
-Builds, as torch extensions:
-- ``macl_kernels._C_cpu`` (csrc/cpu, the fused C++/OpenMP kernels of backend "cpu"): always.
-- ``macl_kernels._C_cuda`` (csrc/cuda, backend "cuda"): when this torch is a CUDA build and the
-  CUDA sources are present; skipped otherwise, and ``available_backends()`` says why.
+    pip install torch==2.13.0                     # or any torch >= 2.4
+    pip install --no-build-isolation -e .         # (make install does this inside .venv)
+    pip install --no-build-isolation .            # non-editable
 
 ``--no-build-isolation`` matters: the extensions must be compiled against the torch that will
-import them. Environment: ``MACL_CPU_ARCH_FLAGS`` (default ``-march=native``: the extension is
-built on the machine that runs it) and ``MACL_CUDA_ARCH_FLAGS`` override the target flags.
+import them. A plain ``pip install .`` (build isolation) builds in a throw-away environment that
+has no torch (torch is deliberately not a build requirement: pip would fetch an unpinned, multi-GB
+torch into it, and the extension would then be compiled against that one); this script detects it
+and stops with a message saying what to run instead.
+
+Builds, as torch extensions:
+
+- ``macl_kernels._C_cpu`` (csrc/cpu, the fused C++/OpenMP kernels of backend "cpu"): ALWAYS. If
+  torch cannot be imported at build time, or the compile fails, the build fails (it never falls
+  back silently to a pure-Python install, where backend "auto" would quietly run the slower
+  "torch" backend).
+- ``macl_kernels._C_cuda`` (csrc/cuda, backend "cuda"): when this torch is a CUDA build and nvcc is
+  found (CUDA_HOME); otherwise skipped with a note, and ``available_backends()`` says why.
+
+The build uses ninja (parallel compiles, incremental rebuilds) when a ``ninja`` executable is found
+(on PATH, or the ``ninja`` pip package in this environment: requirements-dev.txt pins it);
+otherwise setuptools' serial compiler, with ``MAX_JOBS`` extensions built at once.
+
+Environment variables:
+
+``MACL_SKIP_CPU_EXTENSION=1``
+    Explicit opt-out: install the pure-Python package without ``_C_cpu`` (backend "cpu"
+    unavailable; "auto" uses the "torch" backend). Also lets a build without torch (an sdist, an
+    isolated build) go through.
+``MACL_SKIP_CUDA_EXTENSION=1``
+    Do not build ``_C_cuda`` even when a CUDA torch and nvcc are present.
+``MACL_CPU_ARCH_FLAGS``
+    Target flags of ``_C_cpu``. Default: ``-mavx2 -mfma`` on x86_64 (portable to any x86_64 CPU
+    since ~2013/2015: Haswell, Zen), none on other architectures. ``native`` means
+    ``-march=native`` (a few per cent at most, see bench/results/packaging/README.md; the binary
+    then only runs on CPUs like the build machine); any other value is used as the flags
+    (shell-split); an empty value means no arch flags.
+``MACL_CUDA_ARCH_FLAGS``
+    nvcc target flags of ``_C_cuda`` (default sm_80 and sm_90a).
+``MAX_JOBS``
+    Parallel compile jobs (ninja's -j; without ninja: extensions built at once).
 """
 
 import os
+import platform
 import shlex
+import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+CPU_SOURCES = ["csrc/cpu/macl_cpu.cpp"]
+CUDA_SOURCES = ["csrc/cuda/macl_cuda.cu", "csrc/cuda/binding.cpp"]
 
-def long_description() -> str:
-    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
-        return f.read()
+INSTALL_HINT = """\
+    pip install torch==2.13.0          # or any torch >= 2.4 (a CUDA build to get _C_cuda too)
+    pip install --no-build-isolation .        # or: pip install --no-build-isolation -e .
+(`make install` does both inside .venv.) To install the pure-Python package without the fused
+CPU kernels instead, set MACL_SKIP_CPU_EXTENSION=1."""
+
+
+def note(msg: str) -> None:
+    print(f"macl-kernels setup.py: {msg}", file=sys.stderr, flush=True)
+
+
+def fail(msg: str) -> "NoReturn":  # noqa: F821
+    # SystemExit with a string: printed on stderr, exit status 1; pip shows it under
+    # "... did not run successfully".
+    raise SystemExit(f"\nmacl-kernels: {msg}\n")
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def in_isolated_build_env() -> bool:
+    """True inside pip's (or build's / uv's) isolated build environment.
+
+    pip puts its overlay at .../pip-build-env-XXXX/{overlay,normal} on sys.path; ``python -m build``
+    and uv build in a fresh temporary venv whose prefix names it. Both also lack torch, which is
+    what really matters; this check only makes the message exact.
+    """
+    markers = ("pip-build-env-", "build-env-", "builds-v")
+    return any(m in p for p in sys.path + [sys.prefix] for m in markers if p)
+
+
+def cpu_arch_flags() -> list:
+    value = os.environ.get("MACL_CPU_ARCH_FLAGS")
+    if value is not None:
+        value = value.strip()
+        return ["-march=native"] if value == "native" else shlex.split(value)
+    if platform.machine().lower() in ("x86_64", "amd64", "x64"):
+        return ["-mavx2", "-mfma"]
+    return []  # aarch64, ppc64le, ...: the compiler's default target
+
+
+def put_ninja_on_path() -> None:
+    """--no-build-isolation runs the backend with this venv's python but the caller's PATH: make
+    the ``ninja`` pip package's executable (and the venv's bin/) findable by torch's builder."""
+    dirs = [os.path.dirname(sys.executable)]
+    try:
+        import ninja  # the pip package
+
+        dirs.insert(0, ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    os.environ["PATH"] = os.pathsep.join([d for d in dirs if d not in path] + path)
+
+
+def import_torch():
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as e:
+        return None, None, e
+    return torch, cpp_extension, None
 
 
 def extensions():
-    try:
-        import torch
-        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
-    except ImportError:  # metadata-only operations (no torch yet): pure-Python install
+    if env_flag("MACL_SKIP_CPU_EXTENSION"):
+        note("MACL_SKIP_CPU_EXTENSION=1: building the pure-Python package WITHOUT "
+             "macl_kernels._C_cpu (backend 'cpu' will be unavailable).")
         return [], {}
+
+    isolated = in_isolated_build_env()
+    torch, cpp_extension, err = import_torch()
+    if isolated:
+        fail("this is an isolated build environment (plain `pip install .`, `python -m build`, "
+             "...), so macl_kernels._C_cpu would be compiled against a different torch than the "
+             "one installed, or not at all. Install torch first, then build without "
+             "isolation:\n" + INSTALL_HINT)
+    if torch is None:
+        fail(f"torch cannot be imported at build time ({type(err).__name__}: {err}), so the "
+             "C++ extension macl_kernels._C_cpu cannot be compiled. Install torch into this "
+             "environment first, then build without isolation:\n" + INSTALL_HINT)
+
+    put_ninja_on_path()
+    BuildExtension = cpp_extension.BuildExtension
+    CppExtension = cpp_extension.CppExtension
+    use_ninja = cpp_extension.is_ninja_available()
+    max_jobs = os.environ.get("MAX_JOBS", "").strip()
+
+    class MaclBuildExt(BuildExtension):
+        """torch's BuildExtension: ninja when available, else setuptools' compiler with MAX_JOBS
+        extensions at once; a failed compile stops the build with a message saying what to do."""
+
+        def finalize_options(self):
+            if not use_ninja and self.parallel is None and max_jobs.isdigit() and int(max_jobs) > 1:
+                self.parallel = int(max_jobs)
+            super().finalize_options()
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # CompileError, LinkError, subprocess errors, ninja's RuntimeError
+                which = ("MACL_CPU_ARCH_FLAGS (current: %r; e.g. MACL_CPU_ARCH_FLAGS= for none)"
+                         % " ".join(cpu_arch_flags())) if ext.name.endswith("_C_cpu") else \
+                    "MACL_CUDA_ARCH_FLAGS, or MACL_SKIP_CUDA_EXTENSION=1 to build without it"
+                raise SystemExit(
+                    f"\nmacl-kernels: compiling {ext.name} failed ({type(e).__name__}: {e}).\n"
+                    "The compiler's own error is printed above. It needs a C++20 compiler "
+                    "(g++ >= 10 or clang >= 12) with OpenMP and the headers of the installed "
+                    f"torch {torch.__version__}. Check {which}. To install without "
+                    "the CPU kernels, set MACL_SKIP_CPU_EXTENSION=1.\n") from e
+
     torch_version = f'-DMACL_BUILT_WITH_TORCH="{torch.__version__}"'
-    cpu_flags = shlex.split(os.environ.get("MACL_CPU_ARCH_FLAGS", "-march=native"))
     exts = [
         CppExtension(
             "macl_kernels._C_cpu",
-            ["csrc/cpu/macl_cpu.cpp"],
+            CPU_SOURCES,
             # -fno-trapping-math lets GCC turn the float selects of the exp/max loops into
             # blends and vectorise them (2.5x on the forward); the kernels never rely on
             # floating-point exceptions. (Not -ffast-math: -inf marks excluded pairs.)
             extra_compile_args=["-O3", "-fopenmp", "-fno-trapping-math", "-std=c++20",
-                                torch_version, *cpu_flags],
+                                torch_version, *cpu_arch_flags()],
             extra_link_args=["-fopenmp"],
         )
     ]
-    cuda_sources = ["csrc/cuda/macl_cuda.cu", "csrc/cuda/binding.cpp"]
-    if torch.version.cuda and all(os.path.exists(os.path.join(HERE, s)) for s in cuda_sources):
+
+    cuda_reason = None
+    if env_flag("MACL_SKIP_CUDA_EXTENSION"):
+        cuda_reason = "MACL_SKIP_CUDA_EXTENSION=1"
+    elif getattr(torch.version, "hip", None):
+        cuda_reason = f"torch {torch.__version__} is a ROCm build (backend 'cuda' needs CUDA)"
+    elif not torch.version.cuda:
+        cuda_reason = f"torch {torch.__version__} is a CPU build"
+    elif cpp_extension.CUDA_HOME is None:
+        cuda_reason = (f"torch {torch.__version__} is a CUDA {torch.version.cuda} build but no "
+                       "nvcc was found: install the CUDA toolkit and set CUDA_HOME to build it")
+    elif not all(os.path.exists(os.path.join(HERE, s)) for s in CUDA_SOURCES):
+        cuda_reason = "the csrc/cuda sources are missing"
+    if cuda_reason:
+        note(f"not building macl_kernels._C_cuda: {cuda_reason}.")
+    else:
         cuda_arch = shlex.split(os.environ.get(
             "MACL_CUDA_ARCH_FLAGS",
             "-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a"))
         exts.append(
-            CUDAExtension(
+            cpp_extension.CUDAExtension(
                 "macl_kernels._C_cuda",
-                cuda_sources,
+                CUDA_SOURCES,
                 extra_compile_args={
                     "cxx": ["-O3", "-std=c++20", torch_version],
                     "nvcc": ["-O3", "-std=c++17", "--use_fast_math", torch_version, *cuda_arch],
                 },
             )
         )
-    return exts, {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    note(f"building {', '.join(e.name for e in exts)} against torch {torch.__version__} "
+         f"(CPU arch flags: {' '.join(cpu_arch_flags()) or 'none'}; "
+         + ("ninja" if use_ninja else f"no ninja: serial compiles, MAX_JOBS={max_jobs or 'unset'}")
+         + ")")
+    return exts, {"build_ext": MaclBuildExt.with_options(use_ninja=use_ninja)}
 
 
+def check_setuptools() -> None:
+    import setuptools
+
+    try:
+        major = int(setuptools.__version__.split(".")[0])
+    except ValueError:
+        return
+    if major < 77:  # pyproject.toml's `license = "Apache-2.0"` (PEP 639) needs setuptools >= 77
+        fail(f"setuptools {setuptools.__version__} is too old (pyproject.toml needs >= 77). "
+             "Run: pip install -U 'setuptools>=77' wheel   and build again.")
+
+
+check_setuptools()
 ext_modules, cmdclass = extensions()
 
-setup(
-    name="macl-kernels",
-    version="0.1.0",
-    description="Fused, memory-efficient Model-Aware Contrastive Learning (MACL) and sibling "
-    "contrastive losses for PyTorch",
-    long_description=long_description(),
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["macl_kernels", "macl_kernels.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.1", "numpy"],
-    extras_require={
-        "bench": ["matplotlib", "tqdm"],
-        "test": ["pytest"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    entry_points={"console_scripts": ["macl-kernels = macl_kernels.cli:main"]},
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -43,6 +43,8 @@ Environment variables:
     nvcc target flags of ``_C_cuda`` (default sm_80 and sm_90a).
 ``MAX_JOBS``
     Parallel compile jobs (ninja's -j; without ninja: extensions built at once).
+``MACL_USE_NINJA=0``
+    Do not use ninja even when it is found (setuptools' serial compiler).
 """
 
 import os
@@ -143,7 +145,8 @@ def extensions():
     put_ninja_on_path()
     BuildExtension = cpp_extension.BuildExtension
     CppExtension = cpp_extension.CppExtension
-    use_ninja = cpp_extension.is_ninja_available()
+    use_ninja = os.environ.get("MACL_USE_NINJA", "1").strip() != "0" and \
+        cpp_extension.is_ninja_available()
     max_jobs = os.environ.get("MAX_JOBS", "").strip()
 
     class MaclBuildExt(BuildExtension):

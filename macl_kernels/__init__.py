@@ -19,10 +19,12 @@ from .functional import (
     tfree_loss,
 )
 from .modules import ClipLoss, DCLLoss, DCLWLoss, MACLLoss, NTXentLoss
+from .grad_cache import GradCache
 
 
 __all__ = [
     "macl_loss", "infonce_loss", "clip_loss", "dcl_loss", "tfree_loss", "available_backends",
     "MACLLoss", "NTXentLoss", "DCLLoss", "DCLWLoss", "ClipLoss", "MACL_TEMPERATURE_FLOOR",
+    "GradCache",
     "__version__",
 ]

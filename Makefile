@@ -41,4 +41,4 @@ bench-micro: install
 	$(PY) bench/plot_micro.py bench/results/micro/micro.json --out bench/results/micro/micro.png --csv bench/results/micro/micro.csv
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache macl_kernels/_C_*.so

@@ -71,6 +71,18 @@ def kernel_backends() -> Tuple[str, ...]:
 KERNEL_BACKENDS = kernel_backends()
 
 
+# Without a GPU, Triton's kernels run in its interpreter, every tile program a Python-level loop:
+# seconds per loss-level test. Loss-level suites mark those runs slow (`make test` runs them,
+# `make test-fast` not); the primitive's own suite (test_primitive.py) runs them fast.
+INTERPRETED = () if HAS_CUDA else ("triton",)
+
+
+def heavy_on_interpreter(backends: Sequence[str]):
+    """``backends`` as ``parametrize`` values, the interpreted ones (Triton without a GPU) marked
+    ``slow``."""
+    return [pytest.param(b, marks=pytest.mark.slow) if b in INTERPRETED else b for b in backends]
+
+
 def backend_device(backend: str) -> torch.device:
     """Where ``backend``'s kernels run here."""
     return DEVICE if backend in ("triton", "cuda") else torch.device("cpu")
@@ -185,7 +197,7 @@ def hand_case():
 
 __all__ = [
     "F64_RTOL", "F32_RTOL", "HALF_RTOL", "COMPUTE_BACKENDS", "KERNEL_BACKENDS", "DEVICE",
-    "HAS_CUDA", "LAYOUTS", "REDUCTIONS", "DTYPES", "TOLERANCES", "tolerance", "rel_err",
+    "HAS_CUDA", "INTERPRETED", "heavy_on_interpreter", "LAYOUTS", "REDUCTIONS", "DTYPES", "TOLERANCES", "tolerance", "rel_err",
     "assert_rel_close", "make_pair", "upstream_like", "loss_and_grads", "assert_same_results",
     "dense_negative_lse", "backend_device", "LOSS_CASES", "LAYOUT_LOSSES", "LOSS_LAYOUTS",
     "loss_case", "num_anchors", "LogitMap",

@@ -16,14 +16,14 @@ import torch
 
 import macl_kernels as mk
 from conftest import (
-    DTYPES, F64_RTOL, KERNEL_BACKENDS, LOSS_CASES, LOSS_LAYOUTS, REDUCTIONS, assert_rel_close,
+    DTYPES, F64_RTOL, INTERPRETED, KERNEL_BACKENDS, LOSS_CASES, LOSS_LAYOUTS, REDUCTIONS, assert_rel_close,
     assert_same_results, backend_device, loss_and_grads, loss_case, make_pair, tolerance,
-    upstream_like,
+    heavy_on_interpreter, upstream_like,
 )
 
-# (N, D): the smallest batch, one with odd sizes, one with several chunks of the torch backend's
-# tiny tiles below.
-ASSEMBLY_SHAPES = [(2, 3), (7, 7), (13, 33)]
+# (N, D): the smallest batch, and odd sizes over several chunks of the torch backend's tiny tiles
+# below (2 to 8 rows per chunk, none dividing the rows).
+ASSEMBLY_SHAPES = [(2, 3), (9, 7)]
 
 
 @pytest.fixture
@@ -64,9 +64,10 @@ def test_loss_assembly_learnable_clip_scale(tiny_chunks, n, d, reduction):
 BACKEND_DTYPES = ["float64", "float32", "bfloat16", "float16"]
 
 
-@pytest.mark.parametrize("dtype_name", BACKEND_DTYPES)
+@pytest.mark.parametrize("backend,dtype_name", [
+    pytest.param(b, t, marks=[pytest.mark.slow] if (b in INTERPRETED and t != "float32") else [])
+    for b in KERNEL_BACKENDS for t in BACKEND_DTYPES])
 @pytest.mark.parametrize("name,layout", LOSS_LAYOUTS)
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_every_loss_on_every_backend(backend, name, layout, dtype_name):
     """The loss and its gradients (``reduction="none"``, a random upstream gradient) on
     ``dtype`` inputs against the float64 reference on the same rounded inputs."""
@@ -84,7 +85,7 @@ def test_every_loss_on_every_backend(backend, name, layout, dtype_name):
 
 
 @pytest.mark.parametrize("dtype_name", BACKEND_DTYPES)
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", heavy_on_interpreter(KERNEL_BACKENDS))
 def test_learnable_clip_scale_on_every_backend(backend, dtype_name):
     """A learnable scale is a float32 (float64) parameter, also with half embeddings."""
     dtype = DTYPES[dtype_name]
@@ -100,35 +101,43 @@ def test_learnable_clip_scale_on_every_backend(backend, dtype_name):
     assert_same_results([t.cpu() for t in got], want, tolerance(backend, dtype_name))
 
 
+@pytest.mark.parametrize("temperature,reduction", [(0.02, "none"), (0.005, "mean")])
 @pytest.mark.parametrize("layout", ["2n", "cross", "cross_sym"])
 @pytest.mark.parametrize("name", ["infonce", "dcl", "macl"])
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_float32_low_temperature(backend, name, layout):
-    """1/tau = 200: logits up to 200 must not overflow the float32 exponentials, and the LSE and
-    accumulators stay accurate in float32."""
+@pytest.mark.parametrize("backend", heavy_on_interpreter(KERNEL_BACKENDS))
+def test_float32_low_temperature(backend, name, layout, temperature, reduction):
+    """1/tau = 50 per anchor, 1/tau = 200 on the mean: logits up to 200 must not overflow the
+    float32 exponentials, and the LSE and accumulators stay accurate in float32. (At 1/tau = 200
+    a per-anchor loss near 0 is itself ill-conditioned: ~1.5e-5 relative in float32 whatever
+    computes it.)"""
     fn, kw = loss_case(name, layout)
-    kw["temperature"] = 0.005
-    z1, z2 = make_pair(20, 16, seed=2, dtype=torch.float32)
+    kw["temperature"] = temperature
+    # 1/tau = 200: 64 rows, so that the mean loss (with its many negatives) is not itself near 0.
+    z1, z2 = make_pair(20 if temperature >= 0.02 else 64, 16, seed=2, dtype=torch.float32)
     device = backend_device(backend)
-    got = loss_and_grads(fn, z1.to(device), z2.to(device), reduction="none", backend=backend,
+    got = loss_and_grads(fn, z1.to(device), z2.to(device), reduction=reduction, backend=backend,
                          **kw)
-    want = loss_and_grads(fn, z1.double(), z2.double(), reduction="none", backend="reference",
-                          **kw)
+    want = loss_and_grads(fn, z1.double(), z2.double(), reduction=reduction,
+                          backend="reference", **kw)
     assert_same_results([t.cpu() for t in got], want, tolerance(backend, "float32"))
 
 
 @pytest.mark.parametrize("dtype_name", ["float64", "float32"])
 @pytest.mark.parametrize("name", ["infonce", "tfree", "macl"])
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", heavy_on_interpreter(KERNEL_BACKENDS))
 def test_zero_and_duplicate_rows_stay_finite(backend, name, dtype_name):
     """A zero row normalises to 0 (PyTorch's eps semantics); exact duplicates put S = 1 off the
-    diagonal (the artanh map's clamp). Neither may produce NaN; both match the reference."""
+    diagonal (the artanh map's clamp). Neither may produce NaN; both match the reference.
+    Duplicates in float64 only: in float32 the clamped logit 2 artanh(1 - 1e-6) itself is off by
+    ~1e-3 relative (1 - 1e-6 rounds), the same for every backend (test_triton_backend.py's
+    duplicates test bounds that case)."""
     dtype = DTYPES[dtype_name]
     fn, kw = loss_case(name, "2n")
     z1, z2 = make_pair(13, 8, seed=5)
     z1[3] = 0.0
     z2[7] = 0.0
-    z1[9] = z1[8]
+    if dtype == torch.float64:
+        z1[9] = z1[8]
     z1, z2 = z1.to(dtype), z2.to(dtype)
     device = backend_device(backend)
     got = [t.cpu() for t in loss_and_grads(fn, z1.to(device), z2.to(device), backend=backend,
@@ -138,7 +147,7 @@ def test_zero_and_duplicate_rows_stay_finite(backend, name, dtype_name):
     assert_same_results(got, want, tolerance(backend, dtype_name))
 
 
-@pytest.mark.parametrize("backend", ("reference",) + KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", heavy_on_interpreter(("reference",) + KERNEL_BACKENDS))
 @pytest.mark.parametrize("name", sorted(LOSS_CASES))
 def test_inputs_are_not_mutated(name, backend):
     z1, z2 = make_pair(6, 5, seed=36)

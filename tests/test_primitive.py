@@ -397,11 +397,12 @@ def test_half_compute_dtype(backend):
 
 
 def _op_samples(backend):
-    """Argument tuples of ``macl_kernels::negative_lse`` covering its cases: symmetric and cross,
-    both maps, with and without self, with and without an operand dtype."""
+    """Argument tuples of ``macl_kernels::negative_lse`` covering its cases: symmetric with self,
+    SCALED and an operand dtype; cross without self, ARTANH and none (opcheck takes ~1-2 s per
+    sample)."""
     device = backend_device(backend)
     samples = []
-    for i, (symmetric, logit_map) in enumerate(itertools.product((True, False), MAPS)):
+    for i, (symmetric, logit_map) in enumerate([(True, SCALED), (False, ARTANH)]):
         m, k = (8, 8) if symmetric else (6, 9)
         A, C, b, pos, slf = make_problem(m, k, 5, symmetric, i % 2 == 0, logit_map, seed=i)
         A, C, b = (None if t is None else t.to(device).requires_grad_(True) for t in (A, C, b))
@@ -409,7 +410,7 @@ def _op_samples(backend):
         samples.append((backend, A, C, b, pos.to(device),
                         None if slf is None else slf.to(device), int(kw["logit_map"]),
                         kw.get("artanh_scale", 0.0), kw.get("artanh_eps", 0.0),
-                        torch.float64 if i < 2 else None, True))
+                        torch.float64 if i == 0 else None, True))
     return samples
 
 

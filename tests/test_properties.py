@@ -13,7 +13,7 @@ hypothesis = pytest.importorskip("hypothesis")  # pinned in requirements-dev.txt
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 import macl_kernels as mk  # noqa: E402
-from conftest import loss_and_grads, rel_err  # noqa: E402
+from conftest import heavy_on_interpreter, loss_and_grads, rel_err  # noqa: E402
 
 BACKENDS = [b for b in ("torch", "cpu", "triton") if mk.available_backends("cpu")[b] is None]
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
@@ -61,7 +61,7 @@ LOSS_STRATEGIES = st.one_of(
 )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", heavy_on_interpreter(BACKENDS))
 @PROPERTY_SETTINGS
 @given(problem=problems(), loss=LOSS_STRATEGIES,
        reduction=st.sampled_from(["mean", "sum", "none"]))
@@ -86,7 +86,7 @@ def test_infonce_bounds(problem, t):
     assert bool((per_anchor <= 2 / t + math.log(m - 1) + 1e-9).all())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", heavy_on_interpreter(BACKENDS))
 @PROPERTY_SETTINGS
 @given(problem=problems(), perm_seed=st.integers(0, 1000))
 def test_permuting_the_batch_permutes_the_per_anchor_losses(backend, problem, perm_seed):

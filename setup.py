@@ -228,12 +228,14 @@ def check_setuptools() -> None:
         major = int(setuptools.__version__.split(".")[0])
     except ValueError:
         return
-    if major < 77:  # pyproject.toml's `license = "Apache-2.0"` (PEP 639) needs setuptools >= 77
-        fail(f"setuptools {setuptools.__version__} is too old (pyproject.toml needs >= 77). "
-             "Run: pip install -U 'setuptools>=77' wheel   and build again.")
+    if major < 61:  # PEP 621 metadata in pyproject.toml
+        fail(f"setuptools {setuptools.__version__} is too old (pyproject.toml metadata needs "
+             ">= 61). Run: pip install -U setuptools wheel   and build again.")
 
 
 check_setuptools()
 ext_modules, cmdclass = extensions()
 
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# The license as a plain field (not a PEP 639 expression in pyproject.toml): every setuptools
+# >= 61 accepts it. The text is LICENSE (Apache-2.0).
+setup(license="Apache-2.0", license_files=["LICENSE"], ext_modules=ext_modules, cmdclass=cmdclass)

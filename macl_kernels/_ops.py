@@ -82,6 +82,11 @@ def negative_lse_backward_op(backend: str, anchors: Tensor, candidates: Optional
                       need_d_inv_temp)
     else:
         needs = Needs(need_d_anchors, need_d_candidates, need_d_inv_temp)
+    # A row with an empty Neg(a) has lse_neg = -inf and no gradient: every l_ak it could reach is
+    # -inf too, and Q_ak = exp(l_ak - lse_neg) must be exp(-inf) = 0, not exp(-inf + inf) = NaN.
+    # Shifting by 0 instead of -inf there gives every backend that convention, once, here
+    # (docs/math.md#numerical-hazards).
+    lse_neg = torch.where(lse_neg == float("-inf"), torch.zeros_like(lse_neg), lse_neg)
     grads = kernel_backend(backend).bwd(problem, lse_neg, aux if aux.numel() else None,
                                         g.to(lse_neg.dtype).contiguous(), needs)
     d_anchors, d_candidates, d_inv_temp = grads

@@ -70,7 +70,10 @@ def forward_lse(problem: Problem, chunk: int) -> torch.Tensor:
         logits, _ = _logits(problem, rows)
         _exclude(logits, rows, problem.pos_index, problem.self_index)
         # In-place log-sum-exp: the tile is dead after this, so reuse its storage.
+        # A row with an empty Neg(a) (all -inf) shifts by 0, not -inf: its sum is then 0 and
+        # lse_neg = -inf, never -inf - -inf = NaN.
         row_max = logits.amax(dim=1)
+        row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
         lse_neg[rows] = row_max + logits.sub_(row_max[:, None]).exp_().sum(dim=1).log_()
     return lse_neg
 

@@ -24,6 +24,7 @@ back from the op as empty tensors (ops return tensors only).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -87,8 +88,14 @@ def negative_lse_backward_op(backend: str, anchors: Tensor, candidates: Optional
     # Shifting by 0 instead of -inf there gives every backend that convention, once, here
     # (docs/math.md#numerical-hazards).
     lse_neg = torch.where(lse_neg == float("-inf"), torch.zeros_like(lse_neg), lse_neg)
-    grads = kernel_backend(backend).bwd(problem, lse_neg, aux if aux.numel() else None,
-                                        g.to(lse_neg.dtype).contiguous(), needs)
+    # The losses run their forward with autocast off (docs/math.md#numerical-hazards); autograd
+    # runs this backward under whatever autocast region ``loss.backward()`` was called in, which
+    # would round the backward's GEMMs (and mix dtypes): turn it off here too.
+    device_type = anchors.device.type
+    with torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else \
+            contextlib.nullcontext():
+        grads = kernel_backend(backend).bwd(problem, lse_neg, aux if aux.numel() else None,
+                                            g.to(lse_neg.dtype).contiguous(), needs)
     d_anchors, d_candidates, d_inv_temp = grads
     if problem.symmetric:
         # The fold: the gradient of the one tensor is the sum of both sides (a kernel that

@@ -130,6 +130,19 @@ def test_autocast_does_not_lower_float32_similarity():
         assert_rel_close(under, plain, 1e-6, backend)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_backward_inside_autocast_region(backend):
+    """``loss.backward()`` called inside the autocast region (a common training-loop shape): the
+    kernels' backward runs with autocast off like their forward, so float32 embeddings get the
+    same gradients as outside autocast (the torch backend used to fail here on a bf16 x fp32
+    matmul)."""
+    z1, z2 = make_pair(16, 8, seed=3, dtype=torch.float32)
+    want = loss_and_grads(mk.macl_loss, z1, z2, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss_and_grads(mk.macl_loss, z1, z2, backend=backend)
+    assert_same_results(got, want, 1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # Numerical edge cases, every backend
 # --------------------------------------------------------------------------------------------

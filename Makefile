@@ -21,9 +21,11 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q tests
 
-# The quick loop: everything but the tests marked `slow` (compiles, torchrun, training scripts).
+# The quick loop: everything but the tests marked `slow` (compiles, torchrun, training scripts,
+# opcheck/gradcheck sweeps), in two pytest-xdist workers of one torch thread each: the tests are
+# thousands of small tensors, where one thread per process beats two threads in one process.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m "not slow" tests
 
 demo: install
 	$(PY) -m macl_kernels info

@@ -414,6 +414,7 @@ def _op_samples(backend):
     return samples
 
 
+@pytest.mark.slow  # opcheck runs every check of torch.library (seconds per backend)
 def test_opcheck(backend):
     """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT
     dispatch of the custom op, on every case of the primitive."""

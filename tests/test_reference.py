@@ -313,6 +313,7 @@ def _macl_frozen_surrogate(z1, z2, layout, kw):
     return surrogate, loss
 
 
+@pytest.mark.slow  # float64 gradcheck of 18 MACL variants: ~4 s
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", range(len(MACL_GC_CASES)))
 def test_gradcheck_macl_frozen_stop_gradients(case, layout):

@@ -20,6 +20,12 @@ The peak RSS is read from ``VmHWM`` in ``/proc/self/status``, not ``ru_maxrss``:
 with the *parent's* peak RSS, and resetting the high-water mark does not clear that, so
 ``ru_maxrss`` would report the parent's memory. ``ru_maxrss`` is the fallback where ``/proc``
 is missing, and the method used is recorded with every result.
+
+The roofline: before the sweep, one more fresh worker (``python -m macl_kernels._roofline``, same
+thread count) measures this machine's matmul rate in the benchmark's dtype, for a tile-sized and a
+whole-matrix shape; every row then reports its useful GFLOP/s (``_roofline.useful_flops`` of a
+forward+backward step over the median time) and that as a fraction of the whole-matrix rate
+(``fraction_of_matmul``) and of the tile rate (``fraction_of_matmul_tile``).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import _roofline
 from ._cases import CLIP_SCALE, LOSS_CASES
 from ._report import device_name, format_table
 from ._version import __version__
@@ -56,7 +63,11 @@ CSV_COLUMNS = (
     "layout", "N", "D", "dtype", "backend", "repeats", "p20_s", "median_s", "p80_s",
     "peak_extra_bytes", "memory_method", "speedup_vs_reference", "memory_ratio_vs_reference",
     "error",
+    # the roofline (appended last, so readers of the older columns keep working)
+    "useful_gflop", "useful_gflops", "matmul_gflops", "matmul_tile_gflops", "fraction_of_matmul",
+    "fraction_of_matmul_tile", "matmul_shape", "matmul_tile_shape",
 )
+MATMUL_TIMEOUT_S = 120.0
 
 
 def default_layout(loss: str) -> str:
@@ -305,6 +316,38 @@ def run_worker(config: BenchConfig, backend: str, n: int) -> Dict:
                               config.timeout_s)
 
 
+def run_matmul_worker(config: BenchConfig) -> Dict:
+    """This machine's matmul rate for ``config`` (its dtype, device and threads; the shapes of its
+    largest N) in a fresh worker process, like every measurement; ``{"ok": False, "error"}`` on
+    failure (the sweep goes on without the roofline columns)."""
+    # The file runs as a script, not ``-m macl_kernels._roofline``: it needs torch only, and
+    # skipping the package's import (its backends) saves seconds per run.
+    cmd = [sys.executable, os.path.abspath(_roofline.__file__), "--layout", config.layout,
+           "--n-max", str(max(config.sizes)), "--dim", str(config.dim), "--dtype", config.dtype,
+           "--device", config.device, "--seed", str(config.seed)]
+    if config.threads:
+        cmd += ["--threads", str(config.threads)]
+    return run_worker_process(cmd, min(config.timeout_s, MATMUL_TIMEOUT_S))
+
+
+def roofline_columns(layout: str, n: int, dim: int, seconds: Optional[float],
+                     rates: Optional[Dict], phase: str = "step") -> Dict:
+    """``useful_gflop`` (of ``phase``), ``useful_gflops`` (over ``seconds``) and its fractions of
+    the whole-matrix and the tile matmul rate (empty where a value is missing)."""
+    rates = rates if rates and rates.get("ok") else {}
+    gflop = _roofline.useful_flops(layout, n, dim, phase) / 1e9
+    gflops = gflop / seconds if seconds else None
+    return {
+        "useful_gflop": gflop, "useful_gflops": gflops,
+        "matmul_gflops": rates.get("matmul_gflops"),
+        "matmul_tile_gflops": rates.get("matmul_tile_gflops"),
+        "fraction_of_matmul": _roofline.fraction(gflops, rates.get("matmul_gflops")),
+        "fraction_of_matmul_tile": _roofline.fraction(gflops, rates.get("matmul_tile_gflops")),
+        "matmul_shape": rates.get("matmul_shape"),
+        "matmul_tile_shape": rates.get("matmul_tile_shape"),
+    }
+
+
 def _progress(total: int, enabled: bool):
     try:
         from tqdm import tqdm
@@ -335,9 +378,11 @@ def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional
     return numerator / denominator
 
 
-def csv_rows(config: BenchConfig, measurements: Sequence[Measurement]) -> List[Dict]:
+def csv_rows(config: BenchConfig, measurements: Sequence[Measurement],
+             rates: Optional[Dict] = None) -> List[Dict]:
     """One dict per measurement with the columns of ``CSV_COLUMNS`` (ratios vs the reference at
-    the same N; empty when the reference was not run there or failed)."""
+    the same N; empty when the reference was not run there or failed; the roofline columns
+    against ``rates``, the result of ``run_matmul_worker``, empty without it)."""
 
     reference = {m.n: m.result for m in measurements if m.backend == "reference" and m.ok}
     dev_name = device_name(config.device)
@@ -358,6 +403,8 @@ def csv_rows(config: BenchConfig, measurements: Sequence[Measurement]) -> List[D
             "memory_ratio_vs_reference":
                 _ratio(r.get("peak_extra_bytes"), ref.get("peak_extra_bytes")) if ok else None,
             "error": None if ok else r.get("error", "unknown error"),
+            **roofline_columns(config.layout, m.n, config.dim,
+                               r.get("median_s") if ok else None, rates),
         })
     return rows
 
@@ -376,26 +423,28 @@ def format_results(rows: Sequence[Dict]) -> str:
         return "-" if value is None else format(value, fmt)
 
     header = ["N", "D", "dtype", "backend", "median ms", "p20-p80 ms", "peak extra MiB",
-              "speedup", "mem ratio", "error"]
+              "speedup", "mem ratio", "GFLOP/s", "of matmul", "of tile", "error"]
     table = []
     for r in rows:
         if r["error"]:
-            table.append([r["N"], r["D"], r["dtype"], r["backend"], "-", "-", "-", "-", "-",
-                          r["error"][:60]])
+            table.append([r["N"], r["D"], r["dtype"], r["backend"]] + ["-"] * 8
+                         + [r["error"][:60]])
             continue
         table.append([
             r["N"], r["D"], r["dtype"], r["backend"], num(1e3 * r["median_s"], ".1f"),
             f"{1e3 * r['p20_s']:.1f}-{1e3 * r['p80_s']:.1f}",
             num(r["peak_extra_bytes"] / 2**20, ".1f"),
             num(r["speedup_vs_reference"], ".2f") + ("x" if r["speedup_vs_reference"] else ""),
-            num(r["memory_ratio_vs_reference"], ".3f"), "",
+            num(r["memory_ratio_vs_reference"], ".3f"), num(r.get("useful_gflops"), ".1f"),
+            num(r.get("fraction_of_matmul"), ".2f"), num(r.get("fraction_of_matmul_tile"), ".2f"),
+            "",
         ])
-    return format_table(header, table, right_align=[True, True, False, False] + [True] * 5)
+    return format_table(header, table, right_align=[True, True, False, False] + [True] * 8)
 
 
 def plot(path: str, config: BenchConfig, rows: Sequence[Dict]) -> bool:
-    """Time and peak memory against N, log-log, one line per backend; ``False`` without
-    matplotlib (an optional dependency)."""
+    """Time and peak memory against N (log-log) and the fraction of the matmul rate against N,
+    one line per backend; ``False`` without matplotlib (an optional dependency)."""
     try:
         import matplotlib
 
@@ -403,11 +452,15 @@ def plot(path: str, config: BenchConfig, rows: Sequence[Dict]) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (ax_time, ax_mem, ax_roof) = plt.subplots(1, 3, figsize=(16, 4.5))
     for backend in config.backends:
         ok = [r for r in rows if r["backend"] == backend and not r["error"]]
         if ok:
             ax_time.plot([r["N"] for r in ok], [1e3 * r["median_s"] for r in ok], "o-",
+                         label=backend)
+        roof = [r for r in ok if r.get("fraction_of_matmul") is not None]
+        if roof:
+            ax_roof.plot([r["N"] for r in roof], [r["fraction_of_matmul"] for r in roof], "o-",
                          label=backend)
         # Zero extra memory (tiny N) has no place on a log axis.
         mem = [r for r in ok if r["peak_extra_bytes"]]
@@ -425,12 +478,34 @@ def plot(path: str, config: BenchConfig, rows: Sequence[Dict]) -> bool:
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
+    plot_roofline_axis(ax_roof, config.sizes, rows, "forward+backward")
     device = rows[0]["device"] if rows else config.device
     fig.suptitle(f"{config.loss} ({config.layout}), D={config.dim}, {config.dtype} on {device}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def plot_roofline_axis(ax, sizes: Sequence[int], rows: Sequence[Dict], what: str) -> None:
+    """Axis labels, the 1.0 line and the matmul rates of a fraction-of-the-matmul-rate panel
+    (shared by bench and profile)."""
+    rate = next((r for r in rows if r.get("matmul_gflops")), None)
+    ax.axhline(1.0, color="k", ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(sizes))
+    ax.set_xticklabels([str(n) for n in sizes])
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("N (rows per view)")
+    ax.set_ylabel(f"fraction of the matmul rate ({what})")
+    ax.grid(True, which="both", alpha=0.3)
+    if rate is not None:
+        ax.set_title(f"matmul {rate['matmul_shape']}: {rate['matmul_gflops']:.1f} GFLOP/s "
+                     f"(tile {rate['matmul_tile_gflops']:.1f})", fontsize=9)
+    else:
+        ax.set_title("matmul rate not measured", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def run_bench(config: BenchConfig, out_dir: str, progress: bool = True) -> int:
@@ -447,8 +522,10 @@ def run_bench(config: BenchConfig, out_dir: str, progress: bool = True) -> int:
           f"{config.repeats} timed repeats, torch threads "
           f"{config.threads or torch.get_num_threads()}, one fresh process per measurement",
           flush=True)
+    rates = run_matmul_worker(config)
+    print(_roofline.describe_rates(rates), flush=True)
     measurements = sweep(config, progress=progress)
-    rows = csv_rows(config, measurements)
+    rows = csv_rows(config, measurements, rates)
     print(format_results(rows))
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, "bench.csv")
@@ -460,7 +537,9 @@ def run_bench(config: BenchConfig, out_dir: str, progress: bool = True) -> int:
                                   " (no plot: matplotlib is not installed)"))
     print(f"{len(measurements) - failed}/{len(measurements)} measurements succeeded in "
           f"{time.perf_counter() - start:.1f} s; speedup = reference time / time, "
-          f"mem ratio = peak extra memory / reference's")
+          f"mem ratio = peak extra memory / reference's; GFLOP/s = useful flops of a "
+          f"forward+backward step (docs/math.md#roofline-useful-work-and-the-matmul-rate) / "
+          f"median time; of matmul / of tile = that / the whole-matrix / tile matmul rate")
     return 0 if failed < len(measurements) else 1
 
 

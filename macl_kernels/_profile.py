@@ -15,6 +15,11 @@ For a loss, a list of batch sizes and a list of backends it reports
   ``_bench.py``); on CUDA: ``torch.cuda.max_memory_allocated``;
 * the **throughput**, pairs per second: ``N`` (rows per view, i.e. training samples whose two
   views are compared) divided by the median step time;
+* the **roofline**: the useful GFLOP/s of the forward, the backward and the whole step (the minimum
+  multiply-adds of ``_roofline.useful_flops`` per phase over the phase's median time; the
+  normalisation is not counted as work but its time is in the step's) and each as a fraction of
+  this machine's matmul rate, measured in the same run by one more fresh worker
+  (``_bench.run_matmul_worker``: the profile's dtype, a whole-matrix and a tile-sized shape);
 * the **top operators** of one step from ``torch.profiler`` (self time per operator, grouped by
   phase through ``record_function``), in ``ops.csv``;
 * the **largest batch that fits a memory budget** (``--budget-gb``) for each backend, found by
@@ -49,7 +54,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import _bench
+from . import _bench, _roofline
 from ._cases import CLIP_SCALE, LOSS_CASES
 from ._math import normalize
 from ._report import device_name, format_table
@@ -72,6 +77,11 @@ PROFILE_COLUMNS = (
     "layout", "N", "anchors", "D", "dtype", "backend", "repeats", "normalise_ms", "forward_ms",
     "backward_ms", "step_ms", "pairs_per_s", "peak_bytes", "forward_peak_extra_bytes",
     "backward_peak_extra_bytes", "memory_method", "error",
+    # the roofline (appended last, so readers of the older columns keep working)
+    "forward_useful_gflops", "backward_useful_gflops", "step_useful_gflops", "matmul_gflops",
+    "matmul_tile_gflops", "forward_fraction_of_matmul", "backward_fraction_of_matmul",
+    "step_fraction_of_matmul", "step_fraction_of_matmul_tile", "matmul_shape",
+    "matmul_tile_shape",
 )
 OPS_COLUMNS = ("backend", "N", "phase", "rank", "op", "self_ms", "calls")
 CAPACITY_COLUMNS = (
@@ -463,7 +473,10 @@ def search_capacity(config: ProfileConfig, backend: str, progress=None) -> Capac
     return cap
 
 
-def csv_rows(config: ProfileConfig, results: Sequence[Tuple[str, int, Dict]]) -> List[Dict]:
+def csv_rows(config: ProfileConfig, results: Sequence[Tuple[str, int, Dict]],
+             rates: Optional[Dict] = None) -> List[Dict]:
+    """One dict per (backend, N) with the columns of ``PROFILE_COLUMNS``; the roofline columns
+    against ``rates`` (``_bench.run_matmul_worker``'s result), empty without it."""
 
     dev_name = device_name(config.device)
     rows = []
@@ -482,6 +495,15 @@ def csv_rows(config: ProfileConfig, results: Sequence[Tuple[str, int, Dict]]) ->
                     "peak_bytes", "forward_peak_extra_bytes", "backward_peak_extra_bytes",
                     "memory_method"):
             row[key] = r.get(key) if ok else None
+        for phase in _roofline.ROOFLINE_PHASES:
+            ms = row[f"{phase}_ms"]
+            roof = _bench.roofline_columns(config.layout, n, config.dim,
+                                           ms / 1e3 if ms else None, rates, phase)
+            row[f"{phase}_useful_gflops"] = roof["useful_gflops"]
+            row[f"{phase}_fraction_of_matmul"] = roof["fraction_of_matmul"]
+        for key in ("matmul_gflops", "matmul_tile_gflops", "matmul_shape", "matmul_tile_shape"):
+            row[key] = roof[key]
+        row["step_fraction_of_matmul_tile"] = roof["fraction_of_matmul_tile"]
         rows.append(row)
     return rows
 
@@ -519,19 +541,27 @@ def format_profile(rows: Sequence[Dict]) -> str:
     def ms(v):
         return "-" if v is None else f"{v:.1f}"
 
+    def frac(v):
+        return "-" if v is None else f"{v:.2f}"
+
     header = ["N", "anchors", "backend", "normalise ms", "forward ms", "backward ms", "step ms",
-              "pairs/s", "peak MiB", "fwd extra MiB", "bwd extra MiB", "error"]
+              "pairs/s", "peak MiB", "fwd extra MiB", "bwd extra MiB", "step GFLOP/s",
+              "fwd/mm", "bwd/mm", "step/mm", "error"]
     table = []
     for r in rows:
         if r["error"]:
-            table.append([r["N"], r["anchors"], r["backend"]] + ["-"] * 8 + [r["error"][:60]])
+            table.append([r["N"], r["anchors"], r["backend"]] + ["-"] * 12 + [r["error"][:60]])
             continue
         table.append([r["N"], r["anchors"], r["backend"], ms(r["normalise_ms"]),
                       ms(r["forward_ms"]), ms(r["backward_ms"]), ms(r["step_ms"]),
                       f"{r['pairs_per_s']:.0f}", _mib(r["peak_bytes"]),
                       _mib(r["forward_peak_extra_bytes"]), _mib(r["backward_peak_extra_bytes"]),
-                      ""])
-    return format_table(header, table, right_align=[True, True, False] + [True] * 8)
+                      "-" if r.get("step_useful_gflops") is None
+                      else f"{r['step_useful_gflops']:.1f}",
+                      frac(r.get("forward_fraction_of_matmul")),
+                      frac(r.get("backward_fraction_of_matmul")),
+                      frac(r.get("step_fraction_of_matmul")), ""])
+    return format_table(header, table, right_align=[True, True, False] + [True] * 12)
 
 
 def format_capacity(config: ProfileConfig, rows: Sequence[Dict]) -> str:
@@ -555,8 +585,9 @@ def format_capacity(config: ProfileConfig, rows: Sequence[Dict]) -> str:
 
 def plot(path: str, config: ProfileConfig, rows: Sequence[Dict],
          caps: Sequence[Capacity]) -> bool:
-    """Three panels: step time per phase against N (log-log), memory against N with the budget
-    and the capacity search's probes, throughput against N."""
+    """Four panels: step time per phase against N (log-log), memory against N with the budget
+    and the capacity search's probes, throughput against N, and the fraction of the matmul rate
+    (step, forward, backward) against N."""
     try:
         import matplotlib
 
@@ -564,7 +595,7 @@ def plot(path: str, config: ProfileConfig, rows: Sequence[Dict],
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (ax_t, ax_m, ax_p) = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, ((ax_t, ax_m), (ax_p, ax_f)) = plt.subplots(2, 2, figsize=(13, 9))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = {"normalise": ":", "forward": "--", "backward": "-."}
     for i, backend in enumerate(config.backends):
@@ -578,6 +609,12 @@ def plot(path: str, config: ProfileConfig, rows: Sequence[Dict],
                 vals = [max(r[f"{phase}_ms"], 1e-3) for r in ok]
                 ax_t.plot(ns, vals, style, color=color, alpha=0.7, label=f"{backend} {phase}")
             ax_p.plot(ns, [r["pairs_per_s"] for r in ok], "o-", color=color, label=backend)
+            for phase, style in (("step", "o-"), ("forward", "--"), ("backward", "-.")):
+                pts = [(r["N"], r[f"{phase}_fraction_of_matmul"]) for r in ok
+                       if r.get(f"{phase}_fraction_of_matmul") is not None]
+                if pts:
+                    ax_f.plot(*zip(*pts), style, color=color,
+                              alpha=1.0 if phase == "step" else 0.7, label=f"{backend} {phase}")
         mem_pts = {r["N"]: r["peak_bytes"] for r in ok if r["peak_bytes"]}
         cap = next((c for c in caps if c.backend == backend), None)
         if cap is not None:
@@ -604,6 +641,8 @@ def plot(path: str, config: ProfileConfig, rows: Sequence[Dict],
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    _bench.plot_roofline_axis(ax_f, sorted({r["N"] for r in rows}) or list(config.sizes), rows,
+                              "phase")
     device = rows[0]["device"] if rows else config.device
     fig.suptitle(f"profile: {config.loss} ({config.layout}), D={config.dim}, {config.dtype} "
                  f"on {device}")
@@ -623,6 +662,8 @@ def run_profile(config: ProfileConfig, out_dir: str, progress: bool = True) -> i
           f"N in {list(config.sizes)}, backends {list(config.backends)}, {config.repeats} timed "
           f"repeats, torch threads {config.threads or torch.get_num_threads()}"
           + (f", budget {config.budget_gb:g} GiB" if config.budget_gb else ""), flush=True)
+    rates = _bench.run_matmul_worker(config)
+    print(_roofline.describe_rates(rates), flush=True)
     tasks = [(b, n) for n in config.sizes for b in config.backends]
     bar = None
     if progress:
@@ -642,11 +683,13 @@ def run_profile(config: ProfileConfig, out_dir: str, progress: bool = True) -> i
             bar.update(1)
     if bar is not None:
         bar.close()
-    rows = csv_rows(config, results)
+    rows = csv_rows(config, results, rates)
     print(format_profile(rows))
     print("(phases: normalise = L2 normalisation of both views; forward = the loss on unit rows; "
           "backward = loss.backward() to the raw embeddings. peak = step's peak memory incl. "
-          "inputs and gradients; pairs/s = N / step time)")
+          "inputs and gradients; pairs/s = N / step time; step GFLOP/s = useful flops of the step "
+          "(docs/math.md#roofline-useful-work-and-the-matmul-rate) / step time; fwd/mm, bwd/mm, "
+          "step/mm = a phase's useful GFLOP/s / the whole-matrix matmul rate)")
 
     caps: List[Capacity] = []
     if config.budget_gb:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import sys
 import pytest
 
 import macl_kernels as mk
-from macl_kernels import _bench, _cases, _verify, cli
+from macl_kernels import _bench, _cases, _profile, _roofline, _verify, cli
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,6 +120,41 @@ def test_bench_tiny_run_writes_csv_and_png(tmp_path):
     assert all(float(r["speedup_vs_reference"]) == 1.0 for r in rows if r["backend"] == "reference")
     assert (out_dir / "bench.png").stat().st_size > 0
     assert "torch" in proc.stdout and "speedup" in proc.stdout
+    # The roofline: the matmul rate measured in the same run, each row's useful GFLOP/s and its
+    # fraction of that rate (values only checked for sanity: no test asserts a speed).
+    assert "matmul rate (torch.mm, float32" in proc.stdout and "of matmul" in proc.stdout
+    for r in rows:
+        values = {k: float(r[k]) for k in ("useful_gflop", "useful_gflops", "matmul_gflops",
+                                           "matmul_tile_gflops", "fraction_of_matmul",
+                                           "fraction_of_matmul_tile")}
+        assert all(math.isfinite(v) and v > 0 for v in values.values()), values
+        assert values["useful_gflop"] == _roofline.useful_flops("2n", int(r["N"]), 16) / 1e9
+        assert values["fraction_of_matmul"] == pytest.approx(
+            values["useful_gflops"] / values["matmul_gflops"])
+        assert r["matmul_shape"] == "256x16 @ 16x256"  # min(2 * 128, 4096) in layout 2n
+
+
+@pytest.mark.slow
+def test_profile_tiny_run_reports_the_roofline(tmp_path):
+    out_dir = tmp_path / "profile"
+    proc = run_cli("profile", "--loss", "clip", "--sizes", "64", "--dim", "8", "--repeats", "1",
+                   "--backends", "torch", "--threads", "1", "--no-op-profile", "--no-progress",
+                   "--out", str(out_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "matmul rate (torch.mm" in proc.stdout and "step/mm" in proc.stdout
+    with open(out_dir / "profile.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == _profile.PROFILE_COLUMNS
+        (row,) = list(reader)
+    assert row["error"] == "" and row["layout"] == "cross_sym"
+    for phase in ("forward", "backward", "step"):
+        gflops = float(row[f"{phase}_useful_gflops"])
+        frac = float(row[f"{phase}_fraction_of_matmul"])
+        assert math.isfinite(gflops) and gflops > 0 and math.isfinite(frac) and frac > 0
+        assert frac == pytest.approx(gflops / float(row["matmul_gflops"]))
+    assert float(row["step_fraction_of_matmul_tile"]) > 0
+    assert row["matmul_shape"] == "64x8 @ 8x64"  # cross_sym: S is N x N
+    assert (out_dir / "profile.png").stat().st_size > 0
 
 
 @pytest.mark.slow  # a worker subprocess (timed out)

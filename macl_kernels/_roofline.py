@@ -126,7 +126,7 @@ def measure_matmul(rows: int, cols: int, d: int, dtype: torch.dtype, device: str
         _sync(dev)
         return time.perf_counter() - t0
 
-    run(2)  # warm-up: page in the operands, pick the kernel
+    run(1)  # warm-up: page in the operands, pick the kernel
     one = max(run(1), 1e-7)
     reps = max(1, int(sample_s / one))
     sample = one * reps

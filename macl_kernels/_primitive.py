@@ -129,9 +129,14 @@ class Backend:
         raise NotImplementedError
 
     def built(self) -> bool:
-        """Native backends: whether their compiled extension imports (``auto`` warns once when it
-        passes over a native backend that was not built)."""
+        """Native backends: whether their compiled extension imports."""
         return True
+
+    def missing_build(self, device: Optional[torch.device]) -> bool:
+        """Whether the only thing keeping this backend from ``device`` is its extension not being
+        built (``auto`` then warns once that it runs something slower). ``False`` when the
+        backend could not run there anyway (another device type, a CPU build of torch, ...)."""
+        return False
 
     def check(self, problem: Problem) -> None:
         """Refuse what the kernels cannot do (dtype, width), with a ``TypeError`` /

@@ -56,6 +56,23 @@ def test_missing_extension_says_why_and_how_to_build(monkeypatch):
         assert backends.resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
+@pytest.mark.skipif(bool(torch.version.cuda) and torch.cuda.is_available(),
+                    reason="needs a machine where the cuda backend cannot run anyway")
+def test_auto_is_silent_about_native_backends_that_could_not_run_anyway(monkeypatch):
+    """The warning is about a missing build, not about a missing GPU: ``auto`` on a CUDA device
+    with a CPU build of torch passes over ``cuda`` (never built here) without a warning."""
+    import warnings
+
+    from macl_kernels import backends
+
+    monkeypatch.setattr(backends, "_WARNED", set())
+    assert not backends.kernel_backend("cuda").missing_build(torch.device("cuda"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backends.resolve_backend("auto", torch.device("cuda"), 4096)
+        backends.resolve_backend("auto", torch.device("cpu"))
+
+
 @pytest.mark.parametrize("logit_map", list(LogitMap), ids=["scaled", "artanh"])
 def test_symmetric_tiling_equals_full_tiling_across_tiles(logit_map):
     """Layout 2n (``candidates=None``) computes only the tiles on and above the diagonal, each

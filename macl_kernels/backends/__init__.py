@@ -114,7 +114,7 @@ def _resolve(backend: str, device_type: str, device_index: Optional[int], dim: O
                 return name, None, tuple(unbuilt)
             rejected.append(f"{name}: {reason}")
             impl = kernel_backend(name) if name not in _IMPORT_ERRORS else None
-            if impl is not None and impl.native and not impl.built():
+            if impl is not None and impl.native and impl.missing_build(device):
                 unbuilt.append((name, reason))
         # unreachable while "torch" is last in every order
         return None, f"no backend can run on {device}: " + "; ".join(rejected), tuple(unbuilt)

@@ -27,6 +27,9 @@ class CpuBackend(Backend):
     def built(self) -> bool:
         return _EXTENSION.get() is not None
 
+    def missing_build(self, device: Optional[torch.device]) -> bool:
+        return (device is None or device.type == "cpu") and not self.built()
+
     def unavailable_reason(self, device: Optional[torch.device]) -> Optional[str]:
         if device is not None and device.type != "cpu":
             return f"the cpu backend runs on CPU tensors only (got {device})"

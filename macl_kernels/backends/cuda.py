@@ -45,6 +45,11 @@ class CudaBackend(Backend):
     def built(self) -> bool:
         return _EXTENSION.get() is not None
 
+    def missing_build(self, device: Optional[torch.device]) -> bool:
+        return (device is not None and device.type == "cuda" and bool(torch.version.cuda)
+                and not getattr(torch.version, "hip", None) and torch.cuda.is_available()
+                and not self.built())
+
     def unavailable_reason(self, device: Optional[torch.device]) -> Optional[str]:
         if device is not None and device.type != "cuda":
             return f"the cuda backend runs on CUDA tensors only (got {device})"

@@ -339,6 +339,22 @@ def _clip(image_features, text_features, logit_scale, *, normalize, reduction,
                     negatives=negatives, allow_empty=lenient)
     logit_scale = V.check_logit_scale(logit_scale, image_features,
                                       validate=V.check_validate(validate), any_sign=lenient)
+    if prep.is_reference and prep.dist is not None and gather_kind == "no_grad":
+        # Every gathered row a constant: each direction is this rank's anchors against the
+        # detached local rows (their positives) plus the other ranks' rows as extra negatives.
+        n, r = image_features.shape[0], prep.dist.rank
+        wide = compute_dtype(image_features.dtype)
+
+        def direction(anchors, others):
+            everyone = prep.gather(others.to(wide))
+            rest = torch.cat([everyone[:r * n], everyone[(r + 1) * n:]])
+            return reference.clip_loss(anchors.to(wide), others.to(wide).detach(), logit_scale,
+                                       normalize=normalize, reduction="none",
+                                       negatives=rest)[:n]
+
+        per_anchor = torch.cat([direction(image_features, text_features),
+                                direction(text_features, image_features)])
+        return _math.reduce(per_anchor, reduction, image_features.dtype)
     if prep.is_reference:
         def reference_clip(z1, z2, layout, **kwargs):
             return reference.clip_loss(z1, z2, logit_scale, **kwargs)

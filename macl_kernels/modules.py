@@ -124,9 +124,10 @@ class NTXentLoss(nn.Module):
     checkpoints load both ways, a resumed run restarts with a random bank);
     ``persistent_bank=True`` (keyword-only) puts them in the ``state_dict``.
 
-    Unlike lightly: a batch of one row without a bank gives 0 connected to the graph (as lightly),
-    any floating query dtype works with a float32 bank (lightly raises), NaN/Inf inputs give a
-    non-finite loss (as lightly).
+    As lightly: a global batch of one row without a bank gives 0 connected to the graph, a
+    negative temperature is computed with, NaN/Inf inputs give a non-finite loss. Unlike lightly:
+    any floating query dtype works with the float32 bank (lightly raises for anything but
+    float32 outside autocast).
     """
 
     def __init__(self, temperature: float = 0.5,

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import macl_kernels as mk
 from conftest import (
-    COMPUTE_BACKENDS, F64_RTOL, HAS_CUDA, assert_rel_close, assert_same_results, kernel_backends,
+    COMPUTE_BACKENDS, F32_RTOL, F64_RTOL, HAS_CUDA, assert_rel_close, assert_same_results, kernel_backends,
     loss_and_grads, make_pair,
 )
 from macl_kernels import reference as R
@@ -699,3 +699,19 @@ def test_float32_clip_error_no_worse_than_openclip(backend):
                     peer = max(peer, ((openclip_rows(i32, t32, scale).double() - exact).abs()
                                       / row_max).max().item())
     assert ours <= peer, f"ours {ours:.3e} vs OpenCLIP's float32 {peer:.3e}"
+
+
+@pytest.mark.slow  # a torch.compile (tens of seconds on the CI machine)
+def test_moco_loss_compiles_without_graph_break():
+    """The bank path (an autograd.Function around the primitive's two custom ops) compiles with
+    fullgraph=True and gives the eager loss and gradient."""
+    q, k = (t.float() for t in make_pair(8, 16, seed=21))
+    bank = F.normalize(torch.randn(32, 16, generator=torch.Generator().manual_seed(4)), dim=1)
+
+    def step(query):
+        return mk.moco_loss(query, k, bank, loss="macl", backend="torch")
+
+    compiled = torch.compile(step, fullgraph=True)
+    got = grads_of(compiled, q)
+    want = grads_of(step, q)
+    assert_same_results(got, want, F32_RTOL, names=("loss", "dq"))

@@ -31,9 +31,6 @@ BACKENDS = ("auto", "reference", "torch", "triton", "cpu", "cuda")
 MOCO_LOSSES = ("infonce", "dcl", "macl")
 
 
-VALIDATE_MODES = (True, False, "full")
-
-
 def check_validate(value) -> str:
     """``validate=`` as one of ``"structural"`` (``True``), ``"full"``, ``"none"`` (``False``)."""
     if value is True:

@@ -28,10 +28,9 @@ import torch.nn.functional as F
 
 import macl_kernels as mk
 from conftest import (
-    COMPUTE_BACKENDS, F32_RTOL, F64_RTOL, HAS_CUDA, assert_rel_close, assert_same_results, kernel_backends,
-    loss_and_grads, make_pair,
+    COMPUTE_BACKENDS, F32_RTOL, F64_RTOL, HAS_CUDA, assert_rel_close, assert_same_results,
+    kernel_backends, loss_and_grads, make_pair,
 )
-from macl_kernels import reference as R
 
 KERNELS = tuple(b for b in kernel_backends() if b != "triton") + (
     ("triton",) if "triton" in kernel_backends() else ())
@@ -181,7 +180,6 @@ def test_memory_bank_is_not_in_the_state_dict_unless_asked():
     q2, k2 = make_pair(3, 4, seed=3)
     assert resumed(q2, k2).item() == kept(q2, k2).item()
     crit.load_state_dict(state, strict=False)
-    lazy = mk.NTXentLoss(memory_bank_size=8, persistent_bank=True) if False else None  # noqa
     with pytest.warns(UserWarning):
         lazy = mk.NTXentLoss(memory_bank_size=8, persistent_bank=True)
     lazy.load_state_dict(state)  # a bare size takes the checkpoint's width

@@ -8,6 +8,8 @@ for anchor rows ``anchors [M, D]`` and candidate rows ``candidates [K, D]``,
                = artanh_scale * artanh(clamp(S_ak, -1 + artanh_eps, 1 - artanh_eps))
                                                                        LogitMap.ARTANH
     Neg(a)     = every candidate but pos_index[a] and self_index[a]
+                 (pos_index[a] = -1: no positive among the candidates, nothing excluded but self;
+                  a memory bank, docs/math.md#memory-bank-moco)
     lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak)          (-inf when Neg(a) is empty)
 
 and its backward for an upstream gradient ``g = dL/d lse_neg``:
@@ -57,7 +59,7 @@ class Problem:
     anchors: Tensor  # [M, D], float32 or float64 (the compute dtype)
     candidates: Optional[Tensor]  # [K, D] of the anchors' dtype and device; None: the anchors
     inv_temp: Optional[Tensor]  # [M], LogitMap.SCALED only (None for ARTANH)
-    pos_index: Tensor  # [M] int64: row a's positive among the candidates
+    pos_index: Tensor  # [M] int64: row a's positive among the candidates, or -1 for none
     self_index: Optional[Tensor]  # [M] int64: row a itself among the candidates, or None
     logit_map: LogitMap
     artanh_scale: float = 0.0  # LogitMap.ARTANH's c (> 0); unused by SCALED

@@ -2,8 +2,17 @@
 
 Every check raises a ``ValueError`` or ``TypeError`` that names the argument and the offending
 shape or value, so that a bad call fails at the call site instead of producing a NaN loss deep
-inside a kernel. Checks that need the tensor's data (finiteness, the sign of a tensor
-``logit_scale``) cost a host synchronisation; ``validate=False`` skips exactly those.
+inside a kernel.
+
+The ``validate=`` policy of every loss (docs/math.md#validation-and-host-synchronisation):
+
+- ``True`` (default): the structural checks only - types, shapes, dtypes, devices, options,
+  Python scalars. They read no tensor data, so the default call path never synchronises the host
+  with the device (no stall of a GPU pipeline, CUDA-graph capture works), and NaN/Inf inputs give
+  a non-finite loss, as in PyTorch (``GradScaler`` relies on that to skip a step).
+- ``"full"``: the structural checks plus the data checks (finiteness of the embeddings, the sign
+  of a tensor ``logit_scale``), each a host synchronisation, with a clear ``ValueError``.
+- ``False``: no checks at all (the caller vouches for the arguments).
 """
 
 from __future__ import annotations
@@ -19,6 +28,19 @@ REDUCTIONS = ("mean", "sum", "none")
 SCHEDULES = ("linear", "exp")
 TEMPERATURE_MODES = ("batch", "anchor")
 BACKENDS = ("auto", "reference", "torch", "triton", "cpu", "cuda")
+MOCO_LOSSES = ("infonce", "dcl", "macl")
+
+
+def check_validate(value) -> str:
+    """``validate=`` as one of ``"structural"`` (``True``), ``"full"``, ``"none"`` (``False``)."""
+    if value is True:
+        return "structural"
+    if value is False:
+        return "none"
+    if isinstance(value, str) and value == "full":
+        return "full"
+    raise TypeError(f"validate must be True, False or 'full', got {type(value).__name__} "
+                    f"{value!r}")
 
 
 def _compiling() -> bool:
@@ -64,9 +86,12 @@ def check_open_unit(name: str, value) -> float:
 
 
 def check_embedding_pair(
-    name1: str, x1, name2: str, x2, *, validate: bool = True
+    name1: str, x1, name2: str, x2, *, validate="structural", min_rows: int = 1
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Two ``[N, D]`` floating tensors of one shape, dtype and device, N >= 2, finite."""
+    """Two ``[N, D]`` floating tensors of one shape, dtype and device, ``N >= min_rows``; finite
+    when ``validate == "full"`` (a host synchronisation). ``validate="none"`` checks nothing."""
+    if validate in (False, "none"):
+        return x1, x2
     for name, x in ((name1, x1), (name2, x2)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -93,28 +118,88 @@ def check_embedding_pair(
             f"{name1} and {name2} must be on the same device, got {x1.device} and {x2.device}"
         )
     n, d = x1.shape
-    if n < 2:
+    if n < min_rows:
         raise ValueError(
-            f"{name1} and {name2} need at least 2 rows (a batch of 1 has no negatives), "
-            f"got shape {tuple(x1.shape)}"
+            f"{name1} and {name2} need at least {min_rows} row(s), got shape {tuple(x1.shape)}"
         )
     if d < 1:
         raise ValueError(f"{name1} and {name2} need at least 1 column, got shape {tuple(x1.shape)}")
-    if validate and not _compiling():
-        for name, x in ((name1, x1), (name2, x2)):
-            if not bool(torch.isfinite(x).all()):
-                bad = int((~torch.isfinite(x)).sum())
-                raise ValueError(
-                    f"{name} contains {bad} non-finite value(s) (NaN or Inf); "
-                    f"pass validate=False to skip this check in hot loops"
-                )
+    if validate == "full":
+        check_finite(name1, x1)
+        check_finite(name2, x2)
     return x1, x2
 
 
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """The data check of ``validate="full"`` (a host synchronisation; skipped under
+    ``torch.compile``)."""
+    if _compiling():
+        return
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(
+            f"{name} contains {bad} non-finite value(s) (NaN or Inf); with validate=True (the "
+            f"default) such inputs give a non-finite loss instead of this error"
+        )
+
+
+def check_has_negatives(negatives_per_anchor: int, what: str) -> None:
+    """Structural: every anchor needs at least one negative (counted from shapes, no data)."""
+    if negatives_per_anchor < 1:
+        raise ValueError(
+            f"{what} leaves an anchor with no negative at all (the loss would be constant); "
+            f"use a batch of at least 2 rows, or pass extra negatives"
+        )
+
+
+def check_negatives(name: str, x, like: torch.Tensor, validate="structural"):
+    """Extra candidate rows ``[K', D]`` (any floating dtype, the embeddings' device and width),
+    or ``None``."""
+    if x is None or validate in (False, "none"):
+        return x
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if x.dim() != 2 or x.shape[1] != like.shape[1]:
+        raise ValueError(
+            f"{name} must be 2-D [K, D] with the embeddings' width D = {like.shape[1]}, got "
+            f"shape {tuple(x.shape)}"
+        )
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but the embeddings are on {like.device}")
+    if validate == "full":
+        check_finite(name, x)
+    return x
+
+
+def check_bank(name: str, x, like: torch.Tensor, validate="structural"):
+    """A memory bank ``[Q, D]`` of any floating dtype and device (cast per call)."""
+    if validate in (False, "none"):
+        return x
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if x.dim() != 2 or x.shape[1] != like.shape[1]:
+        raise ValueError(
+            f"{name} must be 2-D [size, D] with the queries' width D = {like.shape[1]}, got "
+            f"shape {tuple(x.shape)}"
+        )
+    if validate == "full":
+        check_finite(name, x)
+    return x
+
+
 def check_logit_scale(
-    logit_scale, like: torch.Tensor, *, validate: bool = True
+    logit_scale, like: torch.Tensor, *, validate="structural", any_sign: bool = False
 ) -> Union[float, torch.Tensor]:
-    """CLIP's already-exponentiated scale: a positive float or a 0-d (or 1-element) tensor."""
+    """CLIP's already-exponentiated scale: a positive float or a 0-d (or 1-element) tensor
+    (``any_sign``: any finite float, as OpenCLIP computes with it). A tensor's sign is data:
+    checked with ``validate="full"`` only."""
+    if validate in (False, "none"):
+        return logit_scale.reshape(()) if isinstance(logit_scale, torch.Tensor) else \
+            float(logit_scale)
     if isinstance(logit_scale, torch.Tensor):
         if logit_scale.numel() != 1 or logit_scale.dim() > 1:
             raise ValueError(
@@ -127,7 +212,7 @@ def check_logit_scale(
             raise ValueError(
                 f"logit_scale is on {logit_scale.device} but the features are on {like.device}"
             )
-        if validate and not _compiling():
+        if validate == "full" and not _compiling():
             value = float(logit_scale.detach().reshape(()))
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(
@@ -135,6 +220,8 @@ def check_logit_scale(
                     f"scale, e.g. model.logit_scale.exp()), got {value!r}"
                 )
         return logit_scale.reshape(())
+    if any_sign:
+        return check_real("logit_scale", logit_scale)
     return check_positive("logit_scale", logit_scale)
 
 

@@ -61,27 +61,37 @@ def normalize(z: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     return F.normalize(z, p=2.0, dim=1, eps=NORMALIZE_EPS) if normalize else z
 
 
-def anchor_rows(u1: torch.Tensor, u2: torch.Tensor, layout: str) -> AnchorRows:
+def anchor_rows(u1: torch.Tensor, u2: torch.Tensor, layout: str,
+                negatives: Optional[torch.Tensor] = None) -> AnchorRows:
+    """``negatives`` (extra candidate rows, normalised like ``u1``) are extra columns of every
+    anchor in ``2n`` and ``cross``, and of the ``u1`` anchors only in ``cross_sym``."""
     n = u1.shape[0]
     device = u1.device
+    extra = 0 if negatives is None else negatives.shape[0]
     if layout == "2n":
         # SimCLR / NT-Xent: U = [u1; u2], every row is an anchor, its positive is the other view.
         U = torch.cat([u1, u2])
-        S = U @ U.T
+        C = U if negatives is None else torch.cat([U, negatives])
+        S = U @ C.T
         M = 2 * n
-        is_self = torch.eye(M, dtype=torch.bool, device=device)
+        is_self = torch.eye(M, M + extra, dtype=torch.bool, device=device)
         positive = (torch.arange(M, device=device) + n) % M
         return AnchorRows(S, ~is_self, positive)
-    S = u1 @ u2.T
-    everyone = torch.ones(n, n, dtype=torch.bool, device=device)
+    C2 = u2 if negatives is None else torch.cat([u2, negatives])
+    S = u1 @ C2.T
+    everyone = torch.ones(n, n + extra, dtype=torch.bool, device=device)
     diagonal = torch.arange(n, device=device)
     if layout == "cross":
         # SimCSE / GraphCL: anchors u1, candidates u2, positive on the diagonal.
         return AnchorRows(S, everyone, diagonal)
     if layout == "cross_sym":
-        # CLIP: the N rows of S, then the N columns (rows of S^T), each a cross-entropy.
+        # CLIP: the N rows of S, then the N columns (rows of S^T), each a cross-entropy; the
+        # columns' rows get zero-padded, masked-out columns for the extra negatives.
+        columns = torch.cat([S[:, :n].T, S.new_zeros(n, extra)], dim=1)
+        column_mask = torch.cat([everyone[:, :n], everyone.new_zeros(n, extra)], dim=1)
         return AnchorRows(
-            torch.cat([S, S.T]), torch.cat([everyone, everyone]), torch.cat([diagonal, diagonal])
+            torch.cat([S, columns]), torch.cat([everyone, column_mask]),
+            torch.cat([diagonal, diagonal])
         )
     raise ValueError(f"layout must be one of ['2n', 'cross', 'cross_sym'], got {layout!r}")
 
@@ -122,15 +132,18 @@ def negative_margin(rows: AnchorRows, logits: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def infonce_loss(z1, z2, *, temperature=0.1, layout="2n", normalize=True, reduction="mean"):
+def infonce_loss(z1, z2, *, temperature=0.1, layout="2n", normalize=True, reduction="mean",
+                 negatives=None):
     """NT-Xent / InfoNCE: ``loss_a = -log P_ap``, ``l_ak = S_ak / tau``."""
-    rows = anchor_rows(_n(z1, normalize), _n(z2, normalize), layout)
+    rows = anchor_rows(_n(z1, normalize), _n(z2, normalize), layout, _neg(negatives, z1, normalize))
     return reduce(negative_log_p_positive(rows, rows.S / temperature), reduction, z1.dtype)
 
 
-def clip_loss(image_features, text_features, logit_scale, *, normalize=True, reduction="mean"):
+def clip_loss(image_features, text_features, logit_scale, *, normalize=True, reduction="mean",
+              negatives=None):
     """CLIP: ``l_ij = s * S_ij`` over both directions; ``s`` may require grad."""
-    rows = anchor_rows(_n(image_features, normalize), _n(text_features, normalize), "cross_sym")
+    rows = anchor_rows(_n(image_features, normalize), _n(text_features, normalize), "cross_sym",
+                       _neg(negatives, image_features, normalize))
     if isinstance(logit_scale, torch.Tensor):
         logit_scale = logit_scale.to(rows.S.dtype).reshape(())
     loss = negative_log_p_positive(rows, logit_scale * rows.S)
@@ -150,7 +163,7 @@ def per_anchor_pair_values(values_per_pair: torch.Tensor, layout: str) -> torch.
 
 def dcl_loss(
     z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, layout="2n", normalize=True,
-    reduction="mean", weights: Optional[torch.Tensor] = None,
+    reduction="mean", weights: Optional[torch.Tensor] = None, negatives=None,
 ):
     """Decoupled CL: ``loss_a = -w_a l_ap + LSE_{k in Neg(a)} l_ak`` (``w = 1`` unless weighted).
 
@@ -158,7 +171,7 @@ def dcl_loss(
     reaches the reference.
     """
     u1, u2 = _n(z1, normalize), _n(z2, normalize)
-    rows = anchor_rows(u1, u2, layout)
+    rows = anchor_rows(u1, u2, layout, _neg(negatives, z1, normalize))
     logits = rows.S / temperature
     if weights is None:
         weights = (
@@ -185,13 +198,15 @@ def macl_temperature(A, temperature: float, alpha: float, a0: float, schedule: s
 def macl_loss(
     z1, z2, *, temperature=0.1, alpha=0.5, a0=0.0, schedule="linear", temperature_mode="batch",
     reweight=True, layout="2n", normalize=True, reduction="mean", return_stats=False,
+    negatives=None,
 ):
     """Model-Aware Contrastive Learning (ICML 2023).
 
     ``A = sg(mean_a S_a,p(a))`` (or per anchor), ``tau = tau(A)``, ``l = S / tau``,
     ``loss_a = -sg(V_a) log P_ap`` with ``V_a = 1 / (1 - P_ap) = 1 / sigmoid(x_a)``.
     """
-    rows = anchor_rows(_n(z1, normalize), _n(z2, normalize), layout)
+    rows = anchor_rows(_n(z1, normalize), _n(z2, normalize), layout,
+                       _neg(negatives, z1, normalize))
     alignment = rows.positive_similarity.detach()
     if temperature_mode == "batch":
         alignment = alignment.mean()
@@ -228,9 +243,11 @@ def _macl_reweighted(x: torch.Tensor) -> torch.Tensor:
     return torch.where(tail, 1 + (x - x.detach()), body)
 
 
-def tfree_loss(z1, z2, *, scale=2.0, eps=1e-6, layout="2n", normalize=True, reduction="mean"):
+def tfree_loss(z1, z2, *, scale=2.0, eps=1e-6, layout="2n", normalize=True, reduction="mean",
+               negatives=None):
     """Temperature-free InfoNCE: ``l_ak = c * artanh(clamp(S_ak, -1 + e, 1 - e))``."""
-    rows = anchor_rows(_n(z1, normalize), _n(z2, normalize), layout)
+    rows = anchor_rows(_n(z1, normalize), _n(z2, normalize), layout,
+                       _neg(negatives, z1, normalize))
     # Self (S_aa ~ 1, artanh -> inf) is masked out before the map is used.
     S = rows.S.masked_fill(~rows.candidates, 0.0)
     logits = scale * torch.atanh(S.clamp(-1 + eps, 1 - eps))
@@ -239,4 +256,38 @@ def tfree_loss(z1, z2, *, scale=2.0, eps=1e-6, layout="2n", normalize=True, redu
 
 def _n(z: torch.Tensor, do_normalize: bool) -> torch.Tensor:
     return normalize(z, do_normalize)
+
+
+def _neg(negatives: Optional[torch.Tensor], like: torch.Tensor, do_normalize: bool):
+    """Extra candidate rows in the embeddings' compute dtype, normalised like them."""
+    if negatives is None:
+        return None
+    return normalize(negatives.to(compute_dtype(like.dtype)), do_normalize)
+
+
+def moco_loss(query, key, bank, *, temperature=0.1, loss="infonce", tau=None,
+              in_batch_negatives=False, normalize=True, reduction="mean"):
+    """MoCo / lightly memory bank, written as lightly writes it: logits ``[l_pos, l_bank]`` (and
+    the other keys with ``in_batch_negatives``) over ``tau`` (MACL: the given ``tau(A)``), the
+    positive in column 0. ``loss``: ``"infonce"`` (cross-entropy), ``"dcl"`` (the LSE over the
+    negatives minus ``l_pos``), ``"macl"`` (``sg(V) (-log P)``, ``V = 1 / (1 - P)``)."""
+    q, k = _n(query, normalize), _n(key, normalize)
+    B = bank.to(device=q.device, dtype=q.dtype)
+    negatives = q @ B.T
+    if in_batch_negatives:
+        S_keys = q @ k.T
+        off_diagonal = ~torch.eye(q.shape[0], dtype=torch.bool, device=q.device)
+        negatives = torch.cat([S_keys[off_diagonal].view(q.shape[0], -1), negatives], dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), negatives], dim=1)
+    logits = logits / (tau if tau is not None else temperature)
+    if loss == "infonce":
+        per_anchor = F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long,
+                                                         device=q.device), reduction="none")
+    elif loss == "dcl":
+        per_anchor = torch.logsumexp(logits[:, 1:], dim=1) - logits[:, 0]
+    elif loss == "macl":
+        per_anchor = _macl_reweighted(torch.logsumexp(logits[:, 1:], dim=1) - logits[:, 0])
+    else:
+        raise ValueError(f"loss must be one of ['infonce', 'dcl', 'macl'], got {loss!r}")
+    return reduce(per_anchor, reduction, query.dtype)
 

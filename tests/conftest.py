@@ -157,7 +157,8 @@ def dense_negative_lse(anchors, candidates, inv_temp, pos_index, self_index,
         logits = artanh_scale * torch.atanh(S.clamp(-1 + artanh_eps, 1 - artanh_eps))
     rows = torch.arange(S.shape[0], device=S.device)
     excluded = torch.zeros_like(S, dtype=torch.bool)
-    excluded[rows, pos_index] = True
+    has_positive = pos_index >= 0  # -1: no positive among the candidates
+    excluded[rows[has_positive], pos_index[has_positive]] = True
     if self_index is not None:
         excluded[rows, self_index] = True
     return torch.logsumexp(logits.masked_fill(excluded, float("-inf")), dim=1)

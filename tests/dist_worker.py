@@ -39,6 +39,13 @@ def main() -> int:
         results["ddp"] = dist_cases.ddp_step(local, world_size)
         results["clip_module"] = dist_cases.clip_module_cases(z1[local], z2[local], scale,
                                                               rank, world_size)
+        negatives = dist_cases.rank_negatives(world_size)
+        k = dist_cases.NEGATIVES_PER_RANK
+        for backend in dist_cases.BACKENDS:
+            results[("bank", backend)] = dist_cases.bank_run(local, backend)
+            results[("negatives", backend)] = dist_cases.negatives_run(
+                z1[local], z2[local], negatives[rank * k:(rank + 1) * k], backend,
+                gather_distributed=True)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         mk_distributed.shutdown()

@@ -110,6 +110,40 @@ def test_clip_module_open_clip_options(world, local_loss, with_grad, backend):
             assert rel_err(g, w) <= TOL, f"rank {r} {what}"
 
 
+@pytest.mark.slow  # the `world` fixture launches the ranks as subprocesses
+@pytest.mark.parametrize("backend", dist_cases.BACKENDS)
+def test_memory_bank_with_gather_distributed(world, backend):
+    """lightly's NTXentLoss(memory_bank_size, gather_distributed=True): local loss, every rank's
+    keys enqueued; the banks of all ranks stay equal."""
+    world_size, ranks = world
+    for r in range(world_size):
+        steps, bank = ranks[r][("bank", backend)]
+        want_steps, want_bank = dist_cases.bank_expected(_local_rows(r, world_size))
+        for (loss, dq), (want_loss, want_dq) in zip(steps, want_steps):
+            assert rel_err(loss, want_loss) <= TOL and rel_err(dq, want_dq) <= TOL
+        assert torch.equal(bank, want_bank), f"rank {r}"
+
+
+@pytest.mark.slow  # the `world` fixture launches the ranks as subprocesses
+@pytest.mark.parametrize("backend", dist_cases.BACKENDS)
+def test_extra_negatives_are_gathered(world, backend):
+    """Each rank's extra negatives join every rank's candidates: the per-rank mean equals the
+    single-process loss with all negatives, gradients scale by the world size."""
+    world_size, ranks = world
+    z1, z2, _ = dist_cases.global_batch()
+    negatives = dist_cases.rank_negatives(world_size)
+    want = dist_cases.negatives_run(z1, z2, negatives, backend)
+    losses = torch.stack([ranks[r][("negatives", backend)][0] for r in range(world_size)])
+    assert rel_err(losses.mean(), want[0]) <= TOL
+    k = dist_cases.NEGATIVES_PER_RANK
+    for r in range(world_size):
+        got = ranks[r][("negatives", backend)]
+        rows = _local_rows(r, world_size)
+        assert rel_err(got[1], world_size * want[1][rows]) <= TOL
+        assert rel_err(got[2], world_size * want[2][rows]) <= TOL
+        assert rel_err(got[3], world_size * want[3][r * k:(r + 1) * k]) <= TOL
+
+
 def test_without_process_group_gather_is_local():
     z1, z2, _ = dist_cases.global_batch()
     for backend in dist_cases.BACKENDS:

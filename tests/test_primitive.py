@@ -192,6 +192,20 @@ def test_matches_dense_oracle(backend, symmetric, m, k, d, logit_map, with_self,
                          oracle_dtype=oracle_dtype)
 
 
+@pytest.mark.parametrize("dtype_name,dtype", DTYPES, ids=[n for n, _ in DTYPES])
+@pytest.mark.parametrize("m,k,d", [(3, 7, 5), (33, 2, 4), (5, 70, 40)])
+def test_no_positive_among_the_candidates(backend, m, k, d, dtype_name, dtype):
+    """``pos_index[a] = -1``: ``Neg(a)`` is every candidate (a memory bank, whose positive is
+    computed outside). Mixed with rows that do have a positive, K != M, and candidates that need
+    no gradient (a bank) as well as ones that do."""
+    anchors, candidates, inv_temp, pos_index, _ = make_problem(m, k, d, False, False, SCALED,
+                                                               seed=7 * m + k)
+    pos_index = torch.where(torch.arange(m) % 2 == 0, torch.full_like(pos_index, -1), pos_index)
+    for grad in ((True, True, True), (True, False, True)):
+        check_against_oracle(backend, (anchors, candidates, inv_temp, pos_index, None), SCALED,
+                             dtype_name, dtype, grad=grad)
+
+
 @pytest.mark.parametrize("logit_map", MAPS, ids=MAP_IDS)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
 def test_tiles_fast(backend, symmetric, logit_map):

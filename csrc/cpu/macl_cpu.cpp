@@ -312,7 +312,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   std::vector<std::vector<T>> d_inv_temp_th(num_threads);
   for (int th = 0; th < num_threads; ++th) {
     d_anchors_th[th] = at::zeros({p.M, p.D}, anchors.options());
-    if (!p.symmetric) d_candidates_th[th] = at::zeros({p.K, p.D}, anchors.options());
+    // Only when wanted: K x D per thread (a 65536-row memory bank: 32 MiB per thread).
+    if (!p.symmetric && need_d_candidates)
+      d_candidates_th[th] = at::zeros({p.K, p.D}, anchors.options());
     if (need_d_inv_temp) d_inv_temp_th[th].assign(p.M, T(0));
   }
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {

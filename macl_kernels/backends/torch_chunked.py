@@ -45,8 +45,13 @@ def default_chunk(num_rows: int, num_candidates: int) -> int:
 
 
 def _exclude(logits, rows, pos_index, self_index):
-    """Drop the positive and self from the candidate set (Neg(a)), by index, not by a big constant."""
-    logits.scatter_(1, pos_index[rows, None], float("-inf"))
+    """Drop the positive and self from the candidate set (Neg(a)), by index, not by a big constant.
+    A negative ``pos_index`` means no positive among the candidates (nothing to drop): written
+    with ``where`` on the gathered column, not a boolean mask, so that no host sync is needed."""
+    pos = pos_index[rows, None]
+    col = pos.clamp_min(0)
+    kept = logits.gather(1, col)
+    logits.scatter_(1, col, torch.where(pos < 0, kept, torch.full_like(kept, float("-inf"))))
     if self_index is not None:
         logits.scatter_(1, self_index[rows, None], float("-inf"))
     return logits

@@ -16,6 +16,7 @@ from .functional import (
     dcl_loss,
     infonce_loss,
     macl_loss,
+    siglip_loss,
     tfree_loss,
 )
 from .modules import ClipLoss, DCLLoss, DCLWLoss, MACLLoss, NTXentLoss
@@ -23,7 +24,8 @@ from .grad_cache import GradCache
 
 
 __all__ = [
-    "macl_loss", "infonce_loss", "clip_loss", "dcl_loss", "tfree_loss", "available_backends",
+    "macl_loss", "infonce_loss", "clip_loss", "dcl_loss", "tfree_loss", "siglip_loss",
+    "available_backends",
     "MACLLoss", "NTXentLoss", "DCLLoss", "DCLWLoss", "ClipLoss", "MACL_TEMPERATURE_FLOOR",
     "GradCache",
     "__version__",

@@ -4,8 +4,9 @@
 The primitive of ``docs/math.md#the-primitive`` (per-row ``lse_neg``; recompute in backward),
 tiled in C++ over ``at::parallel_for``. A symmetric problem (layout ``2n`` on one process)
 computes only the tiles on and above the diagonal, each for its rows and its columns, and the
-kernel returns the one tensor's whole gradient as ``d_anchors``. float32 and float64; half
-inputs reach it upcast to float32 by the losses.
+kernel returns the one tensor's whole gradient as ``d_anchors``. ``RowReduction.SOFTPLUS``
+(SigLIP): the same tiles summing ``softplus(l)``, backward from ``sigmoid(l)`` alone. float32 and
+float64; half inputs reach it upcast to float32 by the losses.
 """
 
 from __future__ import annotations
@@ -50,18 +51,20 @@ class CpuBackend(Backend):
         p = problem
         lse_neg = _EXTENSION.get().forward(
             p.anchors, p.candidate_rows, cast_rows(p.inv_temp, p.anchors), p.pos_index,
-            p.self_index, int(p.logit_map), p.artanh_scale, p.artanh_eps, p.symmetric)
+            p.self_index, int(p.logit_map), p.artanh_scale, p.artanh_eps, p.symmetric,
+            int(p.row_reduction), cast_rows(p.row_bias, p.anchors))
         return lse_neg, None
 
     def bwd(self, problem: Problem, lse_neg, aux, g, needs: Needs) -> Grads:
         p = problem
-        d_anchors, d_candidates, d_inv_temp = _EXTENSION.get().backward(
+        d_anchors, d_candidates, d_inv_temp, d_row_bias = _EXTENSION.get().backward(
             p.anchors, p.candidate_rows, cast_rows(p.inv_temp, p.anchors), p.pos_index,
             p.self_index, lse_neg, g.to(p.anchors.dtype).contiguous(), int(p.logit_map),
             p.artanh_scale, p.artanh_eps, p.symmetric, needs.d_anchors, needs.d_candidates,
-            needs.d_inv_temp)
+            needs.d_inv_temp, int(p.row_reduction), cast_rows(p.row_bias, p.anchors),
+            needs.d_row_bias)
         # Symmetric: the kernel has summed both sides of every pair into d_anchors.
-        return Grads(d_anchors, None if p.symmetric else d_candidates, d_inv_temp)
+        return Grads(d_anchors, None if p.symmetric else d_candidates, d_inv_temp, d_row_bias)
 
 
 BACKEND = CpuBackend()

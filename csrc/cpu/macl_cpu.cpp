@@ -37,7 +37,13 @@
 //   backward: dL_dl_ak = g_a sigmoid(l_ak) on Neg(a) (no forward statistic), dL_dS = dL_dl
 //             inv_temp[a], the same two GEMMs, d_inv_temp as above, d_row_bias[a] = sum_k dL_dl.
 // softplus(x) = max(x, 0) + log1p(exp(-|x|)) and sigmoid(x) from exp(-|x|) as well: no overflow
-// at any |x|. Same passes and GEMM work as the LSE reduction (forward M K D, backward 3 M K D).
+// at any |x|. Since sigmoid needs no row statistic, a forward that will be differentiated
+// (with_grads) also accumulates the gradients' tile products with g left out: E = W candidates
+// and F = W^T anchors with W_ak = inv_temp[a] sigmoid(l_ak), plus two per-row sums. The backward
+// is then a per-row scale by g (d_anchors, d_inv_temp, d_row_bias) and, when g is one constant c
+// (a mean or a sum: the losses' case), d_candidates = c F: 1 pass, 3 M K D multiply-adds in all
+// (the minimum), extra memory (M + K) D per thread. Any other g recomputes the candidate side
+// (softplus_backward: 2 M K D more). Without gradients the forward is M K D.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -459,34 +465,101 @@ void softplus_logits(const Problem& p, const Tile& t, const T* S, const T* inv_t
   }
 }
 
+// Forward; with_grads: also the gradients' tile sums, so that a backward with a uniform upstream
+// gradient (a mean or a sum) needs no second pass (3 GEMMs in all, the minimum). With
+// W_ak = inv_temp[a] sigmoid(l_ak) on Neg(a), 0 elsewhere, it returns, flat in one tensor,
+//   E[a, :] = sum_k W_ak candidates[k]     (d_anchors = g_a E)                 [M, D]
+//   sigmoid_sum[a] = sum_k sigmoid(l_ak)   (d_row_bias = g_a sigmoid_sum)      [M]
+//   sigmoid_S[a] = sum_k sigmoid(l_ak) S_ak (d_inv_temp = g_a sigmoid_S)       [M]
+//   F[k, :] = sum_a W_ak anchors[a]        (d_candidates = c F when g = c)    [K, D]
 template <typename T>
-at::Tensor softplus_forward_impl(const Problem& p, const at::Tensor& anchors,
-                                 const at::Tensor& candidates, const T* inv_temp,
-                                 const T* row_bias) {
+std::tuple<at::Tensor, at::Tensor> softplus_forward_impl(const Problem& p,
+                                                         const at::Tensor& anchors,
+                                                         const at::Tensor& candidates,
+                                                         const T* inv_temp, const T* row_bias,
+                                                         bool with_grads) {
   const auto tiles = p.tiles();
-  std::vector<std::vector<T>> sums(at::get_num_threads(), std::vector<T>(p.M, T(0)));
+  const int num_threads = at::get_num_threads();
+  std::vector<std::vector<T>> sums(num_threads, std::vector<T>(p.M, T(0)));
+  std::vector<std::vector<T>> sig_sum_th(num_threads), sig_S_th(num_threads);
+  std::vector<at::Tensor> E_th(num_threads), F_th(num_threads);
+  if (with_grads) {
+    for (int th = 0; th < num_threads; ++th) {
+      sig_sum_th[th].assign(p.M, T(0));
+      sig_S_th[th].assign(p.M, T(0));
+      E_th[th] = at::zeros({p.M, p.D}, anchors.options());
+      F_th[th] = at::zeros({p.K, p.D}, anchors.options());
+    }
+  }
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<T>& sum = sums[at::get_thread_num()];
+    const int th = at::get_thread_num();
+    std::vector<T>& sum = sums[th];
     std::vector<T> S_buf(BLOCK * BLOCK), L(BLOCK * BLOCK);
     for (int64_t q = begin; q < end; ++q) {
       const Tile t = make_tile(p, tiles[q].first, tiles[q].second);
-      const T* S = tile_similarity(anchors.narrow(0, t.r0, t.bm),
-                                   candidates.narrow(0, t.k0, t.bn), S_buf);
+      const at::Tensor anchors_r = anchors.narrow(0, t.r0, t.bm),
+                       candidates_k = candidates.narrow(0, t.k0, t.bn);
+      const T* S = tile_similarity(anchors_r, candidates_k, S_buf);
       softplus_logits(p, t, S, inv_temp, row_bias, L.data());
       for (int64_t r = 0; r < t.bm; ++r) {
-        const T* l = L.data() + r * t.bn;
+        const int64_t a = t.r0 + r;
+        T* l = L.data() + r * t.bn;
         T s = 0;
+        if (!with_grads) {
 #pragma omp simd reduction(+ : s)
-        for (int64_t k = 0; k < t.bn; ++k) s += softplus_stable(l[k]);
-        sum[t.r0 + r] += s;
+          for (int64_t k = 0; k < t.bn; ++k) s += softplus_stable(l[k]);
+          sum[a] += s;
+          continue;
+        }
+        // softplus and sigmoid from one e = e^-|l|; l becomes W = inv_temp[a] sigmoid(l) in
+        // place, after the row's sums.
+        const T* s_row = S + r * t.bn;
+        const T inv_temp_a = inv_temp[a];
+        T sig_sum = 0, sig_S = 0;
+#pragma omp simd reduction(+ : s, sig_sum, sig_S)
+        for (int64_t k = 0; k < t.bn; ++k) {
+          const T x = l[k];
+          const T e = exp_approx(-std::abs(x));
+          s += (x < T(0) ? T(0) : x) + log1p_unit(e);
+          const T inv = T(1) / (T(1) + e);
+          const T sig = x >= T(0) ? inv : (x < T(0) ? e * inv : x);
+          sig_sum += sig;
+          sig_S += sig * s_row[k];
+          l[k] = inv_temp_a * sig;
+        }
+        sum[a] += s;
+        sig_sum_th[th][a] += sig_sum;
+        sig_S_th[th][a] += sig_S;
       }
+      if (!with_grads) continue;
+      const at::Tensor W = at::from_blob(L.data(), {t.bm, t.bn}, anchors.options());
+      E_th[th].narrow(0, t.r0, t.bm).addmm_(W, candidates_k);
+      F_th[th].narrow(0, t.k0, t.bn).addmm_(W.t(), anchors_r);
     }
   });
   at::Tensor sp_neg = at::zeros({p.M}, anchors.options());
   T* out = sp_neg.data_ptr<T>();
   for (const auto& sum : sums)  // threads in a fixed order: deterministic
     for (int64_t a = 0; a < p.M; ++a) out[a] += sum[a];
-  return sp_neg;
+  if (!with_grads) return {sp_neg, at::Tensor()};
+  at::Tensor aux = at::empty({p.M * p.D + 2 * p.M + p.K * p.D}, anchors.options());
+  at::Tensor E = aux.narrow(0, 0, p.M * p.D).view({p.M, p.D});
+  at::Tensor F = aux.narrow(0, p.M * p.D + 2 * p.M, p.K * p.D).view({p.K, p.D});
+  E.copy_(E_th[0]);
+  F.copy_(F_th[0]);
+  for (int th = 1; th < num_threads; ++th) {
+    E.add_(E_th[th]);
+    F.add_(F_th[th]);
+  }
+  T* sig_sum = aux.data_ptr<T>() + p.M * p.D;
+  T* sig_S = sig_sum + p.M;
+  std::fill(sig_sum, sig_sum + 2 * p.M, T(0));
+  for (int th = 0; th < num_threads; ++th)
+    for (int64_t a = 0; a < p.M; ++a) {
+      sig_sum[a] += sig_sum_th[th][a];
+      sig_S[a] += sig_S_th[th][a];
+    }
+  return {sp_neg, aux};
 }
 
 template <typename T>
@@ -638,20 +711,10 @@ Problem make_problem(const at::Tensor& anchors, const at::Tensor& candidates,
 at::Tensor forward(const at::Tensor& anchors, const at::Tensor& candidates,
                    const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
                    const c10::optional<at::Tensor>& self_index, int64_t logit_map,
-                   double artanh_scale, double artanh_eps, bool symmetric, int64_t row_reduction,
-                   const c10::optional<at::Tensor>& row_bias) {
+                   double artanh_scale, double artanh_eps, bool symmetric) {
   const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
                                  artanh_scale, artanh_eps, symmetric);
   at::Tensor lse_neg;
-  if (to_row_reduction(row_reduction) == RowReduction::Softplus) {
-    check_softplus(p, anchors, row_bias);
-    AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_softplus_forward", [&] {
-      lse_neg = softplus_forward_impl<scalar_t>(
-          p, anchors.detach(), candidates.detach(), inv_temp->data_ptr<scalar_t>(),
-          row_bias.has_value() ? row_bias->data_ptr<scalar_t>() : nullptr);
-    });
-    return lse_neg;
-  }
   AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_forward", [&] {
     // detach: the kernels write tiles with at::mm_out, which refuses inputs that require grad
     // (autograd is the caller's business: the custom op's registered backward).
@@ -661,39 +724,67 @@ at::Tensor forward(const at::Tensor& anchors, const at::Tensor& candidates,
   return lse_neg;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+// The softplus reduction's forward: (sp_neg, aux), aux the gradients' tile sums when with_grads
+// (see softplus_forward_impl), else undefined.
+std::tuple<at::Tensor, at::Tensor> softplus_forward(
+    const at::Tensor& anchors, const at::Tensor& candidates, const at::Tensor& inv_temp,
+    const c10::optional<at::Tensor>& row_bias, const at::Tensor& pos_index,
+    const c10::optional<at::Tensor>& self_index, bool with_grads) {
+  const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
+                                 static_cast<int64_t>(LogitMap::Scaled), 0.0, 0.0, false);
+  check_softplus(p, anchors, row_bias);
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_softplus_forward", [&] {
+    out = softplus_forward_impl<scalar_t>(
+        p, anchors.detach(), candidates.detach(), inv_temp.data_ptr<scalar_t>(),
+        row_bias.has_value() ? row_bias->data_ptr<scalar_t>() : nullptr, with_grads);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& anchors, const at::Tensor& candidates,
     const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
     const c10::optional<at::Tensor>& self_index, const at::Tensor& lse_neg, const at::Tensor& g,
     int64_t logit_map, double artanh_scale, double artanh_eps, bool symmetric,
-    bool need_d_anchors, bool need_d_candidates, bool need_d_inv_temp, int64_t row_reduction,
-    const c10::optional<at::Tensor>& row_bias, bool need_d_row_bias) {
+    bool need_d_anchors, bool need_d_candidates, bool need_d_inv_temp) {
   const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
                                  artanh_scale, artanh_eps, symmetric);
   TORCH_CHECK(lse_neg.is_contiguous() && g.is_contiguous() &&
                   lse_neg.scalar_type() == anchors.scalar_type() &&
                   g.scalar_type() == anchors.scalar_type(),
               "lse_neg and g must be contiguous, of the anchors' dtype");
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
-  if (to_row_reduction(row_reduction) == RowReduction::Softplus) {
-    check_softplus(p, anchors, row_bias);
-    // No forward statistic: sp_neg (lse_neg's slot) is not read.
-    AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_softplus_backward", [&] {
-      out = softplus_backward_impl<scalar_t>(
-          p, anchors.detach(), candidates.detach(), inv_temp->data_ptr<scalar_t>(),
-          row_bias.has_value() ? row_bias->data_ptr<scalar_t>() : nullptr,
-          g.data_ptr<scalar_t>(), need_d_anchors, need_d_candidates, need_d_inv_temp,
-          need_d_row_bias && row_bias.has_value());
-    });
-    return out;
-  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_backward", [&] {
-    auto grads = backward_impl<scalar_t>(p, anchors.detach(), candidates.detach(),
-                                         p.scaled() ? inv_temp->data_ptr<scalar_t>() : nullptr,
-                                         lse_neg.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-                                         need_d_anchors, need_d_candidates,
-                                         need_d_inv_temp && p.scaled());
-    out = {std::get<0>(grads), std::get<1>(grads), std::get<2>(grads), at::Tensor()};
+    out = backward_impl<scalar_t>(p, anchors.detach(), candidates.detach(),
+                                  p.scaled() ? inv_temp->data_ptr<scalar_t>() : nullptr,
+                                  lse_neg.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                                  need_d_anchors, need_d_candidates,
+                                  need_d_inv_temp && p.scaled());
+  });
+  return out;
+}
+
+// The softplus reduction's recompute backward (needs no forward statistic): the gradients of
+// sum_a g[a] sp_neg[a], (d_anchors, d_candidates, d_inv_temp, d_row_bias), undefined where not
+// needed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_backward(
+    const at::Tensor& anchors, const at::Tensor& candidates, const at::Tensor& inv_temp,
+    const c10::optional<at::Tensor>& row_bias, const at::Tensor& pos_index,
+    const c10::optional<at::Tensor>& self_index, const at::Tensor& g, bool need_d_anchors,
+    bool need_d_candidates, bool need_d_inv_temp, bool need_d_row_bias) {
+  const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
+                                 static_cast<int64_t>(LogitMap::Scaled), 0.0, 0.0, false);
+  check_softplus(p, anchors, row_bias);
+  TORCH_CHECK(g.is_contiguous() && g.numel() == p.M && g.scalar_type() == anchors.scalar_type(),
+              "g must be a contiguous [M] tensor of the anchors' dtype");
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_softplus_backward", [&] {
+    out = softplus_backward_impl<scalar_t>(
+        p, anchors.detach(), candidates.detach(), inv_temp.data_ptr<scalar_t>(),
+        row_bias.has_value() ? row_bias->data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(),
+        need_d_anchors, need_d_candidates, need_d_inv_temp,
+        need_d_row_bias && row_bias.has_value());
   });
   return out;
 }
@@ -705,19 +796,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef MACL_BUILT_WITH_TORCH
   m.attr("built_with_torch") = MACL_BUILT_WITH_TORCH;  // so a mismatch can be named on load
 #endif
-  m.def("forward", &forward, "lse_neg (softplus reduction: sp_neg) of every anchor row",
+  m.def("forward", &forward, "lse_neg of every anchor row",
         py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("logit_map"), py::arg("artanh_scale"),
-        py::arg("artanh_eps"), py::arg("symmetric"), py::arg("row_reduction") = 0,
-        py::arg("row_bias") = py::none());
+        py::arg("artanh_eps"), py::arg("symmetric"));
+  m.def("softplus_forward", &softplus_forward,
+        "sp_neg of every anchor row (sum of softplus over Neg(a)) and, with_grads, the "
+        "gradients' tile sums [E (M x D) | sum sigmoid (M) | sum sigmoid S (M) | F (K x D)]",
+        py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("row_bias"),
+        py::arg("pos_index"), py::arg("self_index"), py::arg("with_grads"));
   m.def("backward", &backward,
-        "gradients of sum_a g[a] lse_neg[a]: (d_anchors, d_candidates, d_inv_temp, d_row_bias); "
-        "symmetric: d_anchors is the whole gradient and d_candidates is None; d_row_bias only "
-        "for the softplus row reduction",
+        "gradients of sum_a g[a] lse_neg[a]: (d_anchors, d_candidates, d_inv_temp); "
+        "symmetric: d_anchors is the whole gradient and d_candidates is None",
         py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("lse_neg"), py::arg("g"), py::arg("logit_map"),
         py::arg("artanh_scale"), py::arg("artanh_eps"), py::arg("symmetric"),
-        py::arg("need_d_anchors"), py::arg("need_d_candidates"), py::arg("need_d_inv_temp"),
-        py::arg("row_reduction") = 0, py::arg("row_bias") = py::none(),
-        py::arg("need_d_row_bias") = false);
+        py::arg("need_d_anchors"), py::arg("need_d_candidates"), py::arg("need_d_inv_temp"));
+  m.def("softplus_backward", &softplus_backward,
+        "gradients of sum_a g[a] sp_neg[a]: (d_anchors, d_candidates, d_inv_temp, d_row_bias)",
+        py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("row_bias"),
+        py::arg("pos_index"), py::arg("self_index"), py::arg("g"), py::arg("need_d_anchors"),
+        py::arg("need_d_candidates"), py::arg("need_d_inv_temp"), py::arg("need_d_row_bias"));
 }

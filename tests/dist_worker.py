@@ -39,6 +39,8 @@ def main() -> int:
         results["ddp"] = dist_cases.ddp_step(local, world_size)
         results["clip_module"] = dist_cases.clip_module_cases(z1[local], z2[local], scale,
                                                               rank, world_size)
+        results["siglip_module"] = dist_cases.siglip_module_cases(z1[local], z2[local], scale,
+                                                                  rank, world_size)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         mk_distributed.shutdown()

@@ -420,3 +420,45 @@ def test_softplus_kernels_compile_for_h100_without_a_gpu(tmp_path):
     proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------
+# The custom op with the softplus reduction: opcheck and torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+def _softplus_op_args(backend, with_bias):
+    gen = torch.Generator().manual_seed(9)
+    device = backend_device(backend)
+    anchors, candidates = unit_rows(6, 5, gen).to(device), unit_rows(9, 5, gen).to(device)
+    inv_temp = (1 + 5 * torch.rand(6, generator=gen, dtype=torch.float64)).to(device)
+    row_bias = torch.randn(6, generator=gen, dtype=torch.float64).to(device) if with_bias else None
+    pos = torch.randint(0, 9, (6,), generator=gen).to(device)
+    leaves = [t.requires_grad_() if t is not None else None
+              for t in (anchors, candidates, inv_temp, row_bias)]
+    return (backend, leaves[0], leaves[1], leaves[2], pos, (pos + 1) % 9, int(LogitMap.SCALED),
+            0.0, 0.0, None, True, int(SOFTPLUS), leaves[3])
+
+
+@pytest.mark.slow  # opcheck runs every check of torch.library (seconds per backend)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck_softplus(backend):
+    for with_bias in (True, False):
+        torch.library.opcheck(_ops.negative_lse_op, _softplus_op_args(backend, with_bias))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_compile_fullgraph_matches_eager(backend):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(8)
+    img, txt = torch.randn(10, 6, generator=gen), torch.randn(13, 6, generator=gen)
+    t, b = torch.tensor(10.0), torch.tensor(-10.0)
+
+    def f(i, x, s, c):
+        return mk.siglip_loss(i, x, s, c, backend=backend, validate=False)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=False)
+    want = four_grads(f, img, txt, t, b)
+    got = four_grads(compiled, img, txt, t, b)
+    for what, g, w in zip(["loss", "d image", "d text", "d scale", "d bias"], got, want):
+        assert_rel_close(g, w, 1e-6, what)

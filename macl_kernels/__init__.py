@@ -17,16 +17,17 @@ from .functional import (
     infonce_loss,
     macl_loss,
     moco_loss,
+    siglip_loss,
     tfree_loss,
 )
-from .modules import ClipLoss, DCLLoss, DCLWLoss, MACLLoss, NTXentLoss
+from .modules import ClipLoss, DCLLoss, DCLWLoss, MACLLoss, NTXentLoss, SigLipLoss
 from .grad_cache import GradCache
 
 
 __all__ = [
-    "macl_loss", "infonce_loss", "clip_loss", "dcl_loss", "tfree_loss", "moco_loss",
+    "macl_loss", "infonce_loss", "clip_loss", "dcl_loss", "tfree_loss", "moco_loss", "siglip_loss",
     "available_backends",
-    "MACLLoss", "NTXentLoss", "DCLLoss", "DCLWLoss", "ClipLoss", "MACL_TEMPERATURE_FLOOR",
+    "MACLLoss", "NTXentLoss", "DCLLoss", "DCLWLoss", "ClipLoss", "SigLipLoss", "MACL_TEMPERATURE_FLOOR",
     "GradCache",
     "__version__",
 ]

@@ -34,6 +34,9 @@ TOLERANCES: Dict[str, float] = {
 BACKEND_TOLERANCES: Dict[Tuple[str, str], float] = {("triton", "float32"): 1e-3}
 
 CLIP_SCALE = 1 / 0.07  # CLIP's initial logit scale, exp(log(1 / 0.07))
+# SigLIP's initial logit bias (OpenCLIP's --siglip: init_logit_bias = -10); its cases take the
+# registry's one logit scale (CLIP_SCALE) as well.
+SIGLIP_BIAS = -10.0
 
 
 def tolerance(backend: str, dtype_name: str) -> float:
@@ -43,7 +46,8 @@ def tolerance(backend: str, dtype_name: str) -> float:
 
 class LossCase(NamedTuple):
     """One loss configuration: ``fn(z1, z2, **kwargs)`` in each of ``layouts``. CLIP has the
-    one layout ``cross_sym`` and takes ``logit_scale`` instead of a layout."""
+    one layout ``cross_sym`` and takes ``logit_scale`` instead of a layout; SigLIP likewise,
+    with the one layout ``cross`` (the images are the anchors)."""
 
     name: str
     fn: Callable
@@ -77,6 +81,8 @@ LOSS_CASES: Dict[str, LossCase] = {case.name: case for case in [
     _case("macl_exp", F.macl_loss, schedule="exp", alpha=2.0),  # the 2022 preprint's rule
     _case("macl_noreweight", F.macl_loss, reweight=False),
     _case("tfree", F.tfree_loss),
+    LossCase("siglip", F.siglip_loss, {"logit_bias": SIGLIP_BIAS}, ("cross",),
+             uses_logit_scale=True),
 ]}
 
 # Every (loss, layout) pair that exists.

@@ -2,11 +2,17 @@
 every kernel backend (the backend is a string argument):
 
     macl_kernels::negative_lse(backend, anchors, candidates?, inv_temp?, pos_index, self_index?,
-                               logit_map, artanh_scale, artanh_eps, operand_dtype?, need_grad)
+                               logit_map, artanh_scale, artanh_eps, operand_dtype?, need_grad,
+                               row_reduction=0, row_bias?=None)
         -> (lse_neg [M], aux)
     macl_kernels::negative_lse_backward(..., lse_neg, aux, g, need_d_anchors,
-                                        need_d_candidates, need_d_inv_temp)
-        -> (d_anchors, d_candidates, d_inv_temp)
+                                        need_d_candidates, need_d_inv_temp, row_reduction=0,
+                                        row_bias?=None, need_d_row_bias=False)
+        -> (d_anchors, d_candidates, d_inv_temp, d_row_bias)
+
+``row_reduction`` (``RowReduction``): ``LSE`` (the default) returns ``lse_neg``; ``SOFTPLUS``
+(SigLIP) returns ``sp_neg[a] = sum_{k in Neg(a)} softplus(inv_temp[a] S_ak + row_bias[a])`` in
+the same slot, differentiable in ``row_bias`` too.
 
 so that ``torch.compile(fullgraph=True)`` sees one opaque, shape-known op with a registered
 backward, and ``torch.library.opcheck`` can check it. Inside, the arguments become one
@@ -30,7 +36,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._primitive import LogitMap, Needs, Problem
+from ._primitive import LogitMap, Needs, Problem, RowReduction
 from .backends import kernel_backend
 
 
@@ -39,18 +45,19 @@ def _empty(like: Tensor) -> Tensor:
 
 
 def _problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map, artanh_scale,
-             artanh_eps, operand_dtype) -> Problem:
+             artanh_eps, operand_dtype, row_reduction=0, row_bias=None) -> Problem:
     return Problem(anchors, candidates, inv_temp, pos_index, self_index, LogitMap(logit_map),
-                   artanh_scale, artanh_eps, operand_dtype)
+                   artanh_scale, artanh_eps, operand_dtype, RowReduction(row_reduction), row_bias)
 
 
 @torch.library.custom_op("macl_kernels::negative_lse", mutates_args=())
 def negative_lse_op(backend: str, anchors: Tensor, candidates: Optional[Tensor],
                     inv_temp: Optional[Tensor], pos_index: Tensor, self_index: Optional[Tensor],
                     logit_map: int, artanh_scale: float, artanh_eps: float,
-                    operand_dtype: Optional[torch.dtype], need_grad: bool) -> Tuple[Tensor, Tensor]:
+                    operand_dtype: Optional[torch.dtype], need_grad: bool, row_reduction: int = 0,
+                    row_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     problem = _problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                       artanh_scale, artanh_eps, operand_dtype)
+                       artanh_scale, artanh_eps, operand_dtype, row_reduction, row_bias)
     impl = kernel_backend(backend)
     impl.check(problem)
     lse_neg, aux = impl.fwd(problem, need_grad)
@@ -59,9 +66,9 @@ def negative_lse_op(backend: str, anchors: Tensor, candidates: Optional[Tensor],
 
 @negative_lse_op.register_fake
 def _(backend, anchors, candidates, inv_temp, pos_index, self_index, logit_map, artanh_scale,
-      artanh_eps, operand_dtype, need_grad):
+      artanh_eps, operand_dtype, need_grad, row_reduction=0, row_bias=None):
     problem = _problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                       artanh_scale, artanh_eps, operand_dtype)
+                       artanh_scale, artanh_eps, operand_dtype, row_reduction, row_bias)
     lse_neg = anchors.new_empty((anchors.shape[0],))
     aux = kernel_backend(backend).fake_aux(problem, need_grad)
     return lse_neg, (aux if aux is not None else _empty(lse_neg))
@@ -74,15 +81,18 @@ def negative_lse_backward_op(backend: str, anchors: Tensor, candidates: Optional
                              artanh_eps: float, operand_dtype: Optional[torch.dtype],
                              lse_neg: Tensor, aux: Tensor, g: Tensor, need_d_anchors: bool,
                              need_d_candidates: bool,
-                             need_d_inv_temp: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                             need_d_inv_temp: bool, row_reduction: int = 0,
+                             row_bias: Optional[Tensor] = None,
+                             need_d_row_bias: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     problem = _problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                       artanh_scale, artanh_eps, operand_dtype)
+                       artanh_scale, artanh_eps, operand_dtype, row_reduction, row_bias)
     need_d_inv_temp = need_d_inv_temp and inv_temp is not None
+    need_d_row_bias = need_d_row_bias and row_bias is not None
     if problem.symmetric:  # one tensor in both roles: it needs both sides
         needs = Needs(need_d_anchors or need_d_candidates, need_d_anchors or need_d_candidates,
-                      need_d_inv_temp)
+                      need_d_inv_temp, need_d_row_bias)
     else:
-        needs = Needs(need_d_anchors, need_d_candidates, need_d_inv_temp)
+        needs = Needs(need_d_anchors, need_d_candidates, need_d_inv_temp, need_d_row_bias)
     # A row with an empty Neg(a) has lse_neg = -inf and no gradient: every l_ak it could reach is
     # -inf too, and Q_ak = exp(l_ak - lse_neg) must be exp(-inf) = 0, not exp(-inf + inf) = NaN.
     # Shifting by 0 instead of -inf there gives every backend that convention, once, here
@@ -96,7 +106,7 @@ def negative_lse_backward_op(backend: str, anchors: Tensor, candidates: Optional
             contextlib.nullcontext():
         grads = kernel_backend(backend).bwd(problem, lse_neg, aux if aux.numel() else None,
                                             g.to(lse_neg.dtype).contiguous(), needs)
-    d_anchors, d_candidates, d_inv_temp = grads
+    d_anchors, d_candidates, d_inv_temp, d_row_bias = grads
     if problem.symmetric:
         # The fold: the gradient of the one tensor is the sum of both sides (a kernel that
         # exploits the symmetry inside has already summed them into d_anchors).
@@ -105,16 +115,18 @@ def negative_lse_backward_op(backend: str, anchors: Tensor, candidates: Optional
         d_candidates = None
     if d_inv_temp is not None:
         d_inv_temp = d_inv_temp.to(inv_temp.dtype)
+    if d_row_bias is not None:
+        d_row_bias = d_row_bias.to(row_bias.dtype)
     # Fresh tensors only: a custom op may not return (a view of) one of its inputs.
     return tuple(t.clone() if t is not None and t._base is not None else
                  (t if t is not None else _empty(anchors))
-                 for t in (d_anchors, d_candidates, d_inv_temp))
+                 for t in (d_anchors, d_candidates, d_inv_temp, d_row_bias))
 
 
 @negative_lse_backward_op.register_fake
 def _(backend, anchors, candidates, inv_temp, pos_index, self_index, logit_map, artanh_scale,
       artanh_eps, operand_dtype, lse_neg, aux, g, need_d_anchors, need_d_candidates,
-      need_d_inv_temp):
+      need_d_inv_temp, row_reduction=0, row_bias=None, need_d_row_bias=False):
     symmetric = candidates is None
     one_tensor_grad = symmetric and (need_d_anchors or need_d_candidates)
     d_anchors = (torch.empty_like(anchors) if (need_d_anchors or one_tensor_grad)
@@ -123,29 +135,38 @@ def _(backend, anchors, candidates, inv_temp, pos_index, self_index, logit_map, 
                     else _empty(anchors))
     d_inv_temp = (torch.empty_like(inv_temp) if (need_d_inv_temp and inv_temp is not None)
                   else _empty(anchors))
-    return d_anchors, d_candidates, d_inv_temp
+    d_row_bias = (torch.empty_like(row_bias) if (need_d_row_bias and row_bias is not None)
+                  else _empty(anchors))
+    return d_anchors, d_candidates, d_inv_temp, d_row_bias
 
 
 def _setup_context(ctx, inputs, output):
     (backend, anchors, candidates, inv_temp, pos_index, self_index, logit_map, artanh_scale,
-     artanh_eps, operand_dtype, need_grad) = inputs
+     artanh_eps, operand_dtype, need_grad, *rest) = inputs
+    row_reduction, row_bias = (rest + [0, None][len(rest):])[:2]
     lse_neg, aux = output
     ctx.mark_non_differentiable(aux)
-    ctx.save_for_backward(anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux)
+    ctx.save_for_backward(anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux,
+                          row_bias)
     ctx.scalars = (logit_map, artanh_scale, artanh_eps, operand_dtype)
+    ctx.row_reduction = row_reduction
     ctx.backend = backend
 
 
 def _backward(ctx, grad_lse_neg, grad_aux):
-    anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux = ctx.saved_tensors
+    (anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux,
+     row_bias) = ctx.saved_tensors
     need_d_anchors, need_d_candidates, need_d_inv_temp = ctx.needs_input_grad[1:4]
-    d_anchors, d_candidates, d_inv_temp = negative_lse_backward_op(
+    needs_input_grad = tuple(ctx.needs_input_grad) + (False,) * 2
+    need_d_row_bias = needs_input_grad[12] and row_bias is not None
+    d_anchors, d_candidates, d_inv_temp, d_row_bias = negative_lse_backward_op(
         ctx.backend, anchors, candidates, inv_temp, pos_index, self_index, *ctx.scalars,
         lse_neg, aux, grad_lse_neg, need_d_anchors, need_d_candidates,
-        need_d_inv_temp and inv_temp is not None)
+        need_d_inv_temp and inv_temp is not None, ctx.row_reduction, row_bias, need_d_row_bias)
     return (None, d_anchors if need_d_anchors else None,
             d_candidates if need_d_candidates else None,
-            d_inv_temp if need_d_inv_temp else None) + (None,) * 7
+            d_inv_temp if need_d_inv_temp else None) + (None,) * 8 + (
+                d_row_bias if need_d_row_bias else None,)
 
 
 negative_lse_op.register_autograd(_backward, setup_context=_setup_context)
@@ -154,15 +175,37 @@ negative_lse_op.register_autograd(_backward, setup_context=_setup_context)
 def negative_lse(backend: str, anchors: Tensor, candidates: Optional[Tensor],
                  inv_temp: Optional[Tensor], pos_index: Tensor, self_index: Optional[Tensor],
                  logit_map: LogitMap = LogitMap.SCALED, artanh_scale: float = 0.0,
-                 artanh_eps: float = 0.0, operand_dtype: Optional[torch.dtype] = None) -> Tensor:
+                 artanh_eps: float = 0.0, operand_dtype: Optional[torch.dtype] = None,
+                 row_reduction: RowReduction = RowReduction.LSE,
+                 row_bias: Optional[Tensor] = None) -> Tensor:
     """``lse_neg`` of every anchor row by kernel backend ``backend`` (``"torch"``, ``"cpu"``,
     ``"triton"``, ``"cuda"``), differentiable in ``anchors``, ``candidates`` and ``inv_temp``.
 
     ``candidates=None``: the candidates are the anchors (symmetric ``S``). ``LogitMap.SCALED``
     needs ``inv_temp [M]``; ``LogitMap.ARTANH`` takes ``artanh_scale > 0`` and ``artanh_eps`` in
     ``(0, 1)`` and no ``inv_temp``. ``operand_dtype``: see ``Problem``.
+
+    ``row_reduction=RowReduction.SOFTPLUS``: ``sum_{k in Neg(a)} softplus(inv_temp[a] S_ak +
+    row_bias[a])`` instead (SCALED map, ``candidates`` given; ``row_bias [M]`` or ``None``),
+    differentiable in ``row_bias`` as well.
     """
     logit_map = LogitMap(logit_map)
+    row_reduction = RowReduction(row_reduction)
+    if row_reduction is RowReduction.SOFTPLUS:
+        # SigLIP needs neither the artanh map nor a symmetric S; the kernels implement the
+        # softplus reduction for the cross, SCALED case only.
+        if logit_map is not LogitMap.SCALED:
+            raise ValueError("RowReduction.SOFTPLUS takes LogitMap.SCALED only")
+        if candidates is None:
+            raise ValueError("RowReduction.SOFTPLUS needs distinct candidates (candidates=None, "
+                             "a symmetric problem, is not supported)")
+        if row_bias is not None and (row_bias.shape != (anchors.shape[0],)
+                                     or row_bias.dtype != anchors.dtype):
+            raise ValueError(f"row_bias must be a [M] = [{anchors.shape[0]}] tensor of the "
+                             f"anchors' dtype {anchors.dtype}, got {tuple(row_bias.shape)} "
+                             f"{row_bias.dtype}")
+    elif row_bias is not None:
+        raise ValueError("row_bias is an argument of RowReduction.SOFTPLUS only")
     if logit_map is LogitMap.SCALED and inv_temp is None:
         raise ValueError("inv_temp is required by LogitMap.SCALED (l = inv_temp[a] * S)")
     if logit_map is LogitMap.ARTANH:
@@ -172,10 +215,11 @@ def negative_lse(backend: str, anchors: Tensor, candidates: Optional[Tensor],
             raise ValueError(f"LogitMap.ARTANH needs artanh_scale > 0 and 0 < artanh_eps < 1, "
                              f"got {artanh_scale!r} and {artanh_eps!r}")
     need_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (anchors, candidates, inv_temp))
+        t is not None and t.requires_grad for t in (anchors, candidates, inv_temp, row_bias))
     lse_neg, _ = negative_lse_op(
         backend, anchors.contiguous(), None if candidates is None else candidates.contiguous(),
         None if inv_temp is None else inv_temp.contiguous(), pos_index.contiguous(),
         None if self_index is None else self_index.contiguous(), int(logit_map),
-        float(artanh_scale), float(artanh_eps), operand_dtype, need_grad)
+        float(artanh_scale), float(artanh_eps), operand_dtype, need_grad, int(row_reduction),
+        None if row_bias is None else row_bias.contiguous())
     return lse_neg

@@ -22,6 +22,15 @@ and its backward for an upstream gradient ``g = dL/d lse_neg``:
     d_candidates = dL_dS^T @ anchors
     d_inv_temp_a = sum_k dL_dl_ak S_ak                    (SCALED only)
 
+``RowReduction.SOFTPLUS`` (SigLIP, ``docs/math.md#siglip``) replaces the log-sum-exp by a sum of
+softplus, with a per-row additive bias ``row_bias [M]`` (SCALED map only, candidates distinct
+from the anchors):
+
+    l_ak       = inv_temp[a] * S_ak + row_bias[a]
+    sp_neg[a]  = sum_{k in Neg(a)} softplus(l_ak)                   (0 when Neg(a) is empty)
+    dL_dl      = g_a sigmoid(l_ak)  on Neg(a), 0 elsewhere           (no forward statistic)
+    d_row_bias_a = sum_k dL_dl_ak,  and the other gradients as above
+
 This module holds no math of its own: it names the arguments (``Problem``), the logit map
 (``LogitMap``), what a backward must produce (``Needs``, ``Grads``) and the ``Backend`` protocol
 that ``macl_kernels/_ops.py`` wraps as custom operators. It imports nothing from the package.
@@ -46,6 +55,15 @@ class LogitMap(enum.IntEnum):
     ARTANH = 1  # l_ak = artanh_scale * artanh(clamp(S_ak, -1 + artanh_eps, 1 - artanh_eps))
 
 
+class RowReduction(enum.IntEnum):
+    """What the primitive reduces each anchor row's negatives to. The integer values are the
+    kernels': Triton's ``ROW_REDUCTION`` constexpr, C++'s ``RowReduction``, CUDA's
+    ``MACL_ROW_REDUCTION_*``. Any other value is refused by every backend."""
+
+    LSE = 0  # lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak)
+    SOFTPLUS = 1  # sp_neg[a] = sum_{k in Neg(a)} softplus(l_ak), l_ak = inv_temp[a] S_ak + row_bias[a]
+
+
 @dataclass(frozen=True)
 class Problem:
     """One call of the primitive: the tensors and the scalars, passed down once from ``_ops``
@@ -67,6 +85,14 @@ class Problem:
     # The inputs' dtype before the upcast to the compute dtype: a kernel may round its GEMM
     # operands to it (float16 / bfloat16 tensor cores); statistics stay in the compute dtype.
     operand_dtype: Optional[torch.dtype] = None
+    # What each row's negatives reduce to; SOFTPLUS (SigLIP) takes the SCALED map, distinct
+    # candidates and an optional additive bias row_bias [M] (compute dtype; None: no bias).
+    row_reduction: RowReduction = RowReduction.LSE
+    row_bias: Optional[Tensor] = None
+
+    @property
+    def softplus(self) -> bool:
+        return self.row_reduction is RowReduction.SOFTPLUS
 
     @property
     def symmetric(self) -> bool:
@@ -97,6 +123,7 @@ class Needs(NamedTuple):
     d_anchors: bool
     d_candidates: bool
     d_inv_temp: bool
+    d_row_bias: bool = False  # RowReduction.SOFTPLUS with a row_bias only
 
 
 class Grads(NamedTuple):
@@ -110,6 +137,7 @@ class Grads(NamedTuple):
     d_anchors: Optional[Tensor]
     d_candidates: Optional[Tensor]
     d_inv_temp: Optional[Tensor]
+    d_row_bias: Optional[Tensor] = None
 
 
 class Backend:

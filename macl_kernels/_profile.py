@@ -60,7 +60,7 @@ from ._math import normalize
 from ._report import device_name, format_table
 from ._version import __version__
 
-PROFILE_LOSSES = ("macl", "infonce", "clip", "dcl", "dclw", "tfree")
+PROFILE_LOSSES = ("macl", "infonce", "clip", "dcl", "dclw", "tfree", "siglip")
 PHASES = ("normalise", "forward", "backward")
 DEFAULT_SIZES = (1024, 2048, 4096)
 DEFAULT_REPEATS = 3

@@ -225,6 +225,80 @@ def check_logit_scale(
     return check_positive("logit_scale", logit_scale)
 
 
+def check_image_text(image_features, text_features, *, validate="structural") -> Tuple[int, int]:
+    """SigLIP's features: ``image_features [B, D]`` and ``text_features [K, D]`` floating tensors of
+    one dtype and device, ``B >= 1`` (one image has its positive and no negatives: a valid
+    batch), ``K >= B`` (text ``i`` is image ``i``'s positive; texts past ``B`` are extra
+    negatives); finite under ``validate="full"`` only (a host synchronisation). Returns
+    ``(B, K)``; ``validate="none"`` checks nothing."""
+    if validate in (False, "none"):
+        return image_features.shape[0], text_features.shape[0]
+    names = ("image_features", "text_features")
+    for name, x in zip(names, (image_features, text_features)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
+                f"got {x.dtype}"
+            )
+        if x.dim() != 2:
+            raise ValueError(
+                f"{name} must be 2-D [batch, dim], got {x.dim()}-D shape {tuple(x.shape)}"
+            )
+    (B, D), (K, D_text) = image_features.shape, text_features.shape
+    if D != D_text:
+        raise ValueError(f"image_features and text_features must have the same width, got "
+                         f"shapes {tuple(image_features.shape)} and {tuple(text_features.shape)}")
+    if image_features.dtype != text_features.dtype:
+        raise TypeError(f"image_features and text_features must have the same dtype, got "
+                        f"{image_features.dtype} and {text_features.dtype}")
+    if image_features.device != text_features.device:
+        raise ValueError(f"image_features and text_features must be on the same device, got "
+                         f"{image_features.device} and {text_features.device}")
+    if B < 1 or D < 1:
+        raise ValueError(f"image_features needs at least 1 row and 1 column, got shape "
+                         f"{tuple(image_features.shape)}")
+    if K < B:
+        raise ValueError(f"text_features needs at least as many rows as image_features (text i "
+                         f"is image i's positive), got {K} texts for {B} images")
+    if validate == "full":
+        for name, x in zip(names, (image_features, text_features)):
+            check_finite(name, x)
+    return B, K
+
+
+def check_logit_bias(
+    logit_bias, like: torch.Tensor, *, validate="structural"
+) -> Union[None, float, torch.Tensor]:
+    """SigLIP's additive logit bias: ``None``, a finite float or a 0-d (or 1-element) floating
+    tensor (which may require grad). A tensor's finiteness is data: checked with
+    ``validate="full"`` only; ``validate="none"`` checks nothing."""
+    if logit_bias is None:
+        return None
+    if validate in (False, "none"):
+        return logit_bias.reshape(()) if isinstance(logit_bias, torch.Tensor) else \
+            float(logit_bias)
+    if isinstance(logit_bias, torch.Tensor):
+        if logit_bias.numel() != 1 or logit_bias.dim() > 1:
+            raise ValueError(
+                f"logit_bias must be a scalar (0-d tensor, float or None), got shape "
+                f"{tuple(logit_bias.shape)}"
+            )
+        if not logit_bias.is_floating_point():
+            raise TypeError(f"logit_bias must have a floating dtype, got {logit_bias.dtype}")
+        if logit_bias.device != like.device and logit_bias.device.type != "cpu":
+            raise ValueError(
+                f"logit_bias is on {logit_bias.device} but the features are on {like.device}"
+            )
+        if validate == "full" and not _compiling():
+            value = float(logit_bias.detach().reshape(()))
+            if not math.isfinite(value):
+                raise ValueError(f"logit_bias must be finite, got {value!r}")
+        return logit_bias.reshape(())
+    return check_real("logit_bias", logit_bias)
+
+
 def check_backend(backend: str) -> str:
     return check_choice("backend", backend, BACKENDS)
 

@@ -136,6 +136,8 @@ def _run_target(args: argparse.Namespace):
     layout = args.layout or _bench.default_layout(args.loss)
     if args.loss == "clip" and layout != "cross_sym":
         _usage_error("the CLIP loss has layout 'cross_sym' only")
+    if args.loss == "siglip" and layout != "cross":
+        _usage_error("the SigLIP loss has layout 'cross' only (the images are the anchors)")
     return device, backends, layout
 
 

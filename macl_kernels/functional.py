@@ -13,6 +13,10 @@ computed by the chosen backend tile by tile, never holding ``S``. With
     MACL                              sg(V_a) * softplus(x_a) = (1 + e^-x_a) softplus(x_a),
                                       whose gradient in x_a is exactly 1 (docs/math.md#macl)
 
+SigLIP (``siglip_loss``) uses the primitive's other row reduction, a sum of softplus over
+``Neg(a)`` with the logit bias inside (``docs/math.md#siglip``): ``r_a = sp_neg[a] +
+softplus(-l_ap)``, the positive's term computed here in ``O(M D)``.
+
 ``softplus(x)`` avoids both ``log(softmax)`` underflow and the cancellation in ``1 - P``.
 ``LSE`` over all candidates, if ever wanted, is ``logaddexp(lse_neg, l_ap)``.
 
@@ -32,13 +36,12 @@ from . import _math, _ops
 from . import _validate as V
 from . import distributed, reference
 from ._math import MACL_TEMPERATURE_FLOOR, compute_dtype, softplus
-from ._primitive import LogitMap
+from ._primitive import LogitMap, RowReduction
 from .backends import available_backends, resolve_backend
 
 __all__ = [
     "macl_loss", "infonce_loss", "clip_loss", "dcl_loss", "tfree_loss", "moco_loss",
-    "available_backends",
-    "MACL_TEMPERATURE_FLOOR",
+    "siglip_loss", "available_backends", "MACL_TEMPERATURE_FLOOR",
 ]
 
 
@@ -521,7 +524,7 @@ class _FixedCandidatesLse(torch.autograd.Function):
                                             None, *scalars, need_anchors or need_inv_temp)
         d_anchors = d_inv_temp = None
         if need_anchors or need_inv_temp:
-            d_anchors, _, d_inv_temp = _ops.negative_lse_backward_op(
+            d_anchors, _, d_inv_temp, _ = _ops.negative_lse_backward_op(
                 backend, anchors, candidates, inv_temp, pos_index, None, *scalars, lse_neg, aux,
                 torch.ones_like(lse_neg), need_anchors, False, need_inv_temp)
         ctx.save_for_backward(d_anchors if need_anchors else None,
@@ -626,3 +629,81 @@ def _moco(query, key, bank, *, temperature, loss, alpha, a0, schedule, temperatu
     else:
         per_anchor = _macl_rows(x, True)
     return _finish(per_anchor, reduction, query.dtype)
+
+
+def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, normalize=True,
+                reduction="mean", gather_distributed=False, backend="auto", validate=True):
+    """SigLIP's pairwise sigmoid loss (OpenCLIP's ``SigLipLoss``): ``l_ij = t S_ij + b``, labels
+    ``+1`` on the positive pair ``(i, i)`` and ``-1`` elsewhere, per image row
+    ``r_i = sum_j softplus(-y_ij l_ij)``; ``"mean"`` is ``(1/B) sum_i r_i`` over the ``B`` image
+    rows (not ``B^2``, no symmetrisation). ``"none"`` returns ``r`` (``[B]``).
+
+    Args:
+        image_features: ``[B, D]``, ``B >= 1`` (one image is a valid batch: no negatives).
+        text_features: ``[K, D]``, ``K >= B``: text ``i`` is image ``i``'s positive, texts past
+            ``B`` are extra negatives.
+        logit_scale: the already-exponentiated scale ``t > 0`` (a float or a 0-d tensor; when
+            it requires grad, ``dL/dt`` is returned to it).
+        logit_bias: ``b``: ``None`` (no bias), a float, or a 0-d tensor (gradient returned when
+            it requires grad).
+        normalize: L2-normalise the rows first (the drop-in ``SigLipLoss`` does not, as
+            OpenCLIP).
+        gather_distributed: local images are the anchors, every rank's texts (gathered with
+            gradient) the candidates, the positive at ``rank * K + i``.
+        backend, validate: as for ``clip_loss``.
+    """
+    return _siglip(image_features, text_features, logit_scale, logit_bias, normalize=normalize,
+                   reduction=reduction, gather_distributed=gather_distributed, backend=backend,
+                   validate=validate)
+
+
+def _scalar_rows(value, m: int, like: torch.Tensor) -> torch.Tensor:
+    """A float or a 0-d tensor as ``m`` rows of ``like``'s dtype and device (a tensor keeps its
+    autograd graph: the rows' gradients sum back into it)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=like.dtype).expand(m)
+    return _constant_rows(value, m, like)
+
+
+@_outside_autocast
+def _siglip(image_features, text_features, logit_scale, logit_bias, *, normalize, reduction,
+            gather_distributed, backend, validate):
+    mode = V.check_validate(validate)
+    B, K = V.check_image_text(image_features, text_features, validate=mode)
+    V.check_choice("reduction", reduction, V.REDUCTIONS)
+    V.check_bool("normalize", normalize)
+    V.check_bool("gather_distributed", gather_distributed)
+    V.check_backend(backend)
+    logit_scale = V.check_logit_scale(logit_scale, image_features, validate=mode)
+    logit_bias = V.check_logit_bias(logit_bias, image_features, validate=mode)
+    name = resolve_backend(backend, image_features.device, image_features.shape[1])
+    ctx = distributed.context(gather_distributed)
+    offset = 0
+    gather = None
+    if ctx is not None:
+        # All-gather needs equal row counts: images (the local anchors) and texts alike.
+        distributed.check_equal_rows(B, image_features.device, ctx, what="image batch")
+        distributed.check_equal_rows(K, image_features.device, ctx, what="text batch")
+        gather = functools.partial(distributed.gather_with_grad, ctx=ctx)
+        offset = ctx.rank * K
+    out_dtype = image_features.dtype
+    if name == "reference":
+        wide = compute_dtype(out_dtype)
+        texts = text_features if gather is None else gather(text_features.to(wide))
+        return reference.siglip_loss(image_features, texts, logit_scale, logit_bias,
+                                     normalize=normalize, reduction=reduction,
+                                     positive_offset=offset).to(out_dtype)
+    u1 = _math.normalize(image_features, normalize)
+    u2 = _math.normalize(text_features, normalize)
+    if gather is not None:
+        u2 = gather(u2)
+    pos_index = torch.arange(B, device=u1.device) + offset
+    s_pos = (u1 * u2[pos_index]).sum(dim=1)  # O(B D): the positive pair, out of the tile loop
+    inv_temp = _scalar_rows(logit_scale, B, s_pos)
+    row_bias = None if logit_bias is None else _scalar_rows(logit_bias, B, s_pos)
+    l_pos = inv_temp * s_pos + (0.0 if row_bias is None else row_bias)
+    sp_neg = _ops.negative_lse(name, u1, u2, inv_temp, pos_index, None, LogitMap.SCALED,
+                               operand_dtype=out_dtype, row_reduction=RowReduction.SOFTPLUS,
+                               row_bias=row_bias)
+    # softplus(-l_ap) split out: no cancellation at a large positive logit (docs/math.md#siglip).
+    return _finish(sp_neg + softplus(-l_pos), reduction, out_dtype)

@@ -1,6 +1,7 @@
 """Drop-in ``nn.Module`` losses with the constructor arguments, defaults, forward signatures and
 argument checks of the libraries users already have (lightly's ``MACLLoss``, ``NTXentLoss``,
-``DCLLoss``, ``DCLWLoss``; OpenCLIP's ``ClipLoss``), plus a keyword-only ``backend=``.
+``DCLLoss``, ``DCLWLoss``; OpenCLIP's ``ClipLoss`` and ``SigLipLoss``), plus a keyword-only
+``backend=``.
 
 Swap ``from lightly.loss import MACLLoss`` for ``from macl_kernels import MACLLoss``: same numbers
 (to float64 rounding; where lightly's ``1e-8`` in ``1 / (1 - P + 1e-8)`` matters, i.e.
@@ -430,3 +431,66 @@ class ClipLoss(nn.Module):
                                text_features)
         all_image, all_text = self._gather(image_features, text_features)
         return MF._clip(all_image, all_text, logit_scale, gather_distributed=False, **common)
+
+
+SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+
+class SigLipLoss(nn.Module):
+    """OpenCLIP's ``SigLipLoss``: ``forward(image_features, text_features, logit_scale,
+    logit_bias, output_dict=False)``, the pairwise sigmoid loss ``(1/B) sum_i sum_j
+    softplus(-y_ij (t S_ij + b))`` over the ``B`` local image rows (docs/math.md#siglip). Like
+    OpenCLIP it does not normalise the features (the model does); ``logit_scale`` is the
+    already-exponentiated ``t``; ``logit_bias`` is a float, a 0-d tensor or ``None``.
+
+    With ``world_size > 1`` (an initialised ``torch.distributed`` group of that size) the local
+    images are the anchors and every rank's texts the candidates, as in OpenCLIP. Its four
+    ``dist_impl`` values (``None`` = ``"bidir"``, ``"shift"``, ``"reduce"``, ``"gather"``) differ
+    only in how the texts travel and compute the same loss and gradients; all four are accepted
+    and run here as one all-gather of the ``[K, D]`` text features with gradient (backward: one
+    all-reduce of the gathered ``[W K, D]`` gradient). ``cache_labels`` is stored and unused (no
+    label matrix exists here; OpenCLIP does not use it either); ``chunk_size`` is accepted for
+    OpenCLIP-main compatibility and changes nothing (the kernels are always tiled, with an exact
+    softplus).
+    """
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 dist_impl: Optional[str] = None, chunk_size: int = 0, *, backend: str = "auto"):
+        super().__init__()
+        dist_impl = dist_impl or "bidir"
+        if dist_impl not in SIGLIP_DIST_IMPLS:
+            raise ValueError(f"dist_impl must be None or one of {list(SIGLIP_DIST_IMPLS)}, got "
+                             f"{dist_impl!r}")
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl
+        self.chunk_size = chunk_size
+        self.backend = V.check_backend(backend)
+
+    def _check_group(self) -> None:
+        if not (torch_dist.is_available() and torch_dist.is_initialized()):
+            raise RuntimeError(
+                f"SigLipLoss(world_size={self.world_size}) needs an initialised torch.distributed "
+                f"process group (torch.distributed.init_process_group)"
+            )
+        actual = (torch_dist.get_rank(), torch_dist.get_world_size())
+        if actual != (self.rank, self.world_size):
+            raise ValueError(
+                f"SigLipLoss(rank={self.rank}, world_size={self.world_size}) does not match the "
+                f"process group (rank {actual[0]}, world size {actual[1]})"
+            )
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
+                output_dict: bool = False):
+        if self.world_size > 1:
+            self._check_group()
+        loss = MF._siglip(image_features, text_features, logit_scale, logit_bias,
+                          normalize=False, reduction="mean",
+                          gather_distributed=self.world_size > 1, backend=self.backend,
+                          validate=True)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}, "
+                f"backend={self.backend!r}")

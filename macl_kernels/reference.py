@@ -254,6 +254,29 @@ def tfree_loss(z1, z2, *, scale=2.0, eps=1e-6, layout="2n", normalize=True, redu
     return reduce(negative_log_p_positive(rows, logits), reduction, z1.dtype)
 
 
+def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, normalize=True,
+                reduction="mean", positive_offset: int = 0):
+    """SigLIP: ``l_ij = t S_ij + b``, labels ``y_ij = +1`` on the positive ``j = i +
+    positive_offset`` and ``-1`` elsewhere; per image row ``r_i = sum_j softplus(-y_ij l_ij)``
+    over every text; ``"mean"`` is ``(1/B) sum_i r_i`` (OpenCLIP's ``SigLipLoss``). More texts
+    than images are extra negatives; ``positive_offset`` places the positives among gathered
+    texts (``rank * K`` in the distributed loss). ``t`` and ``b`` may require grad."""
+    u1, u2 = _n(image_features, normalize), _n(text_features, normalize)
+    if isinstance(logit_scale, torch.Tensor):
+        logit_scale = logit_scale.to(u1.dtype).reshape(())
+    if isinstance(logit_bias, torch.Tensor):
+        logit_bias = logit_bias.to(u1.dtype).reshape(())
+    logits = logit_scale * (u1 @ u2.T)
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    B, K = logits.shape
+    labels = -torch.ones(B, K, dtype=logits.dtype, device=logits.device)
+    rows = torch.arange(B, device=logits.device)
+    labels[rows, rows + positive_offset] = 1.0
+    per_image = softplus(-labels * logits).sum(dim=1)
+    return reduce(per_image, reduction, image_features.dtype)
+
+
 def _n(z: torch.Tensor, do_normalize: bool) -> torch.Tensor:
     return normalize(z, do_normalize)
 

@@ -194,3 +194,32 @@ def negatives_run(z1, z2, negatives, backend, **kwargs):
     loss = mk.infonce_loss(leaves[0], leaves[1], layout="cross", negatives=leaves[2],
                            backend=backend, **kwargs)
     return (loss.detach(), *torch.autograd.grad(loss, leaves))
+
+
+SIGLIP_DIST_IMPLS = (None, "bidir", "shift", "reduce", "gather")
+SIGLIP_BIAS = -3.0
+
+
+def siglip_module_cases(z1, z2, scale, rank, world_size):
+    """OpenCLIP-style ``SigLipLoss`` on this rank for every ``dist_impl`` and backend: loss and
+    the gradients of image rows, text rows, scale and bias (this rank's rows)."""
+    out = {}
+    bias = torch.tensor(SIGLIP_BIAS, dtype=torch.float64)
+    for dist_impl in SIGLIP_DIST_IMPLS:
+        for backend in BACKENDS:
+            module = mk.SigLipLoss(rank=rank, world_size=world_size, dist_impl=dist_impl,
+                                   backend=backend)
+            leaves = [t.detach().clone().requires_grad_() for t in
+                      (reference.normalize(z1), reference.normalize(z2), scale, bias)]
+            loss = module(*leaves)
+            out[(dist_impl, backend)] = (loss.detach(), *torch.autograd.grad(loss, leaves))
+    return out
+
+
+def siglip_module_expected(z1, z2, scale):
+    """The single-process ``SigLipLoss`` of the global batch and its four gradients."""
+    leaves = [t.detach().clone().requires_grad_() for t in
+              (reference.normalize(z1), reference.normalize(z2), scale,
+               torch.tensor(SIGLIP_BIAS, dtype=torch.float64))]
+    loss = reference.siglip_loss(*leaves, normalize=False)
+    return (loss.detach(), *torch.autograd.grad(loss, leaves))

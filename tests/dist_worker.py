@@ -46,6 +46,8 @@ def main() -> int:
             results[("negatives", backend)] = dist_cases.negatives_run(
                 z1[local], z2[local], negatives[rank * k:(rank + 1) * k], backend,
                 gather_distributed=True)
+        results["siglip_module"] = dist_cases.siglip_module_cases(z1[local], z2[local], scale,
+                                                                  rank, world_size)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         mk_distributed.shutdown()

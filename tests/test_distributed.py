@@ -81,7 +81,8 @@ def test_ranks_reproduce_the_single_process_loss(world, single_process, key):
         rows = _local_rows(r, world_size)
         for got, want, what in zip(ranks[r][key][1:3], expected[1:3], ("dz1", "dz2")):
             assert rel_err(got, factor * want[rows]) <= TOL, f"rank {r} {what}"
-    if loss_name == "clip":  # the replicated scale: DDP averages its per-rank gradients
+    if dist_cases.LOSS_CASES[loss_name].uses_logit_scale:
+        # The replicated scale (CLIP, SigLIP): DDP averages its per-rank gradients.
         dscale = torch.stack([ranks[r][key][3] for r in range(world_size)])
         combined = dscale.mean() if reduction == "mean" else dscale.sum()
         assert rel_err(combined, expected[3]) <= TOL
@@ -142,6 +143,28 @@ def test_extra_negatives_are_gathered(world, backend):
         assert rel_err(got[1], world_size * want[1][rows]) <= TOL
         assert rel_err(got[2], world_size * want[2][rows]) <= TOL
         assert rel_err(got[3], world_size * want[3][r * k:(r + 1) * k]) <= TOL
+
+
+@pytest.mark.slow  # the `world` fixture launches the ranks as subprocesses
+@pytest.mark.parametrize("dist_impl", dist_cases.SIGLIP_DIST_IMPLS)
+@pytest.mark.parametrize("backend", dist_cases.BACKENDS)
+def test_siglip_module_every_dist_impl(world, dist_impl, backend):
+    """OpenCLIP's SigLipLoss semantics over ranks (docs/math.md#siglip): local images against
+    every rank's texts; the mean of the per-rank losses is the single-process loss of the
+    global batch, each rank's feature gradients are ``world_size`` times its rows of the
+    single-process ones, and the per-rank scale and bias gradients average to the
+    single-process ones - for every dist_impl (they differ in communication only)."""
+    world_size, ranks = world
+    z1, z2, scale = dist_cases.global_batch()
+    want = dist_cases.siglip_module_expected(z1, z2, scale)
+    got = [ranks[r]["siglip_module"][(dist_impl, backend)] for r in range(world_size)]
+    assert rel_err(torch.stack([g[0] for g in got]).mean(), want[0]) <= TOL
+    for r in range(world_size):
+        rows = _local_rows(r, world_size)
+        for i, what in ((1, "d image"), (2, "d text")):
+            assert rel_err(got[r][i], world_size * want[i][rows]) <= TOL, f"rank {r} {what}"
+    for i, what in ((3, "d scale"), (4, "d bias")):
+        assert rel_err(torch.stack([g[i] for g in got]).mean(), want[i]) <= TOL, what
 
 
 def test_without_process_group_gather_is_local():

@@ -628,6 +628,8 @@ def _default_calls(backend, device="cpu"):
         "MACLLoss": mk.MACLLoss(backend=backend),
         "DCLWLoss": mk.DCLWLoss(backend=backend),
         "ClipLoss": lambda a, b: mk.ClipLoss(backend=backend)(a, b, scale, scale * 0.1),
+        "siglip": lambda a, b: mk.siglip_loss(a, b, scale, scale * -0.5, backend=backend),
+        "SigLipLoss": lambda a, b: mk.SigLipLoss(backend=backend)(a, b, scale, -1.0),
     }
     return z1, z2, calls
 

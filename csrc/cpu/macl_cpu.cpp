@@ -30,6 +30,20 @@
 //
 // Passes and GEMM work (M anchors, K candidates, D columns): forward 1 pass, M K D multiply-adds
 // (symmetric: about half); backward 1 pass, 3 M K D (symmetric: about half).
+//
+// RowReduction::Softplus (SigLIP, docs/math.md, section "SigLIP"): l_ak = inv_temp[a] S_ak +
+// row_bias[a] (Scaled map, cross problems only: Python refuses the rest), and
+//   forward:  sp_neg[a] = sum_{k in Neg(a)} softplus(l_ak)       (a plain sum: no running max)
+//   backward: dL_dl_ak = g_a sigmoid(l_ak) on Neg(a) (no forward statistic), dL_dS = dL_dl
+//             inv_temp[a], the same two GEMMs, d_inv_temp as above, d_row_bias[a] = sum_k dL_dl.
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)) and sigmoid(x) from exp(-|x|) as well: no overflow
+// at any |x|. Since sigmoid needs no row statistic, a forward that will be differentiated
+// (with_grads) also accumulates the gradients' tile products with g left out: E = W candidates
+// and F = W^T anchors with W_ak = inv_temp[a] sigmoid(l_ak), plus two per-row sums. The backward
+// is then a per-row scale by g (d_anchors, d_inv_temp, d_row_bias) and, when g is one constant c
+// (a mean or a sum: the losses' case), d_candidates = c F: 1 pass, 3 M K D multiply-adds in all
+// (the minimum), extra memory (M + K) D per thread. Any other g recomputes the candidate side
+// (softplus_backward: 2 M K D more). Without gradients the forward is M K D.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -48,6 +62,10 @@ namespace {
 // How a similarity S_ak becomes a logit l_ak; the values are macl_kernels.LogitMap's (and
 // Triton's LOGIT_MAP, CUDA's MACL_LOGIT_MAP_*).
 enum class LogitMap : int64_t { Scaled = 0, Artanh = 1 };
+
+// What a row's negatives reduce to; the values are macl_kernels.RowReduction's (and Triton's
+// ROW_REDUCTION, CUDA's MACL_ROW_REDUCTION_*).
+enum class RowReduction : int64_t { Lse = 0, Softplus = 1 };
 
 // 256 x 256 tiles: one GEMM of 256 x 256 x D per tile keeps at::mm's call overhead small, and
 // a tile's S plus its logits (2 x 256 KiB in fp32) stay in this machine's 512 KiB L2.
@@ -79,6 +97,41 @@ inline float exp_approx(float x) {
 }
 
 inline double exp_approx(double x) { return std::exp(x); }  // float64 keeps libm's exp
+
+// log1p(y) for y in [0, 1], branch-free so that loops over it vectorise: log(1 + y) =
+// 2 artanh(z) = 2 (z + z^3/3 + z^5/5 + ...) with z = y / (2 + y) in [0, 1/3]; eight terms leave a
+// relative error below (1/9)^8 / 17 ~ 1.4e-9, under float's rounding.
+inline float log1p_unit(float y) {
+  const float z = y / (2.0f + y), z2 = z * z;
+  float p = 1.0f / 17.0f;
+  p = p * z2 + 1.0f / 15.0f;
+  p = p * z2 + 1.0f / 13.0f;
+  p = p * z2 + 1.0f / 11.0f;
+  p = p * z2 + 1.0f / 9.0f;
+  p = p * z2 + 1.0f / 7.0f;
+  p = p * z2 + 1.0f / 5.0f;
+  p = p * z2 + 1.0f / 3.0f;
+  p = p * z2 + 1.0f;
+  return 2.0f * z * p;
+}
+
+inline double log1p_unit(double y) { return std::log1p(y); }
+
+// softplus(x) = max(x, 0) + log1p(e^-|x|): exact at any x (no overflow at |x| = 1e4, no
+// cancellation), 0 at x = -inf (an excluded pair); NaN stays NaN (x < 0 is false for NaN).
+template <typename T>
+inline T softplus_stable(T x) {
+  const T e = exp_approx(-std::abs(x));
+  return (x < T(0) ? T(0) : x) + log1p_unit(e);
+}
+
+// sigmoid(x) from e = e^-|x| <= 1: 1 / (1 + e) for x >= 0, e / (1 + e) below; 0 at x = -inf.
+template <typename T>
+inline T sigmoid_stable(T x) {
+  const T e = exp_approx(-std::abs(x));
+  const T r = T(1) / (T(1) + e);
+  return x >= T(0) ? r : (x < T(0) ? e * r : x);
+}
 
 template <typename T>
 constexpr T neg_inf() {
@@ -396,6 +449,215 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   return {d_anchors, d_candidates, d_inv_temp};
 }
 
+// ---------------------------------------------------------------------------------------------
+// RowReduction::Softplus (cross problems, Scaled map): the same tiles, plain per-row sums.
+// ---------------------------------------------------------------------------------------------
+
+// The logits of a tile's rows, l = inv_temp[a] S_ak + row_bias[a], excluded pairs -inf.
+template <typename T>
+void softplus_logits(const Problem& p, const Tile& t, const T* S, const T* inv_temp,
+                     const T* row_bias, T* L) {
+  side_logits(p, t, S, static_cast<const T*>(nullptr), inv_temp, false, L);
+  if (!row_bias) return;
+  for (int64_t r = 0; r < t.bm; ++r) {
+    T* l = L + r * t.bn;
+    const T bias = row_bias[t.r0 + r];
+#pragma omp simd
+    for (int64_t k = 0; k < t.bn; ++k) l[k] += bias;  // -inf + bias stays -inf
+  }
+}
+
+// Forward; with_grads: also the gradients' tile sums, so that a backward with a uniform upstream
+// gradient (a mean or a sum) needs no second pass (3 GEMMs in all, the minimum). With
+// W_ak = inv_temp[a] sigmoid(l_ak) on Neg(a), 0 elsewhere, it returns, flat in one tensor,
+//   E[a, :] = sum_k W_ak candidates[k]     (d_anchors = g_a E)                 [M, D]
+//   sigmoid_sum[a] = sum_k sigmoid(l_ak)   (d_row_bias = g_a sigmoid_sum)      [M]
+//   sigmoid_S[a] = sum_k sigmoid(l_ak) S_ak (d_inv_temp = g_a sigmoid_S)       [M]
+//   F[k, :] = sum_a W_ak anchors[a]        (d_candidates = c F when g = c)    [K, D]
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> softplus_forward_impl(const Problem& p,
+                                                         const at::Tensor& anchors,
+                                                         const at::Tensor& candidates,
+                                                         const T* inv_temp, const T* row_bias,
+                                                         bool with_grads) {
+  const auto tiles = p.tiles();
+  const int num_threads = at::get_num_threads();
+  std::vector<std::vector<T>> sums(num_threads, std::vector<T>(p.M, T(0)));
+  std::vector<std::vector<T>> sig_sum_th(num_threads), sig_S_th(num_threads);
+  std::vector<at::Tensor> E_th(num_threads), F_th(num_threads);
+  if (with_grads) {
+    for (int th = 0; th < num_threads; ++th) {
+      sig_sum_th[th].assign(p.M, T(0));
+      sig_S_th[th].assign(p.M, T(0));
+      E_th[th] = at::zeros({p.M, p.D}, anchors.options());
+      F_th[th] = at::zeros({p.K, p.D}, anchors.options());
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    const int th = at::get_thread_num();
+    std::vector<T>& sum = sums[th];
+    std::vector<T> S_buf(BLOCK * BLOCK), L(BLOCK * BLOCK);
+    for (int64_t q = begin; q < end; ++q) {
+      const Tile t = make_tile(p, tiles[q].first, tiles[q].second);
+      const at::Tensor anchors_r = anchors.narrow(0, t.r0, t.bm),
+                       candidates_k = candidates.narrow(0, t.k0, t.bn);
+      const T* S = tile_similarity(anchors_r, candidates_k, S_buf);
+      softplus_logits(p, t, S, inv_temp, row_bias, L.data());
+      for (int64_t r = 0; r < t.bm; ++r) {
+        const int64_t a = t.r0 + r;
+        T* l = L.data() + r * t.bn;
+        T s = 0;
+        if (!with_grads) {
+#pragma omp simd reduction(+ : s)
+          for (int64_t k = 0; k < t.bn; ++k) s += softplus_stable(l[k]);
+          sum[a] += s;
+          continue;
+        }
+        // softplus and sigmoid from one e = e^-|l|; l becomes W = inv_temp[a] sigmoid(l) in
+        // place, after the row's sums.
+        const T* s_row = S + r * t.bn;
+        const T inv_temp_a = inv_temp[a];
+        T sig_sum = 0, sig_S = 0;
+#pragma omp simd reduction(+ : s, sig_sum, sig_S)
+        for (int64_t k = 0; k < t.bn; ++k) {
+          const T x = l[k];
+          const T e = exp_approx(-std::abs(x));
+          s += (x < T(0) ? T(0) : x) + log1p_unit(e);
+          const T inv = T(1) / (T(1) + e);
+          const T sig = x >= T(0) ? inv : (x < T(0) ? e * inv : x);
+          sig_sum += sig;
+          sig_S += sig * s_row[k];
+          l[k] = inv_temp_a * sig;
+        }
+        sum[a] += s;
+        sig_sum_th[th][a] += sig_sum;
+        sig_S_th[th][a] += sig_S;
+      }
+      if (!with_grads) continue;
+      const at::Tensor W = at::from_blob(L.data(), {t.bm, t.bn}, anchors.options());
+      E_th[th].narrow(0, t.r0, t.bm).addmm_(W, candidates_k);
+      F_th[th].narrow(0, t.k0, t.bn).addmm_(W.t(), anchors_r);
+    }
+  });
+  at::Tensor sp_neg = at::zeros({p.M}, anchors.options());
+  T* out = sp_neg.data_ptr<T>();
+  for (const auto& sum : sums)  // threads in a fixed order: deterministic
+    for (int64_t a = 0; a < p.M; ++a) out[a] += sum[a];
+  if (!with_grads) return {sp_neg, at::Tensor()};
+  at::Tensor aux = at::empty({p.M * p.D + 2 * p.M + p.K * p.D}, anchors.options());
+  at::Tensor E = aux.narrow(0, 0, p.M * p.D).view({p.M, p.D});
+  at::Tensor F = aux.narrow(0, p.M * p.D + 2 * p.M, p.K * p.D).view({p.K, p.D});
+  E.copy_(E_th[0]);
+  F.copy_(F_th[0]);
+  for (int th = 1; th < num_threads; ++th) {
+    E.add_(E_th[th]);
+    F.add_(F_th[th]);
+  }
+  T* sig_sum = aux.data_ptr<T>() + p.M * p.D;
+  T* sig_S = sig_sum + p.M;
+  std::fill(sig_sum, sig_sum + 2 * p.M, T(0));
+  for (int th = 0; th < num_threads; ++th)
+    for (int64_t a = 0; a < p.M; ++a) {
+      sig_sum[a] += sig_sum_th[th][a];
+      sig_S[a] += sig_S_th[th][a];
+    }
+  return {sp_neg, aux};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_backward_impl(
+    const Problem& p, const at::Tensor& anchors, const at::Tensor& candidates,
+    const T* inv_temp, const T* row_bias, const T* g, bool need_d_anchors,
+    bool need_d_candidates, bool need_d_inv_temp, bool need_d_row_bias) {
+  const auto tiles = p.tiles();
+  const int num_threads = at::get_num_threads();
+  std::vector<at::Tensor> d_anchors_th(num_threads), d_candidates_th(num_threads);
+  std::vector<std::vector<T>> d_inv_temp_th(num_threads), d_row_bias_th(num_threads);
+  for (int th = 0; th < num_threads; ++th) {
+    if (need_d_anchors) d_anchors_th[th] = at::zeros({p.M, p.D}, anchors.options());
+    if (need_d_candidates) d_candidates_th[th] = at::zeros({p.K, p.D}, anchors.options());
+    if (need_d_inv_temp) d_inv_temp_th[th].assign(p.M, T(0));
+    if (need_d_row_bias) d_row_bias_th[th].assign(p.M, T(0));
+  }
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    const int th = at::get_thread_num();
+    std::vector<T> S_buf(BLOCK * BLOCK), L(BLOCK * BLOCK);
+    for (int64_t q = begin; q < end; ++q) {
+      const Tile t = make_tile(p, tiles[q].first, tiles[q].second);
+      const at::Tensor anchors_r = anchors.narrow(0, t.r0, t.bm),
+                       candidates_k = candidates.narrow(0, t.k0, t.bn);
+      const T* S = tile_similarity(anchors_r, candidates_k, S_buf);
+      softplus_logits(p, t, S, inv_temp, row_bias, L.data());
+      // L becomes dL_dS = g_a sigmoid(l) inv_temp[a] in place, row by row.
+      for (int64_t r = 0; r < t.bm; ++r) {
+        const int64_t a = t.r0 + r;
+        T* l = L.data() + r * t.bn;
+        const T* s = S + r * t.bn;
+        const T g_a = g[a];
+#pragma omp simd
+        for (int64_t k = 0; k < t.bn; ++k) l[k] = g_a * sigmoid_stable(l[k]);
+        if (need_d_inv_temp) {
+          T acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t k = 0; k < t.bn; ++k) acc += l[k] * s[k];
+          d_inv_temp_th[th][a] += acc;
+        }
+        if (need_d_row_bias) {
+          T acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t k = 0; k < t.bn; ++k) acc += l[k];
+          d_row_bias_th[th][a] += acc;
+        }
+        const T inv_temp_a = inv_temp[a];
+#pragma omp simd
+        for (int64_t k = 0; k < t.bn; ++k) l[k] *= inv_temp_a;
+      }
+      const at::Tensor dL_dS = at::from_blob(L.data(), {t.bm, t.bn}, anchors.options());
+      if (need_d_anchors) d_anchors_th[th].narrow(0, t.r0, t.bm).addmm_(dL_dS, candidates_k);
+      if (need_d_candidates)
+        d_candidates_th[th].narrow(0, t.k0, t.bn).addmm_(dL_dS.t(), anchors_r);
+    }
+  });
+  at::Tensor d_anchors, d_candidates, d_inv_temp, d_row_bias;
+  if (need_d_anchors) {
+    d_anchors = d_anchors_th[0];
+    for (int th = 1; th < num_threads; ++th) d_anchors.add_(d_anchors_th[th]);
+  }
+  if (need_d_candidates) {
+    d_candidates = d_candidates_th[0];
+    for (int th = 1; th < num_threads; ++th) d_candidates.add_(d_candidates_th[th]);
+  }
+  auto sum_rows = [&](const std::vector<std::vector<T>>& parts) {
+    at::Tensor out = at::zeros({p.M}, anchors.options());
+    T* o = out.data_ptr<T>();
+    for (const auto& part : parts)
+      for (int64_t a = 0; a < p.M; ++a) o[a] += part[a];
+    return out;
+  };
+  if (need_d_inv_temp) d_inv_temp = sum_rows(d_inv_temp_th);
+  if (need_d_row_bias) d_row_bias = sum_rows(d_row_bias_th);
+  return {d_anchors, d_candidates, d_inv_temp, d_row_bias};
+}
+
+RowReduction to_row_reduction(int64_t row_reduction) {
+  TORCH_CHECK(row_reduction == static_cast<int64_t>(RowReduction::Lse) ||
+                  row_reduction == static_cast<int64_t>(RowReduction::Softplus),
+              "row_reduction must be 0 (lse) or 1 (softplus), got ", row_reduction);
+  return static_cast<RowReduction>(row_reduction);
+}
+
+// The softplus reduction's extra argument and restrictions (Python's _ops checks them first).
+void check_softplus(const Problem& p, const at::Tensor& anchors,
+                    const c10::optional<at::Tensor>& row_bias) {
+  TORCH_CHECK(p.scaled() && !p.symmetric,
+              "the softplus row reduction takes the scaled map and distinct candidates");
+  if (row_bias.has_value()) {
+    TORCH_CHECK(row_bias->numel() == p.M && row_bias->is_contiguous() &&
+                    row_bias->scalar_type() == anchors.scalar_type(),
+                "row_bias must be a contiguous [M] tensor of the anchors' dtype");
+  }
+}
+
 LogitMap to_logit_map(int64_t logit_map) {
   TORCH_CHECK(logit_map == static_cast<int64_t>(LogitMap::Scaled) ||
                   logit_map == static_cast<int64_t>(LogitMap::Artanh),
@@ -464,6 +726,24 @@ at::Tensor forward(const at::Tensor& anchors, const at::Tensor& candidates,
   return lse_neg;
 }
 
+// The softplus reduction's forward: (sp_neg, aux), aux the gradients' tile sums when with_grads
+// (see softplus_forward_impl), else undefined.
+std::tuple<at::Tensor, at::Tensor> softplus_forward(
+    const at::Tensor& anchors, const at::Tensor& candidates, const at::Tensor& inv_temp,
+    const c10::optional<at::Tensor>& row_bias, const at::Tensor& pos_index,
+    const c10::optional<at::Tensor>& self_index, bool with_grads) {
+  const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
+                                 static_cast<int64_t>(LogitMap::Scaled), 0.0, 0.0, false);
+  check_softplus(p, anchors, row_bias);
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_softplus_forward", [&] {
+    out = softplus_forward_impl<scalar_t>(
+        p, anchors.detach(), candidates.detach(), inv_temp.data_ptr<scalar_t>(),
+        row_bias.has_value() ? row_bias->data_ptr<scalar_t>() : nullptr, with_grads);
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& anchors, const at::Tensor& candidates,
     const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
@@ -487,6 +767,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   return out;
 }
 
+// The softplus reduction's recompute backward (needs no forward statistic): the gradients of
+// sum_a g[a] sp_neg[a], (d_anchors, d_candidates, d_inv_temp, d_row_bias), undefined where not
+// needed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_backward(
+    const at::Tensor& anchors, const at::Tensor& candidates, const at::Tensor& inv_temp,
+    const c10::optional<at::Tensor>& row_bias, const at::Tensor& pos_index,
+    const c10::optional<at::Tensor>& self_index, const at::Tensor& g, bool need_d_anchors,
+    bool need_d_candidates, bool need_d_inv_temp, bool need_d_row_bias) {
+  const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
+                                 static_cast<int64_t>(LogitMap::Scaled), 0.0, 0.0, false);
+  check_softplus(p, anchors, row_bias);
+  TORCH_CHECK(g.is_contiguous() && g.numel() == p.M && g.scalar_type() == anchors.scalar_type(),
+              "g must be a contiguous [M] tensor of the anchors' dtype");
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_softplus_backward", [&] {
+    out = softplus_backward_impl<scalar_t>(
+        p, anchors.detach(), candidates.detach(), inv_temp.data_ptr<scalar_t>(),
+        row_bias.has_value() ? row_bias->data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(),
+        need_d_anchors, need_d_candidates, need_d_inv_temp,
+        need_d_row_bias && row_bias.has_value());
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -498,6 +802,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("logit_map"), py::arg("artanh_scale"),
         py::arg("artanh_eps"), py::arg("symmetric"));
+  m.def("softplus_forward", &softplus_forward,
+        "sp_neg of every anchor row (sum of softplus over Neg(a)) and, with_grads, the "
+        "gradients' tile sums [E (M x D) | sum sigmoid (M) | sum sigmoid S (M) | F (K x D)]",
+        py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("row_bias"),
+        py::arg("pos_index"), py::arg("self_index"), py::arg("with_grads"));
   m.def("backward", &backward,
         "gradients of sum_a g[a] lse_neg[a]: (d_anchors, d_candidates, d_inv_temp); "
         "symmetric: d_anchors is the whole gradient and d_candidates is None",
@@ -505,4 +814,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("self_index"), py::arg("lse_neg"), py::arg("g"), py::arg("logit_map"),
         py::arg("artanh_scale"), py::arg("artanh_eps"), py::arg("symmetric"),
         py::arg("need_d_anchors"), py::arg("need_d_candidates"), py::arg("need_d_inv_temp"));
+  m.def("softplus_backward", &softplus_backward,
+        "gradients of sum_a g[a] sp_neg[a]: (d_anchors, d_candidates, d_inv_temp, d_row_bias)",
+        py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("row_bias"),
+        py::arg("pos_index"), py::arg("self_index"), py::arg("g"), py::arg("need_d_anchors"),
+        py::arg("need_d_candidates"), py::arg("need_d_inv_temp"), py::arg("need_d_row_bias"));
 }

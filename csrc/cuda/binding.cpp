@@ -162,6 +162,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   return {d_anchors, d_candidates, d_inv_temp};
 }
 
+
+// The softplus row reduction (SigLIP): row_bias [M] of the anchors' dtype, or None.
+void check_row_bias(const c10::optional<at::Tensor>& row_bias, const at::Tensor& anchors) {
+  if (!row_bias.has_value()) return;
+  TORCH_CHECK(row_bias->device() == anchors.device() &&
+                  row_bias->scalar_type() == anchors.scalar_type() && row_bias->dim() == 1 &&
+                  row_bias->numel() == anchors.size(0) && row_bias->is_contiguous(),
+              "row_bias must be a contiguous [M] vector of the anchors' dtype and device");
+}
+
+at::Tensor softplus_forward(const at::Tensor& anchors, const at::Tensor& candidates,
+                            const c10::optional<at::Tensor>& inv_temp,
+                            const c10::optional<at::Tensor>& row_bias,
+                            const at::Tensor& pos_index,
+                            const c10::optional<at::Tensor>& self_index, int64_t operand) {
+  const MaclProblem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
+                                     MACL_LOGIT_MAP_SCALED, 0.0, 0.0, operand);
+  check_row_bias(row_bias, anchors);
+  const c10::cuda::CUDAGuard guard(anchors.device());
+  auto ops = operands(anchors, candidates, operand);
+  at::Tensor sp_neg = at::empty({p.M}, anchors.options());
+  const size_t ws_floats = macl_cuda_forward_workspace(&p);
+  at::Tensor ws = at::empty({static_cast<int64_t>(ws_floats > 0 ? ws_floats : 1)},
+                            anchors.options().dtype(at::kFloat));
+  check_launch(macl_cuda_softplus_forward(
+                   &p, ops.first.data_ptr(), ops.second.data_ptr(),
+                   row_bias.has_value() ? row_bias->data_ptr() : nullptr, sp_neg.data_ptr(),
+                   ws.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+               "softplus forward");
+  return sp_neg;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_backward(
+    const at::Tensor& anchors, const at::Tensor& candidates,
+    const c10::optional<at::Tensor>& inv_temp, const c10::optional<at::Tensor>& row_bias,
+    const at::Tensor& pos_index, const c10::optional<at::Tensor>& self_index, const at::Tensor& g,
+    int64_t operand, bool need_d_anchors, bool need_d_candidates, bool need_d_inv_temp,
+    bool need_d_row_bias) {
+  const MaclProblem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
+                                     MACL_LOGIT_MAP_SCALED, 0.0, 0.0, operand);
+  check_row_bias(row_bias, anchors);
+  TORCH_CHECK(g.device() == anchors.device() && g.scalar_type() == anchors.scalar_type() &&
+                  g.dim() == 1 && g.numel() == p.M && g.is_contiguous(),
+              "g must be a contiguous [M] vector like the anchors");
+  const c10::cuda::CUDAGuard guard(anchors.device());
+  need_d_row_bias = need_d_row_bias && row_bias.has_value();
+  at::Tensor d_anchors, d_candidates, d_inv_temp, d_row_bias;
+  if (need_d_anchors) d_anchors = at::zeros_like(anchors);
+  if (need_d_candidates) d_candidates = at::zeros_like(candidates);
+  if (need_d_inv_temp) d_inv_temp = at::zeros({p.M}, anchors.options());
+  if (need_d_row_bias) d_row_bias = at::zeros({p.M}, anchors.options());
+  if (!(need_d_anchors || need_d_candidates || need_d_inv_temp || need_d_row_bias))
+    return {d_anchors, d_candidates, d_inv_temp, d_row_bias};
+  auto ops = operands(anchors, candidates, operand);
+  check_launch(macl_cuda_softplus_backward(
+                   &p, ops.first.data_ptr(), ops.second.data_ptr(),
+                   row_bias.has_value() ? row_bias->data_ptr() : nullptr, g.data_ptr(),
+                   need_d_anchors ? d_anchors.data_ptr() : nullptr,
+                   need_d_candidates ? d_candidates.data_ptr() : nullptr,
+                   need_d_inv_temp ? d_inv_temp.data_ptr() : nullptr,
+                   need_d_row_bias ? d_row_bias.data_ptr() : nullptr,
+                   c10::cuda::getCurrentCUDAStream()),
+               "softplus backward");
+  return {d_anchors, d_candidates, d_inv_temp, d_row_bias};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -185,4 +251,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("self_index"), py::arg("lse_neg"), py::arg("g"), py::arg("logit_map"),
         py::arg("artanh_scale"), py::arg("artanh_eps"), py::arg("operand"),
         py::arg("need_d_anchors"), py::arg("need_d_candidates"), py::arg("need_d_inv_temp"));
+  m.def("softplus_forward", &softplus_forward,
+        "sp_neg of every anchor row (sum of softplus over Neg(a), SigLIP)", py::arg("anchors"),
+        py::arg("candidates"), py::arg("inv_temp"), py::arg("row_bias"), py::arg("pos_index"),
+        py::arg("self_index"), py::arg("operand"));
+  m.def("softplus_backward", &softplus_backward,
+        "gradients of sum_a g[a] * sp_neg[a]: (d_anchors, d_candidates, d_inv_temp, d_row_bias)",
+        py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("row_bias"),
+        py::arg("pos_index"), py::arg("self_index"), py::arg("g"), py::arg("operand"),
+        py::arg("need_d_anchors"), py::arg("need_d_candidates"), py::arg("need_d_inv_temp"),
+        py::arg("need_d_row_bias"));
 }

@@ -43,6 +43,16 @@
 //             beyond the outputs.
 //
 // float64 inputs take a separate, plain path (one thread per row, no tiling): correct, not fast.
+//
+// The softplus row reduction (SigLIP, docs/math.md, section "SigLIP"; scaled map, distinct
+// candidates): sibling kernels sharing tile_S, accumulate_tile and the row helpers.
+//   l_ak = inv_temp[a] S_ak + row_bias[a];  sp_neg[a] = sum_{k in Neg(a)} softplus(l_ak)
+//   forward  as above, but each split keeps a plain per-row sum (no running max); the combine
+//            kernel adds the splits in a fixed order.
+//   backward dL_dl = g_a sigmoid(l_ak) needs no forward statistic; dL_dS = dL_dl inv_temp[a]; the
+//            same anchor and candidate blocks, the anchor blocks also write d_row_bias[a] =
+//            sum_k dL_dl_ak. Same GEMM work: forward M K D, backward 3 M K D multiply-adds.
+//   softplus(x) = max(x, 0) + log1p(e^-|x|), sigmoid from e^-|x|: no overflow at any |x|.
 
 #include "macl_cuda.h"
 
@@ -502,6 +512,128 @@ backward_kernel(Args p, const T* __restrict__ anchors, const T* __restrict__ can
                                       nullptr, b - anchor_blocks);
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// The softplus row reduction (SigLIP): sibling kernels of the ones above.
+// ---------------------------------------------------------------------------------------------
+// softplus(x) = max(x, 0) + log1p(e^-|x|): 0 at x = -inf (never reached: excluded pairs are
+// skipped), NaN stays NaN (x < 0 is false for NaN).
+__device__ __forceinline__ float softplus_stable(float x) {
+  return (x < 0.0f ? 0.0f : x) + log1pf(__expf(-fabsf(x)));
+}
+
+__device__ __forceinline__ float sigmoid_stable(float x) {
+  const float e = __expf(-fabsf(x)), r = 1.0f / (1.0f + e);
+  return x >= 0.0f ? r : e * r;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS)
+softplus_forward_kernel(Args p, const T* __restrict__ anchors, const T* __restrict__ candidates,
+                        const float* __restrict__ row_bias, float* __restrict__ part_sum,
+                        int64_t tiles_per_split) {
+  __shared__ Smem<T> sm;
+  const int tid = threadIdx.x, row = tid / 4, part = tid % 4;
+  const int64_t a0 = int64_t(blockIdx.x) * BM, a = a0 + row;
+  const Row r = load_row(p, a);
+  const float bias = (r.ok && row_bias != nullptr) ? row_bias[a] : 0.0f;
+  float s_run = 0.0f;  // this lane's share of the row's sum
+  const int64_t tiles = cdiv(p.K, BN);
+  const int64_t t0 = int64_t(blockIdx.y) * tiles_per_split;
+  const int64_t t1 = t0 + tiles_per_split < tiles ? t0 + tiles_per_split : tiles;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t c0 = t * BN;
+    tile_S(sm, anchors, candidates, a0, c0, p);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int k = part + 4 * j;
+      if (in_neg(r, c0 + k, p.K)) s_run += softplus_stable(r.inv_temp * sm.S[row][k] + bias);
+    }
+    __syncthreads();  // S is overwritten by the next tile
+  }
+  s_run = quad_sum(s_run);
+  if (part == 0 && r.ok) part_sum[int64_t(blockIdx.y) * p.M + a] = s_run;
+}
+
+__global__ void softplus_combine_kernel(int64_t M, int64_t splits,
+                                        const float* __restrict__ part_sum,
+                                        float* __restrict__ sp_neg) {
+  const int64_t a = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (a >= M) return;
+  float s = 0.0f;
+  for (int64_t y = 0; y < splits; ++y) s += part_sum[y * M + a];  // fixed order
+  sp_neg[a] = s;
+}
+
+// out: d_anchors (anchor side, !CAND) or d_candidates (candidate side, CAND), or nullptr. The
+// anchor side also writes d_inv_temp and d_row_bias (each may be nullptr).
+template <bool CAND, typename T>
+__device__ void softplus_backward_side(Smem<T>& sm, const Args& p, const T* __restrict__ anchors,
+                                       const T* __restrict__ candidates,
+                                       const float* __restrict__ row_bias,
+                                       const float* __restrict__ g, float* __restrict__ out,
+                                       float* __restrict__ d_inv_temp,
+                                       float* __restrict__ d_row_bias, int64_t block) {
+  const int tid = threadIdx.x, row = tid / 4, part = tid % 4;
+  const int64_t o0 = block * 64;
+  const int64_t tiles = CAND ? cdiv(p.M, BM) : cdiv(p.K, BN);
+  float d_inv_temp_a = 0.0f, d_row_bias_a = 0.0f;  // this lane's shares (anchor side)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t a0 = CAND ? t * BM : o0, c0 = CAND ? o0 : t * BN;
+    tile_S(sm, anchors, candidates, a0, c0, p);
+    const int64_t a = a0 + row;
+    const Row r = load_row(p, a);
+    const float g_a = r.ok ? g[a] : 0.0f;
+    const float bias = (r.ok && row_bias != nullptr) ? row_bias[a] : 0.0f;
+    float dL_dS_max = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int k = part + 4 * j;
+      const float S_ak = sm.S[row][k];
+      float dL_dS = 0.0f;
+      if (in_neg(r, c0 + k, p.K)) {
+        const float dL_dl = g_a * sigmoid_stable(r.inv_temp * S_ak + bias);
+        d_inv_temp_a = fmaf(dL_dl, S_ak, d_inv_temp_a);
+        d_row_bias_a += dL_dl;
+        dL_dS = dL_dl * r.inv_temp;
+      }
+      sm.S[row][k] = dL_dS;
+      dL_dS_max = fmaxf(dL_dS_max, fabsf(dL_dS));
+    }
+    if (out != nullptr) {  // uniform over the block
+      accumulate_tile<CAND>(sm, dL_dS_max, CAND ? anchors : candidates, CAND ? a0 : c0,
+                            CAND ? p.M : p.K, out, o0, CAND ? p.K : p.M, p.D);
+    } else {
+      __syncthreads();
+    }
+  }
+  if (!CAND) {
+    d_inv_temp_a = quad_sum(d_inv_temp_a);
+    d_row_bias_a = quad_sum(d_row_bias_a);
+    if (part == 0 && o0 + row < p.M) {
+      if (d_inv_temp != nullptr) d_inv_temp[o0 + row] = d_inv_temp_a;
+      if (d_row_bias != nullptr) d_row_bias[o0 + row] = d_row_bias_a;
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS)
+softplus_backward_kernel(Args p, const T* __restrict__ anchors,
+                         const T* __restrict__ candidates, const float* __restrict__ row_bias,
+                         const float* __restrict__ g, float* __restrict__ d_anchors,
+                         float* __restrict__ d_candidates, float* __restrict__ d_inv_temp,
+                         float* __restrict__ d_row_bias, int64_t anchor_blocks) {
+  __shared__ Smem<T> sm;
+  const int64_t b = blockIdx.x;
+  if (b < anchor_blocks)
+    softplus_backward_side<false, T>(sm, p, anchors, candidates, row_bias, g, d_anchors,
+                                     d_inv_temp, d_row_bias, b);
+  else
+    softplus_backward_side<true, T>(sm, p, anchors, candidates, row_bias, g, d_candidates,
+                                    nullptr, nullptr, b - anchor_blocks);
+}
+
 // ---------------------------------------------------------------------------------------------
 // float64: one thread per anchor row (forward, d_anchors, d_inv_temp) or candidate row
 // (d_candidates), no shared memory. The logit map is a runtime field here.
@@ -593,6 +725,73 @@ __global__ void backward_f64(ArgsF64 p, const double* __restrict__ anchors,
   }
 }
 
+
+// The softplus reduction in float64 (scaled map): one thread per row, as above.
+__device__ __forceinline__ double softplus64(double x) {
+  return (x < 0.0 ? 0.0 : x) + log1p(exp(-fabs(x)));
+}
+
+__device__ __forceinline__ double sigmoid64(double x) {
+  const double e = exp(-fabs(x)), r = 1.0 / (1.0 + e);
+  return x >= 0.0 ? r : e * r;
+}
+
+__global__ void softplus_forward_f64(ArgsF64 p, const double* __restrict__ anchors,
+                                     const double* __restrict__ candidates,
+                                     const double* __restrict__ row_bias,
+                                     double* __restrict__ sp_neg) {
+  const int64_t a = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (a >= p.M) return;
+  const double bias = row_bias != nullptr ? row_bias[a] : 0.0;
+  double s = 0.0;
+  for (int64_t k = 0; k < p.K; ++k) {
+    if (excluded64(p, a, k)) continue;
+    s += softplus64(p.inv_temp[a] * dot64(anchors + a * p.D, candidates + k * p.D, p.D) + bias);
+  }
+  sp_neg[a] = s;
+}
+
+__global__ void softplus_backward_f64(ArgsF64 p, const double* __restrict__ anchors,
+                                      const double* __restrict__ candidates,
+                                      const double* __restrict__ row_bias,
+                                      const double* __restrict__ g,
+                                      double* __restrict__ d_anchors,
+                                      double* __restrict__ d_candidates,
+                                      double* __restrict__ d_inv_temp,
+                                      double* __restrict__ d_row_bias, int64_t anchor_threads) {
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t < anchor_threads) {
+    const int64_t a = t;
+    if (a >= p.M) return;
+    const double bias = row_bias != nullptr ? row_bias[a] : 0.0;
+    double d_inv_temp_a = 0.0, d_row_bias_a = 0.0;
+    for (int64_t k = 0; k < p.K; ++k) {
+      if (excluded64(p, a, k)) continue;
+      const double S_ak = dot64(anchors + a * p.D, candidates + k * p.D, p.D);
+      const double dL_dl = g[a] * sigmoid64(p.inv_temp[a] * S_ak + bias);
+      d_inv_temp_a += dL_dl * S_ak;
+      d_row_bias_a += dL_dl;
+      if (d_anchors != nullptr) {
+        const double dL_dS = dL_dl * p.inv_temp[a];
+        for (int64_t d = 0; d < p.D; ++d)
+          d_anchors[a * p.D + d] += dL_dS * candidates[k * p.D + d];
+      }
+    }
+    if (d_inv_temp != nullptr) d_inv_temp[a] = d_inv_temp_a;
+    if (d_row_bias != nullptr) d_row_bias[a] = d_row_bias_a;
+  } else {
+    const int64_t k = t - anchor_threads;
+    if (k >= p.K || d_candidates == nullptr) return;
+    for (int64_t a = 0; a < p.M; ++a) {
+      if (excluded64(p, a, k)) continue;
+      const double S_ak = dot64(anchors + a * p.D, candidates + k * p.D, p.D);
+      const double bias = row_bias != nullptr ? row_bias[a] : 0.0;
+      const double dL_dS = g[a] * sigmoid64(p.inv_temp[a] * S_ak + bias) * p.inv_temp[a];
+      for (int64_t d = 0; d < p.D; ++d) d_candidates[k * p.D + d] += dL_dS * anchors[a * p.D + d];
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Launch helpers
 // ---------------------------------------------------------------------------------------------
@@ -650,6 +849,41 @@ cudaError_t launch_backward(const MaclProblem* p, const void* anchors, const voi
   backward_kernel<T, LOGIT_MAP><<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(
       args, static_cast<const T*>(anchors), static_cast<const T*>(candidates), lse_neg, g,
       d_anchors, d_candidates, d_inv_temp, anchor_blocks);
+  return cudaGetLastError();
+}
+
+
+template <typename T>
+cudaError_t launch_softplus_forward(const MaclProblem* p, const void* anchors,
+                                    const void* candidates, const float* row_bias, float* sp_neg,
+                                    float* workspace, cudaStream_t stream) {
+  const Args args = make_args(p);
+  const int64_t splits = forward_splits(p->M, p->K);
+  const int64_t tiles_per_split = cdiv(cdiv(p->K, BN), splits);
+  const dim3 grid(static_cast<unsigned>(cdiv(p->M, BM)), static_cast<unsigned>(splits));
+  softplus_forward_kernel<T><<<grid, THREADS, 0, stream>>>(
+      args, static_cast<const T*>(anchors), static_cast<const T*>(candidates), row_bias,
+      workspace, tiles_per_split);
+  softplus_combine_kernel<<<static_cast<unsigned>(cdiv(p->M, 256)), 256, 0, stream>>>(
+      p->M, splits, workspace, sp_neg);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_softplus_backward(const MaclProblem* p, const void* anchors,
+                                     const void* candidates, const float* row_bias,
+                                     const float* g, float* d_anchors, float* d_candidates,
+                                     float* d_inv_temp, float* d_row_bias, cudaStream_t stream) {
+  const Args args = make_args(p);
+  const int64_t anchor_blocks =
+      (d_anchors != nullptr || d_inv_temp != nullptr || d_row_bias != nullptr) ? cdiv(p->M, BM)
+                                                                                : 0;
+  const int64_t candidate_blocks = d_candidates != nullptr ? cdiv(p->K, BN) : 0;
+  const int64_t blocks = anchor_blocks + candidate_blocks;
+  if (blocks == 0) return cudaSuccess;
+  softplus_backward_kernel<T><<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(
+      args, static_cast<const T*>(anchors), static_cast<const T*>(candidates), row_bias, g,
+      d_anchors, d_candidates, d_inv_temp, d_row_bias, anchor_blocks);
   return cudaGetLastError();
 }
 
@@ -757,4 +991,75 @@ extern "C" cudaError_t macl_cuda_backward(const MaclProblem* p, const void* anch
                                                    stream)
              : backward_map<MACL_LOGIT_MAP_SCALED>(p, anchors, candidates, lse, g32, da, dc, dt,
                                                    stream);
+}
+
+extern "C" cudaError_t macl_cuda_softplus_forward(const MaclProblem* p, const void* anchors,
+                                                  const void* candidates, const void* row_bias,
+                                                  void* sp_neg, void* workspace,
+                                                  cudaStream_t stream) {
+  if (!valid_problem(p) || is_artanh(p)) return cudaErrorInvalidValue;
+  if (p->M == 0) return cudaSuccess;
+  if (p->operand == MACL_OPERAND_F64) {
+    softplus_forward_f64<<<static_cast<unsigned>(cdiv(p->M, 128)), 128, 0, stream>>>(
+        make_args64(p), static_cast<const double*>(anchors),
+        static_cast<const double*>(candidates), static_cast<const double*>(row_bias),
+        static_cast<double*>(sp_neg));
+    return cudaGetLastError();
+  }
+  if (workspace == nullptr) return cudaErrorInvalidValue;
+  const float* bias = static_cast<const float*>(row_bias);
+  float* out = static_cast<float*>(sp_neg);
+  float* ws = static_cast<float*>(workspace);
+  switch (p->operand) {
+    case MACL_OPERAND_F32:
+      return launch_softplus_forward<float>(p, anchors, candidates, bias, out, ws, stream);
+    case MACL_OPERAND_F16:
+      return launch_softplus_forward<__half>(p, anchors, candidates, bias, out, ws, stream);
+    case MACL_OPERAND_BF16:
+      return launch_softplus_forward<__nv_bfloat16>(p, anchors, candidates, bias, out, ws,
+                                                    stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+extern "C" cudaError_t macl_cuda_softplus_backward(const MaclProblem* p, const void* anchors,
+                                                   const void* candidates, const void* row_bias,
+                                                   const void* g, void* d_anchors,
+                                                   void* d_candidates, void* d_inv_temp,
+                                                   void* d_row_bias, cudaStream_t stream) {
+  if (!valid_problem(p) || is_artanh(p)) return cudaErrorInvalidValue;
+  if (p->M == 0) return cudaSuccess;
+  if (p->operand == MACL_OPERAND_F64) {
+    const int64_t anchor_threads =
+        (d_anchors != nullptr || d_inv_temp != nullptr || d_row_bias != nullptr)
+            ? cdiv(p->M, 128) * 128
+            : 0;
+    const int64_t threads = anchor_threads + (d_candidates != nullptr ? p->K : 0);
+    if (threads == 0) return cudaSuccess;
+    softplus_backward_f64<<<static_cast<unsigned>(cdiv(threads, 128)), 128, 0, stream>>>(
+        make_args64(p), static_cast<const double*>(anchors),
+        static_cast<const double*>(candidates), static_cast<const double*>(row_bias),
+        static_cast<const double*>(g), static_cast<double*>(d_anchors),
+        static_cast<double*>(d_candidates), static_cast<double*>(d_inv_temp),
+        static_cast<double*>(d_row_bias), anchor_threads);
+    return cudaGetLastError();
+  }
+  const float* bias = static_cast<const float*>(row_bias);
+  const float* g32 = static_cast<const float*>(g);
+  float* da = static_cast<float*>(d_anchors);
+  float* dc = static_cast<float*>(d_candidates);
+  float* dt = static_cast<float*>(d_inv_temp);
+  float* db = static_cast<float*>(d_row_bias);
+  switch (p->operand) {
+    case MACL_OPERAND_F32:
+      return launch_softplus_backward<float>(p, anchors, candidates, bias, g32, da, dc, dt, db,
+                                             stream);
+    case MACL_OPERAND_F16:
+      return launch_softplus_backward<__half>(p, anchors, candidates, bias, g32, da, dc, dt, db,
+                                              stream);
+    case MACL_OPERAND_BF16:
+      return launch_softplus_backward<__nv_bfloat16>(p, anchors, candidates, bias, g32, da, dc,
+                                                     dt, db, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }

@@ -32,6 +32,14 @@ enum MaclLogitMap {
                               //                                     1 - artanh_eps))
 };
 
+// What a row's negatives reduce to (Python's RowReduction, Triton's ROW_REDUCTION, the C++
+// kernels' RowReduction). The log-sum-exp is macl_cuda_forward / macl_cuda_backward; the sum of
+// softplus (SigLIP) is macl_cuda_softplus_forward / macl_cuda_softplus_backward.
+enum MaclRowReduction {
+  MACL_ROW_REDUCTION_LSE = 0,       // lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak)
+  MACL_ROW_REDUCTION_SOFTPLUS = 1,  // sp_neg[a] = sum_{k in Neg(a)} softplus(l_ak)
+};
+
 // One call of the primitive: anchors [M, D], candidates [K, D], both row-major, contiguous, of
 // the operand type (the same pointer for both when the problem is symmetric). Row a's positive
 // is candidate pos_index[a]; self_index[a] (when self_index != NULL) is the anchor itself among
@@ -64,6 +72,21 @@ cudaError_t macl_cuda_forward(const MaclProblem* p, const void* anchors, const v
 cudaError_t macl_cuda_backward(const MaclProblem* p, const void* anchors, const void* candidates,
                                const void* lse_neg, const void* g, void* d_anchors,
                                void* d_candidates, void* d_inv_temp, cudaStream_t stream);
+
+// The softplus row reduction (SigLIP; MACL_LOGIT_MAP_SCALED only, distinct candidates):
+// l_ak = inv_temp[a] * S_ak + row_bias[a] (row_bias [M] float, double for F64, or NULL: 0),
+// sp_neg[a] = sum_{k in Neg(a)} softplus(l_ak) ([M]). Scratch: macl_cuda_forward_workspace(p).
+cudaError_t macl_cuda_softplus_forward(const MaclProblem* p, const void* anchors,
+                                       const void* candidates, const void* row_bias,
+                                       void* sp_neg, void* workspace, cudaStream_t stream);
+
+// Gradients of sum_a g[a] * sp_neg[a]: dL_dl_ak = g[a] sigmoid(l_ak) on Neg(a) (no forward
+// statistic). As macl_cuda_backward, plus d_row_bias [M] (written; may be NULL).
+cudaError_t macl_cuda_softplus_backward(const MaclProblem* p, const void* anchors,
+                                        const void* candidates, const void* row_bias,
+                                        const void* g, void* d_anchors, void* d_candidates,
+                                        void* d_inv_temp, void* d_row_bias,
+                                        cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -11,6 +11,10 @@ GEMM operands are the inputs' precision (``operand_dtype``): float32 runs on CUD
 FMA; bfloat16 / float16 are rounded back to that dtype and run on tensor cores (WMMA, fp32
 accumulation), as the user's data already was. float64 inputs take a plain, untiled float64
 path: exact but slow (use backend ``"torch"`` when float64 speed matters).
+
+``RowReduction.SOFTPLUS`` (SigLIP) runs the sibling launchers ``softplus_forward`` /
+``softplus_backward`` of the same file (same tiles and blocks, ``d_row_bias`` from the anchor
+blocks).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .._primitive import Backend, Grads, Needs, Problem
+from .._primitive import Backend, Grads, Needs, Problem, RowReduction
 from ._native import Extension, cast_rows
 
 _EXTENSION = Extension("macl_kernels._C_cuda")
@@ -80,6 +84,11 @@ class CudaBackend(Backend):
 
     def fwd(self, problem: Problem, need_grad: bool):
         p = problem
+        if p.row_reduction is RowReduction.SOFTPLUS:
+            sp_neg = _EXTENSION.get().softplus_forward(
+                p.anchors, p.candidate_rows.to(p.anchors.dtype), cast_rows(p.inv_temp, p.anchors),
+                cast_rows(p.row_bias, p.anchors), p.pos_index, p.self_index, _operand_code(p))
+            return sp_neg, None
         lse_neg = _EXTENSION.get().forward(
             p.anchors, p.candidate_rows.to(p.anchors.dtype), cast_rows(p.inv_temp, p.anchors),
             p.pos_index, p.self_index, int(p.logit_map), p.artanh_scale, p.artanh_eps,
@@ -88,6 +97,12 @@ class CudaBackend(Backend):
 
     def bwd(self, problem: Problem, lse_neg, aux, g, needs: Needs) -> Grads:
         p = problem
+        if p.row_reduction is RowReduction.SOFTPLUS:  # no forward statistic needed
+            return Grads(*_EXTENSION.get().softplus_backward(
+                p.anchors, p.candidate_rows.to(p.anchors.dtype), cast_rows(p.inv_temp, p.anchors),
+                cast_rows(p.row_bias, p.anchors), p.pos_index, p.self_index,
+                g.to(p.anchors.dtype).contiguous(), _operand_code(p), needs.d_anchors,
+                needs.d_candidates, needs.d_inv_temp, needs.d_row_bias))
         d_anchors, d_candidates, d_inv_temp = _EXTENSION.get().backward(
             p.anchors, p.candidate_rows.to(p.anchors.dtype), cast_rows(p.inv_temp, p.anchors),
             p.pos_index, p.self_index, lse_neg.contiguous(), g.to(lse_neg.dtype).contiguous(),

@@ -18,6 +18,10 @@ operands instead of costing a pass over the ``chunk x K`` tile:
 ``LogitMap.ARTANH``: ``dL_dS = dL_dl * dl_dS`` with ``dl_dS = artanh_scale / (1 - S^2)`` (0 where
 clamped), then the same two GEMMs.
 
+``RowReduction.SOFTPLUS`` (SigLIP): ``l = (inv_temp * anchors) @ candidates^T + row_bias``, the
+row sums of ``softplus(l)`` over ``Neg(a)`` in forward; backward needs no statistic:
+``dL_dl = g_a sigmoid(l_ak)`` (0 off ``Neg(a)``), the same GEMMs, ``d_row_bias_a = sum_k dL_dl_ak``.
+
 A symmetric problem (the candidates are the anchors) runs as a cross one against the same rows
 and returns both sides; ``_ops`` folds them.
 
@@ -31,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from .._primitive import Backend, Grads, LogitMap, Needs, Problem
+from .._primitive import Backend, Grads, LogitMap, Needs, Problem, RowReduction
 
 # Elements per chunk x K tile: 2M fp32 elements = 8 MiB per live tile. Measured on the 2-core
 # x86 CI machine, MACL 2n, 2N = 8192, D = 128, forward+backward: 2**20 / 2**21 / 2**23 took
@@ -66,6 +70,65 @@ def _logits(problem: Problem, rows: slice):
     S = anchors @ candidates.T
     eps = problem.artanh_eps
     return torch.atanh(S.clamp(-1 + eps, 1 - eps)).mul_(problem.artanh_scale), S
+
+
+def _softplus_logits(problem: Problem, rows: slice):
+    """``l = inv_temp[a] S_ak + row_bias[a]`` of anchor rows ``rows`` (RowReduction.SOFTPLUS)."""
+    logits = (problem.anchors[rows] * problem.inv_temp[rows, None]) @ problem.candidate_rows.T
+    if problem.row_bias is not None:
+        logits += problem.row_bias[rows, None]
+    return logits
+
+
+def _drop(values, rows, pos_index, self_index):
+    """Zero the positive's and self's entries (not in Neg(a)) of a softplus or sigmoid tile."""
+    values.scatter_(1, pos_index[rows, None], 0.0)
+    if self_index is not None:
+        values.scatter_(1, self_index[rows, None], 0.0)
+    return values
+
+
+def stable_softplus_(x: torch.Tensor) -> torch.Tensor:
+    """``softplus(x) = max(x, 0) + log1p(exp(-|x|))`` in place: exact at any ``x`` (no overflow at
+    ``|x| = 1e4``, no threshold like ``F.softplus``'s)."""
+    tail = x.abs().neg_().exp_().log1p_()
+    return x.clamp_min_(0.0).add_(tail)
+
+
+def forward_softplus(problem: Problem, chunk: int) -> torch.Tensor:
+    sp_neg = problem.anchors.new_empty(problem.M)
+    for r0 in range(0, problem.M, chunk):
+        rows = slice(r0, min(problem.M, r0 + chunk))
+        sp = stable_softplus_(_softplus_logits(problem, rows))
+        sp_neg[rows] = _drop(sp, rows, problem.pos_index, problem.self_index).sum(dim=1)
+    return sp_neg
+
+
+def backward_softplus(problem: Problem, g: torch.Tensor, needs: Needs, chunk: int) -> Grads:
+    anchors, candidates, inv_temp = problem.anchors, problem.candidate_rows, problem.inv_temp
+    d_anchors = torch.zeros_like(anchors) if needs.d_anchors else None
+    d_candidates = torch.zeros_like(candidates) if needs.d_candidates else None
+    d_inv_temp = torch.zeros_like(inv_temp) if needs.d_inv_temp else None
+    need_d_row_bias = needs.d_row_bias and problem.row_bias is not None
+    d_row_bias = torch.zeros_like(problem.row_bias) if need_d_row_bias else None
+    for r0 in range(0, problem.M, chunk):
+        rows = slice(r0, min(problem.M, r0 + chunk))
+        a = anchors[rows]
+        # dL_dl = g_a sigmoid(l_ak) on Neg(a), built in the logits' storage.
+        dL_dl = _drop(_softplus_logits(problem, rows).sigmoid_(), rows, problem.pos_index,
+                      problem.self_index).mul_(g[rows, None])
+        if d_row_bias is not None:
+            d_row_bias[rows] = dL_dl.sum(dim=1)
+        inv_temp_rows = inv_temp[rows, None]
+        if d_anchors is not None or d_inv_temp is not None:
+            dL_dl_candidates = dL_dl @ candidates
+            if d_anchors is not None:
+                d_anchors[rows] = dL_dl_candidates * inv_temp_rows
+            if d_inv_temp is not None:
+                d_inv_temp[rows] = (dL_dl_candidates * a).sum(dim=1)
+        if d_candidates is not None:
+            d_candidates.addmm_(dL_dl.T, a * inv_temp_rows)
+    return Grads(d_anchors, d_candidates, d_inv_temp, d_row_bias)
 
 
 def forward_lse(problem: Problem, chunk: int) -> torch.Tensor:
@@ -131,10 +194,16 @@ class TorchBackend(Backend):
         return None
 
     def fwd(self, problem, need_grad):
-        return forward_lse(problem, default_chunk(problem.M, problem.K)), None
+        chunk = default_chunk(problem.M, problem.K)
+        if problem.row_reduction is RowReduction.SOFTPLUS:
+            return forward_softplus(problem, chunk), None
+        return forward_lse(problem, chunk), None
 
     def bwd(self, problem, lse_neg, aux, g, needs):
-        return backward_grads(problem, lse_neg, g, needs, default_chunk(problem.M, problem.K))
+        chunk = default_chunk(problem.M, problem.K)
+        if problem.row_reduction is RowReduction.SOFTPLUS:
+            return backward_softplus(problem, g, needs, chunk)
+        return backward_grads(problem, lse_neg, g, needs, chunk)
 
 
 BACKEND = TorchBackend()

@@ -49,6 +49,15 @@ Passes and GEMM work (one "GEMM" = ``2 M K D`` flops over the whole ``M x K`` ti
 * CLIP (``cross_sym``) reaches this module as two cross blocks (``u1`` vs ``u2`` and back):
   2 x 4 GEMMs of ``N x N x D``.
 
+* ``RowReduction.SOFTPLUS`` (SigLIP, ``docs/math.md#siglip``), cross problems, SCALED map, with a
+  per-row bias: sibling kernels sharing the helpers. ``_softplus_forward_kernel`` sums
+  ``softplus(l)`` per row (no running max: a plain sum) and, when a gradient is required,
+  accumulates ``E_a = sum_k sigmoid(l_ak) u_k`` (1 GEMM) and ``sum_k sigmoid(l_ak)`` into
+  ``aux [M, D + 1]`` - no rescaling, since ``sigmoid`` needs no row statistic. The anchor side is
+  then a per-row scale (``d_anchors = g_a inv_temp[a] E_a``, ``d_inv_temp = g_a anchors[a] .
+  E_a``, ``d_row_bias = g_a sum_k sigmoid``); ``_softplus_candidates_kernel`` is the
+  column-ordered candidate pass. 2 passes, 4 GEMMs (``8 M K D`` flops), as the cross LSE path.
+
 Extra memory: ``lse_neg`` (``M``), ``E`` (``M x D``, only when a gradient is required), the
 rounded half-precision operands (``(M + K) x D``, half inputs only), the gradients: ``O((M+K) D)``.
 
@@ -74,7 +83,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .._primitive import Backend, Grads, LogitMap, Needs, Problem
+from .._primitive import Backend, Grads, LogitMap, Needs, Problem, RowReduction
 
 try:
     import triton
@@ -324,6 +333,125 @@ if triton is not None:
             tl.store(d_inv_temp_ptr + offs_n, d_inv_temp, mask=col_ok)
 
     # ----------------------------------------------------------------------------------------
+    # RowReduction.SOFTPLUS (SigLIP): sibling kernels of the two above, sharing their helpers.
+    # ----------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _softplus(x):
+        """``softplus(x) = max(x, 0) + log1p(e^-|x|)`` at any ``x`` (0 at ``x = -inf``, an
+        excluded pair). ``log1p(e)`` without a ``log1p``: ``log(u) * e / (u - 1)``, ``u = 1 + e``,
+        exact to rounding (Goldberg), and ``e`` itself where ``u`` rounds to 1."""
+        e = tl.exp(-tl.abs(x))
+        u = 1.0 + e
+        log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+        return tl.where(x > 0.0, x, 0.0) + log1p_e
+
+    @triton.jit
+    def _sigmoid(x):
+        """``sigmoid(x)`` from ``e = e^-|x| <= 1``: no overflow at any ``x``; 0 at ``x = -inf``."""
+        e = tl.exp(-tl.abs(x))
+        r = 1.0 / (1.0 + e)
+        return tl.where(x >= 0.0, r, e * r)
+
+    @triton.jit
+    def _softplus_forward_kernel(
+        anchors_ptr, candidates_ptr, inv_temp_ptr, row_bias_ptr, pos_index_ptr, self_index_ptr,
+        sp_neg_ptr, E_ptr,
+        M, K, D, stride_anchors, stride_candidates, stride_E,
+        HAS_BIAS: tl.constexpr, HAS_SELF: tl.constexpr, ACC_E: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One block of anchor rows against every candidate tile: ``sp_neg[a] = sum_{k in
+        Neg(a)} softplus(l_ak)``, ``l_ak = inv_temp[a] S_ak + row_bias[a]``, and, if ``ACC_E``,
+        ``E[a, :D] = sum_k sigmoid(l_ak) u_k`` and ``E[a, D] = sum_k sigmoid(l_ak)``."""
+        acc_ty = sp_neg_ptr.dtype.element_ty  # float32, or float64 for float64 inputs
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < M
+        d_ok = offs_d < D
+        rows = offs_m.to(tl.int64)
+        anchors = tl.load(anchors_ptr + rows[:, None] * stride_anchors + offs_d[None, :],
+                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        inv_temp = tl.load(inv_temp_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+        bias = tl.zeros([BLOCK_M], acc_ty)
+        if HAS_BIAS:
+            bias = tl.load(row_bias_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+        pos_index = tl.load(pos_index_ptr + offs_m, mask=row_ok, other=-1)
+        self_index = tl.load(self_index_ptr + offs_m, mask=row_ok, other=-1)
+
+        s_i = tl.zeros([BLOCK_M], acc_ty)  # sum of softplus(l) over Neg(a)
+        sig_i = tl.zeros([BLOCK_M], acc_ty)  # sum of sigmoid(l)
+        e_i = tl.zeros([BLOCK_M, BLOCK_D], acc_ty)  # sum of sigmoid(l) u_k
+        for n0 in range(0, K, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < K
+            candidates = tl.load(
+                candidates_ptr + offs_n.to(tl.int64)[:, None] * stride_candidates
+                + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            S = _dot(anchors, tl.trans(candidates), DOT_PRECISION, UPCAST).to(acc_ty)
+            keep = col_ok[None, :] & (offs_n[None, :] != pos_index[:, None])
+            if HAS_SELF:
+                keep = keep & (offs_n[None, :] != self_index[:, None])
+            l = tl.where(keep, inv_temp[:, None] * S + bias[:, None], float("-inf"))
+            s_i += tl.sum(_softplus(l), axis=1)
+            if ACC_E:
+                sig = _sigmoid(l)  # <= 1: float16 operands hold it
+                sig_i += tl.sum(sig, axis=1)
+                e_i += _weights_dot(sig, candidates, DOT_PRECISION, UPCAST, False).to(acc_ty)
+        tl.store(sp_neg_ptr + offs_m, s_i, mask=row_ok)
+        if ACC_E:
+            tl.store(E_ptr + rows[:, None] * stride_E + offs_d[None, :], e_i,
+                     mask=row_ok[:, None] & d_ok[None, :])
+            tl.store(E_ptr + rows * stride_E + D, sig_i, mask=row_ok)
+
+    @triton.jit
+    def _softplus_candidates_kernel(
+        anchors_ptr, candidates_ptr, inv_temp_ptr, row_bias_ptr, pos_index_ptr, self_index_ptr,
+        g_ptr, d_candidates_ptr,
+        M, K, D, stride_anchors, stride_candidates, stride_d_candidates,
+        HAS_BIAS: tl.constexpr, HAS_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, WIDE_WEIGHTS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One block of candidates against every anchor block (column order, no atomics):
+        ``d_candidates_k = sum_a g_a inv_temp[a] sigmoid(l_ak) u_a`` over ``a`` with ``k`` in
+        ``Neg(a)``."""
+        acc_ty = d_candidates_ptr.dtype.element_ty
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        col_ok = offs_n < K
+        d_ok = offs_d < D
+        cols = offs_n.to(tl.int64)
+        candidates = tl.load(candidates_ptr + cols[:, None] * stride_candidates + offs_d[None, :],
+                             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        d_candidates = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < M
+            anchors = tl.load(
+                anchors_ptr + offs_m.to(tl.int64)[:, None] * stride_anchors + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            inv_temp_a = tl.load(inv_temp_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+            bias_a = tl.zeros([BLOCK_M], acc_ty)
+            if HAS_BIAS:
+                bias_a = tl.load(row_bias_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+            pos_index_a = tl.load(pos_index_ptr + offs_m, mask=row_ok, other=-1)
+            self_index_a = tl.load(self_index_ptr + offs_m, mask=row_ok, other=-1)
+            g_a = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+            St = _dot(candidates, tl.trans(anchors), DOT_PRECISION, UPCAST).to(acc_ty)
+            keep = (col_ok[:, None] & row_ok[None, :]
+                    & (offs_n[:, None] != pos_index_a[None, :]))
+            if HAS_SELF:
+                keep = keep & (offs_n[:, None] != self_index_a[None, :])
+            l = tl.where(keep, inv_temp_a[None, :] * St + bias_a[None, :], float("-inf"))
+            dL_dS_t = (g_a * inv_temp_a)[None, :] * _sigmoid(l)
+            d_candidates += _weights_dot(dL_dS_t, anchors, DOT_PRECISION, UPCAST,
+                                         WIDE_WEIGHTS).to(acc_ty)
+        tl.store(d_candidates_ptr + cols[:, None] * stride_d_candidates + offs_d[None, :],
+                 d_candidates, mask=col_ok[:, None] & d_ok[None, :])
+
+    # ----------------------------------------------------------------------------------------
     # GPU tile shapes: a small autotune space keyed on D (and, automatically, the dtypes), pruned
     # to what fits an H100 SM (228 KB shared memory, 64K 32-bit registers). Not yet measured: the
     # bench script (bench/bench_triton_gpu.py) records the timings the choice rests on.
@@ -388,6 +516,14 @@ if triton is not None:
             key=["BLOCK_D", "LOGIT_MAP", "HAS_SELF", "SYMMETRIC", "NEED_D_INV_TEMP",
                  "DOT_PRECISION"],
         )(_candidates_kernel),
+        "_softplus_forward_kernel": triton.autotune(
+            configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
+            key=["BLOCK_D", "HAS_BIAS", "HAS_SELF", "ACC_E", "DOT_PRECISION"],
+        )(_softplus_forward_kernel),
+        "_softplus_candidates_kernel": triton.autotune(
+            configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
+            key=["BLOCK_D", "HAS_BIAS", "HAS_SELF", "DOT_PRECISION"],
+        )(_softplus_candidates_kernel),
     }
 
 
@@ -405,7 +541,8 @@ def _launch(kernel, grid_rows: int, block_key: str, args, **flags):
             tuned[lambda meta: (triton.cdiv(grid_rows, meta[block_key]),)](*args, **flags)
         else:
             bm, bn, warps, stages = _default_shape(flags["BLOCK_D"], args[0].element_size(),
-                                                   kernel is _candidates_kernel)
+                                                   kernel in (_candidates_kernel,
+                                                              _softplus_candidates_kernel))
             blocks = dict(BLOCK_M=bm, BLOCK_N=bn)
             kernel[(triton.cdiv(grid_rows, blocks[block_key]),)](
                 *args, **flags, **blocks, num_warps=warps, num_stages=stages)
@@ -515,6 +652,64 @@ def _run_backward(problem: Problem, lse_neg, E, g, needs: Needs) -> Grads:
     return Grads(d_anchors, d_candidates, d_inv_temp)
 
 
+def _softplus_common(problem: Problem, ops: _Operands) -> dict:
+    """The launch flags of the softplus kernels (no logit map: SCALED only)."""
+    flags = _flags(problem, ops)
+    del flags["LOGIT_MAP"]
+    flags["HAS_BIAS"] = problem.row_bias is not None
+    return flags
+
+
+def _row_bias(problem: Problem) -> torch.Tensor:
+    """``row_bias`` in the compute dtype, or a valid dummy pointer (unused without HAS_BIAS)."""
+    return (problem.inv_temp.to(problem.anchors.dtype).contiguous() if problem.row_bias is None
+            else problem.row_bias.to(problem.anchors.dtype).contiguous())
+
+
+def _run_softplus_forward(problem: Problem, acc_e: bool):
+    """``sp_neg`` and, when ``acc_e``, ``aux = [E | sum sigmoid]`` (``[M, D + 1]``)."""
+    ops = _operands(problem)
+    M, K, D = problem.M, problem.K, problem.D
+    sp_neg = problem.anchors.new_empty(M)
+    E = problem.anchors.new_empty((M, D + 1)) if acc_e else sp_neg
+    _launch(
+        _softplus_forward_kernel, M, "BLOCK_M",
+        (ops.anchors, ops.candidates, ops.inv_temp, _row_bias(problem), ops.pos_index,
+         ops.self_index, sp_neg, E, M, K, D, ops.anchors.stride(0), ops.candidates.stride(0),
+         E.stride(0) if acc_e else 0),
+        ACC_E=acc_e, **_softplus_common(problem, ops),
+    )
+    return sp_neg, (E if acc_e else None)
+
+
+def _run_softplus_backward(problem: Problem, E, g, needs: Needs) -> Grads:
+    """The candidates' pass for ``d_candidates``; the anchor side from the forward's ``aux``."""
+    ops = _operands(problem)
+    M, K, D = problem.M, problem.K, problem.D
+    g = g.to(problem.anchors.dtype).contiguous()
+    d_anchors = d_candidates = d_inv_temp = d_row_bias = None
+    if needs.d_candidates:
+        d_candidates = problem.anchors.new_empty((K, D))
+        _launch(
+            _softplus_candidates_kernel, K, "BLOCK_N",
+            (ops.anchors, ops.candidates, ops.inv_temp, _row_bias(problem), ops.pos_index,
+             ops.self_index, g, d_candidates, M, K, D, ops.anchors.stride(0),
+             ops.candidates.stride(0), d_candidates.stride(0)),
+            # g_a inv_temp[a] sigmoid can exceed float16's range (loss-scaled upstreams).
+            WIDE_WEIGHTS=ops.anchors.dtype == torch.float16,
+            **_softplus_common(problem, ops),
+        )
+    if needs.d_anchors or needs.d_inv_temp or needs.d_row_bias:
+        E_rows, sigmoid_sums = E[:, :D], E[:, D]
+        if needs.d_anchors:
+            d_anchors = (g * ops.inv_temp)[:, None] * E_rows
+        if needs.d_inv_temp:
+            d_inv_temp = g * (problem.anchors * E_rows).sum(dim=1)
+        if needs.d_row_bias and problem.row_bias is not None:
+            d_row_bias = g * sigmoid_sums
+    return Grads(d_anchors, d_candidates, d_inv_temp, d_row_bias)
+
+
 def _accumulates_e(problem: Problem, need_grad: bool) -> bool:
     # E serves the anchor side (and d_inv_temp) of a non-symmetric pass; the symmetric backward
     # gets everything from its one pass.
@@ -543,6 +738,8 @@ class TritonBackend(Backend):
                              f"embeddings")
 
     def fwd(self, problem: Problem, need_grad: bool):
+        if problem.row_reduction is RowReduction.SOFTPLUS:
+            return _run_softplus_forward(problem, need_grad)
         acc_e = _accumulates_e(problem, need_grad)
         if problem.anchors.dtype == torch.float64 and problem.anchors.device.type == "cuda":
             try:
@@ -557,9 +754,13 @@ class TritonBackend(Backend):
         return _run_forward(problem, acc_e)
 
     def bwd(self, problem: Problem, lse_neg, aux, g, needs: Needs) -> Grads:
+        if problem.row_reduction is RowReduction.SOFTPLUS:
+            return _run_softplus_backward(problem, aux, g, needs)
         return _run_backward(problem, lse_neg, aux, g, needs)
 
     def fake_aux(self, problem: Problem, need_grad: bool):
+        if problem.row_reduction is RowReduction.SOFTPLUS:
+            return problem.anchors.new_empty((problem.M, problem.D + 1)) if need_grad else None
         return problem.anchors.new_empty(problem.anchors.shape) \
             if _accumulates_e(problem, need_grad) else None
 

@@ -223,3 +223,16 @@ def siglip_module_expected(z1, z2, scale):
                torch.tensor(SIGLIP_BIAS, dtype=torch.float64))]
     loss = reference.siglip_loss(*leaves, normalize=False)
     return (loss.detach(), *torch.autograd.grad(loss, leaves))
+
+
+def moco_bank():
+    g = torch.Generator().manual_seed(2028)
+    return F.normalize(torch.randn(7, DIM, generator=g, dtype=torch.float64), dim=1)
+
+
+def moco_macl_run(q, k, backend, **kwargs):
+    """MACL with a queue (``moco_loss(loss="macl")``): loss and gradients of q and k."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k)]
+    loss = mk.moco_loss(leaves[0], leaves[1], moco_bank(), loss="macl", backend=backend,
+                        **kwargs)
+    return (loss.detach(), *torch.autograd.grad(loss, leaves))

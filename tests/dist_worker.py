@@ -43,6 +43,8 @@ def main() -> int:
         k = dist_cases.NEGATIVES_PER_RANK
         for backend in dist_cases.BACKENDS:
             results[("bank", backend)] = dist_cases.bank_run(local, backend)
+            results[("moco_macl", backend)] = dist_cases.moco_macl_run(
+                z1[local], z2[local], backend, gather_distributed=True)
             results[("negatives", backend)] = dist_cases.negatives_run(
                 z1[local], z2[local], negatives[rank * k:(rank + 1) * k], backend,
                 gather_distributed=True)

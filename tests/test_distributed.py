@@ -167,6 +167,23 @@ def test_siglip_module_every_dist_impl(world, dist_impl, backend):
         assert rel_err(torch.stack([g[i] for g in got]).mean(), want[i]) <= TOL, what
 
 
+@pytest.mark.slow  # the `world` fixture launches the ranks as subprocesses
+@pytest.mark.parametrize("backend", dist_cases.BACKENDS)
+def test_moco_macl_alignment_is_global(world, backend):
+    """MACL with a queue and gather_distributed: A is the mean over every rank's query-key pairs
+    (the official function would use each rank's own), so the ranks reproduce the single-process
+    loss on the whole batch against the same bank."""
+    world_size, ranks = world
+    z1, z2, _ = dist_cases.global_batch()
+    want = dist_cases.moco_macl_run(z1, z2, backend)
+    losses = torch.stack([ranks[r][("moco_macl", backend)][0] for r in range(world_size)])
+    assert rel_err(losses.mean(), want[0]) <= TOL
+    for r in range(world_size):
+        rows = _local_rows(r, world_size)
+        for got, expected in zip(ranks[r][("moco_macl", backend)][1:], want[1:]):
+            assert rel_err(got, world_size * expected[rows]) <= TOL
+
+
 def test_without_process_group_gather_is_local():
     z1, z2, _ = dist_cases.global_batch()
     for backend in dist_cases.BACKENDS:

@@ -393,8 +393,10 @@ def build(kernel, op, consts, warps, stages):
     return triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=stages))
 
-for op, bd, (bm, bn, warps, stages) in [("bf16", 128, (64, 64, 4, 2)), ("fp16", 128, (64, 64, 8, 2)),
-                                        ("fp32", 512, (32, 32, 8, 1)), ("fp64", 32, (32, 32, 4, 1))]:
+# bf16 on tensor cores (float16 differs only by its tf32 weight GEMM, the same helper as the LSE
+# kernels'), fp32 at D = 512 (the largest register footprint); four compiles keep it short.
+for op, bd, (bm, bn, warps, stages) in [("bf16", 128, (64, 64, 4, 2)),
+                                        ("fp32", 512, (32, 32, 8, 1))]:
     flags = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, HAS_SELF=False, HAS_BIAS=True,
                  DOT_PRECISION="ieee", UPCAST=False)
     build(TF._softplus_forward_kernel, op, dict(ACC_E=True, **flags), warps, stages)
@@ -408,7 +410,7 @@ print("compiled")
 @pytest.mark.skipif(not INTERPRETED, reason="the GPU runs the compiled kernels for real")
 def test_softplus_kernels_compile_for_h100_without_a_gpu(tmp_path):
     """The interpreter checks the math, not the compiled path's typing or layouts: compile both
-    softplus kernels for sm_90 (bf16, fp16, fp32 at D = 512, fp64) with Triton's ptxas."""
+    softplus kernels for sm_90 (bf16, fp32 at D = 512) with Triton's ptxas."""
     import os
     import subprocess
     import sys

@@ -501,8 +501,8 @@ class _FixedCandidatesLse(torch.autograd.Function):
     def forward(ctx, backend, anchors, candidates, inv_temp, pos_index, operand_dtype):
         need_anchors, need_inv_temp = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
         scalars = (int(LogitMap.SCALED), 0.0, 0.0, operand_dtype)
-        lse_neg, aux = _ops.negative_lse_op(backend, anchors, candidates, inv_temp, pos_index,
-                                            None, *scalars, need_anchors or need_inv_temp)
+        lse_neg, aux, _ = _ops.negative_lse_op(backend, anchors, candidates, inv_temp, pos_index,
+                                               None, *scalars, need_anchors or need_inv_temp)
         d_anchors = d_inv_temp = None
         if need_anchors or need_inv_temp:
             d_anchors, _, d_inv_temp = _ops.negative_lse_backward_op(

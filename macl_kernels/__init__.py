@@ -19,7 +19,9 @@ from .functional import (
     moco_loss,
     tfree_loss,
 )
-from .modules import ClipLoss, DCLLoss, DCLWLoss, MACLLoss, NTXentLoss
+from .modules import ClipLoss, DCLLoss, DCLWLoss, MACLLoss, NTXentLoss, SupConLoss
+from .supervised import supcon_loss
+from .sogclr import GCLoss_v1
 from .grad_cache import GradCache
 
 
@@ -28,5 +30,6 @@ __all__ = [
     "available_backends",
     "MACLLoss", "NTXentLoss", "DCLLoss", "DCLWLoss", "ClipLoss", "MACL_TEMPERATURE_FLOOR",
     "GradCache",
+    "supcon_loss", "SupConLoss", "GCLoss_v1",
     "__version__",
 ]

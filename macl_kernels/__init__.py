@@ -20,7 +20,7 @@ from .functional import (
     tfree_loss,
 )
 from .modules import ClipLoss, DCLLoss, DCLWLoss, MACLLoss, NTXentLoss, SupConLoss
-from .supervised import supcon_loss
+from .supervised import supcon_loss, supcon_macl_loss
 from .sogclr import GCLoss_v1
 from .grad_cache import GradCache
 
@@ -30,6 +30,6 @@ __all__ = [
     "available_backends",
     "MACLLoss", "NTXentLoss", "DCLLoss", "DCLWLoss", "ClipLoss", "MACL_TEMPERATURE_FLOOR",
     "GradCache",
-    "supcon_loss", "SupConLoss", "GCLoss_v1",
+    "supcon_loss", "supcon_macl_loss", "SupConLoss", "GCLoss_v1",
     "__version__",
 ]

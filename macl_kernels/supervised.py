@@ -28,7 +28,7 @@ from . import distributed
 from ._math import compute_dtype
 from .backends import resolve_backend
 
-__all__ = ["supcon_loss"]
+__all__ = ["supcon_loss", "supcon_macl_loss"]
 
 SUPCON_REDUCTIONS = ("mean", "mean_valid", "sum", "none")
 CONTRAST_MODES = ("all", "one")
@@ -299,3 +299,105 @@ def _supcon_pml(embeddings, labels, ref_emb, ref_labels, temperature, backend, v
         pos_pairs, neg_pairs = npos.sum(), nneg.sum()
         some_pairs = (pos_pairs > 0) & (neg_pairs > 0) & ((pos_pairs > 1) | (neg_pairs > 1))
         return torch.where(some_pairs, loss, torch.zeros_like(loss)).to(out_dtype)
+
+
+def supcon_macl_loss(features, labels, *, temperature=0.1, alpha=0.5, a0=0.0,
+                     schedule="linear", alignment="label", normalize=True, reduction="mean",
+                     backend="auto", validate=True):
+    """Supervised MACL (our extension; no peer defines it, docs/math.md#supervised-macl):
+    every same-label pair is a positive, each with a denominator of its own that holds the
+    positive and the anchor's label-negatives only (SINCERE-style), so that MACL's reweighting
+    ``V (1 - P) = 1`` still cancels:
+
+        x_ap   = LSE_{k : y_k != y_a} l_ak - l_ap,      l = S / tau(A)
+        loss_a = (1/|P(a)|) sum_{p in P(a)} (1 + e^{-x_ap}) softplus(x_ap)
+
+    ``features [B, V, ...]`` (``V`` views, rows view-major, every row an anchor), ``labels [B]``.
+    ``A = sg(mean over anchors with a positive of (1/|P(a)|) sum_p S_ap)`` (``alignment="label"``,
+    from class sums) or over the augmentation pairs of views 1 and 2 (``"instance"``, the
+    calibration of MACL's ``a0``/``alpha``); ``tau(A)`` as ``macl_loss``. The gradient is
+    ``(Q^y - Mask / |P|) / (M tau)`` exactly (the label-masked primitive plus class sums); the
+    value needs one more pass over the similarity tiles (chunked, no gradient). Anchors without a
+    positive, or without a label-negative, give 0. ``reduction``: ``"mean"`` (over every anchor),
+    ``"sum"``, ``"none"``.
+    """
+    from .functional import _macl_options
+    mode = V.check_validate(validate)
+    feats = _check_features(features, mode)
+    bsz, views = feats.shape[0], feats.shape[1]
+    if labels is None:
+        raise ValueError("labels are required (supcon_macl_loss defines its positives by "
+                         "labels)")
+    labels = check_labels("labels", labels, bsz, features, mode)
+    temperature, alpha, a0 = _macl_options(temperature, alpha, a0, schedule, "batch", True)
+    V.check_choice("alignment", alignment, ("label", "instance"))
+    V.check_choice("reduction", reduction, ("mean", "sum", "none"))
+    V.check_bool("normalize", normalize)
+    V.check_backend(backend)
+    if alignment == "instance" and views < 2:
+        raise ValueError("alignment='instance' needs V >= 2 views")
+    name = resolve_backend(backend, features.device, feats.shape[2])
+    out_dtype = feats.dtype
+    wide = compute_dtype(out_dtype)
+    with torch.autocast(feats.device.type, enabled=False) if feats.device.type in (
+            "cpu", "cuda") else _nullcontext():
+        rows = feats.to(wide)
+        if normalize:
+            rows = torch.nn.functional.normalize(rows, dim=2, eps=_math.NORMALIZE_EPS)
+        U = torch.cat(torch.unbind(rows, dim=1))
+        m = U.shape[0]
+        y = labels.to(torch.int64).repeat(views)
+        ids = dense_class_ids(y)
+        sums, counts = class_sums(U, ids)
+        npos = counts[ids] - 1
+        pos_sum = (U * (sums[ids] - U)).sum(1)  # sum_p S_ap
+        has_pos = npos > 0
+        safe_npos = torch.where(has_pos, npos, torch.ones_like(npos))
+        if alignment == "label":
+            mean_pos = torch.where(has_pos, pos_sum / safe_npos, torch.zeros_like(pos_sum))
+            A = (mean_pos.sum() / has_pos.sum().clamp_min(1)).detach()
+        else:
+            A = (rows[:, 0] * rows[:, 1]).sum(1).mean().detach()
+        tau = _math.macl_temperature(A, temperature, alpha, a0, schedule)
+        inv_temp = (1.0 / tau).expand(m)
+        self_index = torch.arange(m, device=U.device)
+        no_positive = torch.full((m,), -1, dtype=torch.int64, device=U.device)
+        if name == "reference":
+            S = U @ U.T
+            negative = y[:, None] != y[None, :]
+            lse = torch.logsumexp((S * inv_temp[:, None]).masked_fill(~negative, float("-inf")),
+                                  dim=1)
+        else:
+            lse = _ops.negative_lse(name, U, None, inv_temp.contiguous(), no_positive, self_index,
+                                    operand_dtype=out_dtype, anchor_labels=y)
+        valid = has_pos & torch.isfinite(lse)
+        lse_safe = torch.where(valid, lse, torch.zeros_like(lse))
+        with torch.no_grad():
+            value = _supcon_macl_values(U.detach(), y, lse_safe.detach(), inv_temp.detach(),
+                                        safe_npos)
+        # Gradient surrogate: d/d lse_negY[a] = 1, d/d l_ap = -1/|P(a)| (V sigma(x) = 1).
+        surrogate = lse_safe - inv_temp * pos_sum / safe_npos
+        per_anchor = value + (surrogate - surrogate.detach())
+        per_anchor = torch.where(valid, per_anchor, torch.zeros_like(per_anchor))
+        return _math.reduce(per_anchor, reduction, out_dtype)
+
+
+def _supcon_macl_values(U, y, lse, inv_temp, npos):
+    """``(1/|P(a)|) sum_p (1 + e^{-x_ap}) softplus(x_ap)`` by chunks of anchor rows (one more
+    pass over the similarity tiles, ``O(chunk K)`` memory)."""
+    from .backends.torch_chunked import default_chunk
+    m = U.shape[0]
+    out = U.new_zeros(m)
+    chunk = default_chunk(m, m)
+    for r0 in range(0, m, chunk):
+        r = slice(r0, min(m, r0 + chunk))
+        logits = (U[r] @ U.T) * inv_temp[r, None]
+        positive = y[r, None] == y[None, :]
+        positive[torch.arange(r.stop - r.start, device=U.device),
+                 torch.arange(r.start, r.stop, device=U.device)] = False
+        x = lse[r, None] - logits
+        values = torch.where(positive, _math.macl_value(torch.where(positive, x,
+                                                                    torch.zeros_like(x))),
+                             torch.zeros_like(x))
+        out[r] = values.sum(1) / npos[r]
+    return out

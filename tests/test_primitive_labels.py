@@ -166,3 +166,16 @@ def test_argument_checks():
     with pytest.raises(ValueError, match="return_eqs"):
         _ops.negative_lse("torch", x, None, None, pos, None, logit_map=LogitMap.ARTANH,
                           artanh_scale=2.0, artanh_eps=1e-6, return_eqs=True)
+
+
+@pytest.mark.slow  # opcheck runs every check of torch.library (seconds per backend)
+def test_opcheck_with_labels_and_eqs(backend):
+    """torch.library.opcheck of the op with the label arguments and ``need_eqs`` (the third
+    output's fake shape, its non-differentiability, the backward with labels)."""
+    device = backend_device(backend)
+    for symmetric in (True, False):
+        A, C, b, pos, slf, yA, yC = problem(8, 9, 5, symmetric, 3, seed=2)
+        A, C, b = (None if t is None else t.to(device).requires_grad_(True) for t in (A, C, b))
+        args = (backend, A, C, b, pos.to(device), None if slf is None else slf.to(device), 0,
+                0.0, 0.0, None, True, yA.to(device), None if yC is None else yC.to(device), True)
+        torch.library.opcheck(_ops.negative_lse_op, args)

@@ -251,3 +251,15 @@ def test_supcon_bad_inputs():
         criterion(emb, torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="distance"):
         mk.SupConLoss(distance=None)
+
+
+def test_supcon_small_temperature_float32_is_finite():
+    """SupContrast subtracts the row maximum including self and overflows in float32 at small
+    temperatures (NaN at T = 0.005, docs/math.md); the fused log-sum-exp does not."""
+    feats = features_case(6, 2, 4, seed=0, dtype=torch.float32).requires_grad_(True)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    loss = mk.supcon_loss(feats, labels, temperature=0.005, base_temperature=0.07, backend="cpu")
+    (grad,) = torch.autograd.grad(loss, feats)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    want = supcontrast_oracle(feats.detach().double(), labels, None, 0.005, 0.07)
+    assert_rel_close(loss.detach().double(), want, F32, "loss")

@@ -177,8 +177,7 @@ def _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, 
     V.check_backend(backend)
     negatives = V.check_negatives("negatives", negatives, z1, mode)
     if labels is not None:
-        from .supervised import check_labels
-        labels = check_labels("labels", labels, z1.shape[0], z1, mode)
+        labels = V.check_labels("labels", labels, z1.shape[0], z1, mode)
         if negatives is not None:
             raise ValueError("labels cannot be combined with negatives (the extra candidates "
                              "carry no labels)")

@@ -17,7 +17,7 @@ formed. Autograd differentiates the class sums; the primitive's backward gives t
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
@@ -51,24 +51,6 @@ def class_sums(rows: Tensor, ids: Tensor) -> Tuple[Tensor, Tensor]:
     sums = rows.new_zeros((rows.shape[0], rows.shape[1])).index_add(0, ids, rows)
     counts = rows.new_zeros(rows.shape[0]).index_add(0, ids, torch.ones_like(ids, dtype=rows.dtype))
     return sums, counts
-
-
-def check_labels(name: str, labels, rows: int, like: Tensor, mode: str) -> Optional[Tensor]:
-    """``None`` or a 1-D integer tensor of ``rows`` entries on ``like``'s device."""
-    if labels is None:
-        return None
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name} must be a 1-D integer tensor, got {type(labels).__name__}")
-    if mode == "none":
-        return labels
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != rows:
-        raise ValueError(f"{name} must have shape [{rows}], got {list(labels.shape)}")
-    if labels.device != like.device:
-        raise ValueError(f"{name} must be on the embeddings' device {like.device}, got "
-                         f"{labels.device}")
-    return labels
 
 
 def _check_features(features, mode: str) -> Tensor:
@@ -127,7 +109,7 @@ def supcon_loss(features, labels=None, *, mask=None, temperature=0.07, base_temp
     V.check_backend(backend)
     if labels is not None and mask is not None:
         raise ValueError("pass labels or mask, not both")
-    labels = check_labels("labels", labels, bsz, features, mode)
+    labels = V.check_labels("labels", labels, bsz, features, mode)
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a tensor [B, B], got {type(mask).__name__}")
@@ -243,7 +225,7 @@ def _supcon_pml(embeddings, labels, ref_emb, ref_labels, temperature, backend, v
     if labels is None:
         raise ValueError("labels are required (indices_tuple, the miners' input, is not "
                          "supported)")
-    labels = check_labels("labels", labels, embeddings.shape[0], embeddings, mode)
+    labels = V.check_labels("labels", labels, embeddings.shape[0], embeddings, mode)
     if ref_emb is not None:
         if ref_labels is None:
             raise ValueError("ref_labels are required with ref_emb")
@@ -252,7 +234,7 @@ def _supcon_pml(embeddings, labels, ref_emb, ref_labels, temperature, backend, v
             raise ValueError(f"ref_emb must be [R, {embeddings.shape[1]}]")
         if mode != "none" and ref_emb.device != embeddings.device:
             raise ValueError(f"ref_emb must be on the embeddings' device {embeddings.device}")
-        ref_labels = check_labels("ref_labels", ref_labels, ref_emb.shape[0], embeddings, mode)
+        ref_labels = V.check_labels("ref_labels", ref_labels, ref_emb.shape[0], embeddings, mode)
     elif ref_labels is not None:
         raise ValueError("ref_labels needs ref_emb")
     name = resolve_backend(backend, embeddings.device, embeddings.shape[1])
@@ -321,15 +303,19 @@ def supcon_macl_loss(features, labels, *, temperature=0.1, alpha=0.5, a0=0.0,
     positive, or without a label-negative, give 0. ``reduction``: ``"mean"`` (over every anchor),
     ``"sum"``, ``"none"``.
     """
-    from .functional import _macl_options
     mode = V.check_validate(validate)
     feats = _check_features(features, mode)
     bsz, views = feats.shape[0], feats.shape[1]
     if labels is None:
         raise ValueError("labels are required (supcon_macl_loss defines its positives by "
                          "labels)")
-    labels = check_labels("labels", labels, bsz, features, mode)
-    temperature, alpha, a0 = _macl_options(temperature, alpha, a0, schedule, "batch", True)
+    labels = V.check_labels("labels", labels, bsz, features, mode)
+    temperature = V.check_positive("temperature", temperature)
+    alpha, a0 = V.check_real("alpha", alpha), V.check_real("a0", a0)
+    V.check_choice("schedule", schedule, V.SCHEDULES)
+    if schedule == "exp" and alpha <= 0:
+        raise ValueError(f"alpha must be > 0 for schedule='exp' (tau = t0 * alpha ** A), got "
+                         f"{alpha}")
     V.check_choice("alignment", alignment, ("label", "instance"))
     V.check_choice("reduction", reduction, ("mean", "sum", "none"))
     V.check_bool("normalize", normalize)

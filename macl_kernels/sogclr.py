@@ -22,7 +22,6 @@ tau_min, tau_max)``, exactly as LibAUC's code does them (in that order, reading 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
 import torch

@@ -20,7 +20,10 @@ from .functional import (
     siglip_loss,
     tfree_loss,
 )
-from .modules import ClipLoss, DCLLoss, DCLWLoss, MACLLoss, NTXentLoss, SigLipLoss
+from .modules import (ClipLoss, DCLLoss, DCLWLoss, MACLLoss, NTXentLoss, SigLipLoss,
+                      SupConLoss)
+from .supervised import supcon_loss, supcon_macl_loss
+from .sogclr import GCLoss_v1
 from .grad_cache import GradCache
 
 
@@ -29,5 +32,6 @@ __all__ = [
     "available_backends",
     "MACLLoss", "NTXentLoss", "DCLLoss", "DCLWLoss", "ClipLoss", "SigLipLoss", "MACL_TEMPERATURE_FLOOR",
     "GradCache",
+    "supcon_loss", "supcon_macl_loss", "SupConLoss", "GCLoss_v1",
     "__version__",
 ]

@@ -46,11 +46,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import _roofline
-from ._cases import CLIP_SCALE, LOSS_CASES
+from ._cases import ALL_CASES as LOSS_CASES, CLIP_SCALE
 from ._report import device_name, format_table
 from ._version import __version__
 
-BENCH_LOSSES = ("macl", "infonce", "clip", "dcl", "tfree", "siglip")
+BENCH_LOSSES = ("macl", "infonce", "clip", "dcl", "tfree", "siglip", "infonce_labels",
+                "macl_labels", "supcon")
 FULL_SIZES = (1024, 2048, 4096, 8192)
 QUICK_SIZES = (512, 1024, 2048)
 FULL_REPEATS = 5

@@ -3,16 +3,22 @@ every kernel backend (the backend is a string argument):
 
     macl_kernels::negative_lse(backend, anchors, candidates?, inv_temp?, pos_index, self_index?,
                                logit_map, artanh_scale, artanh_eps, operand_dtype?, need_grad,
-                               row_reduction=0, row_bias?=None)
-        -> (lse_neg [M], aux)
+                               row_reduction=0, row_bias?=None, anchor_labels?=None,
+                               candidate_labels?=None, need_eqs=False)
+        -> (lse_neg [M], aux, eqs [M] or empty)
     macl_kernels::negative_lse_backward(..., lse_neg, aux, g, need_d_anchors,
                                         need_d_candidates, need_d_inv_temp, row_reduction=0,
-                                        row_bias?=None, need_d_row_bias=False)
+                                        row_bias?=None, need_d_row_bias=False,
+                                        anchor_labels?=None, candidate_labels?=None)
         -> (d_anchors, d_candidates, d_inv_temp, d_row_bias)
 
 ``row_reduction`` (``RowReduction``): ``LSE`` (the default) returns ``lse_neg``; ``SOFTPLUS``
 (SigLIP) returns ``sp_neg[a] = sum_{k in Neg(a)} softplus(inv_temp[a] S_ak + row_bias[a])`` in
 the same slot, differentiable in ``row_bias`` too.
+
+``anchor_labels`` / ``candidate_labels`` (int64 ``[M]`` / ``[K]``) add the label mask to
+``Neg(a)``; ``need_eqs`` asks for the statistic ``eqs[a] = sum_k Q_ak S_ak`` (no gradient flows
+through it: it is ``d lse_neg[a] / d inv_temp[a]``, a statistic for SogCLR / iSogCLR).
 
 so that ``torch.compile(fullgraph=True)`` sees one opaque, shape-known op with a registered
 backward, and ``torch.library.opcheck`` can check it. Inside, the arguments become one
@@ -45,9 +51,11 @@ def _empty(like: Tensor) -> Tensor:
 
 
 def _problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map, artanh_scale,
-             artanh_eps, operand_dtype, row_reduction=0, row_bias=None) -> Problem:
+             artanh_eps, operand_dtype, row_reduction=0, row_bias=None, anchor_labels=None,
+             candidate_labels=None) -> Problem:
     return Problem(anchors, candidates, inv_temp, pos_index, self_index, LogitMap(logit_map),
-                   artanh_scale, artanh_eps, operand_dtype, RowReduction(row_reduction), row_bias)
+                   artanh_scale, artanh_eps, operand_dtype, RowReduction(row_reduction), row_bias,
+                   anchor_labels, None if candidates is None else candidate_labels)
 
 
 @torch.library.custom_op("macl_kernels::negative_lse", mutates_args=())
@@ -55,23 +63,35 @@ def negative_lse_op(backend: str, anchors: Tensor, candidates: Optional[Tensor],
                     inv_temp: Optional[Tensor], pos_index: Tensor, self_index: Optional[Tensor],
                     logit_map: int, artanh_scale: float, artanh_eps: float,
                     operand_dtype: Optional[torch.dtype], need_grad: bool, row_reduction: int = 0,
-                    row_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                    row_bias: Optional[Tensor] = None, anchor_labels: Optional[Tensor] = None,
+                    candidate_labels: Optional[Tensor] = None,
+                    need_eqs: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     problem = _problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                       artanh_scale, artanh_eps, operand_dtype, row_reduction, row_bias)
+                       artanh_scale, artanh_eps, operand_dtype, row_reduction, row_bias,
+                       anchor_labels, candidate_labels)
     impl = kernel_backend(backend)
     impl.check(problem)
-    lse_neg, aux = impl.fwd(problem, need_grad)
-    return lse_neg, (aux if aux is not None else _empty(lse_neg))
+    if need_eqs:
+        if problem.logit_map is not LogitMap.SCALED:
+            raise ValueError("need_eqs (eqs = d lse_neg / d inv_temp) needs LogitMap.SCALED")
+        lse_neg, aux, eqs = impl.fwd_eqs(problem, need_grad)
+    else:
+        (lse_neg, aux), eqs = impl.fwd(problem, need_grad), None
+    return (lse_neg, (aux if aux is not None else _empty(lse_neg)),
+            eqs if eqs is not None else _empty(lse_neg))
 
 
 @negative_lse_op.register_fake
 def _(backend, anchors, candidates, inv_temp, pos_index, self_index, logit_map, artanh_scale,
-      artanh_eps, operand_dtype, need_grad, row_reduction=0, row_bias=None):
+      artanh_eps, operand_dtype, need_grad, row_reduction=0, row_bias=None, anchor_labels=None,
+      candidate_labels=None, need_eqs=False):
     problem = _problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                       artanh_scale, artanh_eps, operand_dtype, row_reduction, row_bias)
+                       artanh_scale, artanh_eps, operand_dtype, row_reduction, row_bias,
+                       anchor_labels, candidate_labels)
     lse_neg = anchors.new_empty((anchors.shape[0],))
     aux = kernel_backend(backend).fake_aux(problem, need_grad)
-    return lse_neg, (aux if aux is not None else _empty(lse_neg))
+    eqs = anchors.new_empty((anchors.shape[0],)) if need_eqs else _empty(lse_neg)
+    return lse_neg, (aux if aux is not None else _empty(lse_neg)), eqs
 
 
 @torch.library.custom_op("macl_kernels::negative_lse_backward", mutates_args=())
@@ -83,9 +103,13 @@ def negative_lse_backward_op(backend: str, anchors: Tensor, candidates: Optional
                              need_d_candidates: bool,
                              need_d_inv_temp: bool, row_reduction: int = 0,
                              row_bias: Optional[Tensor] = None,
-                             need_d_row_bias: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                             need_d_row_bias: bool = False,
+                             anchor_labels: Optional[Tensor] = None,
+                             candidate_labels: Optional[Tensor] = None
+                             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     problem = _problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                       artanh_scale, artanh_eps, operand_dtype, row_reduction, row_bias)
+                       artanh_scale, artanh_eps, operand_dtype, row_reduction, row_bias,
+                       anchor_labels, candidate_labels)
     need_d_inv_temp = need_d_inv_temp and inv_temp is not None
     need_d_row_bias = need_d_row_bias and row_bias is not None
     if problem.symmetric:  # one tensor in both roles: it needs both sides
@@ -126,7 +150,8 @@ def negative_lse_backward_op(backend: str, anchors: Tensor, candidates: Optional
 @negative_lse_backward_op.register_fake
 def _(backend, anchors, candidates, inv_temp, pos_index, self_index, logit_map, artanh_scale,
       artanh_eps, operand_dtype, lse_neg, aux, g, need_d_anchors, need_d_candidates,
-      need_d_inv_temp, row_reduction=0, row_bias=None, need_d_row_bias=False):
+      need_d_inv_temp, row_reduction=0, row_bias=None, need_d_row_bias=False,
+      anchor_labels=None, candidate_labels=None):
     symmetric = candidates is None
     one_tensor_grad = symmetric and (need_d_anchors or need_d_candidates)
     d_anchors = (torch.empty_like(anchors) if (need_d_anchors or one_tensor_grad)
@@ -142,31 +167,34 @@ def _(backend, anchors, candidates, inv_temp, pos_index, self_index, logit_map, 
 
 def _setup_context(ctx, inputs, output):
     (backend, anchors, candidates, inv_temp, pos_index, self_index, logit_map, artanh_scale,
-     artanh_eps, operand_dtype, need_grad, *rest) = inputs
-    row_reduction, row_bias = (rest + [0, None][len(rest):])[:2]
-    lse_neg, aux = output
-    ctx.mark_non_differentiable(aux)
+     artanh_eps, operand_dtype, need_grad, row_reduction, row_bias, anchor_labels,
+     candidate_labels, need_eqs) = inputs
+    lse_neg, aux, eqs = output
+    ctx.mark_non_differentiable(aux, eqs)
     ctx.save_for_backward(anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux,
-                          row_bias)
+                          row_bias, anchor_labels, candidate_labels)
     ctx.scalars = (logit_map, artanh_scale, artanh_eps, operand_dtype)
     ctx.row_reduction = row_reduction
     ctx.backend = backend
 
 
-def _backward(ctx, grad_lse_neg, grad_aux):
-    (anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux,
-     row_bias) = ctx.saved_tensors
+def _backward(ctx, grad_lse_neg, grad_aux, grad_eqs):
+    (anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux, row_bias,
+     anchor_labels, candidate_labels) = ctx.saved_tensors
     need_d_anchors, need_d_candidates, need_d_inv_temp = ctx.needs_input_grad[1:4]
     needs_input_grad = tuple(ctx.needs_input_grad) + (False,) * 2
     need_d_row_bias = needs_input_grad[12] and row_bias is not None
     d_anchors, d_candidates, d_inv_temp, d_row_bias = negative_lse_backward_op(
         ctx.backend, anchors, candidates, inv_temp, pos_index, self_index, *ctx.scalars,
         lse_neg, aux, grad_lse_neg, need_d_anchors, need_d_candidates,
-        need_d_inv_temp and inv_temp is not None, ctx.row_reduction, row_bias, need_d_row_bias)
+        need_d_inv_temp and inv_temp is not None, ctx.row_reduction, row_bias, need_d_row_bias,
+        anchor_labels, candidate_labels)
+    # One entry per input of negative_lse: backend, anchors, candidates, inv_temp, 8 more
+    # (pos_index ... need_grad, row_reduction), row_bias, 3 more (labels, need_eqs).
     return (None, d_anchors if need_d_anchors else None,
             d_candidates if need_d_candidates else None,
             d_inv_temp if need_d_inv_temp else None) + (None,) * 8 + (
-                d_row_bias if need_d_row_bias else None,)
+                d_row_bias if need_d_row_bias else None,) + (None,) * 3
 
 
 negative_lse_op.register_autograd(_backward, setup_context=_setup_context)
@@ -177,7 +205,9 @@ def negative_lse(backend: str, anchors: Tensor, candidates: Optional[Tensor],
                  logit_map: LogitMap = LogitMap.SCALED, artanh_scale: float = 0.0,
                  artanh_eps: float = 0.0, operand_dtype: Optional[torch.dtype] = None,
                  row_reduction: RowReduction = RowReduction.LSE,
-                 row_bias: Optional[Tensor] = None) -> Tensor:
+                 row_bias: Optional[Tensor] = None,
+                 anchor_labels: Optional[Tensor] = None, candidate_labels: Optional[Tensor] = None,
+                 return_eqs: bool = False):
     """``lse_neg`` of every anchor row by kernel backend ``backend`` (``"torch"``, ``"cpu"``,
     ``"triton"``, ``"cuda"``), differentiable in ``anchors``, ``candidates`` and ``inv_temp``.
 
@@ -188,6 +218,10 @@ def negative_lse(backend: str, anchors: Tensor, candidates: Optional[Tensor],
     ``row_reduction=RowReduction.SOFTPLUS``: ``sum_{k in Neg(a)} softplus(inv_temp[a] S_ak +
     row_bias[a])`` instead (SCALED map, ``candidates`` given; ``row_bias [M]`` or ``None``),
     differentiable in ``row_bias`` as well.
+
+    ``anchor_labels [M]`` with ``candidate_labels [K]`` (integer; ``candidate_labels`` omitted
+    when ``candidates=None``) drop every same-label candidate from ``Neg(a)``.
+    ``return_eqs``: return ``(lse_neg, eqs)``, ``eqs`` a detached statistic (SCALED only).
     """
     logit_map = LogitMap(logit_map)
     row_reduction = RowReduction(row_reduction)
@@ -214,12 +248,23 @@ def negative_lse(backend: str, anchors: Tensor, candidates: Optional[Tensor],
         if not artanh_scale > 0 or not 0 < artanh_eps < 1:
             raise ValueError(f"LogitMap.ARTANH needs artanh_scale > 0 and 0 < artanh_eps < 1, "
                              f"got {artanh_scale!r} and {artanh_eps!r}")
+    if candidates is not None and (anchor_labels is None) != (candidate_labels is None):
+        raise ValueError("anchor_labels and candidate_labels go together (candidate_labels "
+                         "is omitted only when candidates=None)")
+    if candidates is None and candidate_labels is not None:
+        raise ValueError("candidate_labels must be None when candidates=None (the anchors' "
+                         "labels serve)")
+    if return_eqs and logit_map is not LogitMap.SCALED:
+        raise ValueError("return_eqs (eqs = d lse_neg / d inv_temp) needs LogitMap.SCALED")
+    labels = [None if t is None else t.to(torch.int64).contiguous()
+              for t in (anchor_labels, candidate_labels)]
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (anchors, candidates, inv_temp, row_bias))
-    lse_neg, _ = negative_lse_op(
+    lse_neg, _, eqs = negative_lse_op(
         backend, anchors.contiguous(), None if candidates is None else candidates.contiguous(),
         None if inv_temp is None else inv_temp.contiguous(), pos_index.contiguous(),
         None if self_index is None else self_index.contiguous(), int(logit_map),
         float(artanh_scale), float(artanh_eps), operand_dtype, need_grad, int(row_reduction),
-        None if row_bias is None else row_bias.contiguous())
-    return lse_neg
+        None if row_bias is None else row_bias.contiguous(), labels[0], labels[1],
+        bool(return_eqs))
+    return (lse_neg, eqs) if return_eqs else lse_neg

@@ -10,7 +10,11 @@ for anchor rows ``anchors [M, D]`` and candidate rows ``candidates [K, D]``,
     Neg(a)     = every candidate but pos_index[a] and self_index[a]
                  (pos_index[a] = -1: no positive among the candidates, nothing excluded but self;
                   a memory bank, docs/math.md#memory-bank-moco)
+                 and, with labels, every k with candidate_labels[k] == anchor_labels[a]
+                 (docs/math.md#label-masked-negatives)
     lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak)          (-inf when Neg(a) is empty)
+    eqs[a]     = sum_{k in Neg(a)} Q_ak S_ak = d lse_neg[a] / d inv_temp[a]
+                                                          (on request, SCALED only; 0 when empty)
 
 and its backward for an upstream gradient ``g = dL/d lse_neg``:
 
@@ -89,10 +93,23 @@ class Problem:
     # candidates and an optional additive bias row_bias [M] (compute dtype; None: no bias).
     row_reduction: RowReduction = RowReduction.LSE
     row_bias: Optional[Tensor] = None
+    # Label mask (E3): int64 [M] / [K]; a candidate of the anchor's label is not in Neg(a). Both
+    # or neither; symmetric problems take candidate_labels = None (the anchors' labels serve).
+    anchor_labels: Optional[Tensor] = None
+    candidate_labels: Optional[Tensor] = None
 
     @property
     def softplus(self) -> bool:
         return self.row_reduction is RowReduction.SOFTPLUS
+
+    @property
+    def has_labels(self) -> bool:
+        return self.anchor_labels is not None
+
+    @property
+    def candidate_label_rows(self) -> Optional[Tensor]:
+        """The candidates' labels (the anchors' when ``symmetric``), or ``None``."""
+        return self.anchor_labels if self.candidate_labels is None else self.candidate_labels
 
     @property
     def symmetric(self) -> bool:
@@ -180,6 +197,18 @@ class Backend:
         """``(lse_neg [M], aux)``: ``aux`` is whatever the backward needs besides ``lse_neg``
         (e.g. Triton's anchor-side accumulator ``E``), or ``None``."""
         raise NotImplementedError
+
+    def fwd_eqs(self, problem: Problem,
+                need_grad: bool) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+        """``(lse_neg, aux, eqs)`` with ``eqs[a] = sum_{k in Neg(a)} Q_ak S_ak`` (``LogitMap.SCALED``
+        only). This default runs the backward once more with a unit upstream gradient and keeps
+        only ``d_inv_temp`` (which is ``eqs``): correct everywhere, one extra pass over the tiles.
+        Backends that carry the extra accumulator in their forward override it."""
+        lse_neg, aux = self.fwd(problem, need_grad)
+        shifted = torch.where(lse_neg == float("-inf"), torch.zeros_like(lse_neg), lse_neg)
+        eqs = self.bwd(problem, shifted, aux, torch.ones_like(lse_neg),
+                       Needs(False, False, True)).d_inv_temp
+        return lse_neg, aux, eqs.to(lse_neg.dtype)
 
     def bwd(self, problem: Problem, lse_neg: Tensor, aux: Optional[Tensor], g: Tensor,
             needs: Needs) -> Grads:

@@ -313,3 +313,22 @@ def optional_tensor_arg(name: str, x: Optional[torch.Tensor], rows: int, like: t
     if x.device != like.device:
         raise ValueError(f"{name} is on {x.device} but the embeddings are on {like.device}")
     return x
+
+
+def check_labels(name: str, labels, rows: int, like: torch.Tensor,
+                 mode: str) -> Optional[torch.Tensor]:
+    """``None`` or a 1-D integer tensor of ``rows`` entries on ``like``'s device."""
+    if labels is None:
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a 1-D integer tensor, got {type(labels).__name__}")
+    if mode == "none":
+        return labels
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != rows:
+        raise ValueError(f"{name} must have shape [{rows}], got {list(labels.shape)}")
+    if labels.device != like.device:
+        raise ValueError(f"{name} must be on the embeddings' device {like.device}, got "
+                         f"{labels.device}")
+    return labels

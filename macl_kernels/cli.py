@@ -27,7 +27,7 @@ import sys
 from typing import List, NoReturn, Optional, Sequence
 
 from . import _bench, _profile, _verify
-from ._cases import DTYPES, LOSS_CASES, select_cases
+from ._cases import ALL_CASES as LOSS_CASES, DTYPES, select_cases
 from ._report import default_device, info_lines
 from ._validate import LAYOUTS
 from ._version import __version__

@@ -53,6 +53,22 @@ class _Block(NamedTuple):
     candidates: torch.Tensor
     pos_index: torch.Tensor
     self_index: Optional[torch.Tensor]
+    # False-negative masking: the anchors' and candidates' labels (docs/math.md#label-masked-negatives)
+    anchor_labels: Optional[torch.Tensor] = None
+    candidate_labels: Optional[torch.Tensor] = None
+
+
+def _with_labels(blocks, labels, layout: str, prep_dist=None):
+    """Attach the rows' labels to the blocks of ``layout`` (gathered like the candidates)."""
+    if labels is None:
+        return blocks
+    y = labels.to(torch.int64)
+    y_all = y if prep_dist is None else distributed.gather_no_grad(y, prep_dist)
+    if layout == "2n":
+        (b,) = blocks
+        return [b._replace(anchor_labels=torch.cat([y, y]),
+                           candidate_labels=torch.cat([y_all, y_all]))]
+    return [b._replace(anchor_labels=y, candidate_labels=y_all) for b in blocks]
 
 
 def _blocks(u1: torch.Tensor, u2: torch.Tensor, layout: str, prep_dist=None, gather=None,
@@ -122,7 +138,9 @@ def _negative_lse(prep, inv_temp: Optional[torch.Tensor],
         candidates = None if b.candidates is b.anchors else b.candidates
         out.append(_ops.negative_lse(prep.name, b.anchors, candidates, inv_temp_rows,
                                      b.pos_index, b.self_index, logit_map, artanh_scale,
-                                     artanh_eps, prep.out_dtype))
+                                     artanh_eps, prep.out_dtype, anchor_labels=b.anchor_labels,
+                                     candidate_labels=None if candidates is None
+                                     else b.candidate_labels))
         r0 += m
     return torch.cat(out)
 
@@ -148,7 +166,8 @@ _GATHERS = {"with_grad": distributed.gather_with_grad,
 
 
 def _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
-             names=("z1", "z2"), gather_kind="with_grad", negatives=None, allow_empty=False):
+             names=("z1", "z2"), gather_kind="with_grad", negatives=None, allow_empty=False,
+             labels=None):
     """Shared validation and set-up of every loss. ``validate`` (True, False or "full", see
     ``_validate.py``): only ``"full"`` reads tensor data. ``allow_empty``: the drop-ins' peers
     accept a batch whose anchors have no negative (``lse_neg = -inf``, the peers' value)."""
@@ -160,6 +179,11 @@ def _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, 
     V.check_bool("gather_distributed", gather_distributed)
     V.check_backend(backend)
     negatives = V.check_negatives("negatives", negatives, z1, mode)
+    if labels is not None:
+        labels = V.check_labels("labels", labels, z1.shape[0], z1, mode)
+        if negatives is not None:
+            raise ValueError("labels cannot be combined with negatives (the extra candidates "
+                             "carry no labels)")
     name = resolve_backend(backend, z1.device, z1.shape[1])
     ctx = distributed.context(gather_distributed)
     if mode != "none" and not allow_empty:
@@ -185,8 +209,8 @@ def _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, 
         neg = _math.normalize(negatives.to(u1.dtype), normalize)
         if ctx is not None:
             neg = gather(neg)
-    return _Prepared(u1, u2, _blocks(u1, u2, layout, ctx, gather, neg), name, z1.dtype, ctx,
-                     gather)
+    blocks = _with_labels(_blocks(u1, u2, layout, ctx, gather, neg), labels, layout, ctx)
+    return _Prepared(u1, u2, blocks, name, z1.dtype, ctx, gather)
 
 
 def _reference_loss(prep: _Prepared, fn: Callable, z1, z2, layout: str, reduction: str,
@@ -196,6 +220,10 @@ def _reference_loss(prep: _Prepared, fn: Callable, z1, z2, layout: str, reductio
     (local anchors, gathered candidates) at the oracle's ``O(M * K)`` cost."""
     if prep.negatives is not None:
         kwargs["negatives"] = prep.negatives
+    if kwargs.get("labels") is None:
+        kwargs.pop("labels", None)
+    elif prep.dist is not None:
+        kwargs["labels"] = distributed.gather_no_grad(kwargs["labels"].to(torch.int64), prep.dist)
     if prep.dist is None:
         return fn(z1, z2, layout=layout, reduction=reduction, **kwargs)
     wide = compute_dtype(z1.dtype)  # the reference computes in this dtype anyway
@@ -268,7 +296,8 @@ def _temperature(value, any_sign: bool) -> float:
 
 
 def infonce_loss(z1, z2, *, temperature=0.1, layout="2n", normalize=True, reduction="mean",
-                 gather_distributed=False, backend="auto", validate=True, negatives=None):
+                 gather_distributed=False, backend="auto", validate=True, negatives=None,
+                 labels=None):
     """NT-Xent / InfoNCE: ``loss_a = -log P_ap``, ``l_ak = S_ak / temperature``.
 
     Args:
@@ -291,27 +320,42 @@ def infonce_loss(z1, z2, *, temperature=0.1, layout="2n", normalize=True, reduct
             rank's negatives are gathered like the other candidates (same ``K'`` on every
             rank). ``layout="cross"`` with ``temperature = 1 / scale`` and the flattened hard
             negatives is sentence-transformers' ``MultipleNegativesRankingLoss``.
+        labels: optional ``[N]`` integer class of each pair: false-negative masking. The
+            positive stays the other view; every candidate of the anchor's label leaves the
+            denominator (docs/math.md#label-masked-negatives). An anchor left without a negative
+            gets loss 0 (and no gradient). Distributed, the labels are gathered too. Not with
+            ``negatives``.
     """
     return _infonce(z1, z2, temperature=temperature, layout=layout, normalize=normalize,
                     reduction=reduction, gather_distributed=gather_distributed, backend=backend,
-                    validate=validate, negatives=negatives)
+                    validate=validate, negatives=negatives, labels=labels)
 
 
 @_outside_autocast
 def _infonce(z1, z2, *, temperature, layout, normalize, reduction, gather_distributed, backend,
-             validate, negatives=None, lenient=False):
+             validate, negatives=None, lenient=False, labels=None):
     """``infonce_loss``; ``lenient`` (the drop-ins): any non-zero temperature, and anchors
     without negatives give the peers' loss 0."""
     temperature = _temperature(temperature, lenient)
     prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
-                    negatives=negatives, allow_empty=lenient)
+                    negatives=negatives, allow_empty=lenient, labels=labels)
     if prep.is_reference:
         return _reference_loss(prep, reference.infonce_loss, z1, z2, layout, reduction,
-                               temperature=temperature, normalize=normalize)
+                               temperature=temperature, normalize=normalize, labels=labels)
     s_pos = _positive_similarity(prep.blocks)
     inv_temp = _constant_rows(1.0 / temperature, s_pos.shape[0], s_pos)
-    x = _negative_lse(prep, inv_temp) - inv_temp * s_pos
-    return _finish(softplus(x), reduction, prep.out_dtype)
+    lse_neg = _negative_lse(prep, inv_temp)
+    per_anchor = softplus(lse_neg - inv_temp * s_pos)
+    return _finish(_zero_if_no_negative(per_anchor, lse_neg, labels), reduction, prep.out_dtype)
+
+
+def _zero_if_no_negative(per_anchor, lse_neg, labels):
+    """With labels, an anchor whose every candidate shares its label has ``lse_neg = -inf``: its
+    loss is 0 with no gradient (docs/math.md#label-masked-negatives), not DCL's ``-inf`` or
+    MACL's 1."""
+    if labels is None:
+        return per_anchor
+    return torch.where(lse_neg == float("-inf"), torch.zeros_like(per_anchor), per_anchor)
 
 
 def clip_loss(image_features, text_features, logit_scale, *, normalize=True, reduction="mean",
@@ -375,35 +419,37 @@ def _clip(image_features, text_features, logit_scale, *, normalize, reduction,
 
 def dcl_loss(z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, layout="2n", normalize=True,
              reduction="mean", gather_distributed=False, backend="auto", validate=True,
-             weights: Optional[torch.Tensor] = None, negatives=None):
+             weights: Optional[torch.Tensor] = None, negatives=None, labels=None):
     """Decoupled contrastive loss: ``loss_a = -w_a l_ap + LSE_{k in Neg(a)} l_ak``.
 
     ``weighted=True`` is DCLW: ``w_i = 2 - N softmax_i(u1_i . u2_i / sigma)`` (no gradient, the
     same ``w_i`` for both views); otherwise ``w = 1``. ``weights`` (``[M]``, one per anchor row,
     may carry gradient) overrides both: it is how ``DCLLoss(weight_fn=...)`` reaches the kernels.
-    ``negatives``: extra candidates, as in ``infonce_loss``.
+    ``negatives``: extra candidates, ``labels``: false-negative masking, as in ``infonce_loss``.
     """
     return _dcl(z1, z2, temperature=temperature, weighted=weighted, sigma=sigma, layout=layout,
                 normalize=normalize, reduction=reduction, gather_distributed=gather_distributed,
-                backend=backend, validate=validate, weights=weights, negatives=negatives)
+                backend=backend, validate=validate, weights=weights, negatives=negatives,
+                labels=labels)
 
 
 @_outside_autocast
 def _dcl(z1, z2, *, temperature, weighted, sigma, layout, normalize, reduction,
-         gather_distributed, backend, validate, weights=None, negatives=None, lenient=False):
+         gather_distributed, backend, validate, weights=None, negatives=None, lenient=False,
+         labels=None):
     """``dcl_loss``; ``lenient`` as lightly's DCL: any non-zero temperature, and a batch of one
     gives ``-inf`` (the LSE over an empty set of negatives)."""
     temperature = _temperature(temperature, lenient)
     sigma = V.check_positive("sigma", sigma)
     V.check_bool("weighted", weighted)
     prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
-                    negatives=negatives, allow_empty=lenient)
+                    negatives=negatives, allow_empty=lenient, labels=labels)
     m = z1.shape[0] * (1 if layout == "cross" else 2)
     weights = V.optional_tensor_arg("weights", weights, m, z1)
     if prep.is_reference:
         return _reference_loss(prep, reference.dcl_loss, z1, z2, layout, reduction,
                                temperature=temperature, weighted=weighted, sigma=sigma,
-                               normalize=normalize, weights=weights)
+                               normalize=normalize, weights=weights, labels=labels)
     s_pos = _positive_similarity(prep.blocks)
     inv_temp = _constant_rows(1.0 / temperature, m, s_pos)
     if weights is None:
@@ -411,14 +457,15 @@ def _dcl(z1, z2, *, temperature, weighted, sigma, layout, normalize, reduction,
             _math.per_anchor_rows(_dclw_weights(prep, sigma), layout)
             if weighted else torch.ones_like(s_pos)
         )
-    per_anchor = _negative_lse(prep, inv_temp) - weights * (inv_temp * s_pos)
-    return _finish(per_anchor, reduction, prep.out_dtype)
+    lse_neg = _negative_lse(prep, inv_temp)
+    per_anchor = lse_neg - weights * (inv_temp * s_pos)
+    return _finish(_zero_if_no_negative(per_anchor, lse_neg, labels), reduction, prep.out_dtype)
 
 
 def macl_loss(z1, z2, *, temperature=0.1, alpha=0.5, a0=0.0, schedule="linear",
               temperature_mode="batch", reweight=True, layout="2n", normalize=True,
               reduction="mean", gather_distributed=False, backend="auto", validate=True,
-              negatives=None):
+              negatives=None, labels=None):
     """Model-Aware Contrastive Learning (ICML 2023).
 
     ``A = sg(mean over positive pairs of S_a,p(a))`` (``temperature_mode="anchor"``: one ``A_a``
@@ -427,13 +474,14 @@ def macl_loss(z1, z2, *, temperature=0.1, alpha=0.5, a0=0.0, schedule="linear",
     reaches zero or flips sign. ``loss_a = -sg(V_a) log P_ap`` with ``V_a = 1 / (1 - P_ap)``
     (``reweight=False``: InfoNCE at ``tau(A)``). Its gradient is DCL's at ``tau(A)``:
     ``(Q - Y) / (M tau)``. ``negatives``: extra candidates, as in ``infonce_loss`` (they never
-    enter ``A``). With a MoCo queue: ``moco_loss(..., loss="macl")``.
+    enter ``A``). With a MoCo queue: ``moco_loss(..., loss="macl")``. ``labels``: false-negative
+    masking as in ``infonce_loss`` (``A`` stays over the augmentation pairs).
     """
     loss, _, _ = _macl(z1, z2, temperature=temperature, alpha=alpha, a0=a0, schedule=schedule,
                        temperature_mode=temperature_mode, reweight=reweight, layout=layout,
                        normalize=normalize, reduction=reduction,
                        gather_distributed=gather_distributed, backend=backend, validate=validate,
-                       negatives=negatives)
+                       negatives=negatives, labels=labels)
     return loss
 
 
@@ -459,14 +507,15 @@ def _macl_rows(x: torch.Tensor, reweight: bool) -> torch.Tensor:
 
 @_outside_autocast
 def _macl(z1, z2, *, temperature, alpha, a0, schedule, temperature_mode, reweight, layout,
-          normalize, reduction, gather_distributed, backend, validate, negatives=None):
+          normalize, reduction, gather_distributed, backend, validate, negatives=None,
+          labels=None):
     """``macl_loss`` plus the temperature and alignment it used (detached, for logging)."""
     temperature, alpha, a0 = _macl_options(temperature, alpha, a0, schedule, temperature_mode,
                                            reweight)
     prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
-                    negatives=negatives)
+                    negatives=negatives, labels=labels)
     if prep.is_reference:
-        return _reference_loss(prep, reference.macl_loss, z1, z2, layout, reduction,
+        return _reference_loss(prep, reference.macl_loss, z1, z2, layout, reduction, labels=labels,
                                temperature=temperature, alpha=alpha, a0=a0, schedule=schedule,
                                temperature_mode=temperature_mode, reweight=reweight,
                                normalize=normalize, return_stats=True)
@@ -477,8 +526,12 @@ def _macl(z1, z2, *, temperature, alpha, a0, schedule, temperature_mode, reweigh
             alignment, prep.dist)
     tau = _math.macl_temperature(alignment, temperature, alpha, a0, schedule)
     inv_temp = (1.0 / tau).expand(s_pos.shape[0])
-    x = _negative_lse(prep, inv_temp) - inv_temp * s_pos
-    return _finish(_macl_rows(x, reweight), reduction, prep.out_dtype), tau, alignment
+    lse_neg = _negative_lse(prep, inv_temp)
+    x = lse_neg - inv_temp * s_pos
+    if labels is not None:  # an empty Neg(a) (x = -inf): a harmless x there, the row is zeroed
+        x = torch.where(lse_neg == float("-inf"), torch.zeros_like(x), x)
+    per_anchor = _zero_if_no_negative(_macl_rows(x, reweight), lse_neg, labels)
+    return _finish(per_anchor, reduction, prep.out_dtype), tau, alignment
 
 
 @_outside_autocast
@@ -520,8 +573,8 @@ class _FixedCandidatesLse(torch.autograd.Function):
     def forward(ctx, backend, anchors, candidates, inv_temp, pos_index, operand_dtype):
         need_anchors, need_inv_temp = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
         scalars = (int(LogitMap.SCALED), 0.0, 0.0, operand_dtype)
-        lse_neg, aux = _ops.negative_lse_op(backend, anchors, candidates, inv_temp, pos_index,
-                                            None, *scalars, need_anchors or need_inv_temp)
+        lse_neg, aux, _ = _ops.negative_lse_op(backend, anchors, candidates, inv_temp, pos_index,
+                                               None, *scalars, need_anchors or need_inv_temp)
         d_anchors = d_inv_temp = None
         if need_anchors or need_inv_temp:
             d_anchors, _, d_inv_temp, _ = _ops.negative_lse_backward_op(

@@ -494,3 +494,47 @@ class SigLipLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}, "
                 f"backend={self.backend!r}")
+
+
+class SupConLoss(nn.Module):
+    """Supervised contrastive loss, pytorch-metric-learning's ``SupConLoss(temperature=0.1)``:
+    ``forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``.
+
+    Its semantics (docs/math.md#supervised-contrastive-supcon): rows L2-normalised (its
+    ``CosineSimilarity``); every row an anchor against every other row (with ``ref_emb``: against
+    every reference row, ``ref_labels`` their labels); ``loss_a = LSE_{C(a)} l - mean_{P(a)} l``
+    without SupContrast's ``T / Tb`` factor; the mean over the anchors whose loss is ``> 0`` (its
+    ``AvgNonZeroReducer``: anchors without a positive are left out); exactly 0 for a batch
+    without a positive pair or without a negative pair. Views are rows with repeated labels.
+    For SupContrast's form (``[B, V, D]`` features, ``T / Tb``, ``contrast_mode``, a mask) use
+    ``macl_kernels.supcon_loss``.
+
+    Not supported: ``indices_tuple`` (the miners' pairs; a ``ValueError``) and the ``distance``,
+    ``reducer`` and regulariser arguments of pytorch-metric-learning's base class (a
+    ``TypeError``). ``backend`` and ``validate`` are keyword-only additions.
+    """
+
+    def __init__(self, temperature: float = 0.1, *, backend: str = "auto", validate=True,
+                 **kwargs):
+        super().__init__()
+        if kwargs:
+            raise TypeError(f"SupConLoss does not support {sorted(kwargs)} (pytorch-metric-"
+                            f"learning's distance / reducer / regularizer options); it computes "
+                            f"the cosine-similarity loss with the AvgNonZeroReducer")
+        self.temperature = V.check_positive("temperature", temperature)
+        self.backend = V.check_backend(backend)
+        V.check_validate(validate)
+        self.validate = validate
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, backend={self.backend!r}"
+
+    def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, indices_tuple=None,
+                ref_emb: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None) -> Tensor:
+        if indices_tuple is not None:
+            raise ValueError("indices_tuple (a miner's pairs or triplets) is not supported by "
+                             "macl_kernels.SupConLoss: it computes the loss over all pairs; use "
+                             "pytorch-metric-learning's SupConLoss with miners")
+        from .supervised import _supcon_pml
+        return _supcon_pml(embeddings, labels, ref_emb, ref_labels, self.temperature,
+                           self.backend, self.validate)

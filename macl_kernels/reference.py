@@ -96,6 +96,30 @@ def anchor_rows(u1: torch.Tensor, u2: torch.Tensor, layout: str,
     raise ValueError(f"layout must be one of ['2n', 'cross', 'cross_sym'], got {layout!r}")
 
 
+def label_masked(rows: AnchorRows, labels: Optional[torch.Tensor], layout: str) -> AnchorRows:
+    """False-negative masking (docs/math.md#label-masked-negatives): every candidate of the
+    anchor's label leaves ``C(a)`` (the positive stays the positive, its logit is read apart)."""
+    if labels is None:
+        return rows
+    y = labels.to(rows.S.device)
+    anchor_labels = y if layout == "cross" else torch.cat([y, y])
+    column_labels = torch.cat([y, y]) if layout == "2n" else y
+    same = anchor_labels[:, None] == column_labels[None, :]
+    return AnchorRows(rows.S, rows.candidates & ~same, rows.positive)
+
+
+def without_empty_rows(loss_fn, rows: AnchorRows, logits: torch.Tensor):
+    """``loss_fn(rows, logits)`` with rows whose ``Neg(a)`` is empty (every candidate masked by a
+    label) given loss 0 and no gradient, instead of an LSE over nothing."""
+    has_negative = rows.negatives.any(dim=1)
+    first = torch.zeros_like(rows.candidates)
+    first[:, 0] = True
+    safe = AnchorRows(rows.S, torch.where(has_negative[:, None], rows.candidates, first | ~rows.Y),
+                      rows.positive)
+    loss = loss_fn(safe, logits)
+    return torch.where(has_negative, loss, torch.zeros_like(loss))
+
+
 def masked_logsumexp(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=1)
 
@@ -133,9 +157,14 @@ def negative_margin(rows: AnchorRows, logits: torch.Tensor) -> torch.Tensor:
 
 
 def infonce_loss(z1, z2, *, temperature=0.1, layout="2n", normalize=True, reduction="mean",
-                 negatives=None):
-    """NT-Xent / InfoNCE: ``loss_a = -log P_ap``, ``l_ak = S_ak / tau``."""
+                 negatives=None, labels=None):
+    """NT-Xent / InfoNCE: ``loss_a = -log P_ap``, ``l_ak = S_ak / tau``; ``labels``: same-label
+    candidates are not negatives."""
     rows = anchor_rows(_n(z1, normalize), _n(z2, normalize), layout, _neg(negatives, z1, normalize))
+    if labels is not None:
+        rows = label_masked(rows, labels, layout)
+        loss = without_empty_rows(negative_log_p_positive, rows, rows.S / temperature)
+        return reduce(loss, reduction, z1.dtype)
     return reduce(negative_log_p_positive(rows, rows.S / temperature), reduction, z1.dtype)
 
 
@@ -163,7 +192,7 @@ def per_anchor_pair_values(values_per_pair: torch.Tensor, layout: str) -> torch.
 
 def dcl_loss(
     z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, layout="2n", normalize=True,
-    reduction="mean", weights: Optional[torch.Tensor] = None, negatives=None,
+    reduction="mean", weights: Optional[torch.Tensor] = None, negatives=None, labels=None,
 ):
     """Decoupled CL: ``loss_a = -w_a l_ap + LSE_{k in Neg(a)} l_ak`` (``w = 1`` unless weighted).
 
@@ -171,7 +200,8 @@ def dcl_loss(
     reaches the reference.
     """
     u1, u2 = _n(z1, normalize), _n(z2, normalize)
-    rows = anchor_rows(u1, u2, layout, _neg(negatives, z1, normalize))
+    rows = label_masked(anchor_rows(u1, u2, layout, _neg(negatives, z1, normalize)), labels,
+                        layout)
     logits = rows.S / temperature
     if weights is None:
         weights = (
@@ -179,8 +209,12 @@ def dcl_loss(
             if weighted
             else torch.ones_like(rows.positive, dtype=logits.dtype)
         )
-    positive_logit = logits.gather(1, rows.positive[:, None])[:, 0]
-    loss = -weights * positive_logit + masked_logsumexp(logits, rows.negatives)
+
+    def per_row(r, lg):
+        positive_logit = lg.gather(1, r.positive[:, None])[:, 0]
+        return -weights * positive_logit + masked_logsumexp(lg, r.negatives)
+
+    loss = per_row(rows, logits) if labels is None else without_empty_rows(per_row, rows, logits)
     return reduce(loss, reduction, z1.dtype)
 
 
@@ -198,7 +232,7 @@ def macl_temperature(A, temperature: float, alpha: float, a0: float, schedule: s
 def macl_loss(
     z1, z2, *, temperature=0.1, alpha=0.5, a0=0.0, schedule="linear", temperature_mode="batch",
     reweight=True, layout="2n", normalize=True, reduction="mean", return_stats=False,
-    negatives=None,
+    negatives=None, labels=None,
 ):
     """Model-Aware Contrastive Learning (ICML 2023).
 
@@ -216,12 +250,14 @@ def macl_loss(
         )
     tau = macl_temperature(alignment, temperature, alpha, a0, schedule)
     logits = rows.S / (tau[:, None] if tau.dim() == 1 else tau)
-    x = negative_margin(rows, logits)
-    minus_log_P_positive = softplus(x)
-    if reweight:
-        loss = _macl_reweighted(x)
-    else:
-        loss = minus_log_P_positive
+
+    def per_row(r, lg):
+        x = negative_margin(r, lg)
+        return _macl_reweighted(x) if reweight else softplus(x)
+
+    # labels: A stays over the instance pairs; only the denominators lose same-label rows.
+    loss = per_row(rows, logits) if labels is None else without_empty_rows(
+        per_row, label_masked(rows, labels, layout), logits)
     out = reduce(loss, reduction, z1.dtype)
     return (out, tau.detach(), alignment) if return_stats else out
 

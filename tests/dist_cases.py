@@ -38,14 +38,41 @@ def run_case(case, layout, z1, z2, scale, **kwargs):
     return (loss.detach(), *torch.autograd.grad(loss, leaves))
 
 
+def row_labels(z1):
+    """Labels that are a function of each row (so that a rank's slice of the global batch
+    carries its rows' labels): four classes from the signs of two coordinates."""
+    return (z1[:, 0] > 0).long() + 2 * (z1[:, 1] > 0).long()
+
+
+def run_labels_case(name, layout, z1, z2, scale, **kwargs):
+    """False-negative masking and SupCon (labels gathered with the candidates)."""
+    leaves = [z1.detach().clone().requires_grad_(), z2.detach().clone().requires_grad_()]
+    labels = row_labels(z1)
+    if name == "supcon":
+        loss = mk.supcon_loss(torch.stack(leaves, dim=1), labels, normalize=True,
+                              temperature=0.2, base_temperature=0.1, **kwargs)
+    else:
+        fn = {"infonce_labels": mk.infonce_loss, "dcl_labels": mk.dcl_loss,
+              "macl_labels": mk.macl_loss}[name]
+        loss = fn(*leaves, layout=layout, labels=labels, **kwargs)
+    return (loss.detach(), *torch.autograd.grad(loss, leaves))
+
+
+LABEL_CASES = [("infonce_labels", "2n"), ("dcl_labels", "cross"), ("macl_labels", "cross_sym"),
+               ("supcon", "2n")]
+
+
 def cases():
-    """``(key, run)`` pairs for every backend, reduction and (loss, layout) of the registry;
-    ``run(z1, z2, scale, gather_distributed=...)``."""
+    """``(key, run)`` pairs for every backend, reduction and (loss, layout) of the registry,
+    and the label cases; ``run(z1, z2, scale, gather_distributed=...)``."""
     for backend in BACKENDS:
         for reduction in REDUCTIONS:
             for name, layout in LOSS_LAYOUTS:
                 yield (backend, name, layout, reduction), functools.partial(
                     run_case, LOSS_CASES[name], layout, backend=backend, reduction=reduction)
+            for name, layout in LABEL_CASES:
+                yield (backend, name, layout, reduction), functools.partial(
+                    run_labels_case, name, layout, backend=backend, reduction=reduction)
 
 
 def _model():

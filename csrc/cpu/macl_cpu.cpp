@@ -6,8 +6,11 @@
 //   S = anchors candidates^T,   l_ak = inv_temp[a] S_ak                               (Scaled)
 //                            or l_ak = artanh_scale artanh(clamp(S_ak, -1 + artanh_eps,
 //                                                                 1 - artanh_eps))   (Artanh)
-//   Neg(a) = every k but pos_index[a] and self_index[a]
+//   Neg(a) = every k but pos_index[a] and self_index[a] (and, with labels, every k with
+//            candidate_labels[k] == anchor_labels[a])
 //   forward:  lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak)          (online max/sum over tiles)
+//             eqs[a] = sum_{k in Neg(a)} Q_ak S_ak   (on request: one more online sum t_a of
+//             exp(l - max) S, rescaled with s_a; eqs = t_a / s_a)
 //   backward: Q_ak = exp(l_ak - lse_neg[a]) on Neg(a), 0 elsewhere;  dL_dl_ak = g_a Q_ak
 //             dL_dS_ak = dL_dl_ak * dl_dS_ak  (dl_dS: inv_temp[a], or artanh_scale / (1 - S^2)
 //                                              inside the clamp, 0 outside)
@@ -145,6 +148,8 @@ struct Problem {
   bool symmetric;
   const int64_t* pos_index;
   const int64_t* self_index;  // nullptr: no self among the candidates
+  const int64_t* anchor_labels;     // nullptr: no label mask
+  const int64_t* candidate_labels;  // the anchors' labels when symmetric
 
   bool scaled() const { return logit_map == LogitMap::Scaled; }
   int64_t blocks_m() const { return (M + BLOCK - 1) / BLOCK; }
@@ -214,6 +219,22 @@ void side_logits(const Problem& p, const Tile& t, const T* S, const T* artanh_S,
     exclude(a, p.pos_index[a]);
     if (p.self_index) exclude(a, p.self_index[a]);
   }
+  if (p.anchor_labels) {  // same-label candidates are not negatives
+    for (int64_t r = 0; r < t.bm; ++r) {
+      T* l = L + r * t.bn;
+      if (column_side) {  // anchor k0 + k (label anchor_labels) against candidate r0 + r
+        const int64_t label_r = p.candidate_labels[t.r0 + r];
+        const int64_t* label_k = p.anchor_labels + t.k0;
+        for (int64_t k = 0; k < t.bn; ++k)
+          if (label_k[k] == label_r) l[k] = neg_inf<T>();
+      } else {
+        const int64_t label_a = p.anchor_labels[t.r0 + r];
+        const int64_t* label_k = p.candidate_labels + t.k0;
+        for (int64_t k = 0; k < t.bn; ++k)
+          if (label_k[k] == label_a) l[k] = neg_inf<T>();
+      }
+    }
+  }
 }
 
 template <typename T>
@@ -237,30 +258,35 @@ const T* tile_similarity(const at::Tensor& anchors_r, const at::Tensor& candidat
   return buf.data();
 }
 
-// Per-thread online log-sum-exp state for every anchor: running max and the sum of
-// exp(l - max).
+// Per-thread online log-sum-exp state for every anchor: running max, the sum of exp(l - max)
+// and, when eqs is asked for, the sum of exp(l - max) S (rescaled alike).
 template <typename T>
 struct OnlineLse {
-  std::vector<T> max, sum;
-  explicit OnlineLse(int64_t m) : max(m, neg_inf<T>()), sum(m, T(0)) {}
-  void merge(int64_t a, T m, T s) {  // a partial (m, s) with terms exp(l - m)
+  std::vector<T> max, sum, sum_s;
+  OnlineLse(int64_t m, bool need_eqs)
+      : max(m, neg_inf<T>()), sum(m, T(0)), sum_s(need_eqs ? m : 0, T(0)) {}
+  // a partial (m, s, ts) with terms exp(l - m) and exp(l - m) S
+  void merge(int64_t a, T m, T s, T ts = T(0)) {
     if (m == neg_inf<T>()) return;
     const T new_max = std::max(max[a], m);
-    sum[a] = sum[a] * std::exp(max[a] - new_max) + s * std::exp(m - new_max);
+    const T old_scale = std::exp(max[a] - new_max), new_scale = std::exp(m - new_max);
+    sum[a] = sum[a] * old_scale + s * new_scale;
+    if (!sum_s.empty()) sum_s[a] = sum_s[a] * old_scale + ts * new_scale;
     max[a] = new_max;
   }
 };
 
 template <typename T>
-at::Tensor forward_impl(const Problem& p, const at::Tensor& anchors,
-                        const at::Tensor& candidates, const T* inv_temp) {
+std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tensor& anchors,
+                                                const at::Tensor& candidates, const T* inv_temp,
+                                                bool need_eqs) {
   const auto tiles = p.tiles();
-  std::vector<OnlineLse<T>> states(at::get_num_threads(), OnlineLse<T>(p.M));
+  std::vector<OnlineLse<T>> states(at::get_num_threads(), OnlineLse<T>(p.M, need_eqs));
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     OnlineLse<T>& state = states[at::get_thread_num()];
     std::vector<T> S_buf(BLOCK * BLOCK), L(BLOCK * BLOCK),
         artanh_S(p.scaled() ? 0 : BLOCK * BLOCK);
-    std::vector<T> col_max(BLOCK), col_sum(BLOCK);
+    std::vector<T> col_max(BLOCK), col_sum(BLOCK), col_sum_s(need_eqs ? BLOCK : 0);
     for (int64_t q = begin; q < end; ++q) {
       const Tile t = make_tile(p, tiles[q].first, tiles[q].second);
       const T* S = tile_similarity(anchors.narrow(0, t.r0, t.bm),
@@ -277,7 +303,13 @@ at::Tensor forward_impl(const Problem& p, const at::Tensor& anchors,
         T s = 0;
 #pragma omp simd reduction(+ : s)
         for (int64_t k = 0; k < t.bn; ++k) s += exp_approx(l[k] - m);
-        state.merge(t.r0 + r, m, s);
+        T ts = 0;
+        if (need_eqs) {
+          const T* s_row = S + r * t.bn;
+#pragma omp simd reduction(+ : ts)
+          for (int64_t k = 0; k < t.bn; ++k) ts += exp_approx(l[k] - m) * s_row[k];
+        }
+        state.merge(t.r0 + r, m, s, ts);
       }
       if (!t.mirrored) continue;
 
@@ -301,23 +333,42 @@ at::Tensor forward_impl(const Problem& p, const at::Tensor& anchors,
 #pragma omp simd
         for (int64_t k = 0; k < t.bn; ++k) cs[k] += exp_approx(l[k] - cm[k]);
       }
+      if (need_eqs) {
+        std::fill(col_sum_s.begin(), col_sum_s.end(), T(0));
+        for (int64_t r = 0; r < t.bm; ++r) {
+          const T* l = L.data() + r * t.bn;
+          const T* s_row = S + r * t.bn;
+          T* cts = col_sum_s.data();
+          const T* cm = col_max.data();
+#pragma omp simd
+          for (int64_t k = 0; k < t.bn; ++k) cts[k] += exp_approx(l[k] - cm[k]) * s_row[k];
+        }
+      }
       for (int64_t k = 0; k < t.bn; ++k)
-        if (col_sum[k] > T(0)) state.merge(t.k0 + k, col_max[k], col_sum[k]);
+        if (col_sum[k] > T(0))
+          state.merge(t.k0 + k, col_max[k], col_sum[k], need_eqs ? col_sum_s[k] : T(0));
     }
   });
   at::Tensor lse_neg = at::empty({p.M}, anchors.options());
+  at::Tensor eqs = need_eqs ? at::empty({p.M}, anchors.options()) : at::Tensor();
   T* out = lse_neg.data_ptr<T>();
+  T* out_eqs = need_eqs ? eqs.data_ptr<T>() : nullptr;
   at::parallel_for(0, p.M, 2048, [&](int64_t a0, int64_t a1) {
     for (int64_t a = a0; a < a1; ++a) {
       T m = neg_inf<T>();
       for (const auto& st : states) m = std::max(m, st.max[a]);
-      T s = 0;
+      T s = 0, ts = 0;
       for (const auto& st : states)
-        if (st.max[a] != neg_inf<T>()) s += st.sum[a] * std::exp(st.max[a] - m);
-      out[a] = m + std::log(s);  // -inf for an anchor without negatives (callers forbid it)
+        if (st.max[a] != neg_inf<T>()) {
+          const T scale = std::exp(st.max[a] - m);
+          s += st.sum[a] * scale;
+          if (out_eqs) ts += st.sum_s[a] * scale;
+        }
+      out[a] = m + std::log(s);  // -inf for an anchor without negatives
+      if (out_eqs) out_eqs[a] = s > T(0) ? ts / s : T(0);  // 0 for an empty Neg(a)
     }
   });
-  return lse_neg;
+  return {lse_neg, eqs};
 }
 
 // dL_dl = g_a Q_ak = g_a exp(l - lse_neg[a]) in place over the logits L of one side (rows:
@@ -668,7 +719,9 @@ LogitMap to_logit_map(int64_t logit_map) {
 Problem make_problem(const at::Tensor& anchors, const at::Tensor& candidates,
                      const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
                      const c10::optional<at::Tensor>& self_index, int64_t logit_map_value,
-                     double artanh_scale, double artanh_eps, bool symmetric) {
+                     double artanh_scale, double artanh_eps, bool symmetric,
+                     const c10::optional<at::Tensor>& anchor_labels,
+                     const c10::optional<at::Tensor>& candidate_labels) {
   TORCH_CHECK(anchors.device().is_cpu() && candidates.device().is_cpu(),
               "macl_kernels._C_cpu: CPU tensors only");
   TORCH_CHECK(anchors.dim() == 2 && candidates.dim() == 2 &&
@@ -696,6 +749,17 @@ Problem make_problem(const at::Tensor& anchors, const at::Tensor& candidates,
                     self_index->numel() == anchors.size(0),
                 "self_index must be a contiguous int64 [M] tensor");
   }
+  TORCH_CHECK(anchor_labels.has_value() == candidate_labels.has_value(),
+              "anchor_labels and candidate_labels go together");
+  if (anchor_labels.has_value()) {
+    TORCH_CHECK(anchor_labels->scalar_type() == at::kLong && anchor_labels->is_contiguous() &&
+                    anchor_labels->numel() == anchors.size(0),
+                "anchor_labels must be a contiguous int64 [M] tensor");
+    TORCH_CHECK(candidate_labels->scalar_type() == at::kLong &&
+                    candidate_labels->is_contiguous() &&
+                    candidate_labels->numel() == candidates.size(0),
+                "candidate_labels must be a contiguous int64 [K] tensor");
+  }
   TORCH_CHECK(!symmetric || (anchors.data_ptr() == candidates.data_ptr() &&
                              anchors.size(0) == candidates.size(0)),
               "symmetric mode needs the anchors to be the candidates");
@@ -707,23 +771,29 @@ Problem make_problem(const at::Tensor& anchors, const at::Tensor& candidates,
           artanh_eps,
           symmetric,
           pos_index.data_ptr<int64_t>(),
-          self_index.has_value() ? self_index->data_ptr<int64_t>() : nullptr};
+          self_index.has_value() ? self_index->data_ptr<int64_t>() : nullptr,
+          anchor_labels.has_value() ? anchor_labels->data_ptr<int64_t>() : nullptr,
+          candidate_labels.has_value() ? candidate_labels->data_ptr<int64_t>() : nullptr};
 }
 
-at::Tensor forward(const at::Tensor& anchors, const at::Tensor& candidates,
-                   const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
-                   const c10::optional<at::Tensor>& self_index, int64_t logit_map,
-                   double artanh_scale, double artanh_eps, bool symmetric) {
+std::tuple<at::Tensor, at::Tensor> forward(
+    const at::Tensor& anchors, const at::Tensor& candidates,
+    const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
+    const c10::optional<at::Tensor>& self_index, int64_t logit_map, double artanh_scale,
+    double artanh_eps, bool symmetric, const c10::optional<at::Tensor>& anchor_labels,
+    const c10::optional<at::Tensor>& candidate_labels, bool need_eqs) {
   const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                                 artanh_scale, artanh_eps, symmetric);
-  at::Tensor lse_neg;
+                                 artanh_scale, artanh_eps, symmetric, anchor_labels,
+                                 candidate_labels);
+  std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_forward", [&] {
     // detach: the kernels write tiles with at::mm_out, which refuses inputs that require grad
     // (autograd is the caller's business: the custom op's registered backward).
-    lse_neg = forward_impl<scalar_t>(p, anchors.detach(), candidates.detach(),
-                                     p.scaled() ? inv_temp->data_ptr<scalar_t>() : nullptr);
+    out = forward_impl<scalar_t>(p, anchors.detach(), candidates.detach(),
+                                 p.scaled() ? inv_temp->data_ptr<scalar_t>() : nullptr,
+                                 need_eqs);
   });
-  return lse_neg;
+  return out;
 }
 
 // The softplus reduction's forward: (sp_neg, aux), aux the gradients' tile sums when with_grads
@@ -733,7 +803,8 @@ std::tuple<at::Tensor, at::Tensor> softplus_forward(
     const c10::optional<at::Tensor>& row_bias, const at::Tensor& pos_index,
     const c10::optional<at::Tensor>& self_index, bool with_grads) {
   const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
-                                 static_cast<int64_t>(LogitMap::Scaled), 0.0, 0.0, false);
+                                 static_cast<int64_t>(LogitMap::Scaled), 0.0, 0.0, false,
+                                 c10::nullopt, c10::nullopt);
   check_softplus(p, anchors, row_bias);
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_softplus_forward", [&] {
@@ -749,9 +820,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
     const c10::optional<at::Tensor>& self_index, const at::Tensor& lse_neg, const at::Tensor& g,
     int64_t logit_map, double artanh_scale, double artanh_eps, bool symmetric,
-    bool need_d_anchors, bool need_d_candidates, bool need_d_inv_temp) {
+    bool need_d_anchors, bool need_d_candidates, bool need_d_inv_temp,
+    const c10::optional<at::Tensor>& anchor_labels,
+    const c10::optional<at::Tensor>& candidate_labels) {
   const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                                 artanh_scale, artanh_eps, symmetric);
+                                 artanh_scale, artanh_eps, symmetric, anchor_labels,
+                                 candidate_labels);
   TORCH_CHECK(lse_neg.is_contiguous() && g.is_contiguous() &&
                   lse_neg.scalar_type() == anchors.scalar_type() &&
                   g.scalar_type() == anchors.scalar_type(),
@@ -776,7 +850,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_backward(
     const c10::optional<at::Tensor>& self_index, const at::Tensor& g, bool need_d_anchors,
     bool need_d_candidates, bool need_d_inv_temp, bool need_d_row_bias) {
   const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
-                                 static_cast<int64_t>(LogitMap::Scaled), 0.0, 0.0, false);
+                                 static_cast<int64_t>(LogitMap::Scaled), 0.0, 0.0, false,
+                                 c10::nullopt, c10::nullopt);
   check_softplus(p, anchors, row_bias);
   TORCH_CHECK(g.is_contiguous() && g.numel() == p.M && g.scalar_type() == anchors.scalar_type(),
               "g must be a contiguous [M] tensor of the anchors' dtype");
@@ -798,10 +873,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef MACL_BUILT_WITH_TORCH
   m.attr("built_with_torch") = MACL_BUILT_WITH_TORCH;  // so a mismatch can be named on load
 #endif
-  m.def("forward", &forward, "lse_neg of every anchor row",
+  m.def("forward", &forward,
+        "(lse_neg, eqs) of every anchor row; eqs is None unless need_eqs",
         py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("logit_map"), py::arg("artanh_scale"),
-        py::arg("artanh_eps"), py::arg("symmetric"));
+        py::arg("artanh_eps"), py::arg("symmetric"), py::arg("anchor_labels") = py::none(),
+        py::arg("candidate_labels") = py::none(), py::arg("need_eqs") = false);
   m.def("softplus_forward", &softplus_forward,
         "sp_neg of every anchor row (sum of softplus over Neg(a)) and, with_grads, the "
         "gradients' tile sums [E (M x D) | sum sigmoid (M) | sum sigmoid S (M) | F (K x D)]",
@@ -813,7 +890,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("lse_neg"), py::arg("g"), py::arg("logit_map"),
         py::arg("artanh_scale"), py::arg("artanh_eps"), py::arg("symmetric"),
-        py::arg("need_d_anchors"), py::arg("need_d_candidates"), py::arg("need_d_inv_temp"));
+        py::arg("need_d_anchors"), py::arg("need_d_candidates"), py::arg("need_d_inv_temp"),
+        py::arg("anchor_labels") = py::none(), py::arg("candidate_labels") = py::none());
   m.def("softplus_backward", &softplus_backward,
         "gradients of sum_a g[a] sp_neg[a]: (d_anchors, d_candidates, d_inv_temp, d_row_bias)",
         py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("row_bias"),

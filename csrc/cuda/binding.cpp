@@ -52,7 +52,9 @@ MaclLogitMap checked_logit_map(int64_t logit_map, double artanh_scale, double ar
 MaclProblem make_problem(const at::Tensor& anchors, const at::Tensor& candidates,
                          const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
                          const c10::optional<at::Tensor>& self_index, int64_t logit_map,
-                         double artanh_scale, double artanh_eps, int64_t operand) {
+                         double artanh_scale, double artanh_eps, int64_t operand,
+                         const c10::optional<at::Tensor>& anchor_labels,
+                         const c10::optional<at::Tensor>& candidate_labels) {
   TORCH_CHECK(anchors.is_cuda() && candidates.is_cuda() &&
                   anchors.device() == candidates.device(),
               "macl_kernels._C_cuda: anchors and candidates must be CUDA tensors on one device");
@@ -80,6 +82,12 @@ MaclProblem make_problem(const at::Tensor& anchors, const at::Tensor& candidates
                 "device");
   }
   if (self_index.has_value()) check_index(*self_index, anchors, "self_index");
+  TORCH_CHECK(anchor_labels.has_value() == candidate_labels.has_value(),
+              "anchor_labels and candidate_labels go together");
+  if (anchor_labels.has_value()) {
+    check_index(*anchor_labels, anchors, "anchor_labels");
+    check_index(*candidate_labels, candidates, "candidate_labels");
+  }
   MaclProblem p;
   p.M = anchors.size(0);
   p.K = candidates.size(0);
@@ -91,6 +99,9 @@ MaclProblem make_problem(const at::Tensor& anchors, const at::Tensor& candidates
   p.inv_temp = scaled ? inv_temp->data_ptr() : nullptr;
   p.pos_index = pos_index.data_ptr<int64_t>();
   p.self_index = self_index.has_value() ? self_index->data_ptr<int64_t>() : nullptr;
+  p.anchor_labels = anchor_labels.has_value() ? anchor_labels->data_ptr<int64_t>() : nullptr;
+  p.candidate_labels =
+      candidate_labels.has_value() ? candidate_labels->data_ptr<int64_t>() : nullptr;
   return p;
 }
 
@@ -113,9 +124,12 @@ void check_launch(cudaError_t err, const char* what) {
 at::Tensor forward(const at::Tensor& anchors, const at::Tensor& candidates,
                    const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
                    const c10::optional<at::Tensor>& self_index, int64_t logit_map,
-                   double artanh_scale, double artanh_eps, int64_t operand) {
+                   double artanh_scale, double artanh_eps, int64_t operand,
+                   const c10::optional<at::Tensor>& anchor_labels,
+                   const c10::optional<at::Tensor>& candidate_labels) {
   const MaclProblem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
-                                     logit_map, artanh_scale, artanh_eps, operand);
+                                     logit_map, artanh_scale, artanh_eps, operand, anchor_labels,
+                                     candidate_labels);
   const c10::cuda::CUDAGuard guard(anchors.device());
   auto ops = operands(anchors, candidates, operand);
   at::Tensor lse_neg = at::empty({p.M}, anchors.options());
@@ -134,9 +148,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
     const c10::optional<at::Tensor>& self_index, const at::Tensor& lse_neg, const at::Tensor& g,
     int64_t logit_map, double artanh_scale, double artanh_eps, int64_t operand,
-    bool need_d_anchors, bool need_d_candidates, bool need_d_inv_temp) {
+    bool need_d_anchors, bool need_d_candidates, bool need_d_inv_temp,
+    const c10::optional<at::Tensor>& anchor_labels,
+    const c10::optional<at::Tensor>& candidate_labels) {
   const MaclProblem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
-                                     logit_map, artanh_scale, artanh_eps, operand);
+                                     logit_map, artanh_scale, artanh_eps, operand, anchor_labels,
+                                     candidate_labels);
   for (const at::Tensor* t : {&lse_neg, &g}) {
     TORCH_CHECK(t->device() == anchors.device() && t->scalar_type() == anchors.scalar_type() &&
                     t->dim() == 1 && t->numel() == p.M && t->is_contiguous(),
@@ -244,13 +261,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "lse_neg of every anchor row", py::arg("anchors"),
         py::arg("candidates"), py::arg("inv_temp"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("logit_map"), py::arg("artanh_scale"),
-        py::arg("artanh_eps"), py::arg("operand"));
+        py::arg("artanh_eps"), py::arg("operand"), py::arg("anchor_labels") = py::none(),
+        py::arg("candidate_labels") = py::none());
   m.def("backward", &backward,
         "gradients of sum_a g[a] * lse_neg[a]: (d_anchors, d_candidates, d_inv_temp)",
         py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("lse_neg"), py::arg("g"), py::arg("logit_map"),
         py::arg("artanh_scale"), py::arg("artanh_eps"), py::arg("operand"),
-        py::arg("need_d_anchors"), py::arg("need_d_candidates"), py::arg("need_d_inv_temp"));
+        py::arg("need_d_anchors"), py::arg("need_d_candidates"), py::arg("need_d_inv_temp"),
+        py::arg("anchor_labels") = py::none(), py::arg("candidate_labels") = py::none());
   m.def("softplus_forward", &softplus_forward,
         "sp_neg of every anchor row (sum of softplus over Neg(a), SigLIP)", py::arg("anchors"),
         py::arg("candidates"), py::arg("inv_temp"), py::arg("row_bias"), py::arg("pos_index"),

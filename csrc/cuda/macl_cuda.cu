@@ -8,7 +8,8 @@
 //   l_ak = inv_temp[a] * S_ak                                        (MACL_LOGIT_MAP_SCALED)
 //        = artanh_scale * artanh(clamp(S_ak, -1 + artanh_eps, 1 - artanh_eps))
 //                                                                      (MACL_LOGIT_MAP_ARTANH)
-//   Neg(a) = every k but pos_index[a] and self_index[a]
+//   Neg(a) = every k but pos_index[a] and self_index[a] (and, with labels, every k with
+//            candidate_labels[k] == anchor_labels[a])
 //   forward:  lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak)       (online max/sum over tiles)
 //   backward: Q_ak  = exp(l_ak - lse_neg[a]) on Neg(a), 0 elsewhere;  g = dL/d lse_neg
 //             dL_dl = g_a Q_ak
@@ -85,6 +86,8 @@ struct Args {
   const float* inv_temp;           // [M], MACL_LOGIT_MAP_SCALED only (nullptr otherwise)
   const int64_t* pos_index;
   const int64_t* self_index;  // nullptr: no self among the candidates
+  const int64_t* anchor_labels;     // nullptr: no label mask
+  const int64_t* candidate_labels;  // [K]
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -153,6 +156,7 @@ struct Row {
   bool ok;
   float inv_temp;
   int64_t pos_index, self_index;
+  int64_t label;  // anchor_labels[a] (unused without labels)
 };
 
 __device__ __forceinline__ Row load_row(const Args& p, int64_t a) {
@@ -161,11 +165,13 @@ __device__ __forceinline__ Row load_row(const Args& p, int64_t a) {
   r.inv_temp = (r.ok && p.inv_temp) ? p.inv_temp[a] : 0.0f;
   r.pos_index = r.ok ? p.pos_index[a] : -1;
   r.self_index = (r.ok && p.self_index) ? p.self_index[a] : -1;
+  r.label = (r.ok && p.anchor_labels) ? p.anchor_labels[a] : 0;
   return r;
 }
 
-__device__ __forceinline__ bool in_neg(const Row& r, int64_t k, int64_t K) {
-  return r.ok && k < K && k != r.pos_index && k != r.self_index;
+__device__ __forceinline__ bool in_neg(const Args& p, const Row& r, int64_t k) {
+  return r.ok && k < p.K && k != r.pos_index && k != r.self_index &&
+         (p.anchor_labels == nullptr || p.candidate_labels[k] != r.label);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -412,7 +418,7 @@ forward_kernel(Args p, const T* __restrict__ anchors, const T* __restrict__ cand
     for (int j = 0; j < 16; ++j) {
       const int k = part + 4 * j;
       // Excluded pairs are dropped by index before the map: artanh never sees the self's S = 1.
-      l[j] = in_neg(r, c0 + k, p.K)
+      l[j] = in_neg(p, r, c0 + k)
                  ? logit<LOGIT_MAP>(sm.S[row][k], r.inv_temp, p.artanh_scale, p.artanh_eps)
                  : -INFINITY;
       mx = fmaxf(mx, l[j]);
@@ -473,7 +479,7 @@ __device__ void backward_side(Smem<T>& sm, const Args& p, const T* __restrict__ 
       const int k = part + 4 * j;
       const float S_ak = sm.S[row][k];
       float dL_dS = 0.0f;
-      if (in_neg(r, c0 + k, p.K)) {
+      if (in_neg(p, r, c0 + k)) {
         const float dL_dl =
             g_a * __expf(logit<LOGIT_MAP>(S_ak, r.inv_temp, p.artanh_scale, p.artanh_eps) -
                          lse_neg_a);
@@ -645,6 +651,8 @@ struct ArgsF64 {
   const double* inv_temp;
   const int64_t* pos_index;
   const int64_t* self_index;
+  const int64_t* anchor_labels;  // nullptr: no label mask
+  const int64_t* candidate_labels;
 };
 
 __device__ __forceinline__ double dot64(const double* x, const double* y, int64_t D) {
@@ -654,7 +662,8 @@ __device__ __forceinline__ double dot64(const double* x, const double* y, int64_
 }
 
 __device__ __forceinline__ bool excluded64(const ArgsF64& p, int64_t a, int64_t k) {
-  return k == p.pos_index[a] || (p.self_index != nullptr && k == p.self_index[a]);
+  return k == p.pos_index[a] || (p.self_index != nullptr && k == p.self_index[a]) ||
+         (p.anchor_labels != nullptr && p.candidate_labels[k] == p.anchor_labels[a]);
 }
 
 __device__ __forceinline__ double logit64(const ArgsF64& p, int64_t a, double S_ak) {
@@ -801,13 +810,13 @@ Args make_args(const MaclProblem* p) {
   return Args{p->M, p->K, p->D, static_cast<float>(p->artanh_scale),
               static_cast<float>(p->artanh_eps),
               is_artanh(p) ? nullptr : static_cast<const float*>(p->inv_temp), p->pos_index,
-              p->self_index};
+              p->self_index, p->anchor_labels, p->candidate_labels};
 }
 
 ArgsF64 make_args64(const MaclProblem* p) {
   return ArgsF64{p->M, p->K, p->D, p->logit_map, p->artanh_scale, p->artanh_eps,
                  is_artanh(p) ? nullptr : static_cast<const double*>(p->inv_temp), p->pos_index,
-                 p->self_index};
+                 p->self_index, p->anchor_labels, p->candidate_labels};
 }
 
 int64_t forward_splits(int64_t M, int64_t K) {
@@ -932,6 +941,7 @@ bool valid_logit_map(const MaclProblem* p) {
 
 bool valid_problem(const MaclProblem* p) {
   return p != nullptr && p->M >= 0 && p->K >= 0 && p->D >= 0 && p->pos_index != nullptr &&
+         (p->anchor_labels == nullptr || p->candidate_labels != nullptr) &&
          valid_logit_map(p) && p->operand >= MACL_OPERAND_F32 &&
          p->operand <= MACL_OPERAND_F64 && cdiv(p->M + p->K, BM) < (int64_t(1) << 31);
 }

@@ -52,6 +52,9 @@ typedef struct MaclProblem {
   const void* inv_temp;              // [M] float (double for F64); MACL_LOGIT_MAP_SCALED only
   const int64_t* pos_index;          // [M]
   const int64_t* self_index;         // [M] or NULL
+  // Label mask: candidate k is not in Neg(a) when candidate_labels[k] == anchor_labels[a].
+  const int64_t* anchor_labels;      // [M] or NULL (then candidate_labels is unused)
+  const int64_t* candidate_labels;   // [K]
 } MaclProblem;
 
 // Floats (doubles for F64) of scratch that macl_cuda_forward needs: per-split partial max/sum.

@@ -54,6 +54,12 @@ class CpuBackend(Backend):
             raise TypeError(f"the cpu backend computes in float32 or float64, got "
                             f"{problem.anchors.dtype}")
 
+    def _forward(self, p: Problem, need_eqs: bool):
+        return _EXTENSION.get().forward(
+            p.anchors, p.candidate_rows, cast_rows(p.inv_temp, p.anchors), p.pos_index,
+            p.self_index, int(p.logit_map), p.artanh_scale, p.artanh_eps, p.symmetric,
+            p.anchor_labels, p.candidate_label_rows, need_eqs)
+
     def fwd(self, problem: Problem, need_grad: bool):
         p = problem
         if p.row_reduction is RowReduction.SOFTPLUS:
@@ -61,10 +67,12 @@ class CpuBackend(Backend):
                 p.anchors, p.candidates, cast_rows(p.inv_temp, p.anchors),
                 cast_rows(p.row_bias, p.anchors), p.pos_index, p.self_index, need_grad)
             return sp_neg, aux
-        lse_neg = _EXTENSION.get().forward(
-            p.anchors, p.candidate_rows, cast_rows(p.inv_temp, p.anchors), p.pos_index,
-            p.self_index, int(p.logit_map), p.artanh_scale, p.artanh_eps, p.symmetric)
-        return lse_neg, None
+        return self._forward(problem, False)[0], None
+
+    def fwd_eqs(self, problem: Problem, need_grad: bool):
+        # The extra online accumulator of the one forward pass (docs/math.md#per-row-statistic-eqs).
+        lse_neg, eqs = self._forward(problem, True)
+        return lse_neg, None, eqs
 
     def bwd(self, problem: Problem, lse_neg, aux, g, needs: Needs) -> Grads:
         p = problem
@@ -74,7 +82,7 @@ class CpuBackend(Backend):
             p.anchors, p.candidate_rows, cast_rows(p.inv_temp, p.anchors), p.pos_index,
             p.self_index, lse_neg, g.to(p.anchors.dtype).contiguous(), int(p.logit_map),
             p.artanh_scale, p.artanh_eps, p.symmetric, needs.d_anchors, needs.d_candidates,
-            needs.d_inv_temp)
+            needs.d_inv_temp, p.anchor_labels, p.candidate_label_rows)
         # Symmetric: the kernel has summed both sides of every pair into d_anchors.
         return Grads(d_anchors, None if p.symmetric else d_candidates, d_inv_temp)
 

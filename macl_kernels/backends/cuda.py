@@ -92,7 +92,7 @@ class CudaBackend(Backend):
         lse_neg = _EXTENSION.get().forward(
             p.anchors, p.candidate_rows.to(p.anchors.dtype), cast_rows(p.inv_temp, p.anchors),
             p.pos_index, p.self_index, int(p.logit_map), p.artanh_scale, p.artanh_eps,
-            _operand_code(p))
+            _operand_code(p), p.anchor_labels, p.candidate_label_rows)
         return lse_neg, None
 
     def bwd(self, problem: Problem, lse_neg, aux, g, needs: Needs) -> Grads:
@@ -107,7 +107,7 @@ class CudaBackend(Backend):
             p.anchors, p.candidate_rows.to(p.anchors.dtype), cast_rows(p.inv_temp, p.anchors),
             p.pos_index, p.self_index, lse_neg.contiguous(), g.to(lse_neg.dtype).contiguous(),
             int(p.logit_map), p.artanh_scale, p.artanh_eps, _operand_code(p), needs.d_anchors,
-            needs.d_candidates, needs.d_inv_temp)
+            needs.d_candidates, needs.d_inv_temp, p.anchor_labels, p.candidate_label_rows)
         return Grads(d_anchors, d_candidates, d_inv_temp)
 
 

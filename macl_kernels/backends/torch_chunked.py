@@ -48,10 +48,13 @@ def default_chunk(num_rows: int, num_candidates: int) -> int:
     return max(1, min(num_rows, TILE_ELEMENTS // max(1, num_candidates)))
 
 
-def _exclude(logits, rows, pos_index, self_index):
+def _exclude(logits, rows, pos_index, self_index, anchor_labels=None, candidate_labels=None):
     """Drop the positive and self from the candidate set (Neg(a)), by index, not by a big constant.
     A negative ``pos_index`` means no positive among the candidates (nothing to drop): written
-    with ``where`` on the gathered column, not a boolean mask, so that no host sync is needed."""
+    with ``where`` on the gathered column, not a boolean mask, so that no host sync is needed.
+    With labels, every candidate of the anchor's label goes too."""
+    if anchor_labels is not None:
+        logits.masked_fill_(anchor_labels[rows, None] == candidate_labels[None, :], float("-inf"))
     pos = pos_index[rows, None]
     col = pos.clamp_min(0)
     kept = logits.gather(1, col)
@@ -131,19 +134,34 @@ def backward_softplus(problem: Problem, g: torch.Tensor, needs: Needs, chunk: in
     return Grads(d_anchors, d_candidates, d_inv_temp, d_row_bias)
 
 
-def forward_lse(problem: Problem, chunk: int) -> torch.Tensor:
+def _exclude_problem(logits, rows, problem: Problem):
+    return _exclude(logits, rows, problem.pos_index, problem.self_index, problem.anchor_labels,
+                    problem.candidate_label_rows)
+
+
+def forward_lse(problem: Problem, chunk: int, need_eqs: bool = False):
+    """``lse_neg``; with ``need_eqs`` also ``eqs[a] = sum_k Q_ak S_ak`` (the E4 statistic)."""
     lse_neg = problem.anchors.new_empty(problem.M)
+    eqs = problem.anchors.new_empty(problem.M) if need_eqs else None
     for r0 in range(0, problem.M, chunk):
         rows = slice(r0, min(problem.M, r0 + chunk))
         logits, _ = _logits(problem, rows)
-        _exclude(logits, rows, problem.pos_index, problem.self_index)
+        _exclude_problem(logits, rows, problem)
         # In-place log-sum-exp: the tile is dead after this, so reuse its storage.
         # A row with an empty Neg(a) (all -inf) shifts by 0, not -inf: its sum is then 0 and
         # lse_neg = -inf, never -inf - -inf = NaN.
         row_max = logits.amax(dim=1)
         row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
-        lse_neg[rows] = row_max + logits.sub_(row_max[:, None]).exp_().sum(dim=1).log_()
-    return lse_neg
+        weights = logits.sub_(row_max[:, None]).exp_()
+        row_sum = weights.sum(dim=1)
+        lse_neg[rows] = row_max + row_sum.log()
+        if need_eqs:
+            # sum_k e^(l - m) S_ak / sum_k e^(l - m): the tile's S is gone (the logits were
+            # built in its place), so sum_k w_ak S_ak = anchors[a] . (w @ candidates)[a].
+            weighted = (weights @ problem.candidate_rows * problem.anchors[rows]).sum(dim=1)
+            eqs[rows] = torch.where(row_sum > 0, weighted / row_sum.clamp_min(
+                torch.finfo(row_sum.dtype).tiny), torch.zeros_like(row_sum))
+    return (lse_neg, eqs) if need_eqs else lse_neg
 
 
 def backward_grads(problem: Problem, lse_neg: torch.Tensor, g: torch.Tensor, needs: Needs,
@@ -157,7 +175,7 @@ def backward_grads(problem: Problem, lse_neg: torch.Tensor, g: torch.Tensor, nee
         rows = slice(r0, min(problem.M, r0 + chunk))
         a = anchors[rows]
         logits, S = _logits(problem, rows)
-        _exclude(logits, rows, problem.pos_index, problem.self_index)
+        _exclude_problem(logits, rows, problem)
         # dL_dl = g_a * Q_ak, built in the logits' storage.
         dL_dl = logits.sub_(lse_neg[rows, None]).exp_().mul_(g[rows, None])
         if problem.logit_map is LogitMap.ARTANH:
@@ -198,6 +216,10 @@ class TorchBackend(Backend):
         if problem.row_reduction is RowReduction.SOFTPLUS:
             return forward_softplus(problem, chunk), None
         return forward_lse(problem, chunk), None
+
+    def fwd_eqs(self, problem, need_grad):
+        lse_neg, eqs = forward_lse(problem, default_chunk(problem.M, problem.K), need_eqs=True)
+        return lse_neg, None, eqs
 
     def bwd(self, problem, lse_neg, aux, g, needs):
         chunk = default_chunk(problem.M, problem.K)

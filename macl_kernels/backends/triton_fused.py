@@ -200,8 +200,9 @@ if triton is not None:
         anchors_ptr, candidates_ptr, inv_temp_ptr, pos_index_ptr, self_index_ptr, lse_neg_ptr,
         E_ptr,
         M, K, D, stride_anchors, stride_candidates, stride_E,
-        artanh_scale, artanh_eps,
+        artanh_scale, artanh_eps, anchor_labels_ptr, candidate_labels_ptr,
         LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr, ACC_E: tl.constexpr,
+        HAS_LABELS: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE_WEIGHTS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -219,6 +220,8 @@ if triton is not None:
         inv_temp = tl.load(inv_temp_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
         pos_index = tl.load(pos_index_ptr + offs_m, mask=row_ok, other=-1)
         self_index = tl.load(self_index_ptr + offs_m, mask=row_ok, other=-1)
+        if HAS_LABELS:  # the label pointers are dummies (pos_index) without HAS_LABELS
+            label_a = tl.load(anchor_labels_ptr + offs_m, mask=row_ok, other=-1)
 
         m_i = tl.full([BLOCK_M], float("-inf"), acc_ty)  # running max of the row's logits
         s_i = tl.zeros([BLOCK_M], acc_ty)  # running sum of exp(l - m_i)
@@ -234,6 +237,9 @@ if triton is not None:
             keep = col_ok[None, :] & (offs_n[None, :] != pos_index[:, None])
             if HAS_SELF:
                 keep = keep & (offs_n[None, :] != self_index[:, None])
+            if HAS_LABELS:  # same-label candidates are not negatives
+                label_k = tl.load(candidate_labels_ptr + offs_n, mask=col_ok, other=-1)
+                keep = keep & (label_k[None, :] != label_a[:, None])
             l = tl.where(keep, _logit(S, inv_temp[:, None], artanh_scale, artanh_eps, LOGIT_MAP),
                          float("-inf"))
             m_new = tl.maximum(m_i, tl.max(l, axis=1))
@@ -262,8 +268,9 @@ if triton is not None:
         anchors_ptr, candidates_ptr, inv_temp_ptr, pos_index_ptr, self_index_ptr, lse_neg_ptr,
         g_ptr, d_candidates_ptr, d_inv_temp_ptr,
         M, K, D, stride_anchors, stride_candidates, stride_d_candidates,
-        artanh_scale, artanh_eps,
+        artanh_scale, artanh_eps, anchor_labels_ptr, candidate_labels_ptr,
         LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr, SYMMETRIC: tl.constexpr,
+        HAS_LABELS: tl.constexpr,
         NEED_D_INV_TEMP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         WIDE_WEIGHTS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -285,6 +292,8 @@ if triton is not None:
             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         d_candidates = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
         d_inv_temp = tl.zeros([BLOCK_N], acc_ty)
+        if HAS_LABELS:  # symmetric: the candidates' labels are the anchors'
+            label_k = tl.load(candidate_labels_ptr + offs_n, mask=col_ok, other=-1)
         if SYMMETRIC:  # candidate k's own row statistics (K == M)
             inv_temp_k = tl.load(inv_temp_ptr + offs_n, mask=col_ok, other=0.0).to(acc_ty)
             pos_index_k = tl.load(pos_index_ptr + offs_n, mask=col_ok, other=-1)
@@ -308,6 +317,9 @@ if triton is not None:
             keep = in_range & (offs_n[:, None] != pos_index_a[None, :])
             if HAS_SELF:
                 keep = keep & (offs_n[:, None] != self_index_a[None, :])
+            if HAS_LABELS:
+                label_a = tl.load(anchor_labels_ptr + offs_m, mask=row_ok, other=-1)
+                keep = keep & (label_k[:, None] != label_a[None, :])
             l = tl.where(keep, _logit(St, inv_temp_a[None, :], artanh_scale, artanh_eps,
                                       LOGIT_MAP), float("-inf"))
             Q = tl.exp(l - lse_neg_a[None, :])
@@ -318,6 +330,8 @@ if triton is not None:
                 keep_k = in_range & (offs_m[None, :] != pos_index_k[:, None])
                 if HAS_SELF:
                     keep_k = keep_k & (offs_m[None, :] != self_index_k[:, None])
+                if HAS_LABELS:  # equal labels: the pair is symmetric
+                    keep_k = keep_k & (label_k[:, None] != label_a[None, :])
                 l_k = tl.where(keep_k, _logit(St, inv_temp_k[:, None], artanh_scale, artanh_eps,
                                               LOGIT_MAP), float("-inf"))
                 dL_dl_k = g_k[:, None] * tl.exp(l_k - lse_neg_k[:, None])
@@ -509,12 +523,12 @@ if triton is not None:
     _TUNED = {  # by name: the JIT function objects need not be hashable in every Triton
         "_forward_kernel": triton.autotune(
             configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
-            key=["BLOCK_D", "LOGIT_MAP", "HAS_SELF", "ACC_E", "DOT_PRECISION"],
+            key=["BLOCK_D", "LOGIT_MAP", "HAS_SELF", "ACC_E", "DOT_PRECISION", "HAS_LABELS"],
         )(_forward_kernel),
         "_candidates_kernel": triton.autotune(
             configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
             key=["BLOCK_D", "LOGIT_MAP", "HAS_SELF", "SYMMETRIC", "NEED_D_INV_TEMP",
-                 "DOT_PRECISION"],
+                 "DOT_PRECISION", "HAS_LABELS"],
         )(_candidates_kernel),
         "_softplus_forward_kernel": triton.autotune(
             configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
@@ -564,6 +578,8 @@ class _Operands(NamedTuple):
     inv_temp: torch.Tensor  # a dummy (lse-sized) for ARTANH
     pos_index: torch.Tensor
     self_index: torch.Tensor  # pos_index as a dummy without HAS_SELF
+    anchor_labels: torch.Tensor  # pos_index as a dummy without labels
+    candidate_labels: torch.Tensor
     has_self: bool
     symmetric: bool  # the symmetric backward runs (a symmetric problem and USE_SYMMETRY)
 
@@ -579,14 +595,19 @@ def _operands(problem: Problem) -> _Operands:
     self_index = pos_index if p.self_index is None else p.self_index.to(torch.int32).contiguous()
     inv_temp = (p.anchors.new_empty(p.M) if p.inv_temp is None
                 else p.inv_temp.to(p.anchors.dtype).contiguous())
-    return _Operands(anchors, candidates, inv_temp, pos_index, self_index,
-                     p.self_index is not None, USE_SYMMETRY and p.symmetric)
+    anchor_labels = candidate_labels = pos_index
+    if p.has_labels:  # int64: labels are arbitrary integers, never narrowed
+        anchor_labels = p.anchor_labels.contiguous()
+        candidate_labels = p.candidate_label_rows.contiguous()
+    return _Operands(anchors, candidates, inv_temp, pos_index, self_index, anchor_labels,
+                     candidate_labels, p.self_index is not None, USE_SYMMETRY and p.symmetric)
 
 
 def _flags(problem: Problem, ops: _Operands) -> dict:
     """The constexpr flags every launch shares."""
     op_dtype = ops.anchors.dtype
     return dict(LOGIT_MAP=int(problem.logit_map), HAS_SELF=ops.has_self,
+                HAS_LABELS=problem.has_labels,
                 DOT_PRECISION=_dot_precision(op_dtype),
                 UPCAST=_INTERPRET and op_dtype == torch.bfloat16,
                 BLOCK_D=max(16, triton.next_power_of_2(problem.D)))
@@ -603,7 +624,8 @@ def _run_forward(problem: Problem, acc_e: bool):
         _forward_kernel, M, "BLOCK_M",
         (ops.anchors, ops.candidates, ops.inv_temp, ops.pos_index, ops.self_index, lse_neg, E,
          M, K, D, ops.anchors.stride(0), ops.candidates.stride(0), E.stride(0),
-         float(problem.artanh_scale), float(problem.artanh_eps)),
+         float(problem.artanh_scale), float(problem.artanh_eps), ops.anchor_labels,
+         ops.candidate_labels),
         ACC_E=acc_e,
         # The SCALED map's weights exp(l - m) are <= 1: float16 holds them.
         WIDE_WEIGHTS=ops.anchors.dtype == torch.float16 and artanh,
@@ -630,7 +652,8 @@ def _run_backward(problem: Problem, lse_neg, E, g, needs: Needs) -> Grads:
             (ops.anchors, ops.candidates, ops.inv_temp, ops.pos_index, ops.self_index, lse_neg,
              g, d_rows, d_inv_temp_out, M, K, D, ops.anchors.stride(0),
              ops.candidates.stride(0), d_rows.stride(0),
-             float(problem.artanh_scale), float(problem.artanh_eps)),
+             float(problem.artanh_scale), float(problem.artanh_eps), ops.anchor_labels,
+             ops.candidate_labels),
             SYMMETRIC=ops.symmetric, NEED_D_INV_TEMP=need_symmetric_d_inv_temp,
             WIDE_WEIGHTS=ops.anchors.dtype == torch.float16,
             **_flags(problem, ops),
@@ -740,7 +763,9 @@ class TritonBackend(Backend):
     def fwd(self, problem: Problem, need_grad: bool):
         if problem.row_reduction is RowReduction.SOFTPLUS:
             return _run_softplus_forward(problem, need_grad)
-        acc_e = _accumulates_e(problem, need_grad)
+        return self._forward(problem, _accumulates_e(problem, need_grad))
+
+    def _forward(self, problem: Problem, acc_e: bool):
         if problem.anchors.dtype == torch.float64 and problem.anchors.device.type == "cuda":
             try:
                 return _run_forward(problem, acc_e)
@@ -752,6 +777,13 @@ class TritonBackend(Backend):
                     f"({type(exc).__name__}: {str(exc)[:200]}); use backend='torch' for float64"
                 ) from exc
         return _run_forward(problem, acc_e)
+
+    def fwd_eqs(self, problem: Problem, need_grad: bool):
+        # E4 from the forward's anchor-side accumulator: E_a = sum_k Q_ak u_k, so
+        # eqs[a] = sum_k Q_ak S_ak = u_a . E_a (SCALED), no second pass over the tiles.
+        lse_neg, E = self._forward(problem, True)
+        eqs = (problem.anchors.detach() * E).sum(dim=1)
+        return lse_neg, (E if _accumulates_e(problem, need_grad) else None), eqs
 
     def bwd(self, problem: Problem, lse_neg, aux, g, needs: Needs) -> Grads:
         if problem.row_reduction is RowReduction.SOFTPLUS:

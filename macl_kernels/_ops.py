@@ -2,8 +2,9 @@
 every kernel backend (the backend is a string argument):
 
     macl_kernels::negative_lse(backend, anchors, candidates?, inv_temp?, pos_index, self_index?,
-                               logit_map, artanh_scale, artanh_eps, operand_dtype?, need_grad)
-        -> (lse_neg [M], aux)
+                               logit_map, artanh_scale, artanh_eps, operand_dtype?,
+                               both_directions, need_grad)
+        -> (lse_neg [M] or [M + K], aux)
     macl_kernels::negative_lse_backward(..., lse_neg, aux, g, need_d_anchors,
                                         need_d_candidates, need_d_inv_temp)
         -> (d_anchors, d_candidates, d_inv_temp)
@@ -19,6 +20,10 @@ that one tensor is ``d_anchors + d_candidates``; that fold is made here and nowh
 anchor-side accumulator ``E``), an empty tensor otherwise. Gradients autograd does not need come
 back from the op as empty tensors (ops return tensors only).
 
+``both_directions`` (layout ``cross_sym`` on one process, ``Problem.both_directions``): one ``S``
+serves the rows and the columns as anchors. A backend that does not implement it
+(``Backend.both_directions`` false) gets the two directions as two plain problems, here.
+
 ``negative_lse(...)`` at the bottom is the one entry point of the losses and the tests.
 """
 
@@ -30,7 +35,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._primitive import LogitMap, Needs, Problem
+from ._primitive import Grads, LogitMap, Needs, Problem
 from .backends import kernel_backend
 
 
@@ -39,31 +44,83 @@ def _empty(like: Tensor) -> Tensor:
 
 
 def _problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map, artanh_scale,
-             artanh_eps, operand_dtype) -> Problem:
+             artanh_eps, operand_dtype, both_directions=False) -> Problem:
     return Problem(anchors, candidates, inv_temp, pos_index, self_index, LogitMap(logit_map),
-                   artanh_scale, artanh_eps, operand_dtype)
+                   artanh_scale, artanh_eps, operand_dtype, both_directions)
+
+
+# A backend without its own both-directions kernels runs the two directions as two problems: the
+# rows (anchors against candidates) and the columns (candidates against anchors). Their aux
+# tensors travel as one flat tensor, split by the backend's fake_aux sizes.
+
+def _aux_numel(impl, problem: Problem, need_grad: bool) -> int:
+    fake = impl.fake_aux(problem, need_grad)
+    return 0 if fake is None else fake.numel()
+
+
+def _fwd_two_directions(impl, problem: Problem, need_grad: bool):
+    outs = [impl.fwd(problem.direction(columns), need_grad) for columns in (False, True)]
+    lse_neg = torch.cat([lse for lse, _ in outs])
+    auxes = [aux.reshape(-1) for _, aux in outs if aux is not None]
+    return lse_neg, (torch.cat(auxes) if auxes else None)
+
+
+def _fake_aux_two_directions(impl, problem: Problem, need_grad: bool):
+    numel = sum(_aux_numel(impl, problem.direction(c), need_grad) for c in (False, True))
+    return problem.anchors.new_empty((numel,)) if numel else None
+
+
+def _bwd_two_directions(impl, problem: Problem, lse_neg, aux, g, needs: Needs) -> Grads:
+    rows, cols = problem.direction(False), problem.direction(True)
+    M = problem.M
+    aux_rows = aux_cols = None
+    if aux is not None:
+        n_rows = _aux_numel(impl, rows, True)
+        shapes = [impl.fake_aux(d, True) for d in (rows, cols)]
+        aux_rows = aux[:n_rows].view(shapes[0].shape) if shapes[0] is not None else None
+        aux_cols = aux[n_rows:].view(shapes[1].shape) if shapes[1] is not None else None
+    grads_rows = impl.bwd(rows, lse_neg[:M].contiguous(), aux_rows, g[:M].contiguous(), needs)
+    # The columns' anchors are the candidates and their candidates the anchors.
+    grads_cols = impl.bwd(cols, lse_neg[M:].contiguous(), aux_cols, g[M:].contiguous(),
+                          Needs(needs.d_candidates, needs.d_anchors, needs.d_inv_temp))
+
+    def add(x, y):
+        return x if y is None else (y if x is None else x + y)
+
+    d_inv_temp = (torch.cat([grads_rows.d_inv_temp, grads_cols.d_inv_temp])
+                  if needs.d_inv_temp and grads_rows.d_inv_temp is not None else None)
+    return Grads(add(grads_rows.d_anchors, grads_cols.d_candidates),
+                 add(grads_rows.d_candidates, grads_cols.d_anchors), d_inv_temp)
 
 
 @torch.library.custom_op("macl_kernels::negative_lse", mutates_args=())
 def negative_lse_op(backend: str, anchors: Tensor, candidates: Optional[Tensor],
                     inv_temp: Optional[Tensor], pos_index: Tensor, self_index: Optional[Tensor],
                     logit_map: int, artanh_scale: float, artanh_eps: float,
-                    operand_dtype: Optional[torch.dtype], need_grad: bool) -> Tuple[Tensor, Tensor]:
+                    operand_dtype: Optional[torch.dtype], both_directions: bool,
+                    need_grad: bool) -> Tuple[Tensor, Tensor]:
     problem = _problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                       artanh_scale, artanh_eps, operand_dtype)
+                       artanh_scale, artanh_eps, operand_dtype, both_directions)
     impl = kernel_backend(backend)
     impl.check(problem)
-    lse_neg, aux = impl.fwd(problem, need_grad)
+    if problem.both_directions and not impl.both_directions:
+        lse_neg, aux = _fwd_two_directions(impl, problem, need_grad)
+    else:
+        lse_neg, aux = impl.fwd(problem, need_grad)
     return lse_neg, (aux if aux is not None else _empty(lse_neg))
 
 
 @negative_lse_op.register_fake
 def _(backend, anchors, candidates, inv_temp, pos_index, self_index, logit_map, artanh_scale,
-      artanh_eps, operand_dtype, need_grad):
+      artanh_eps, operand_dtype, both_directions, need_grad):
     problem = _problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                       artanh_scale, artanh_eps, operand_dtype)
-    lse_neg = anchors.new_empty((anchors.shape[0],))
-    aux = kernel_backend(backend).fake_aux(problem, need_grad)
+                       artanh_scale, artanh_eps, operand_dtype, both_directions)
+    lse_neg = anchors.new_empty((problem.num_lse,))
+    impl = kernel_backend(backend)
+    if problem.both_directions and not impl.both_directions:
+        aux = _fake_aux_two_directions(impl, problem, need_grad)
+    else:
+        aux = impl.fake_aux(problem, need_grad)
     return lse_neg, (aux if aux is not None else _empty(lse_neg))
 
 
@@ -72,11 +129,11 @@ def negative_lse_backward_op(backend: str, anchors: Tensor, candidates: Optional
                              inv_temp: Optional[Tensor], pos_index: Tensor,
                              self_index: Optional[Tensor], logit_map: int, artanh_scale: float,
                              artanh_eps: float, operand_dtype: Optional[torch.dtype],
-                             lse_neg: Tensor, aux: Tensor, g: Tensor, need_d_anchors: bool,
-                             need_d_candidates: bool,
+                             both_directions: bool, lse_neg: Tensor, aux: Tensor, g: Tensor,
+                             need_d_anchors: bool, need_d_candidates: bool,
                              need_d_inv_temp: bool) -> Tuple[Tensor, Tensor, Tensor]:
     problem = _problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                       artanh_scale, artanh_eps, operand_dtype)
+                       artanh_scale, artanh_eps, operand_dtype, both_directions)
     need_d_inv_temp = need_d_inv_temp and inv_temp is not None
     if problem.symmetric:  # one tensor in both roles: it needs both sides
         needs = Needs(need_d_anchors or need_d_candidates, need_d_anchors or need_d_candidates,
@@ -92,10 +149,13 @@ def negative_lse_backward_op(backend: str, anchors: Tensor, candidates: Optional
     # runs this backward under whatever autocast region ``loss.backward()`` was called in, which
     # would round the backward's GEMMs (and mix dtypes): turn it off here too.
     device_type = anchors.device.type
+    impl = kernel_backend(backend)
+    bwd = (_bwd_two_directions if problem.both_directions and not impl.both_directions
+           else type(impl).bwd)
     with torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else \
             contextlib.nullcontext():
-        grads = kernel_backend(backend).bwd(problem, lse_neg, aux if aux.numel() else None,
-                                            g.to(lse_neg.dtype).contiguous(), needs)
+        grads = bwd(impl, problem, lse_neg, aux if aux.numel() else None,
+                    g.to(lse_neg.dtype).contiguous(), needs)
     d_anchors, d_candidates, d_inv_temp = grads
     if problem.symmetric:
         # The fold: the gradient of the one tensor is the sum of both sides (a kernel that
@@ -113,8 +173,8 @@ def negative_lse_backward_op(backend: str, anchors: Tensor, candidates: Optional
 
 @negative_lse_backward_op.register_fake
 def _(backend, anchors, candidates, inv_temp, pos_index, self_index, logit_map, artanh_scale,
-      artanh_eps, operand_dtype, lse_neg, aux, g, need_d_anchors, need_d_candidates,
-      need_d_inv_temp):
+      artanh_eps, operand_dtype, both_directions, lse_neg, aux, g, need_d_anchors,
+      need_d_candidates, need_d_inv_temp):
     symmetric = candidates is None
     one_tensor_grad = symmetric and (need_d_anchors or need_d_candidates)
     d_anchors = (torch.empty_like(anchors) if (need_d_anchors or one_tensor_grad)
@@ -128,11 +188,11 @@ def _(backend, anchors, candidates, inv_temp, pos_index, self_index, logit_map, 
 
 def _setup_context(ctx, inputs, output):
     (backend, anchors, candidates, inv_temp, pos_index, self_index, logit_map, artanh_scale,
-     artanh_eps, operand_dtype, need_grad) = inputs
+     artanh_eps, operand_dtype, both_directions, need_grad) = inputs
     lse_neg, aux = output
     ctx.mark_non_differentiable(aux)
     ctx.save_for_backward(anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux)
-    ctx.scalars = (logit_map, artanh_scale, artanh_eps, operand_dtype)
+    ctx.scalars = (logit_map, artanh_scale, artanh_eps, operand_dtype, both_directions)
     ctx.backend = backend
 
 
@@ -145,7 +205,7 @@ def _backward(ctx, grad_lse_neg, grad_aux):
         need_d_inv_temp and inv_temp is not None)
     return (None, d_anchors if need_d_anchors else None,
             d_candidates if need_d_candidates else None,
-            d_inv_temp if need_d_inv_temp else None) + (None,) * 7
+            d_inv_temp if need_d_inv_temp else None) + (None,) * 8
 
 
 negative_lse_op.register_autograd(_backward, setup_context=_setup_context)
@@ -154,15 +214,27 @@ negative_lse_op.register_autograd(_backward, setup_context=_setup_context)
 def negative_lse(backend: str, anchors: Tensor, candidates: Optional[Tensor],
                  inv_temp: Optional[Tensor], pos_index: Tensor, self_index: Optional[Tensor],
                  logit_map: LogitMap = LogitMap.SCALED, artanh_scale: float = 0.0,
-                 artanh_eps: float = 0.0, operand_dtype: Optional[torch.dtype] = None) -> Tensor:
+                 artanh_eps: float = 0.0, operand_dtype: Optional[torch.dtype] = None,
+                 both_directions: bool = False) -> Tensor:
     """``lse_neg`` of every anchor row by kernel backend ``backend`` (``"torch"``, ``"cpu"``,
     ``"triton"``, ``"cuda"``), differentiable in ``anchors``, ``candidates`` and ``inv_temp``.
 
     ``candidates=None``: the candidates are the anchors (symmetric ``S``). ``LogitMap.SCALED``
     needs ``inv_temp [M]``; ``LogitMap.ARTANH`` takes ``artanh_scale > 0`` and ``artanh_eps`` in
-    ``(0, 1)`` and no ``inv_temp``. ``operand_dtype``: see ``Problem``.
+    ``(0, 1)`` and no ``inv_temp``. ``operand_dtype``: see ``Problem``. ``both_directions``: the
+    columns of ``S`` are anchors too (``inv_temp``, ``pos_index``, ``self_index`` and the result
+    have ``M + K`` entries, rows first; see ``Problem``).
     """
     logit_map = LogitMap(logit_map)
+    if both_directions:
+        if candidates is None:
+            raise ValueError("both_directions needs candidates (the columns' anchors)")
+        num_lse = anchors.shape[0] + candidates.shape[0]
+        for name, t in (("inv_temp", inv_temp), ("pos_index", pos_index),
+                        ("self_index", self_index)):
+            if t is not None and tuple(t.shape) != (num_lse,):
+                raise ValueError(f"{name} must have M + K = {num_lse} entries with "
+                                 f"both_directions, got shape {tuple(t.shape)}")
     if logit_map is LogitMap.SCALED and inv_temp is None:
         raise ValueError("inv_temp is required by LogitMap.SCALED (l = inv_temp[a] * S)")
     if logit_map is LogitMap.ARTANH:
@@ -177,5 +249,5 @@ def negative_lse(backend: str, anchors: Tensor, candidates: Optional[Tensor],
         backend, anchors.contiguous(), None if candidates is None else candidates.contiguous(),
         None if inv_temp is None else inv_temp.contiguous(), pos_index.contiguous(),
         None if self_index is None else self_index.contiguous(), int(logit_map),
-        float(artanh_scale), float(artanh_eps), operand_dtype, need_grad)
+        float(artanh_scale), float(artanh_eps), operand_dtype, bool(both_directions), need_grad)
     return lse_neg

@@ -28,8 +28,21 @@
 // the plain tiling. A diagonal tile already holds every pair of its block as a row. d_anchors is
 // then the whole gradient of the one tensor, and d_candidates is undefined.
 //
+// both_directions (layout cross_sym on one process: CLIP's image->text and text->image): the
+// columns of S are anchors too, against the rows. Every tile is "mirrored" the same way: its rows
+// update the row statistics (lse_neg[0..M), inv_temp[a], pos_index[a] a candidate) and its
+// columns the column statistics (lse_neg[M..M+K), inv_temp[M + k], pos_index[M + k] an anchor
+// row), from the one S; backward forms dL_dS = dL_dS_row + dL_dS_col of the tile and
+// d_anchors_r += dL_dS candidates_k, d_candidates_k += dL_dS^T anchors_r: the GEMM work of one
+// cross problem for both directions (the two-call path did it twice). The column statistics of
+// one tile are a partial (max, sum) per column, merged into the calling thread's online state
+// like the row ones, and the threads' states are merged in a fixed order at the end: no
+// atomics, and the same bits for a given thread count. Extra memory: the per-thread states grow
+// by K entries each (2 x K x threads values).
+//
 // Passes and GEMM work (M anchors, K candidates, D columns): forward 1 pass, M K D multiply-adds
-// (symmetric: about half); backward 1 pass, 3 M K D (symmetric: about half).
+// (symmetric: about half); backward 1 pass, 3 M K D (symmetric: about half). both_directions:
+// the same as one cross problem, for M + K anchors.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -90,10 +103,16 @@ struct Problem {
   LogitMap logit_map;
   double artanh_scale, artanh_eps;  // LogitMap::Artanh's scale and clamp
   bool symmetric;
+  bool both_directions;  // the columns are anchors too (entries M..M+K of the per-anchor arrays)
   const int64_t* pos_index;
   const int64_t* self_index;  // nullptr: no self among the candidates
 
   bool scaled() const { return logit_map == LogitMap::Scaled; }
+  // Entries of lse_neg and of the per-anchor arrays.
+  int64_t num_lse() const { return both_directions ? M + K : M; }
+  // Where a column's entries start in the per-anchor arrays: symmetric, the column k is anchor
+  // k; both_directions, anchor M + k.
+  int64_t column_offset() const { return both_directions ? M : 0; }
   int64_t blocks_m() const { return (M + BLOCK - 1) / BLOCK; }
   int64_t blocks_k() const { return (K + BLOCK - 1) / BLOCK; }
 
@@ -116,7 +135,7 @@ struct Tile {
 Tile make_tile(const Problem& p, int64_t i, int64_t j) {
   const int64_t r0 = i * BLOCK, k0 = j * BLOCK;
   return {i, j, r0, k0, std::min(BLOCK, p.M - r0), std::min(BLOCK, p.K - k0),
-          p.symmetric && j != i};
+          (p.symmetric && j != i) || p.both_directions};
 }
 
 // dl_dS of LogitMap::Artanh: artanh_scale / (1 - S^2) inside the clamp, 0 outside (finite at
@@ -129,9 +148,9 @@ inline T artanh_slope(T s, T artanh_scale, T artanh_eps) {
 }
 
 // The logits of one side of a tile, laid out like S (L[r * bn + k] pairs row r0 + r with
-// column k0 + k). Row side: anchor r0 + r, logit inv_temp[a] S. Column side: anchor k0 + k
-// against candidate r0 + r, logit inv_temp[k] S. Excluded pairs (pos_index, self_index) are
-// -inf.
+// column k0 + k). Row side: anchor r0 + r, logit inv_temp[a] S. Column side: column k0 + k as
+// an anchor (entry c = column_offset + k0 + k) against row r0 + r, logit inv_temp[c] S.
+// Excluded pairs (pos_index, self_index) are -inf.
 template <typename T>
 void side_logits(const Problem& p, const Tile& t, const T* S, const T* artanh_S,
                  const T* inv_temp, bool column_side, T* L) {
@@ -141,7 +160,7 @@ void side_logits(const Problem& p, const Tile& t, const T* S, const T* artanh_S,
     if (!p.scaled()) {
       std::memcpy(l, artanh_S + r * t.bn, sizeof(T) * t.bn);
     } else if (column_side) {
-      const T* inv_temp_k = inv_temp + t.k0;
+      const T* inv_temp_k = inv_temp + p.column_offset() + t.k0;
 #pragma omp simd
       for (int64_t k = 0; k < t.bn; ++k) l[k] = inv_temp_k[k] * s[k];
     } else {
@@ -150,6 +169,7 @@ void side_logits(const Problem& p, const Tile& t, const T* S, const T* artanh_S,
       for (int64_t k = 0; k < t.bn; ++k) l[k] = inv_temp_a * s[k];
     }
   }
+  // anchor: the row or column index in the tile's frame; entry: its per-anchor array entry.
   auto exclude = [&](int64_t anchor, int64_t candidate) {
     const int64_t r = (column_side ? candidate : anchor) - t.r0;
     const int64_t k = (column_side ? anchor : candidate) - t.k0;
@@ -157,9 +177,10 @@ void side_logits(const Problem& p, const Tile& t, const T* S, const T* artanh_S,
   };
   const int64_t first = column_side ? t.k0 : t.r0;
   const int64_t count = column_side ? t.bn : t.bm;
+  const int64_t offset = column_side ? p.column_offset() : 0;
   for (int64_t a = first; a < first + count; ++a) {
-    exclude(a, p.pos_index[a]);
-    if (p.self_index) exclude(a, p.self_index[a]);
+    exclude(a, p.pos_index[offset + a]);
+    if (p.self_index) exclude(a, p.self_index[offset + a]);
   }
 }
 
@@ -202,7 +223,7 @@ template <typename T>
 at::Tensor forward_impl(const Problem& p, const at::Tensor& anchors,
                         const at::Tensor& candidates, const T* inv_temp) {
   const auto tiles = p.tiles();
-  std::vector<OnlineLse<T>> states(at::get_num_threads(), OnlineLse<T>(p.M));
+  std::vector<OnlineLse<T>> states(at::get_num_threads(), OnlineLse<T>(p.num_lse()));
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     OnlineLse<T>& state = states[at::get_thread_num()];
     std::vector<T> S_buf(BLOCK * BLOCK), L(BLOCK * BLOCK),
@@ -249,12 +270,12 @@ at::Tensor forward_impl(const Problem& p, const at::Tensor& anchors,
         for (int64_t k = 0; k < t.bn; ++k) cs[k] += exp_approx(l[k] - cm[k]);
       }
       for (int64_t k = 0; k < t.bn; ++k)
-        if (col_sum[k] > T(0)) state.merge(t.k0 + k, col_max[k], col_sum[k]);
+        if (col_sum[k] > T(0)) state.merge(p.column_offset() + t.k0 + k, col_max[k], col_sum[k]);
     }
   });
-  at::Tensor lse_neg = at::empty({p.M}, anchors.options());
+  at::Tensor lse_neg = at::empty({p.num_lse()}, anchors.options());
   T* out = lse_neg.data_ptr<T>();
-  at::parallel_for(0, p.M, 2048, [&](int64_t a0, int64_t a1) {
+  at::parallel_for(0, p.num_lse(), 2048, [&](int64_t a0, int64_t a1) {
     for (int64_t a = a0; a < a1; ++a) {
       T m = neg_inf<T>();
       for (const auto& st : states) m = std::max(m, st.max[a]);
@@ -268,21 +289,22 @@ at::Tensor forward_impl(const Problem& p, const at::Tensor& anchors,
 }
 
 // dL_dl = g_a Q_ak = g_a exp(l - lse_neg[a]) in place over the logits L of one side (rows:
-// anchor index r0 + r; columns: anchor index k0 + k), accumulating
+// entry r0 + r; columns: entry column_offset + k0 + k), accumulating
 // d_inv_temp[a] += sum_k dL_dl_ak S_ak when asked (d_inv_temp not null).
 template <typename T>
-void side_gradient(const Tile& t, bool column_side, const T* S, const T* lse_neg, const T* g,
-                   T* L, T* d_inv_temp) {
+void side_gradient(const Problem& p, const Tile& t, bool column_side, const T* S,
+                   const T* lse_neg, const T* g, T* L, T* d_inv_temp) {
+  const int64_t c0 = p.column_offset() + t.k0;
   for (int64_t r = 0; r < t.bm; ++r) {
     T* l = L + r * t.bn;
     const T* s = S + r * t.bn;
     if (column_side) {
-      const T* lse_neg_k = lse_neg + t.k0;
-      const T* g_k = g + t.k0;
+      const T* lse_neg_k = lse_neg + c0;
+      const T* g_k = g + c0;
 #pragma omp simd
       for (int64_t k = 0; k < t.bn; ++k) l[k] = g_k[k] * exp_approx(l[k] - lse_neg_k[k]);
       if (d_inv_temp) {
-        T* d_inv_temp_k = d_inv_temp + t.k0;
+        T* d_inv_temp_k = d_inv_temp + c0;
         for (int64_t k = 0; k < t.bn; ++k) d_inv_temp_k[k] += l[k] * s[k];
       }
     } else {
@@ -313,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   for (int th = 0; th < num_threads; ++th) {
     d_anchors_th[th] = at::zeros({p.M, p.D}, anchors.options());
     if (!p.symmetric) d_candidates_th[th] = at::zeros({p.K, p.D}, anchors.options());
-    if (need_d_inv_temp) d_inv_temp_th[th].assign(p.M, T(0));
+    if (need_d_inv_temp) d_inv_temp_th[th].assign(p.num_lse(), T(0));
   }
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     const int th = at::get_thread_num();
@@ -331,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
 
       // Row side: dL_dS = dL_dl_row * dl_dS.
       side_logits(p, t, S, artanh_S.data(), inv_temp, false, L.data());
-      side_gradient(t, false, S, lse_neg, g, L.data(), d_inv_temp);
+      side_gradient(p, t, false, S, lse_neg, g, L.data(), d_inv_temp);
       for (int64_t r = 0; r < t.bm; ++r) {
         const T* dL_dl = L.data() + r * t.bn;
         T* dL_dS_r = dL_dS_data + r * t.bn;
@@ -349,13 +371,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       // Column side (mirrored tile): dL_dS += dL_dl_col * dl_dS, both already in S's layout.
       if (t.mirrored) {
         side_logits(p, t, S, artanh_S.data(), inv_temp, true, L.data());
-        side_gradient(t, true, S, lse_neg, g, L.data(), d_inv_temp);
+        side_gradient(p, t, true, S, lse_neg, g, L.data(), d_inv_temp);
         for (int64_t r = 0; r < t.bm; ++r) {
           const T* dL_dl = L.data() + r * t.bn;
           T* dL_dS_r = dL_dS_data + r * t.bn;
           const T* s = S + r * t.bn;
           if (p.scaled()) {
-            const T* inv_temp_k = inv_temp + t.k0;
+            const T* inv_temp_k = inv_temp + p.column_offset() + t.k0;
 #pragma omp simd
             for (int64_t k = 0; k < t.bn; ++k) dL_dS_r[k] += dL_dl[k] * inv_temp_k[k];
           } else {
@@ -386,10 +408,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     for (int th = 1; th < num_threads; ++th) d_candidates.add_(d_candidates_th[th]);
   }
   if (need_d_inv_temp) {
-    d_inv_temp = at::zeros({p.M}, anchors.options());
+    d_inv_temp = at::zeros({p.num_lse()}, anchors.options());
     T* out = d_inv_temp.data_ptr<T>();
     for (int th = 0; th < num_threads; ++th)
-      for (int64_t a = 0; a < p.M; ++a) out[a] += d_inv_temp_th[th][a];
+      for (int64_t a = 0; a < p.num_lse(); ++a) out[a] += d_inv_temp_th[th][a];
   }
   return {d_anchors, d_candidates, d_inv_temp};
 }
@@ -404,7 +426,8 @@ LogitMap to_logit_map(int64_t logit_map) {
 Problem make_problem(const at::Tensor& anchors, const at::Tensor& candidates,
                      const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
                      const c10::optional<at::Tensor>& self_index, int64_t logit_map_value,
-                     double artanh_scale, double artanh_eps, bool symmetric) {
+                     double artanh_scale, double artanh_eps, bool symmetric,
+                     bool both_directions) {
   TORCH_CHECK(anchors.device().is_cpu() && candidates.device().is_cpu(),
               "macl_kernels._C_cpu: CPU tensors only");
   TORCH_CHECK(anchors.dim() == 2 && candidates.dim() == 2 &&
@@ -414,14 +437,18 @@ Problem make_problem(const at::Tensor& anchors, const at::Tensor& candidates,
               "anchors and candidates differ in dtype");
   TORCH_CHECK(anchors.is_contiguous() && candidates.is_contiguous(),
               "contiguous anchors/candidates expected");
+  TORCH_CHECK(!(symmetric && both_directions), "symmetric and both_directions exclude each other");
+  // Per-anchor entries: M, or M + K with both_directions (rows, then columns).
+  const int64_t num_lse = anchors.size(0) + (both_directions ? candidates.size(0) : 0);
   TORCH_CHECK(pos_index.scalar_type() == at::kLong && pos_index.is_contiguous() &&
-                  pos_index.numel() == anchors.size(0),
-              "pos_index must be a contiguous int64 [M] tensor");
+                  pos_index.numel() == num_lse,
+              "pos_index must be a contiguous int64 tensor of M (both_directions: M + K) entries");
   const LogitMap logit_map = to_logit_map(logit_map_value);
   if (logit_map == LogitMap::Scaled) {
-    TORCH_CHECK(inv_temp.has_value() && inv_temp->numel() == anchors.size(0) &&
+    TORCH_CHECK(inv_temp.has_value() && inv_temp->numel() == num_lse &&
                     inv_temp->is_contiguous() && inv_temp->scalar_type() == anchors.scalar_type(),
-                "the scaled map needs a contiguous inv_temp [M] of the anchors' dtype");
+                "the scaled map needs a contiguous inv_temp of M (both_directions: M + K) "
+                "entries of the anchors' dtype");
   } else {
     TORCH_CHECK(artanh_scale > 0, "the artanh map needs artanh_scale > 0, got ", artanh_scale);
     TORCH_CHECK(artanh_eps > 0 && artanh_eps < 1,
@@ -429,8 +456,9 @@ Problem make_problem(const at::Tensor& anchors, const at::Tensor& candidates,
   }
   if (self_index.has_value()) {
     TORCH_CHECK(self_index->scalar_type() == at::kLong && self_index->is_contiguous() &&
-                    self_index->numel() == anchors.size(0),
-                "self_index must be a contiguous int64 [M] tensor");
+                    self_index->numel() == num_lse,
+                "self_index must be a contiguous int64 tensor of M (both_directions: M + K) "
+                "entries");
   }
   TORCH_CHECK(!symmetric || (anchors.data_ptr() == candidates.data_ptr() &&
                              anchors.size(0) == candidates.size(0)),
@@ -442,6 +470,7 @@ Problem make_problem(const at::Tensor& anchors, const at::Tensor& candidates,
           artanh_scale,
           artanh_eps,
           symmetric,
+          both_directions,
           pos_index.data_ptr<int64_t>(),
           self_index.has_value() ? self_index->data_ptr<int64_t>() : nullptr};
 }
@@ -449,9 +478,10 @@ Problem make_problem(const at::Tensor& anchors, const at::Tensor& candidates,
 at::Tensor forward(const at::Tensor& anchors, const at::Tensor& candidates,
                    const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
                    const c10::optional<at::Tensor>& self_index, int64_t logit_map,
-                   double artanh_scale, double artanh_eps, bool symmetric) {
+                   double artanh_scale, double artanh_eps, bool symmetric,
+                   bool both_directions) {
   const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                                 artanh_scale, artanh_eps, symmetric);
+                                 artanh_scale, artanh_eps, symmetric, both_directions);
   at::Tensor lse_neg;
   AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_forward", [&] {
     // detach: the kernels write tiles with at::mm_out, which refuses inputs that require grad
@@ -467,13 +497,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
     const c10::optional<at::Tensor>& self_index, const at::Tensor& lse_neg, const at::Tensor& g,
     int64_t logit_map, double artanh_scale, double artanh_eps, bool symmetric,
-    bool need_d_anchors, bool need_d_candidates, bool need_d_inv_temp) {
+    bool both_directions, bool need_d_anchors, bool need_d_candidates, bool need_d_inv_temp) {
   const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                                 artanh_scale, artanh_eps, symmetric);
+                                 artanh_scale, artanh_eps, symmetric, both_directions);
   TORCH_CHECK(lse_neg.is_contiguous() && g.is_contiguous() &&
                   lse_neg.scalar_type() == anchors.scalar_type() &&
                   g.scalar_type() == anchors.scalar_type(),
               "lse_neg and g must be contiguous, of the anchors' dtype");
+  TORCH_CHECK(lse_neg.numel() == p.num_lse() && g.numel() == p.num_lse(),
+              "lse_neg and g must have M (both_directions: M + K) entries");
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_backward", [&] {
     out = backward_impl<scalar_t>(p, anchors.detach(), candidates.detach(),
@@ -495,12 +527,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "lse_neg of every anchor row",
         py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("logit_map"), py::arg("artanh_scale"),
-        py::arg("artanh_eps"), py::arg("symmetric"));
+        py::arg("artanh_eps"), py::arg("symmetric"), py::arg("both_directions"));
   m.def("backward", &backward,
         "gradients of sum_a g[a] lse_neg[a]: (d_anchors, d_candidates, d_inv_temp); "
         "symmetric: d_anchors is the whole gradient and d_candidates is None",
         py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("lse_neg"), py::arg("g"), py::arg("logit_map"),
         py::arg("artanh_scale"), py::arg("artanh_eps"), py::arg("symmetric"),
-        py::arg("need_d_anchors"), py::arg("need_d_candidates"), py::arg("need_d_inv_temp"));
+        py::arg("both_directions"), py::arg("need_d_anchors"), py::arg("need_d_candidates"), py::arg("need_d_inv_temp"));
 }

@@ -507,7 +507,9 @@ BOTH_SHAPES = [(2, 3, 5), (33, 33, 40), (33, 7, 1), ("L", 33, 5), (33, "L", 9)]
 @pytest.mark.parametrize("dtype_name,dtype", DTYPES, ids=[n for n, _ in DTYPES])
 @pytest.mark.parametrize("with_self", [False, True], ids=["noself", "self"])
 @pytest.mark.parametrize("logit_map", MAPS, ids=MAP_IDS)
-@pytest.mark.parametrize("m,k,d", BOTH_SHAPES, ids=[f"{m}x{k}x{d}" for m, k, d in BOTH_SHAPES])
+@pytest.mark.parametrize("m,k,d", [
+    pytest.param(m, k, d, id=f"{m}x{k}x{d}", marks=[pytest.mark.slow] if "L" in (m, k) else [])
+    for m, k, d in BOTH_SHAPES])
 def test_both_directions_matches_dense_oracle(backend, m, k, d, logit_map, with_self,
                                               dtype_name, dtype):
     """``both_directions``: lse_neg of the rows then of the columns, and the gradients wrt both

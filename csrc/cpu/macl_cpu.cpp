@@ -147,43 +147,6 @@ inline T artanh_slope(T s, T artanh_scale, T artanh_eps) {
              : T(0);
 }
 
-// The logits of one side of a tile, laid out like S (L[r * bn + k] pairs row r0 + r with
-// column k0 + k). Row side: anchor r0 + r, logit inv_temp[a] S. Column side: column k0 + k as
-// an anchor (entry c = column_offset + k0 + k) against row r0 + r, logit inv_temp[c] S.
-// Excluded pairs (pos_index, self_index) are -inf.
-template <typename T>
-void side_logits(const Problem& p, const Tile& t, const T* S, const T* artanh_S,
-                 const T* inv_temp, bool column_side, T* L) {
-  for (int64_t r = 0; r < t.bm; ++r) {
-    const T* s = S + r * t.bn;
-    T* l = L + r * t.bn;
-    if (!p.scaled()) {
-      std::memcpy(l, artanh_S + r * t.bn, sizeof(T) * t.bn);
-    } else if (column_side) {
-      const T* inv_temp_k = inv_temp + p.column_offset() + t.k0;
-#pragma omp simd
-      for (int64_t k = 0; k < t.bn; ++k) l[k] = inv_temp_k[k] * s[k];
-    } else {
-      const T inv_temp_a = inv_temp[t.r0 + r];
-#pragma omp simd
-      for (int64_t k = 0; k < t.bn; ++k) l[k] = inv_temp_a * s[k];
-    }
-  }
-  // anchor: the row or column index in the tile's frame; entry: its per-anchor array entry.
-  auto exclude = [&](int64_t anchor, int64_t candidate) {
-    const int64_t r = (column_side ? candidate : anchor) - t.r0;
-    const int64_t k = (column_side ? anchor : candidate) - t.k0;
-    if (r >= 0 && r < t.bm && k >= 0 && k < t.bn) L[r * t.bn + k] = neg_inf<T>();
-  };
-  const int64_t first = column_side ? t.k0 : t.r0;
-  const int64_t count = column_side ? t.bn : t.bm;
-  const int64_t offset = column_side ? p.column_offset() : 0;
-  for (int64_t a = first; a < first + count; ++a) {
-    exclude(a, p.pos_index[offset + a]);
-    if (p.self_index) exclude(a, p.self_index[offset + a]);
-  }
-}
-
 template <typename T>
 void artanh_logits(const Problem& p, const T* S, int64_t n, T* out) {
   const T artanh_scale = T(p.artanh_scale), lo = T(-1) + T(p.artanh_eps),
@@ -219,6 +182,170 @@ struct OnlineLse {
   }
 };
 
+// The tile passes. Each reads S (and, for the artanh map, its logits A = artanh_scale
+// artanh(clamp(S))) and never stores a logits tile: the logit of a pair is recomputed where it is
+// used (one multiply), and an excluded pair (pos_index, self_index) is masked by comparing
+// indices inside the vectorised loop. Row side: anchor r0 + r against column k0 + k, logit
+// inv_temp[r0 + r] S. Column side: column k0 + k as an anchor (entry c = column_offset + k0 + k)
+// against row r0 + r, logit inv_temp[c] S. Indices relative to the tile are int32 so that the
+// masks run at the float lanes' width.
+
+// index - first if it falls in [0, n), else -1 (no position of the tile matches it).
+inline int32_t tile_position(int64_t index, int64_t first, int64_t n) {
+  const int64_t r = index - first;
+  return (r >= 0 && r < n) ? static_cast<int32_t>(r) : -1;
+}
+
+// The columns' excluded rows of one tile (their positive and self among the anchors), relative
+// to the tile.
+struct ColumnExclusions {
+  std::vector<int32_t> pos, self;
+  ColumnExclusions() : pos(BLOCK), self(BLOCK) {}
+  void fill(const Problem& p, const Tile& t) {
+    const int64_t c0 = p.column_offset() + t.k0;
+    for (int64_t k = 0; k < t.bn; ++k) {
+      pos[k] = tile_position(p.pos_index[c0 + k], t.r0, t.bm);
+      self[k] = p.self_index ? tile_position(p.self_index[c0 + k], t.r0, t.bm) : -1;
+    }
+  }
+};
+
+// Forward, row side: each row's partial (max, sum of exp(l - max)) over the tile, merged into
+// the thread's online state.
+template <typename T, bool SCALED>
+void row_statistics(const Problem& p, const Tile& t, const T* S, const T* A, const T* inv_temp,
+                    OnlineLse<T>& state) {
+  const int32_t bn = static_cast<int32_t>(t.bn);
+  for (int64_t r = 0; r < t.bm; ++r) {
+    const int64_t a = t.r0 + r;
+    const int32_t kp = tile_position(p.pos_index[a], t.k0, t.bn);
+    const int32_t ks = p.self_index ? tile_position(p.self_index[a], t.k0, t.bn) : -1;
+    const T* x = (SCALED ? S : A) + r * t.bn;
+    const T scale = SCALED ? inv_temp[a] : T(1);
+    T m = neg_inf<T>();
+#pragma omp simd reduction(max : m)
+    for (int32_t k = 0; k < bn; ++k) {
+      const T l = (k == kp || k == ks) ? neg_inf<T>() : scale * x[k];
+      m = l > m ? l : m;
+    }
+    if (m == neg_inf<T>()) continue;  // every candidate of this tile excluded
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int32_t k = 0; k < bn; ++k) {
+      const T l = (k == kp || k == ks) ? neg_inf<T>() : scale * x[k];
+      sum += exp_approx(l - m);
+    }
+    state.merge(a, m, sum);
+  }
+}
+
+// Forward, column side: each column's partial (max, sum) over the tile's rows.
+template <typename T, bool SCALED>
+void column_statistics(const Problem& p, const Tile& t, const T* S, const T* A,
+                       const T* inv_temp, ColumnExclusions& ex, std::vector<T>& col_max,
+                       std::vector<T>& col_sum, OnlineLse<T>& state) {
+  const int64_t c0 = p.column_offset() + t.k0;
+  const int32_t bn = static_cast<int32_t>(t.bn);
+  ex.fill(p, t);
+  const int32_t* pos = ex.pos.data();
+  const int32_t* self = ex.self.data();
+  const T* scale = SCALED ? inv_temp + c0 : nullptr;
+  T* cm = col_max.data();
+  T* cs = col_sum.data();
+  std::fill(cm, cm + t.bn, neg_inf<T>());
+  for (int32_t r = 0; r < static_cast<int32_t>(t.bm); ++r) {
+    const T* x = (SCALED ? S : A) + r * t.bn;
+#pragma omp simd
+    for (int32_t k = 0; k < bn; ++k) {
+      const T l = (pos[k] == r || self[k] == r) ? neg_inf<T>()
+                                                : (SCALED ? scale[k] * x[k] : x[k]);
+      cm[k] = l > cm[k] ? l : cm[k];
+    }
+  }
+  // A column whose candidates are all excluded has max -inf: shift by 0 there (its terms are
+  // exp(-inf) = 0 either way), never by -inf (which would give NaN).
+  for (int64_t k = 0; k < t.bn; ++k)
+    if (cm[k] == neg_inf<T>()) cm[k] = T(0);
+  std::fill(cs, cs + t.bn, T(0));
+  for (int32_t r = 0; r < static_cast<int32_t>(t.bm); ++r) {
+    const T* x = (SCALED ? S : A) + r * t.bn;
+#pragma omp simd
+    for (int32_t k = 0; k < bn; ++k) {
+      const T l = (pos[k] == r || self[k] == r) ? neg_inf<T>()
+                                                : (SCALED ? scale[k] * x[k] : x[k]);
+      cs[k] += exp_approx(l - cm[k]);
+    }
+  }
+  for (int64_t k = 0; k < t.bn; ++k)
+    if (cs[k] > T(0)) state.merge(c0 + k, cm[k], cs[k]);
+}
+
+// Backward, row side: dL_dS = g_a Q_ak dl_dS_ak (written), d_inv_temp[a] += sum_k g_a Q_ak S_ak
+// (when d_inv_temp is not null; SCALED only). Q_ak = exp(l_ak - lse_neg[a]), 0 where excluded.
+template <typename T, bool SCALED>
+void row_gradient(const Problem& p, const Tile& t, const T* S, const T* A, const T* inv_temp,
+                  const T* lse_neg, const T* g, T* dL_dS, T* d_inv_temp) {
+  const int32_t bn = static_cast<int32_t>(t.bn);
+  const T artanh_scale = T(p.artanh_scale), artanh_eps = T(p.artanh_eps);
+  for (int64_t r = 0; r < t.bm; ++r) {
+    const int64_t a = t.r0 + r;
+    const int32_t kp = tile_position(p.pos_index[a], t.k0, t.bn);
+    const int32_t ks = p.self_index ? tile_position(p.self_index[a], t.k0, t.bn) : -1;
+    const T* s = S + r * t.bn;
+    const T* x = (SCALED ? S : A) + r * t.bn;
+    T* out = dL_dS + r * t.bn;
+    const T scale = SCALED ? inv_temp[a] : T(1);
+    const T lse_a = lse_neg[a], g_a = g[a];
+    T d_scale = 0;
+#pragma omp simd reduction(+ : d_scale)
+    for (int32_t k = 0; k < bn; ++k) {
+      const T q = (k == kp || k == ks) ? T(0) : g_a * exp_approx(scale * x[k] - lse_a);
+      d_scale += q * s[k];
+      out[k] = q * (SCALED ? scale : artanh_slope(s[k], artanh_scale, artanh_eps));
+    }
+    if (SCALED && d_inv_temp) d_inv_temp[a] += d_scale;
+  }
+}
+
+// Backward, column side: dL_dS_ak += g_c Q_ca dl_dS (c the column's entry), and
+// d_inv_temp[c] += sum_a g_c Q_ca S_ak.
+template <typename T, bool SCALED>
+void column_gradient(const Problem& p, const Tile& t, const T* S, const T* A, const T* inv_temp,
+                     const T* lse_neg, const T* g, ColumnExclusions& ex, T* dL_dS,
+                     T* d_inv_temp) {
+  const int64_t c0 = p.column_offset() + t.k0;
+  const int32_t bn = static_cast<int32_t>(t.bn);
+  const T artanh_scale = T(p.artanh_scale), artanh_eps = T(p.artanh_eps);
+  ex.fill(p, t);
+  const int32_t* pos = ex.pos.data();
+  const int32_t* self = ex.self.data();
+  const T* scale = SCALED ? inv_temp + c0 : nullptr;
+  const T* lse_k = lse_neg + c0;
+  const T* g_k = g + c0;
+  T* d_inv_temp_k = (SCALED && d_inv_temp) ? d_inv_temp + c0 : nullptr;
+  for (int32_t r = 0; r < static_cast<int32_t>(t.bm); ++r) {
+    const T* s = S + r * t.bn;
+    const T* x = (SCALED ? S : A) + r * t.bn;
+    T* out = dL_dS + r * t.bn;
+    if (d_inv_temp_k) {
+#pragma omp simd
+      for (int32_t k = 0; k < bn; ++k) {
+        const T q = (pos[k] == r || self[k] == r) ? T(0)
+                                                  : g_k[k] * exp_approx(scale[k] * x[k] - lse_k[k]);
+        d_inv_temp_k[k] += q * s[k];
+        out[k] += q * scale[k];
+      }
+    } else {
+#pragma omp simd
+      for (int32_t k = 0; k < bn; ++k) {
+        const T l = SCALED ? scale[k] * x[k] : x[k];
+        const T q = (pos[k] == r || self[k] == r) ? T(0) : g_k[k] * exp_approx(l - lse_k[k]);
+        out[k] += q * (SCALED ? scale[k] : artanh_slope(s[k], artanh_scale, artanh_eps));
+      }
+    }
+  }
+}
+
 template <typename T>
 at::Tensor forward_impl(const Problem& p, const at::Tensor& anchors,
                         const at::Tensor& candidates, const T* inv_temp) {
@@ -226,51 +353,25 @@ at::Tensor forward_impl(const Problem& p, const at::Tensor& anchors,
   std::vector<OnlineLse<T>> states(at::get_num_threads(), OnlineLse<T>(p.num_lse()));
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     OnlineLse<T>& state = states[at::get_thread_num()];
-    std::vector<T> S_buf(BLOCK * BLOCK), L(BLOCK * BLOCK),
-        artanh_S(p.scaled() ? 0 : BLOCK * BLOCK);
+    std::vector<T> S_buf(BLOCK * BLOCK), artanh_S(p.scaled() ? 0 : BLOCK * BLOCK);
     std::vector<T> col_max(BLOCK), col_sum(BLOCK);
+    ColumnExclusions exclusions;
     for (int64_t q = begin; q < end; ++q) {
       const Tile t = make_tile(p, tiles[q].first, tiles[q].second);
       const T* S = tile_similarity(anchors.narrow(0, t.r0, t.bm),
                                    candidates.narrow(0, t.k0, t.bn), S_buf);
       if (!p.scaled()) artanh_logits(p, S, t.bm * t.bn, artanh_S.data());
 
-      side_logits(p, t, S, artanh_S.data(), inv_temp, false, L.data());
-      for (int64_t r = 0; r < t.bm; ++r) {
-        const T* l = L.data() + r * t.bn;
-        T m = neg_inf<T>();
-#pragma omp simd reduction(max : m)
-        for (int64_t k = 0; k < t.bn; ++k) m = l[k] > m ? l[k] : m;
-        if (m == neg_inf<T>()) continue;  // every candidate of this tile excluded
-        T s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t k = 0; k < t.bn; ++k) s += exp_approx(l[k] - m);
-        state.merge(t.r0 + r, m, s);
+      const T* A = artanh_S.data();
+      if (p.scaled()) {
+        row_statistics<T, true>(p, t, S, A, inv_temp, state);
+        if (t.mirrored)
+          column_statistics<T, true>(p, t, S, A, inv_temp, exclusions, col_max, col_sum, state);
+      } else {
+        row_statistics<T, false>(p, t, S, A, inv_temp, state);
+        if (t.mirrored)
+          column_statistics<T, false>(p, t, S, A, inv_temp, exclusions, col_max, col_sum, state);
       }
-      if (!t.mirrored) continue;
-
-      side_logits(p, t, S, artanh_S.data(), inv_temp, true, L.data());
-      std::fill(col_max.begin(), col_max.end(), neg_inf<T>());
-      for (int64_t r = 0; r < t.bm; ++r) {
-        const T* l = L.data() + r * t.bn;
-        T* cm = col_max.data();
-#pragma omp simd
-        for (int64_t k = 0; k < t.bn; ++k) cm[k] = l[k] > cm[k] ? l[k] : cm[k];
-      }
-      // A column whose candidates are all excluded has max -inf: shift by 0 there (its terms
-      // are exp(-inf) = 0 either way), never by -inf (which would give NaN).
-      for (int64_t k = 0; k < t.bn; ++k)
-        if (col_max[k] == neg_inf<T>()) col_max[k] = T(0);
-      std::fill(col_sum.begin(), col_sum.end(), T(0));
-      for (int64_t r = 0; r < t.bm; ++r) {
-        const T* l = L.data() + r * t.bn;
-        T* cs = col_sum.data();
-        const T* cm = col_max.data();
-#pragma omp simd
-        for (int64_t k = 0; k < t.bn; ++k) cs[k] += exp_approx(l[k] - cm[k]);
-      }
-      for (int64_t k = 0; k < t.bn; ++k)
-        if (col_sum[k] > T(0)) state.merge(p.column_offset() + t.k0 + k, col_max[k], col_sum[k]);
     }
   });
   at::Tensor lse_neg = at::empty({p.num_lse()}, anchors.options());
@@ -286,39 +387,6 @@ at::Tensor forward_impl(const Problem& p, const at::Tensor& anchors,
     }
   });
   return lse_neg;
-}
-
-// dL_dl = g_a Q_ak = g_a exp(l - lse_neg[a]) in place over the logits L of one side (rows:
-// entry r0 + r; columns: entry column_offset + k0 + k), accumulating
-// d_inv_temp[a] += sum_k dL_dl_ak S_ak when asked (d_inv_temp not null).
-template <typename T>
-void side_gradient(const Problem& p, const Tile& t, bool column_side, const T* S,
-                   const T* lse_neg, const T* g, T* L, T* d_inv_temp) {
-  const int64_t c0 = p.column_offset() + t.k0;
-  for (int64_t r = 0; r < t.bm; ++r) {
-    T* l = L + r * t.bn;
-    const T* s = S + r * t.bn;
-    if (column_side) {
-      const T* lse_neg_k = lse_neg + c0;
-      const T* g_k = g + c0;
-#pragma omp simd
-      for (int64_t k = 0; k < t.bn; ++k) l[k] = g_k[k] * exp_approx(l[k] - lse_neg_k[k]);
-      if (d_inv_temp) {
-        T* d_inv_temp_k = d_inv_temp + c0;
-        for (int64_t k = 0; k < t.bn; ++k) d_inv_temp_k[k] += l[k] * s[k];
-      }
-    } else {
-      const T lse_neg_a = lse_neg[t.r0 + r], g_a = g[t.r0 + r];
-#pragma omp simd
-      for (int64_t k = 0; k < t.bn; ++k) l[k] = g_a * exp_approx(l[k] - lse_neg_a);
-      if (d_inv_temp) {
-        T d_inv_temp_a = 0;
-#pragma omp simd reduction(+ : d_inv_temp_a)
-        for (int64_t k = 0; k < t.bn; ++k) d_inv_temp_a += l[k] * s[k];
-        d_inv_temp[t.r0 + r] += d_inv_temp_a;
-      }
-    }
-  }
 }
 
 template <typename T>
@@ -339,8 +407,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   }
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     const int th = at::get_thread_num();
-    std::vector<T> S_buf(BLOCK * BLOCK), dL_dS_buf(BLOCK * BLOCK), L(BLOCK * BLOCK),
+    std::vector<T> S_buf(BLOCK * BLOCK), dL_dS_buf(BLOCK * BLOCK),
         artanh_S(p.scaled() ? 0 : BLOCK * BLOCK);
+    ColumnExclusions exclusions;
     T* d_inv_temp = need_d_inv_temp ? d_inv_temp_th[th].data() : nullptr;
     for (int64_t q = begin; q < end; ++q) {
       const Tile t = make_tile(p, tiles[q].first, tiles[q].second);
@@ -351,41 +420,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       const at::Tensor dL_dS = at::from_blob(dL_dS_buf.data(), {t.bm, t.bn}, anchors.options());
       T* dL_dS_data = dL_dS.data_ptr<T>();
 
-      // Row side: dL_dS = dL_dl_row * dl_dS.
-      side_logits(p, t, S, artanh_S.data(), inv_temp, false, L.data());
-      side_gradient(p, t, false, S, lse_neg, g, L.data(), d_inv_temp);
-      for (int64_t r = 0; r < t.bm; ++r) {
-        const T* dL_dl = L.data() + r * t.bn;
-        T* dL_dS_r = dL_dS_data + r * t.bn;
-        const T* s = S + r * t.bn;
-        if (p.scaled()) {
-          const T inv_temp_a = inv_temp[t.r0 + r];
-#pragma omp simd
-          for (int64_t k = 0; k < t.bn; ++k) dL_dS_r[k] = dL_dl[k] * inv_temp_a;
-        } else {
-          for (int64_t k = 0; k < t.bn; ++k)
-            dL_dS_r[k] =
-                dL_dl[k] * artanh_slope(s[k], T(p.artanh_scale), T(p.artanh_eps));
-        }
-      }
-      // Column side (mirrored tile): dL_dS += dL_dl_col * dl_dS, both already in S's layout.
-      if (t.mirrored) {
-        side_logits(p, t, S, artanh_S.data(), inv_temp, true, L.data());
-        side_gradient(p, t, true, S, lse_neg, g, L.data(), d_inv_temp);
-        for (int64_t r = 0; r < t.bm; ++r) {
-          const T* dL_dl = L.data() + r * t.bn;
-          T* dL_dS_r = dL_dS_data + r * t.bn;
-          const T* s = S + r * t.bn;
-          if (p.scaled()) {
-            const T* inv_temp_k = inv_temp + p.column_offset() + t.k0;
-#pragma omp simd
-            for (int64_t k = 0; k < t.bn; ++k) dL_dS_r[k] += dL_dl[k] * inv_temp_k[k];
-          } else {
-            for (int64_t k = 0; k < t.bn; ++k)
-              dL_dS_r[k] +=
-                  dL_dl[k] * artanh_slope(s[k], T(p.artanh_scale), T(p.artanh_eps));
-          }
-        }
+      // Row side: dL_dS = dL_dl_row * dl_dS; column side (mirrored tile): dL_dS += dL_dl_col *
+      // dl_dS, both in S's layout.
+      const T* A = artanh_S.data();
+      if (p.scaled()) {
+        row_gradient<T, true>(p, t, S, A, inv_temp, lse_neg, g, dL_dS_data, d_inv_temp);
+        if (t.mirrored)
+          column_gradient<T, true>(p, t, S, A, inv_temp, lse_neg, g, exclusions, dL_dS_data,
+                                   d_inv_temp);
+      } else {
+        row_gradient<T, false>(p, t, S, A, inv_temp, lse_neg, g, dL_dS_data, d_inv_temp);
+        if (t.mirrored)
+          column_gradient<T, false>(p, t, S, A, inv_temp, lse_neg, g, exclusions, dL_dS_data,
+                                    d_inv_temp);
       }
       // d_anchors_r += dL_dS candidates_k; d_candidates_k += dL_dS^T anchors_r (symmetric:
       // both into d_anchors).

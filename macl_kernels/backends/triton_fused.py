@@ -46,8 +46,13 @@ Passes and GEMM work (one "GEMM" = ``2 M K D`` flops over the whole ``M x K`` ti
   comparable to its GEMM work, and the symmetric backward evaluates two exponentials per element
   (rows' and columns' ``Q``) where the general path's backward evaluates one (3 vs 2 over both
   passes), against 3 vs 4 GEMMs.
-* CLIP (``cross_sym``) reaches this module as two cross blocks (``u1`` vs ``u2`` and back):
-  2 x 4 GEMMs of ``N x N x D``.
+* layout ``cross_sym`` on one process (``Problem.both_directions``: CLIP's two directions):
+  ``_both_forward_kernel`` computes each tile once for the rows' online statistics and stores
+  each column's partial (max, sum) per row block; a tiny merge in block order gives the columns'
+  ``lse_neg`` (no atomics; extra memory ``2 K cdiv(M, BLOCK_M)``). Backward: ``_both_backward_kernel``
+  once per side (rows' gradient, columns' gradient), each forming both directions' ``dL_dS`` from
+  one recompute of the tile. 5 GEMMs of ``N x N x D`` instead of 2 x 4 as two cross blocks
+  (docs/math.md#both-directions-of-one-s-layout-cross_sym).
 
 Extra memory: ``lse_neg`` (``M``), ``E`` (``M x D``, only when a gradient is required), the
 rounded half-precision operands (``(M + K) x D``, half inputs only), the gradients: ``O((M+K) D)``.

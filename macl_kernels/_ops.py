@@ -150,12 +150,12 @@ def negative_lse_backward_op(backend: str, anchors: Tensor, candidates: Optional
     # would round the backward's GEMMs (and mix dtypes): turn it off here too.
     device_type = anchors.device.type
     impl = kernel_backend(backend)
-    bwd = (_bwd_two_directions if problem.both_directions and not impl.both_directions
-           else type(impl).bwd)
+    two_directions = problem.both_directions and not impl.both_directions
     with torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else \
             contextlib.nullcontext():
-        grads = bwd(impl, problem, lse_neg, aux if aux.numel() else None,
-                    g.to(lse_neg.dtype).contiguous(), needs)
+        args = (problem, lse_neg, aux if aux.numel() else None, g.to(lse_neg.dtype).contiguous(),
+                needs)
+        grads = _bwd_two_directions(impl, *args) if two_directions else impl.bwd(*args)
     d_anchors, d_candidates, d_inv_temp = grads
     if problem.symmetric:
         # The fold: the gradient of the one tensor is the sum of both sides (a kernel that

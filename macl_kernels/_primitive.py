@@ -35,6 +35,12 @@ from the anchors):
     dL_dl      = g_a sigmoid(l_ak)  on Neg(a), 0 elsewhere           (no forward statistic)
     d_row_bias_a = sum_k dL_dl_ak,  and the other gradients as above
 
+``both_directions`` (layout ``cross_sym`` on one process): the rows of ``S`` are anchors against
+the candidates and its columns are anchors against the rows, from the same tiles. Then
+``inv_temp``, ``pos_index``, ``self_index`` and ``lse_neg`` have ``M + K`` entries: the first
+``M`` for the rows (indices into ``candidates``), the last ``K`` for the columns (indices into
+``anchors``), and ``l_{k,a} = inv_temp[M + k] S_ak`` for column ``k``.
+
 This module holds no math of its own: it names the arguments (``Problem``), the logit map
 (``LogitMap``), what a backward must produce (``Needs``, ``Grads``) and the ``Backend`` protocol
 that ``macl_kernels/_ops.py`` wraps as custom operators. It imports nothing from the package.
@@ -97,6 +103,10 @@ class Problem:
     # or neither; symmetric problems take candidate_labels = None (the anchors' labels serve).
     anchor_labels: Optional[Tensor] = None
     candidate_labels: Optional[Tensor] = None
+    # Both directions of one S (layout cross_sym, one process): the per-anchor tensors and
+    # lse_neg have M + K entries, rows first, then columns (see the module docstring). LSE
+    # reduction without labels only (_ops refuses the rest).
+    both_directions: bool = False
 
     @property
     def softplus(self) -> bool:
@@ -114,6 +124,27 @@ class Problem:
     @property
     def symmetric(self) -> bool:
         return self.candidates is None
+
+    @property
+    def num_lse(self) -> int:
+        """Entries of ``lse_neg`` (and of ``inv_temp``, ``pos_index``, ``self_index``):
+        ``M``, or ``M + K`` with ``both_directions``."""
+        return self.M + self.K if self.both_directions else self.M
+
+    def direction(self, columns: bool) -> "Problem":
+        """One direction of a ``both_directions`` problem as a plain cross problem: the rows
+        (``columns=False``: anchors against candidates) or the columns (candidates against
+        anchors)."""
+        rows = slice(self.M, None) if columns else slice(0, self.M)
+
+        def part(t):
+            return None if t is None else t[rows]
+
+        anchors, candidates = ((self.candidates, self.anchors) if columns
+                               else (self.anchors, self.candidates))
+        return Problem(anchors, candidates, part(self.inv_temp), part(self.pos_index),
+                       part(self.self_index), self.logit_map, self.artanh_scale, self.artanh_eps,
+                       self.operand_dtype)
 
     @property
     def candidate_rows(self) -> Tensor:
@@ -149,7 +180,10 @@ class Grads(NamedTuple):
     Symmetric problems: the one tensor's gradient is ``d_anchors + d_candidates``. A kernel that
     exploits the symmetry inside (the cpu and triton backends) returns that sum as
     ``d_anchors`` and ``d_candidates=None``; ``_ops`` adds the two when both are given. That
-    fold happens in ``_ops`` only."""
+    fold happens in ``_ops`` only.
+
+    ``both_directions``: ``d_anchors`` and ``d_candidates`` hold both directions' contributions
+    and ``d_inv_temp`` has ``M + K`` entries."""
 
     d_anchors: Optional[Tensor]
     d_candidates: Optional[Tensor]
@@ -169,6 +203,9 @@ class Backend:
     # Whether the backend is compiled code that the package builds (``auto`` warns once when
     # it passes over such a backend because it was not built).
     native: bool = False
+    # Whether fwd/bwd handle Problem.both_directions themselves (one S for both directions);
+    # otherwise _ops runs the two directions as two plain problems.
+    both_directions: bool = False
 
     def unavailable_reason(self, device: Optional[torch.device]) -> Optional[str]:
         """``None`` when usable on ``device`` (or here at all, for ``None``), else a sentence

@@ -130,9 +130,24 @@ def _negative_lse(prep, inv_temp: Optional[torch.Tensor],
     op of ``_ops.py`` (opaque to ``torch.compile``). ``operand_dtype`` (the inputs' dtype) tells a
     kernel which precision its GEMM operands may be rounded to (the tensor cores for half inputs);
     statistics and gradients stay in the compute dtype. A block whose anchors are its candidates
-    (layout 2n, one process) passes them once: ``S`` is symmetric."""
+    (layout 2n, one process) passes them once: ``S`` is symmetric. Two blocks that are each
+    other's transpose (layout cross_sym, one process: ``u1`` against ``u2`` and ``u2`` against
+    ``u1``) are one call in both directions: each tile of ``S`` serves the rows and the columns.
+    Distributed, the two blocks' candidates are every rank's rows, not the other block's anchors,
+    so they stay two calls; so do blocks with a label mask (false-negative masking)."""
+    blocks = prep.blocks
+    if (len(blocks) == 2 and blocks[0].anchors is blocks[1].candidates
+            and blocks[0].candidates is blocks[1].anchors
+            and all(b.anchor_labels is None for b in blocks)):  # labels: two calls
+        rows, cols = blocks
+        self_index = (None if rows.self_index is None and cols.self_index is None
+                      else torch.cat([rows.self_index, cols.self_index]))
+        return _ops.negative_lse(prep.name, rows.anchors, rows.candidates, inv_temp,
+                                 torch.cat([rows.pos_index, cols.pos_index]), self_index,
+                                 logit_map, artanh_scale, artanh_eps, prep.out_dtype,
+                                 both_directions=True)
     out, r0 = [], 0
-    for b in prep.blocks:
+    for b in blocks:
         m = b.anchors.shape[0]
         inv_temp_rows = inv_temp[r0:r0 + m] if inv_temp is not None else None
         candidates = None if b.candidates is b.anchors else b.candidates

@@ -4,8 +4,9 @@
 The primitive of ``docs/math.md#the-primitive`` (per-row ``lse_neg``; recompute in backward),
 tiled in C++ over ``at::parallel_for``. A symmetric problem (layout ``2n`` on one process)
 computes only the tiles on and above the diagonal, each for its rows and its columns, and the
-kernel returns the one tensor's whole gradient as ``d_anchors``. float32 and float64; half
-inputs reach it upcast to float32 by the losses.
+kernel returns the one tensor's whole gradient as ``d_anchors``. A both-directions problem
+(layout ``cross_sym`` on one process) computes every tile once for its rows and its columns.
+float32 and float64; half inputs reach it upcast to float32 by the losses.
 
 ``RowReduction.SOFTPLUS`` (SigLIP, ``docs/math.md#siglip``): ``softplus_forward`` sums
 ``softplus(l)`` over the same tiles; when a gradient will be needed it also accumulates, in the
@@ -31,6 +32,7 @@ _EXTENSION = Extension("macl_kernels._C_cpu")
 class CpuBackend(Backend):
     name = "cpu"
     native = True
+    both_directions = True
 
     def built(self) -> bool:
         return _EXTENSION.get() is not None
@@ -58,7 +60,7 @@ class CpuBackend(Backend):
         return _EXTENSION.get().forward(
             p.anchors, p.candidate_rows, cast_rows(p.inv_temp, p.anchors), p.pos_index,
             p.self_index, int(p.logit_map), p.artanh_scale, p.artanh_eps, p.symmetric,
-            p.anchor_labels, p.candidate_label_rows, need_eqs)
+            p.both_directions, p.anchor_labels, p.candidate_label_rows, need_eqs)
 
     def fwd(self, problem: Problem, need_grad: bool):
         p = problem
@@ -81,8 +83,8 @@ class CpuBackend(Backend):
         d_anchors, d_candidates, d_inv_temp = _EXTENSION.get().backward(
             p.anchors, p.candidate_rows, cast_rows(p.inv_temp, p.anchors), p.pos_index,
             p.self_index, lse_neg, g.to(p.anchors.dtype).contiguous(), int(p.logit_map),
-            p.artanh_scale, p.artanh_eps, p.symmetric, needs.d_anchors, needs.d_candidates,
-            needs.d_inv_temp, p.anchor_labels, p.candidate_label_rows)
+            p.artanh_scale, p.artanh_eps, p.symmetric, p.both_directions, needs.d_anchors,
+            needs.d_candidates, needs.d_inv_temp, p.anchor_labels, p.candidate_label_rows)
         # Symmetric: the kernel has summed both sides of every pair into d_anchors.
         return Grads(d_anchors, None if p.symmetric else d_candidates, d_inv_temp)
 

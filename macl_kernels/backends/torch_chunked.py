@@ -23,7 +23,8 @@ row sums of ``softplus(l)`` over ``Neg(a)`` in forward; backward needs no statis
 ``dL_dl = g_a sigmoid(l_ak)`` (0 off ``Neg(a)``), the same GEMMs, ``d_row_bias_a = sum_k dL_dl_ak``.
 
 A symmetric problem (the candidates are the anchors) runs as a cross one against the same rows
-and returns both sides; ``_ops`` folds them.
+and returns both sides; ``_ops`` folds them. A both-directions problem (layout ``cross_sym``)
+computes each chunk of ``S`` once for its rows and for the columns (``forward_lse_both``).
 
 Extra memory: O((M + K) * D + chunk * K), never O(M * K). Works on any device and dtype the
 matmul supports; the losses pass float32 or float64 (half inputs are upcast by the caller).
@@ -203,10 +204,100 @@ def backward_grads(problem: Problem, lse_neg: torch.Tensor, g: torch.Tensor, nee
     return Grads(d_anchors, d_candidates, d_inv_temp)
 
 
+# Both directions (layout cross_sym on one process): each chunk x K block of S serves its rows
+# (row statistics, complete per chunk) and every column (a partial max / sum per chunk, merged
+# online in chunk order: deterministic). Backward forms both directions' dL_dS from the one block.
+# Extra memory: the columns' running max and sum (2 K) and about three chunk x K blocks.
+
+def _both_logits(problem: Problem, S: torch.Tensor, rows: slice):
+    """The rows' and the columns' logits of the block ``S = anchors[rows] @ candidates^T``,
+    each with its exclusions as -inf (the columns' positives / selves index the anchors)."""
+    M = problem.M
+    if problem.logit_map is LogitMap.SCALED:
+        row_logits = S * problem.inv_temp[rows, None]
+        col_logits = S * problem.inv_temp[None, M:]
+    else:
+        eps = problem.artanh_eps
+        row_logits = torch.atanh(S.clamp(-1 + eps, 1 - eps)).mul_(problem.artanh_scale)
+        col_logits = row_logits.clone()
+    _exclude(row_logits, rows, problem.pos_index, problem.self_index)
+    r0 = rows.start
+    for index in (problem.pos_index, problem.self_index):
+        if index is None:
+            continue
+        col_index = index[M:] - r0  # the row of this block each column excludes, if any
+        inside = (col_index >= 0) & (col_index < S.shape[0])
+        cols = torch.nonzero(inside).squeeze(1)
+        col_logits[col_index[cols], cols] = float("-inf")
+    return row_logits, col_logits
+
+
+def _zero_if_neg_inf(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x == float("-inf"), torch.zeros_like(x), x)
+
+
+def forward_lse_both(problem: Problem, chunk: int) -> torch.Tensor:
+    M, K = problem.M, problem.K
+    anchors, candidates = problem.anchors, problem.candidates
+    lse_neg = anchors.new_empty(M + K)
+    col_max = anchors.new_full((K,), float("-inf"))
+    col_sum = anchors.new_zeros(K)
+    for r0 in range(0, M, chunk):
+        rows = slice(r0, min(M, r0 + chunk))
+        S = anchors[rows] @ candidates.T
+        row_logits, col_logits = _both_logits(problem, S, rows)
+        row_max = _zero_if_neg_inf(row_logits.amax(dim=1))
+        lse_neg[rows] = row_max + row_logits.sub_(row_max[:, None]).exp_().sum(dim=1).log_()
+        new_max = torch.maximum(col_max, col_logits.amax(dim=0))
+        shift = _zero_if_neg_inf(new_max)
+        col_sum = (col_sum * torch.exp(col_max - shift)
+                   + col_logits.sub_(shift[None, :]).exp_().sum(dim=0))
+        col_max = new_max
+    lse_neg[M:] = _zero_if_neg_inf(col_max) + col_sum.log()
+    return lse_neg
+
+
+def backward_grads_both(problem: Problem, lse_neg: torch.Tensor, g: torch.Tensor, needs: Needs,
+                        chunk: int) -> Grads:
+    M = problem.M
+    anchors, candidates, inv_temp = problem.anchors, problem.candidates, problem.inv_temp
+    d_anchors = torch.zeros_like(anchors) if needs.d_anchors else None
+    d_candidates = torch.zeros_like(candidates) if needs.d_candidates else None
+    scaled = problem.logit_map is LogitMap.SCALED
+    need_d_inv_temp = needs.d_inv_temp and scaled
+    d_inv_temp = torch.zeros_like(inv_temp) if need_d_inv_temp else None
+    lse_cols, g_cols = lse_neg[None, M:], g[None, M:]
+    for r0 in range(0, M, chunk):
+        rows = slice(r0, min(M, r0 + chunk))
+        a = anchors[rows]
+        S = a @ candidates.T
+        row_logits, col_logits = _both_logits(problem, S, rows)
+        # dL_dl of each direction, in its logits' storage.
+        dL_dl_rows = row_logits.sub_(lse_neg[rows, None]).exp_().mul_(g[rows, None])
+        dL_dl_cols = col_logits.sub_(lse_cols).exp_().mul_(g_cols)
+        if need_d_inv_temp:
+            d_inv_temp[rows] = (dL_dl_rows * S).sum(dim=1)
+            d_inv_temp[M:] += (dL_dl_cols * S).sum(dim=0)
+        if scaled:
+            dL_dS = dL_dl_rows.mul_(inv_temp[rows, None]).add_(
+                dL_dl_cols.mul_(inv_temp[None, M:]))
+        else:
+            eps = problem.artanh_eps
+            inside = S.abs() < 1 - eps
+            dl_dS = (1 - S * S).clamp_min_(eps).reciprocal_().mul_(problem.artanh_scale)
+            dL_dS = dL_dl_rows.add_(dL_dl_cols).mul_(dl_dS.mul_(inside))
+        if d_anchors is not None:
+            d_anchors[rows] = dL_dS @ candidates
+        if d_candidates is not None:
+            d_candidates.addmm_(dL_dS.T, a)
+    return Grads(d_anchors, d_candidates, d_inv_temp)
+
+
 class TorchBackend(Backend):
     """Runs anywhere PyTorch does, in the anchors' dtype; ignores ``operand_dtype``."""
 
     name = "torch"
+    both_directions = True
 
     def unavailable_reason(self, device):
         return None
@@ -215,6 +306,8 @@ class TorchBackend(Backend):
         chunk = default_chunk(problem.M, problem.K)
         if problem.row_reduction is RowReduction.SOFTPLUS:
             return forward_softplus(problem, chunk), None
+        if problem.both_directions:
+            return forward_lse_both(problem, chunk), None
         return forward_lse(problem, chunk), None
 
     def fwd_eqs(self, problem, need_grad):
@@ -225,6 +318,8 @@ class TorchBackend(Backend):
         chunk = default_chunk(problem.M, problem.K)
         if problem.row_reduction is RowReduction.SOFTPLUS:
             return backward_softplus(problem, g, needs, chunk)
+        if problem.both_directions:
+            return backward_grads_both(problem, lse_neg, g, needs, chunk)
         return backward_grads(problem, lse_neg, g, needs, chunk)
 
 

@@ -46,8 +46,13 @@ Passes and GEMM work (one "GEMM" = ``2 M K D`` flops over the whole ``M x K`` ti
   comparable to its GEMM work, and the symmetric backward evaluates two exponentials per element
   (rows' and columns' ``Q``) where the general path's backward evaluates one (3 vs 2 over both
   passes), against 3 vs 4 GEMMs.
-* CLIP (``cross_sym``) reaches this module as two cross blocks (``u1`` vs ``u2`` and back):
-  2 x 4 GEMMs of ``N x N x D``.
+* layout ``cross_sym`` on one process (``Problem.both_directions``: CLIP's two directions):
+  ``_both_forward_kernel`` computes each tile once for the rows' online statistics and stores
+  each column's partial (max, sum) per row block; a tiny merge in block order gives the columns'
+  ``lse_neg`` (no atomics; extra memory ``2 K cdiv(M, BLOCK_M)``). Backward: ``_both_backward_kernel``
+  once per side (rows' gradient, columns' gradient), each forming both directions' ``dL_dS`` from
+  one recompute of the tile. 5 GEMMs of ``N x N x D`` instead of 2 x 4 as two cross blocks
+  (docs/math.md#both-directions-of-one-s-layout-cross_sym).
 
 * ``RowReduction.SOFTPLUS`` (SigLIP, ``docs/math.md#siglip``), cross problems, SCALED map, with a
   per-row bias: sibling kernels sharing the helpers. ``_softplus_forward_kernel`` sums
@@ -347,6 +352,156 @@ if triton is not None:
             tl.store(d_inv_temp_ptr + offs_n, d_inv_temp, mask=col_ok)
 
     # ----------------------------------------------------------------------------------------
+    # Both directions (layout cross_sym on one process, Problem.both_directions): the rows of S
+    # are anchors against the candidates and its columns anchors against the rows. The per-anchor
+    # arrays have M + K entries (rows, then columns); the kernels get the two halves as separate
+    # pointers.
+    # ----------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _both_forward_kernel(
+        anchors_ptr, candidates_ptr, inv_temp_ptr, pos_index_ptr, self_index_ptr,
+        col_inv_temp_ptr, col_pos_index_ptr, col_self_index_ptr, lse_neg_ptr,
+        col_max_ptr, col_sum_ptr,
+        M, K, D, stride_anchors, stride_candidates,
+        artanh_scale, artanh_eps,
+        LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One block of anchor rows against every candidate tile, each tile of ``S`` computed
+        once for both directions: the rows' ``lse_neg`` (online, as ``_forward_kernel``) and,
+        per column, this block's partial ``(max, sum of exp(l - max))`` of the column's logits
+        over these rows, stored at ``[program, column]`` of ``col_max`` / ``col_sum``
+        (``[cdiv(M, BLOCK_M), K]``). A second, tiny pass merges the partials in block order: no
+        atomics, deterministic."""
+        acc_ty = lse_neg_ptr.dtype.element_ty
+        pid = tl.program_id(0)
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < M
+        d_ok = offs_d < D
+        anchors = tl.load(
+            anchors_ptr + offs_m.to(tl.int64)[:, None] * stride_anchors + offs_d[None, :],
+            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        inv_temp = tl.load(inv_temp_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+        pos_index = tl.load(pos_index_ptr + offs_m, mask=row_ok, other=-1)
+        self_index = tl.load(self_index_ptr + offs_m, mask=row_ok, other=-1)
+        m_i = tl.full([BLOCK_M], float("-inf"), acc_ty)
+        s_i = tl.zeros([BLOCK_M], acc_ty)
+        partial_row = pid.to(tl.int64) * K
+        for n0 in range(0, K, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < K
+            candidates = tl.load(
+                candidates_ptr + offs_n.to(tl.int64)[:, None] * stride_candidates
+                + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            S = _dot(anchors, tl.trans(candidates), DOT_PRECISION, UPCAST).to(acc_ty)
+            in_range = row_ok[:, None] & col_ok[None, :]
+            # Rows: anchor a against candidate k, Neg(a) without pos_index[a] (and self).
+            keep = in_range & (offs_n[None, :] != pos_index[:, None])
+            if HAS_SELF:
+                keep = keep & (offs_n[None, :] != self_index[:, None])
+            l = tl.where(keep, _logit(S, inv_temp[:, None], artanh_scale, artanh_eps, LOGIT_MAP),
+                         float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(l, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_i = s_i * tl.exp(m_i - m_ref) + tl.sum(tl.exp(l - m_ref[:, None]), axis=1)
+            m_i = m_new
+            # Columns: candidate k as an anchor against row a, without its positive (and self)
+            # among the rows.
+            col_inv_temp = tl.load(col_inv_temp_ptr + offs_n, mask=col_ok, other=0.0).to(acc_ty)
+            col_pos = tl.load(col_pos_index_ptr + offs_n, mask=col_ok, other=-1)
+            keep_col = in_range & (offs_m[:, None] != col_pos[None, :])
+            if HAS_SELF:
+                col_self = tl.load(col_self_index_ptr + offs_n, mask=col_ok, other=-1)
+                keep_col = keep_col & (offs_m[:, None] != col_self[None, :])
+            l_col = tl.where(keep_col, _logit(S, col_inv_temp[None, :], artanh_scale, artanh_eps,
+                                              LOGIT_MAP), float("-inf"))
+            c_max = tl.max(l_col, axis=0)
+            c_ref = tl.where(c_max == float("-inf"), 0.0, c_max)
+            c_sum = tl.sum(tl.exp(l_col - c_ref[None, :]), axis=0)
+            tl.store(col_max_ptr + partial_row + offs_n, c_max, mask=col_ok)
+            tl.store(col_sum_ptr + partial_row + offs_n, c_sum, mask=col_ok)
+        has_neg = s_i > 0
+        lse_neg = tl.where(has_neg, m_i + tl.log(tl.where(has_neg, s_i, 1.0)), float("-inf"))
+        tl.store(lse_neg_ptr + offs_m, lse_neg, mask=row_ok)
+
+    @triton.jit
+    def _both_backward_kernel(
+        anchors_ptr, candidates_ptr,
+        inv_temp_ptr, pos_index_ptr, self_index_ptr, lse_neg_ptr, g_ptr,
+        own_inv_temp_ptr, own_pos_index_ptr, own_self_index_ptr, own_lse_neg_ptr, own_g_ptr,
+        d_candidates_ptr, d_inv_temp_ptr,
+        M, K, D, stride_anchors, stride_candidates, stride_d_candidates,
+        artanh_scale, artanh_eps,
+        LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr, NEED_D_INV_TEMP: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE_WEIGHTS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One side's gradient in both directions, ``_candidates_kernel``'s column order: each
+        program owns a block of the "candidates" (here: the side whose gradient it writes, with
+        its own statistics ``own_*``) and streams the "anchors" (the other side, statistics
+        without prefix). From one recompute of each tile it forms both directions' ``dL_dS``
+        (the streamed rows as anchors, ``Q`` from ``lse_neg``; its own rows as anchors, ``Q``
+        from ``own_lse_neg``) and accumulates ``d_candidates = sum_a dL_dS_ak u_a`` and the own
+        rows' ``d_inv_temp``. Launched once per side (for the anchors' gradient the two sides
+        swap roles): two passes, 2 GEMMs each."""
+        acc_ty = lse_neg_ptr.dtype.element_ty
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        col_ok = offs_n < K
+        d_ok = offs_d < D
+        candidates = tl.load(
+            candidates_ptr + offs_n.to(tl.int64)[:, None] * stride_candidates + offs_d[None, :],
+            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        d_candidates = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
+        d_inv_temp = tl.zeros([BLOCK_N], acc_ty)
+        inv_temp_k = tl.load(own_inv_temp_ptr + offs_n, mask=col_ok, other=0.0).to(acc_ty)
+        pos_index_k = tl.load(own_pos_index_ptr + offs_n, mask=col_ok, other=-1)
+        self_index_k = tl.load(own_self_index_ptr + offs_n, mask=col_ok, other=-1)
+        lse_neg_k = tl.load(own_lse_neg_ptr + offs_n, mask=col_ok, other=0.0)
+        g_k = tl.load(own_g_ptr + offs_n, mask=col_ok, other=0.0).to(acc_ty)
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < M
+            anchors = tl.load(
+                anchors_ptr + offs_m.to(tl.int64)[:, None] * stride_anchors + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            inv_temp_a = tl.load(inv_temp_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+            pos_index_a = tl.load(pos_index_ptr + offs_m, mask=row_ok, other=-1)
+            self_index_a = tl.load(self_index_ptr + offs_m, mask=row_ok, other=-1)
+            lse_neg_a = tl.load(lse_neg_ptr + offs_m, mask=row_ok, other=0.0)
+            g_a = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+            St = _dot(candidates, tl.trans(anchors), DOT_PRECISION, UPCAST).to(acc_ty)
+            in_range = col_ok[:, None] & row_ok[None, :]
+            # The streamed rows as anchors: Q_ak over Neg(a).
+            keep = in_range & (offs_n[:, None] != pos_index_a[None, :])
+            if HAS_SELF:
+                keep = keep & (offs_n[:, None] != self_index_a[None, :])
+            l = tl.where(keep, _logit(St, inv_temp_a[None, :], artanh_scale, artanh_eps,
+                                      LOGIT_MAP), float("-inf"))
+            dL_dS_t = (g_a[None, :] * tl.exp(l - lse_neg_a[None, :])) * _dl_dS(
+                St, inv_temp_a[None, :], artanh_scale, artanh_eps, LOGIT_MAP)
+            # The own rows as anchors: Q_ka over Neg(k).
+            keep_k = in_range & (offs_m[None, :] != pos_index_k[:, None])
+            if HAS_SELF:
+                keep_k = keep_k & (offs_m[None, :] != self_index_k[:, None])
+            l_k = tl.where(keep_k, _logit(St, inv_temp_k[:, None], artanh_scale, artanh_eps,
+                                          LOGIT_MAP), float("-inf"))
+            dL_dl_k = g_k[:, None] * tl.exp(l_k - lse_neg_k[:, None])
+            dL_dS_t += dL_dl_k * _dl_dS(St, inv_temp_k[:, None], artanh_scale, artanh_eps,
+                                        LOGIT_MAP)
+            if NEED_D_INV_TEMP:
+                d_inv_temp += tl.sum(dL_dl_k * St, axis=1)
+            d_candidates += _weights_dot(dL_dS_t, anchors, DOT_PRECISION, UPCAST,
+                                         WIDE_WEIGHTS).to(acc_ty)
+        tl.store(d_candidates_ptr + offs_n.to(tl.int64)[:, None] * stride_d_candidates
+                 + offs_d[None, :], d_candidates, mask=col_ok[:, None] & d_ok[None, :])
+        if NEED_D_INV_TEMP:
+            tl.store(d_inv_temp_ptr + offs_n, d_inv_temp, mask=col_ok)
+
+    # ----------------------------------------------------------------------------------------
     # RowReduction.SOFTPLUS (SigLIP): sibling kernels of the two above, sharing their helpers.
     # ----------------------------------------------------------------------------------------
 
@@ -530,6 +685,10 @@ if triton is not None:
             key=["BLOCK_D", "LOGIT_MAP", "HAS_SELF", "SYMMETRIC", "NEED_D_INV_TEMP",
                  "DOT_PRECISION", "HAS_LABELS"],
         )(_candidates_kernel),
+        "_both_backward_kernel": triton.autotune(
+            configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
+            key=["BLOCK_D", "LOGIT_MAP", "HAS_SELF", "NEED_D_INV_TEMP", "DOT_PRECISION"],
+        )(_both_backward_kernel),
         "_softplus_forward_kernel": triton.autotune(
             configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
             key=["BLOCK_D", "HAS_BIAS", "HAS_SELF", "ACC_E", "DOT_PRECISION"],
@@ -556,7 +715,8 @@ def _launch(kernel, grid_rows: int, block_key: str, args, **flags):
         else:
             bm, bn, warps, stages = _default_shape(flags["BLOCK_D"], args[0].element_size(),
                                                    kernel in (_candidates_kernel,
-                                                              _softplus_candidates_kernel))
+                                                              _softplus_candidates_kernel,
+                                                              _both_backward_kernel))
             blocks = dict(BLOCK_M=bm, BLOCK_N=bn)
             kernel[(triton.cdiv(grid_rows, blocks[block_key]),)](
                 *args, **flags, **blocks, num_warps=warps, num_stages=stages)
@@ -593,7 +753,7 @@ def _operands(problem: Problem) -> _Operands:
     candidates = anchors if p.symmetric else p.candidates.detach().to(op_dtype)
     pos_index = p.pos_index.to(torch.int32).contiguous()
     self_index = pos_index if p.self_index is None else p.self_index.to(torch.int32).contiguous()
-    inv_temp = (p.anchors.new_empty(p.M) if p.inv_temp is None
+    inv_temp = (p.anchors.new_empty(p.num_lse) if p.inv_temp is None
                 else p.inv_temp.to(p.anchors.dtype).contiguous())
     anchor_labels = candidate_labels = pos_index
     if p.has_labels:  # int64: labels are arbitrary integers, never narrowed
@@ -678,7 +838,7 @@ def _run_backward(problem: Problem, lse_neg, E, g, needs: Needs) -> Grads:
 def _softplus_common(problem: Problem, ops: _Operands) -> dict:
     """The launch flags of the softplus kernels (no logit map: SCALED only)."""
     flags = _flags(problem, ops)
-    del flags["LOGIT_MAP"]
+    del flags["LOGIT_MAP"], flags["HAS_LABELS"]  # SigLIP: SCALED map, no label mask
     flags["HAS_BIAS"] = problem.row_bias is not None
     return flags
 
@@ -733,6 +893,93 @@ def _run_softplus_backward(problem: Problem, E, g, needs: Needs) -> Grads:
     return Grads(d_anchors, d_candidates, d_inv_temp, d_row_bias)
 
 
+def _both_flags(problem: Problem, ops: _Operands) -> dict:
+    """The both-directions kernels' flags: ``_ops`` never sends them labels."""
+    flags = _flags(problem, ops)
+    del flags["HAS_LABELS"]
+    return flags
+
+
+def _both_forward_block_m(problem: Problem, ops: _Operands, block_d: int) -> int:
+    """``BLOCK_M`` of ``_both_forward_kernel``: fixed before the launch (the columns' partials
+    have one row per program), so this kernel is not autotuned: the interpreter's block, or the
+    first default shape that fits."""
+    if _INTERPRET:
+        return INTERPRETER_BLOCK_M
+    return _default_shape(block_d, ops.anchors.element_size(), False)[0]
+
+
+def _run_both_forward(problem: Problem) -> torch.Tensor:
+    """``lse_neg [M + K]`` of a both-directions problem: one pass over the tiles for the rows'
+    statistics and the columns' partials, then the partials merged in block order."""
+    ops = _operands(problem)
+    M, K, D = problem.M, problem.K, problem.D
+    flags = _both_flags(problem, ops)
+    block_m = _both_forward_block_m(problem, ops, flags["BLOCK_D"])
+    blocks = triton.cdiv(M, block_m)
+    lse_neg = problem.anchors.new_empty(M + K)
+    # Extra memory: the columns' partial max and sum, 2 x cdiv(M, BLOCK_M) x K values.
+    col_max = problem.anchors.new_empty((blocks, K))
+    col_sum = problem.anchors.new_empty((blocks, K))
+    args = (ops.anchors, ops.candidates, ops.inv_temp, ops.pos_index, ops.self_index,
+            ops.inv_temp[M:], ops.pos_index[M:], ops.self_index[M:], lse_neg, col_max, col_sum,
+            M, K, D, ops.anchors.stride(0), ops.candidates.stride(0),
+            float(problem.artanh_scale), float(problem.artanh_eps))
+    if _INTERPRET:
+        _both_forward_kernel[(blocks,)](*args, **flags, BLOCK_M=block_m,
+                                        BLOCK_N=INTERPRETER_BLOCK_N)
+    else:
+        with torch.cuda.device(problem.anchors.device):
+            _, bn, warps, stages = _default_shape(flags["BLOCK_D"], ops.anchors.element_size(),
+                                                  False)
+            _both_forward_kernel[(blocks,)](*args, **flags, BLOCK_M=block_m, BLOCK_N=bn,
+                                            num_warps=warps, num_stages=stages)
+    # The merge (the "second tiny pass"): per column, the max over blocks and the sum of each
+    # block's partial sum rescaled to it; a fixed order of reduction, no atomics.
+    top = col_max.amax(dim=0)
+    shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    total = (col_sum * torch.exp(col_max - shift)).sum(dim=0)
+    lse_neg[M:] = torch.where(total > 0, shift + torch.log(total), float("-inf"))
+    return lse_neg
+
+
+def _run_both_backward(problem: Problem, lse_neg, g, needs: Needs) -> Grads:
+    """Both directions' gradients: one column-ordered pass per side that needs one (the
+    anchors' side: the anchors as the kernel's owned rows, the candidates streamed)."""
+    ops = _operands(problem)
+    M, K, D = problem.M, problem.K, problem.D
+    g = g.to(problem.anchors.dtype).contiguous()
+    need_d_inv_temp = needs.d_inv_temp and problem.logit_map is LogitMap.SCALED
+    d_inv_temp = problem.anchors.new_empty(M + K) if need_d_inv_temp else None
+    rows = slice(0, M)
+    cols = slice(M, M + K)
+    out = {}
+    # (owned side, its rows, its entries; the streamed side, its rows, its entries)
+    for name, own, own_part, other, other_part, wanted in (
+            ("d_anchors", ops.anchors, rows, ops.candidates, cols, needs.d_anchors),
+            ("d_candidates", ops.candidates, cols, ops.anchors, rows, needs.d_candidates)):
+        if not (wanted or need_d_inv_temp):
+            continue
+        n_own, n_other = own.shape[0], other.shape[0]
+        d_own = problem.anchors.new_empty((n_own, D))
+        d_inv_temp_own = d_inv_temp[own_part] if need_d_inv_temp else lse_neg
+        _launch(
+            _both_backward_kernel, n_own, "BLOCK_N",
+            (other, own,
+             ops.inv_temp[other_part], ops.pos_index[other_part], ops.self_index[other_part],
+             lse_neg[other_part], g[other_part],
+             ops.inv_temp[own_part], ops.pos_index[own_part], ops.self_index[own_part],
+             lse_neg[own_part], g[own_part],
+             d_own, d_inv_temp_own, n_other, n_own, D, other.stride(0), own.stride(0),
+             d_own.stride(0), float(problem.artanh_scale), float(problem.artanh_eps)),
+            NEED_D_INV_TEMP=need_d_inv_temp,
+            WIDE_WEIGHTS=ops.anchors.dtype == torch.float16,
+            **_both_flags(problem, ops),
+        )
+        out[name] = d_own if wanted else None
+    return Grads(out.get("d_anchors"), out.get("d_candidates"), d_inv_temp)
+
+
 def _accumulates_e(problem: Problem, need_grad: bool) -> bool:
     # E serves the anchor side (and d_inv_temp) of a non-symmetric pass; the symmetric backward
     # gets everything from its one pass.
@@ -744,6 +991,7 @@ class TritonBackend(Backend):
 
     name = "triton"
     max_d = MAX_D
+    both_directions = True
 
     def unavailable_reason(self, device):
         return unavailable_reason(device)
@@ -761,6 +1009,8 @@ class TritonBackend(Backend):
                              f"embeddings")
 
     def fwd(self, problem: Problem, need_grad: bool):
+        if problem.both_directions:
+            return _run_both_forward(problem), None
         if problem.row_reduction is RowReduction.SOFTPLUS:
             return _run_softplus_forward(problem, need_grad)
         return self._forward(problem, _accumulates_e(problem, need_grad))
@@ -788,13 +1038,15 @@ class TritonBackend(Backend):
     def bwd(self, problem: Problem, lse_neg, aux, g, needs: Needs) -> Grads:
         if problem.row_reduction is RowReduction.SOFTPLUS:
             return _run_softplus_backward(problem, aux, g, needs)
+        if problem.both_directions:
+            return _run_both_backward(problem, lse_neg, g, needs)
         return _run_backward(problem, lse_neg, aux, g, needs)
 
     def fake_aux(self, problem: Problem, need_grad: bool):
         if problem.row_reduction is RowReduction.SOFTPLUS:
             return problem.anchors.new_empty((problem.M, problem.D + 1)) if need_grad else None
         return problem.anchors.new_empty(problem.anchors.shape) \
-            if _accumulates_e(problem, need_grad) else None
+            if _accumulates_e(problem, need_grad) and not problem.both_directions else None
 
 
 BACKEND = TritonBackend()

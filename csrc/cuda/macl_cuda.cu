@@ -641,7 +641,7 @@ __device__ void both_backward_side(SmemBoth<T>& sm, const Args& rows, const Args
     }
     tile_S(sm.tile, anchors, candidates, a0, c0, rows);
     float dL_dS_max = 0.0f;
-#pragma unroll
+#pragma unroll 4
     for (int j = 0; j < 16; ++j) {
       const int s = part + 4 * j;
       const int64_t e = s0 + s;
@@ -681,8 +681,10 @@ __device__ void both_backward_side(SmemBoth<T>& sm, const Args& rows, const Args
   }
 }
 
+// At least one block per SM: lets ptxas keep both directions' statistics in registers rather
+// than spill them at its default register cap (the block is register-bound either way).
 template <typename T, MaclLogitMap LOGIT_MAP>
-__global__ void __launch_bounds__(THREADS)
+__global__ void __launch_bounds__(THREADS, 1)
 both_backward_kernel(Args rows, Args cols, const T* __restrict__ anchors,
                      const T* __restrict__ candidates, const float* __restrict__ lse_neg,
                      const float* __restrict__ g, float* __restrict__ d_anchors,

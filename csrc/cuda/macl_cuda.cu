@@ -41,6 +41,12 @@
 //             global memory (a read-modify-write of a 64 x 32 chunk per tile), which lets D be
 //             any size without registers or shared memory growing with D. Extra memory: none
 //             beyond the outputs.
+//   both directions (MaclProblem.both_directions, layout cross_sym: the columns of S are anchors
+//             too; docs/math.md, "Both directions of one S"): both_forward_kernel computes each
+//             tile once for the rows' statistics and the columns' per-anchor-block partials (a
+//             second combine launch merges them in block order; 2 K cdiv(M, 64) floats);
+//             both_backward_kernel's anchor and candidate blocks form both directions' dL_dS
+//             from one recompute (M K D + 2 M K D multiply-adds per side, as one direction).
 //
 // float64 inputs take a separate, plain path (one thread per row, no tiling): correct, not fast.
 

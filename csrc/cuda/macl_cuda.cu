@@ -624,7 +624,7 @@ __device__ void both_backward_side(SmemBoth<T>& sm, const Args& rows, const Args
                                    const float* __restrict__ lse_neg, const float* __restrict__ g,
                                    float* __restrict__ out, float* __restrict__ d_inv_temp,
                                    int64_t block) {
-  const Args& own = CAND ? cols : rows;       // own rows as anchors, the streamed side as candidates
+  const Args& own = CAND ? cols : rows;       // own rows as anchors, streamed side as candidates
   const Args& streamed = CAND ? rows : cols;  // streamed entries as anchors, own rows as candidates
   const int64_t own_offset = CAND ? rows.M : 0, streamed_offset = CAND ? 0 : rows.M;
   const int tid = threadIdx.x, own_row = tid / 4, part = tid % 4;

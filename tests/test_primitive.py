@@ -596,8 +596,8 @@ def test_both_directions_argument_checks(backend):
 
 @pytest.mark.parametrize("logit_map", MAPS, ids=MAP_IDS)
 def test_both_directions_fallback_for_backends_without_it(backend, logit_map, monkeypatch):
-    """A backend that does not implement ``both_directions`` (``Backend.both_directions`` false,
-    as the cuda backend) gets two plain problems from ``_ops``: the rows and the columns, their
+    """A backend that does not implement ``both_directions`` (``Backend.both_directions``
+    false) gets two plain problems from ``_ops``: the rows and the columns, their
     ``aux`` (Triton's ``E``) carried as one flat tensor and split again for backward."""
     from macl_kernels.backends import kernel_backend
 

@@ -44,6 +44,12 @@ enum MaclRowReduction {
 // the operand type (the same pointer for both when the problem is symmetric). Row a's positive
 // is candidate pos_index[a]; self_index[a] (when self_index != NULL) is the anchor itself among
 // the candidates; both are left out of the sum.
+//
+// both_directions (layout cross_sym on one process): the columns of S are anchors too (candidate
+// k against every anchor). inv_temp, pos_index, self_index, lse_neg, g and d_inv_temp then have
+// M + K entries: the rows' first (indices into the candidates), then the columns' (indices into
+// the anchors), and every tile of S serves both directions (docs/math.md, "Both directions of
+// one S"). Set it to 0 otherwise.
 typedef struct MaclProblem {
   int64_t M, K, D;
   int operand;                       // MaclOperand
@@ -55,23 +61,27 @@ typedef struct MaclProblem {
   // Label mask: candidate k is not in Neg(a) when candidate_labels[k] == anchor_labels[a].
   const int64_t* anchor_labels;      // [M] or NULL (then candidate_labels is unused)
   const int64_t* candidate_labels;   // [K]
+  int both_directions;               // 0 or 1; 1: the per-anchor arrays have M + K entries
 } MaclProblem;
 
-// Floats (doubles for F64) of scratch that macl_cuda_forward needs: per-split partial max/sum.
+// Floats (doubles for F64) of scratch that macl_cuda_forward needs: per-split partial max/sum
+// (both_directions: plus the columns' per-anchor-block partials, 2 K cdiv(M, 64) floats).
 size_t macl_cuda_forward_workspace(const MaclProblem* p);
 
 // The launchers return cudaErrorInvalidValue for a problem they refuse (an unknown logit_map or
 // operand, a missing inv_temp or pos_index, artanh_scale / artanh_eps out of range), else the
 // launch's error.
 
-// lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak)   ([M], float or double for F64).
+// lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak)   ([M] or, both_directions, [M + K]; float or
+// double for F64).
 cudaError_t macl_cuda_forward(const MaclProblem* p, const void* anchors, const void* candidates,
                               void* lse_neg, void* workspace, cudaStream_t stream);
 
 // Gradients of sum_a g[a] * lse_neg[a] (g = dL/d lse_neg, [M]). Each output pointer may be NULL
 // (not needed); d_anchors [M, D] and d_candidates [K, D] must be zero-filled (the kernels
 // accumulate into them, each element owned by one thread: deterministic, no atomics);
-// d_inv_temp [M] is written (MACL_LOGIT_MAP_SCALED only; ignored for the artanh map).
+// d_inv_temp [M] (both_directions: [M + K], as g) is written (MACL_LOGIT_MAP_SCALED only;
+// ignored for the artanh map).
 cudaError_t macl_cuda_backward(const MaclProblem* p, const void* anchors, const void* candidates,
                                const void* lse_neg, const void* g, void* d_anchors,
                                void* d_candidates, void* d_inv_temp, cudaStream_t stream);

@@ -4,7 +4,11 @@
 The primitive of ``docs/math.md#the-primitive`` (per-row ``lse_neg``; recompute in backward), as
 a tiled forward kernel and one backward launch whose anchor blocks produce ``d_anchors`` and
 ``d_inv_temp`` and whose candidate blocks produce ``d_candidates`` (no atomics: deterministic).
-A symmetric problem returns both sides; ``_ops`` folds them.
+A symmetric problem returns both sides; ``_ops`` folds them. A both-directions problem (layout
+``cross_sym`` on one process) computes each tile of ``S`` once per pass for its rows and its
+columns: the forward merges the columns' per-anchor-block partial statistics in a second, tiny
+pass, the backward forms both directions' ``dL_dS`` from one recompute (float64: the plain path
+runs the two directions as two launches).
 
 Precision: statistics and gradients are float32 for float32 / bfloat16 / float16 inputs. The
 GEMM operands are the inputs' precision (``operand_dtype``): float32 runs on CUDA cores with fp32
@@ -45,6 +49,7 @@ def _operand_code(problem: Problem) -> int:
 class CudaBackend(Backend):
     name = "cuda"
     native = True
+    both_directions = True
 
     def built(self) -> bool:
         return _EXTENSION.get() is not None
@@ -92,7 +97,7 @@ class CudaBackend(Backend):
         lse_neg = _EXTENSION.get().forward(
             p.anchors, p.candidate_rows.to(p.anchors.dtype), cast_rows(p.inv_temp, p.anchors),
             p.pos_index, p.self_index, int(p.logit_map), p.artanh_scale, p.artanh_eps,
-            _operand_code(p), p.anchor_labels, p.candidate_label_rows)
+            _operand_code(p), p.both_directions, p.anchor_labels, p.candidate_label_rows)
         return lse_neg, None
 
     def bwd(self, problem: Problem, lse_neg, aux, g, needs: Needs) -> Grads:
@@ -107,7 +112,8 @@ class CudaBackend(Backend):
             p.anchors, p.candidate_rows.to(p.anchors.dtype), cast_rows(p.inv_temp, p.anchors),
             p.pos_index, p.self_index, lse_neg.contiguous(), g.to(lse_neg.dtype).contiguous(),
             int(p.logit_map), p.artanh_scale, p.artanh_eps, _operand_code(p), needs.d_anchors,
-            needs.d_candidates, needs.d_inv_temp, p.anchor_labels, p.candidate_label_rows)
+            needs.d_candidates, needs.d_inv_temp, p.both_directions, p.anchor_labels,
+            p.candidate_label_rows)
         return Grads(d_anchors, d_candidates, d_inv_temp)
 
 

@@ -62,7 +62,6 @@
 // (softplus_backward: 2 M K D more). Without gradients the forward is M K D.
 
 #include <torch/extension.h>
-#include <type_traits>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -95,7 +94,8 @@ constexpr int64_t BLOCK = 256;
 // without -ffast-math, which we do not use: it would also assume away the infinities that mark
 // excluded pairs), bit casts by std::bit_cast, and selects instead of branches.
 // exp(x) = 0 for x < -87.3, x = -inf included.
-inline float exp_approx(float x) {
+// always_inline: the vectorised tile loops call it; an out-of-line call would stop the vectoriser.
+__attribute__((always_inline)) inline float exp_approx(float x) {
   const float lo = -87.3f, hi = 88.7f;
   const float clamped = x < lo ? lo : (x > hi ? hi : x);
   const float t = clamped * 1.44269504088896341f;
@@ -459,18 +459,26 @@ void column_gradient(const Problem& p, const Tile& t, const T* S, const T* A, co
   }
 }
 
-// Calls passes(scaled, with_labels) with the two flags as compile-time constants
-// (std::integral_constant), so that the logit map and the label mask are template parameters
-// of the tile passes, not branches inside their vector loops.
-template <typename Passes>
-void dispatch_passes(const Problem& p, Passes&& passes) {
-  using yes = std::true_type;
-  using no = std::false_type;
-  if (p.scaled()) {
-    if (p.anchor_labels) passes(yes{}, yes{}); else passes(yes{}, no{});
-  } else {
-    if (p.anchor_labels) passes(no{}, yes{}); else passes(no{}, no{});
-  }
+// Both sides of one tile (the column side only for a mirrored tile), forward and backward.
+template <typename T, bool SCALED, bool LABELS>
+void forward_tile(const Problem& p, const Tile& t, const T* S, const T* A, const T* inv_temp,
+                  ColumnExclusions& ex, const TileLabels& labels, bool need_eqs,
+                  std::vector<T>& col_max, std::vector<T>& col_sum, std::vector<T>& col_sum_s,
+                  OnlineLse<T>& state) {
+  row_statistics<T, SCALED, LABELS>(p, t, S, A, inv_temp, labels, need_eqs, state);
+  if (t.mirrored)
+    column_statistics<T, SCALED, LABELS>(p, t, S, A, inv_temp, ex, labels, need_eqs, col_max,
+                                         col_sum, col_sum_s, state);
+}
+
+template <typename T, bool SCALED, bool LABELS>
+void gradient_tile(const Problem& p, const Tile& t, const T* S, const T* A, const T* inv_temp,
+                   const T* lse_neg, const T* g, ColumnExclusions& ex, const TileLabels& labels,
+                   T* dL_dS, T* d_inv_temp) {
+  row_gradient<T, SCALED, LABELS>(p, t, S, A, inv_temp, lse_neg, g, labels, dL_dS, d_inv_temp);
+  if (t.mirrored)
+    column_gradient<T, SCALED, LABELS>(p, t, S, A, inv_temp, lse_neg, g, ex, labels, dL_dS,
+                                       d_inv_temp);
 }
 
 template <typename T>
@@ -493,15 +501,23 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tens
 
       const T* A = artanh_S.data();
       labels.fill(p, t);
-      // One instantiation per (logit map, label mask): the masks stay inside the vector loops.
-      auto passes = [&](auto scaled, auto with_labels) {
-        constexpr bool SCALED = decltype(scaled)::value, LABELS = decltype(with_labels)::value;
-        row_statistics<T, SCALED, LABELS>(p, t, S, A, inv_temp, labels, need_eqs, state);
-        if (t.mirrored)
-          column_statistics<T, SCALED, LABELS>(p, t, S, A, inv_temp, exclusions, labels,
-                                               need_eqs, col_max, col_sum, col_sum_s, state);
-      };
-      dispatch_passes(p, passes);
+      // One instantiation per (logit map, label mask): the flags are template parameters, so
+      // the vector loops carry no branch for them.
+      if (p.scaled()) {
+        if (p.anchor_labels)
+          forward_tile<T, true, true>(p, t, S, A, inv_temp, exclusions, labels, need_eqs, col_max,
+                                      col_sum, col_sum_s, state);
+        else
+          forward_tile<T, true, false>(p, t, S, A, inv_temp, exclusions, labels, need_eqs,
+                                       col_max, col_sum, col_sum_s, state);
+      } else {
+        if (p.anchor_labels)
+          forward_tile<T, false, true>(p, t, S, A, inv_temp, exclusions, labels, need_eqs,
+                                       col_max, col_sum, col_sum_s, state);
+        else
+          forward_tile<T, false, false>(p, t, S, A, inv_temp, exclusions, labels, need_eqs,
+                                        col_max, col_sum, col_sum_s, state);
+      }
     }
   });
   at::Tensor lse_neg = at::empty({p.num_lse()}, anchors.options());
@@ -564,15 +580,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       // dl_dS, both in S's layout.
       const T* A = artanh_S.data();
       labels.fill(p, t);
-      auto passes = [&](auto scaled, auto with_labels) {
-        constexpr bool SCALED = decltype(scaled)::value, LABELS = decltype(with_labels)::value;
-        row_gradient<T, SCALED, LABELS>(p, t, S, A, inv_temp, lse_neg, g, labels, dL_dS_data,
-                                        d_inv_temp);
-        if (t.mirrored)
-          column_gradient<T, SCALED, LABELS>(p, t, S, A, inv_temp, lse_neg, g, exclusions,
-                                             labels, dL_dS_data, d_inv_temp);
-      };
-      dispatch_passes(p, passes);
+      if (p.scaled()) {
+        if (p.anchor_labels)
+          gradient_tile<T, true, true>(p, t, S, A, inv_temp, lse_neg, g, exclusions, labels,
+                                       dL_dS_data, d_inv_temp);
+        else
+          gradient_tile<T, true, false>(p, t, S, A, inv_temp, lse_neg, g, exclusions, labels,
+                                        dL_dS_data, d_inv_temp);
+      } else {
+        if (p.anchor_labels)
+          gradient_tile<T, false, true>(p, t, S, A, inv_temp, lse_neg, g, exclusions, labels,
+                                        dL_dS_data, d_inv_temp);
+        else
+          gradient_tile<T, false, false>(p, t, S, A, inv_temp, lse_neg, g, exclusions, labels,
+                                         dL_dS_data, d_inv_temp);
+      }
       // d_anchors_r += dL_dS candidates_k; d_candidates_k += dL_dS^T anchors_r (symmetric:
       // both into d_anchors).
       if (p.symmetric || need_d_anchors)

@@ -128,7 +128,7 @@ def _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, 
     V.check_bool("normalize", normalize)
     V.check_bool("gather_distributed", gather_distributed)
     V.check_backend(backend)
-    name = resolve_backend(backend, z1.device, z1.shape[1])
+    name = resolve_backend(backend, z1.device, z1.shape[1], z1.dtype)
     ctx = distributed.context(gather_distributed)
     gather = None
     if ctx is not None:

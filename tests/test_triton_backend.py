@@ -312,24 +312,23 @@ def test_gpu_real_sizes(name, layout, dtype, tol, d):
     assert_same_results(got, want, tol)
 
 
-def test_tile_shapes_fit_every_width():
-    """The GPU shape rules (pure Python, checked everywhere): every D up to MAX_D gets a shape,
-    and the autotuner's pruning never leaves it empty."""
-    for d in (1, 7, 64, 128, 200, 256, 512, TF.MAX_D):
-        block_d = max(16, 1 << (d - 1).bit_length())
-        for elem in (2, 4, 8):
-            for cand in (False, True):
-                bm, bn, warps, stages = TF._default_shape(block_d, elem, cand)
-                assert bm >= 16 and bn >= 16 and warps in (4, 8)
-                named = {"anchors_ptr": torch.empty(0, dtype={2: torch.bfloat16,
-                                                              4: torch.float32,
-                                                              8: torch.float64}[elem])}
-                if cand:
-                    named["d_candidates_ptr"] = None
-                kept = TF._prune(TF._gpu_configs(), named, BLOCK_D=block_d)
-                assert kept
-                if block_d <= 256 and elem <= 4:
-                    assert TF._fits((bm, bn, warps, stages), block_d, elem, cand)
+def test_autotune_space_is_pruned_to_the_measured_shapes():
+    """The GPU shape rules (pure Python, checked everywhere; the tables themselves in
+    test_kernel_inventory.py): the autotuner's space, pruned for a call, is exactly the shape
+    table's list for that kernel kind, precision and width."""
+    for name, kind in (("forward", "forward"), ("candidates", "candidates")):
+        tuned = TF._tuned(name)
+        for dtype, dot, precision in ((torch.bfloat16, "ieee", "bf16"),
+                                      (torch.float32, "tf32x3", "fp32"),
+                                      (torch.float32, "tf32", "fp32-tf32"),
+                                      (torch.float64, "ieee", "fp64")):
+            for block_d in (16, 128, 256, 512, 1024):
+                named = {"anchors_ptr": torch.empty(0, dtype=dtype), "DOT_PRECISION": dot}
+                kept = tuned.early_config_prune(tuned.configs, named, BLOCK_D=block_d)
+                got = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                       for c in kept}
+                assert got == set(TF.shape_candidates(kind, precision, block_d)), \
+                    (name, precision, block_d)
 
 
 @gpu

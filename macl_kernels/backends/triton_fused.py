@@ -191,7 +191,7 @@ if triton is not None:
         anchors_ptr, candidates_ptr, inv_temp_ptr, pos_index_ptr, self_index_ptr, lse_neg_ptr,
         E_ptr,
         M, K, D, stride_anchors, stride_candidates, stride_E,
-        artanh_scale, artanh_eps,
+        logit_params_ptr,
         LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr, ACC_E: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE_WEIGHTS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -199,11 +199,16 @@ if triton is not None:
         """One block of anchor rows against every candidate tile: ``lse_neg`` and, if ``ACC_E``,
         ``E_a = sum_k Q_ak w_ak u_k`` (``w = 1`` for SCALED, ``w = dl_dS`` for ARTANH)."""
         acc_ty = lse_neg_ptr.dtype.element_ty  # float32, or float64 for float64 inputs
+        # The map's float scalars in the compute dtype (a Python float would reach a compiled
+        # kernel as fp32 and round 1 - artanh_eps for float64): [artanh_scale, artanh_eps].
+        artanh_scale = tl.load(logit_params_ptr)
+        artanh_eps = tl.load(logit_params_ptr + 1)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < M
         d_ok = offs_d < D
-        anchors = tl.load(anchors_ptr + offs_m[:, None] * stride_anchors + offs_d[None, :],
+        anchors = tl.load(anchors_ptr + offs_m.to(tl.int64)[:, None] * stride_anchors
+                          + offs_d[None, :],
                           mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         # inv_temp_ptr is a valid dummy pointer for ARTANH (its values are then unused);
         # likewise self_index_ptr without HAS_SELF.
@@ -218,7 +223,7 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             col_ok = offs_n < K
             candidates = tl.load(
-                candidates_ptr + offs_n[:, None] * stride_candidates + offs_d[None, :],
+                candidates_ptr + offs_n.to(tl.int64)[:, None] * stride_candidates + offs_d[None, :],
                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             S = _dot(anchors, tl.trans(candidates), DOT_PRECISION, UPCAST).to(acc_ty)
             # Neg(a): in range, not the positive, not self - excluded by index, as -inf.
@@ -245,7 +250,7 @@ if triton is not None:
         tl.store(lse_neg_ptr + offs_m, lse_neg, mask=row_ok)
         if ACC_E:
             e_i = e_i / tl.where(has_neg, s_i, 1.0)[:, None]  # sum exp(l - m) -> sum Q
-            tl.store(E_ptr + offs_m[:, None] * stride_E + offs_d[None, :], e_i,
+            tl.store(E_ptr + offs_m.to(tl.int64)[:, None] * stride_E + offs_d[None, :], e_i,
                      mask=row_ok[:, None] & d_ok[None, :])
 
     @triton.jit
@@ -253,7 +258,7 @@ if triton is not None:
         anchors_ptr, candidates_ptr, inv_temp_ptr, pos_index_ptr, self_index_ptr, lse_neg_ptr,
         g_ptr, d_candidates_ptr, d_inv_temp_ptr,
         M, K, D, stride_anchors, stride_candidates, stride_d_candidates,
-        artanh_scale, artanh_eps,
+        logit_params_ptr,
         LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr, SYMMETRIC: tl.constexpr,
         NEED_D_INV_TEMP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         WIDE_WEIGHTS: tl.constexpr,
@@ -267,12 +272,15 @@ if triton is not None:
         whole gradient ``sum_a (dL_dS_ak + dL_dS_ka) u_a`` and ``d_inv_temp_k = g_k sum_a Q_ka
         S_ka``."""
         acc_ty = lse_neg_ptr.dtype.element_ty
+        # [artanh_scale, artanh_eps] in the compute dtype, as in the forward.
+        artanh_scale = tl.load(logit_params_ptr)
+        artanh_eps = tl.load(logit_params_ptr + 1)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         col_ok = offs_n < K
         d_ok = offs_d < D
         candidates = tl.load(
-            candidates_ptr + offs_n[:, None] * stride_candidates + offs_d[None, :],
+            candidates_ptr + offs_n.to(tl.int64)[:, None] * stride_candidates + offs_d[None, :],
             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         d_candidates = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
         d_inv_temp = tl.zeros([BLOCK_N], acc_ty)
@@ -285,7 +293,8 @@ if triton is not None:
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             row_ok = offs_m < M
-            anchors = tl.load(anchors_ptr + offs_m[:, None] * stride_anchors + offs_d[None, :],
+            anchors = tl.load(anchors_ptr + offs_m.to(tl.int64)[:, None] * stride_anchors
+                          + offs_d[None, :],
                               mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             inv_temp_a = tl.load(inv_temp_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
             pos_index_a = tl.load(pos_index_ptr + offs_m, mask=row_ok, other=-1)
@@ -318,103 +327,298 @@ if triton is not None:
                     d_inv_temp += tl.sum(dL_dl_k * St, axis=1)
             d_candidates += _weights_dot(dL_dS_t, anchors, DOT_PRECISION, UPCAST,
                                          WIDE_WEIGHTS).to(acc_ty)
-        tl.store(d_candidates_ptr + offs_n[:, None] * stride_d_candidates + offs_d[None, :],
+        tl.store(d_candidates_ptr + offs_n.to(tl.int64)[:, None] * stride_d_candidates
+                 + offs_d[None, :],
                  d_candidates, mask=col_ok[:, None] & d_ok[None, :])
         if SYMMETRIC and NEED_D_INV_TEMP:
             tl.store(d_inv_temp_ptr + offs_n, d_inv_temp, mask=col_ok)
 
-    # ----------------------------------------------------------------------------------------
-    # GPU tile shapes: a small autotune space keyed on D (and, automatically, the dtypes), pruned
-    # to what fits an H100 SM (228 KB shared memory, 64K 32-bit registers). Not yet measured: the
-    # bench script (bench/bench_triton_gpu.py) records the timings the choice rests on.
-    # ----------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------
+# Precision classes, the kernel table and the GPU shape rules
+# --------------------------------------------------------------------------------------------
 
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages): FlashAttention-like shapes. Kept short on purpose:
-    # every config of every flag combination is compiled once per process during autotuning.
-    _GPU_SHAPES = [
-        (128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2),
-        (128, 128, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2),
-        (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 1), (16, 32, 8, 1), (32, 16, 8, 1),
-    ]
-
-    def _gpu_configs():
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                for bm, bn, w, s in _GPU_SHAPES]
-
-    # Without autotuning (MACL_TRITON_AUTOTUNE=0, e.g. a test run that would otherwise compile
-    # every config of every flag combination): the first of these that fits.
-    _DEFAULT_SHAPES = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 1),
-                       (16, 32, 8, 1), (32, 16, 8, 1)]
-
-    def _fits(shape, block_d: int, elem: int, candidates_kernel: bool) -> bool:
-        """Whether a shape fits an H100 SM without heavy register spilling. Registers: the
-        program's resident block (anchors in forward, candidates in backward) with its fp32
-        accumulator ``[BLOCK, BLOCK_D]``, plus the live ``BLOCK_M x BLOCK_N`` tiles (about two in
-        the backward: the rows' and the columns' ``Q``), at most ~3072 fp32 values per warp.
-        Measured offline with ptxas for sm_90 (bf16): e.g. forward 128 x 64 at D = 256 spills
-        232 bytes/thread, backward 64 x 128 at D = 128 spills 320, while every shape kept here
-        spills at most 48. Shared memory: the resident block and one streamed tile per stage."""
-        bm, bn, warps, stages = shape
-        resident, streamed = (bn, bm) if candidates_kernel else (bm, bn)
-        live = resident * block_d + (2 if candidates_kernel else 1) * bm * bn
-        return (live <= 3072 * warps
-                and (resident + streamed * stages) * block_d * elem <= 200 * 1024)
-
-    def _prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        block_d, elem = args["BLOCK_D"], args["anchors_ptr"].element_size()
-        cand = "d_candidates_ptr" in args
-        kept = [cfg for cfg in configs if _fits(
-            (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages),
-            block_d, elem, cand)]
-        # The smallest shape always compiles (it may spill for huge D).
-        return kept or [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1)]
-
-    def _default_shape(block_d: int, elem: int, candidates_kernel: bool):
-        for shape in _DEFAULT_SHAPES:
-            if _fits(shape, block_d, elem, candidates_kernel):
-                return shape
-        return _DEFAULT_SHAPES[-1]
-
-    # Each kernel writes its outputs without reading them, so benchmarking configs on the real
-    # buffers is harmless (no reset_to_zero needed). Under the interpreter these are never used.
-    _TUNED = {  # by name: the JIT function objects need not be hashable in every Triton
-        "_forward_kernel": triton.autotune(
-            configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
-            key=["BLOCK_D", "LOGIT_MAP", "HAS_SELF", "ACC_E", "DOT_PRECISION"],
-        )(_forward_kernel),
-        "_candidates_kernel": triton.autotune(
-            configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
-            key=["BLOCK_D", "LOGIT_MAP", "HAS_SELF", "SYMMETRIC", "NEED_D_INV_TEMP",
-                 "DOT_PRECISION"],
-        )(_candidates_kernel),
-    }
+# How a problem's operands reach ``tl.dot``: (operand dtype, accumulator dtype, DOT_PRECISION).
+# float32 at torch's default matmul precision ("highest") runs 3xTF32 (each operand split into a
+# tf32 high part and a tf32 remainder, three tensor-core products, float32 accumulation: close to
+# float32's own rounding, see the README's GPU section). An "ieee" float32 dot is lowered to FMAs
+# that hold whole operand tiles in registers and spills 7-17 KB per thread on sm_90 at every
+# tile shape that is worth running (bench/results/gpu_readiness/).
+PRECISIONS = {
+    "fp32": (torch.float32, torch.float32, "tf32x3"),
+    "fp32-tf32": (torch.float32, torch.float32, "tf32"),  # matmul precision "high"/"medium"
+    "bf16": (torch.bfloat16, torch.float32, "ieee"),  # DOT_PRECISION is moot for half operands
+    "fp16": (torch.float16, torch.float32, "ieee"),
+    "fp64": (torch.float64, torch.float64, "ieee"),
+}
 
 
-def _launch(kernel, grid_rows: int, block_key: str, args, **flags):
-    """Launch ``kernel`` over ``grid_rows`` rows: under the interpreter with the fixed small
-    blocks; on a GPU (on the tensors' device: Triton launches on the current one) through the
-    autotuner, or with the default shape when ``AUTOTUNE`` is off."""
+def _precision_of(op_dtype: torch.dtype, dot_precision: str) -> str:
+    if op_dtype == torch.float32:
+        return "fp32" if dot_precision == "tf32x3" else "fp32-tf32"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}[op_dtype]
+
+
+def precision_class(op_dtype: torch.dtype) -> str:
+    """The ``PRECISIONS`` name of operands of ``op_dtype`` under the current float32 matmul
+    precision."""
+    if op_dtype == torch.float32:
+        return "fp32" if torch.get_float32_matmul_precision() == "highest" else "fp32-tf32"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}[op_dtype]
+
+
+def block_d_of(d: int) -> int:
+    """The tile width holding a whole row of width ``d``: a power of two, at least 16."""
+    return max(16, 1 << (max(int(d), 1) - 1).bit_length())
+
+
+# Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages) per precision class, kernel kind and
+# width, with the shared memory (bytes) the compiled kernel uses at the width's largest BLOCK_D
+# (the most over flag sets and Triton 3.6 / 3.9): ``(largest BLOCK_D, ((shape, shared), ...))``
+# in increasing width. The first shape of a list is the default (AUTOTUNE off), all of them the
+# autotuner's candidates. Measured, not modelled (``macl-kernels kernels --arch sm_90``,
+# bench/results/gpu_readiness/): every shape listed compiles, under Triton 3.6 and 3.9, with at
+# most 1 KB of spill per thread, within an H100/H200's 232,448 B of shared memory per block and
+# within its shared figure here (tests/test_kernel_inventory.py checks both on the compiled
+# kernels). Beyond a list's last width there is no such shape: the backend refuses the width
+# (``auto`` passes over it). Kind "forward": BLOCK_M rows resident, BLOCK_N streamed;
+# "candidates": BLOCK_N resident, BLOCK_M streamed.
+_SHAPES = {
+    ("fp32", "forward"): (
+        (64, (((64, 32, 4, 2), 57344), ((32, 32, 4, 2), 40960))),
+        (128, (((32, 32, 8, 2), 49152), ((32, 32, 4, 2), 49152), ((64, 32, 8, 2), 114688))),
+        (256, (((32, 32, 8, 2), 98304), ((32, 32, 4, 2), 98304)))),
+    ("fp32", "candidates"): (
+        (64, (((64, 32, 4, 2), 33792), ((32, 32, 4, 2), 41472))),
+        (128, (((64, 32, 8, 2), 66560), ((32, 32, 4, 2), 49664), ((32, 32, 8, 2), 49664))),
+        (256, (((32, 32, 8, 2), 98816), ((32, 32, 4, 2), 98816)))),
+    ("fp32-tf32", "forward"): (
+        (128, (((64, 32, 4, 2), 65536), ((64, 64, 4, 2), 98304), ((64, 64, 8, 2), 98304))),
+        (256, (((32, 32, 4, 2), 98304), ((64, 32, 8, 2), 131072), ((64, 64, 8, 2), 196608))),
+        (512, (((32, 32, 8, 1), 196608),)),
+        (1024, (((16, 16, 4, 1), 163840),))),
+    ("fp32-tf32", "candidates"): (
+        (128, (((64, 32, 4, 2), 66560), ((64, 64, 4, 2), 99328), ((64, 64, 8, 2), 99328))),
+        (256, (((64, 32, 8, 2), 164864), ((32, 32, 4, 2), 98816), ((64, 64, 8, 2), 197632))),
+        (512, (((32, 32, 8, 1), 196608),)),
+        (1024, (((16, 16, 4, 1), 163840),))),
+    ("bf16", "forward"): (
+        (128, (((64, 64, 4, 2), 49152), ((128, 64, 8, 2), 65536), ((64, 64, 4, 3), 49152),
+               ((64, 128, 8, 2), 49152))),
+        (256, (((64, 32, 4, 2), 65536), ((64, 64, 8, 2), 98304), ((64, 64, 4, 2), 98304),
+               ((128, 64, 8, 2), 131072))),
+        (512, (((32, 32, 8, 1), 98304), ((64, 32, 8, 2), 131072), ((32, 32, 4, 2), 98304))),
+        (1024, (((16, 32, 8, 1), 163840), ((32, 32, 8, 1), 196608)))),
+    ("bf16", "candidates"): (
+        (128, (((64, 64, 4, 2), 50176), ((64, 128, 8, 2), 65536), ((64, 64, 4, 3), 50176),
+               ((64, 64, 8, 2), 50176))),
+        (256, (((64, 32, 4, 2), 66560), ((64, 64, 8, 2), 99328), ((64, 64, 4, 2), 99328))),
+        (512, (((64, 32, 8, 2), 164864), ((32, 32, 4, 2), 98816), ((32, 32, 8, 1), 98304))),
+        (1024, (((32, 16, 8, 1), 163840), ((32, 32, 8, 1), 196608)))),
+    ("fp64", "forward"): (
+        (128, (((32, 32, 8, 1), 98304), ((16, 32, 4, 1), 81920))),
+        (256, (((32, 32, 8, 1), 196608), ((16, 16, 4, 1), 98304))),
+        (512, (((16, 16, 4, 1), 196608),))),
+    ("fp64", "candidates"): (
+        (128, (((32, 32, 8, 1), 98304), ((16, 32, 4, 1), 65536))),
+        (256, (((32, 32, 8, 1), 196608), ((16, 16, 4, 1), 98304))),
+        (512, (((16, 16, 4, 1), 196608),))),
+}
+# float16 takes bfloat16's shapes (its tf32 weight GEMMs measured within them).
+_SHAPES[("fp16", "forward")] = _SHAPES[("bf16", "forward")]
+_SHAPES[("fp16", "candidates")] = _SHAPES[("bf16", "candidates")]
+
+# Shared memory per block by compute capability (the opt-in maximum; Triton's limit too).
+SHARED_MEMORY_LIMIT = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: 232_448,
+                       100: 232_448, 120: 101_376}
+H100_SHARED_MEMORY = SHARED_MEMORY_LIMIT[90]
+
+
+def measured_shared_memory(shape, block_d: int, precision: str, kind: str) -> Optional[int]:
+    """The shared memory the table records for ``shape`` at ``block_d``'s width (an upper
+    bound for every BLOCK_D of that width), or ``None`` when the shape is not listed there."""
+    for largest, entries in _SHAPES[(precision, kind)]:
+        if block_d <= largest:
+            return dict(entries).get(tuple(shape))
+    return None
+
+
+def shape_candidates(kind: str, precision: str, block_d: int,
+                     shared_limit: int = H100_SHARED_MEMORY) -> list:
+    """The measured shapes for this kernel kind, precision and width whose recorded shared
+    memory fits ``shared_limit``, default first; empty when there is none (the width is
+    refused)."""
+    for largest, entries in _SHAPES[(precision, kind)]:
+        if block_d <= largest:
+            return [shape for shape, shared in entries if shared <= shared_limit]
+    return []
+
+
+def max_block_d(precision: str, shared_limit: int = H100_SHARED_MEMORY) -> int:
+    """The widest ``BLOCK_D`` every kernel kind has a fitting shape for (0: none)."""
+    widths = [bd for bd in (16, 32, 64, 128, 256, 512, 1024)
+              if all(shape_candidates(kind, precision, bd, shared_limit)
+                     for kind in ("forward", "candidates"))]
+    return max(widths, default=0)
+
+
+def device_shared_limit(device: Optional[torch.device] = None) -> int:
+    """Shared memory per block on ``device`` (the current CUDA device by default): torch's
+    opt-in figure where it has one, else by compute capability, else an H100's."""
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return H100_SHARED_MEMORY
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    if limit:
+        return int(limit)
+    return SHARED_MEMORY_LIMIT.get(props.major * 10 + props.minor, 101_376)
+
+
+class KernelSpec(NamedTuple):
+    """One Triton kernel as the launcher, the shape rules and the inventory see it. Register a
+    new kernel in ``KERNELS`` (``register_kernel``) so that ``macl-kernels kernels`` compiles and
+    checks it with the others."""
+
+    function: object  # the @triton.jit function
+    kind: str  # "forward" (BLOCK_M rows resident) or "candidates" (BLOCK_N rows resident)
+    tune_key: tuple  # the autotuner's key (besides BLOCK_D)
+    # precision name -> the constexpr flag sets the inventory compiles: ((label, flags), ...)
+    inventory_flags: object
+    operand_args: tuple = ("anchors_ptr", "candidates_ptr")  # pointers of the operand dtype
+    index_args: tuple = ("pos_index_ptr", "self_index_ptr")  # int32 pointers
+
+    @property
+    def grid_block(self) -> str:
+        return "BLOCK_M" if self.kind == "forward" else "BLOCK_N"
+
+
+def _forward_flag_sets(precision: str):
+    """Every flag combination the forward is launched with (HAS_SELF on: the larger kernel)."""
+    return tuple((f"{'artanh' if artanh else 'scaled'}{' +E' if acc_e else ''}",
+                  dict(LOGIT_MAP=int(LogitMap.ARTANH if artanh else LogitMap.SCALED),
+                       ACC_E=acc_e, WIDE_WEIGHTS=precision == "fp16" and artanh))
+                 for artanh in (False, True) for acc_e in (True, False))
+
+
+def _candidates_flag_sets(precision: str):
+    return tuple((f"{'artanh' if artanh else 'scaled'} {'sym' if sym else 'cross'}",
+                  dict(LOGIT_MAP=int(LogitMap.ARTANH if artanh else LogitMap.SCALED),
+                       SYMMETRIC=sym, NEED_D_INV_TEMP=sym and not artanh,
+                       WIDE_WEIGHTS=precision == "fp16"))
+                 for artanh in (False, True) for sym in (False, True))
+
+
+KERNELS: dict = {}
+_TUNED: dict = {}
+
+
+def register_kernel(name: str, spec: KernelSpec) -> None:
+    """Add a kernel to the table the launcher (``_launch``) and the inventory read."""
+    KERNELS[name] = spec
+    _TUNED.pop(name, None)
+
+
+if triton is not None:
+    register_kernel("forward", KernelSpec(
+        _forward_kernel, "forward",
+        ("LOGIT_MAP", "HAS_SELF", "ACC_E", "DOT_PRECISION", "WIDE_WEIGHTS"), _forward_flag_sets))
+    register_kernel("candidates", KernelSpec(
+        _candidates_kernel, "candidates",
+        ("LOGIT_MAP", "HAS_SELF", "SYMMETRIC", "NEED_D_INV_TEMP", "DOT_PRECISION",
+         "WIDE_WEIGHTS"), _candidates_flag_sets))
+
+
+def _config(shape):
+    bm, bn, warps, stages = shape
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+def _tuned(name: str):
+    """The autotuned wrapper of kernel ``name``: its space is every shape of its kind, pruned per
+    call to the measured list for the call's precision and width (``shape_candidates``). Each
+    kernel writes its outputs without reading them, so benchmarking configs on the real buffers
+    is harmless (no reset_to_zero needed)."""
+    if name not in _TUNED:
+        spec = KERNELS[name]
+        space = sorted({shape for (_, kind), widths in _SHAPES.items() if kind == spec.kind
+                        for _, entries in widths for shape, _ in entries})
+
+        def prune(configs, named_args, **kwargs):
+            args = {**named_args, **kwargs}
+            operands = args[spec.operand_args[0]]
+            precision = _precision_of(operands.dtype, args["DOT_PRECISION"])
+            keep = set(shape_candidates(spec.kind, precision, args["BLOCK_D"],
+                                        device_shared_limit(operands.device)))
+            return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                           c.num_warps, c.num_stages) in keep]
+
+        _TUNED[name] = triton.autotune(
+            configs=[_config(s) for s in space], prune_configs_by={"early_config_prune": prune},
+            key=["BLOCK_D", *spec.tune_key])(spec.function)
+    return _TUNED[name]
+
+
+class NoFittingShape(ValueError):
+    """No measured tile shape fits this precision and width (or this GPU's shared memory)."""
+
+
+class TritonResourceError(RuntimeError):
+    """A compiled kernel did not fit the GPU at launch (Triton's ``OutOfResources``)."""
+
+
+def _refusal(precision: str, d: int, shared_limit: int) -> str:
+    widest = max_block_d(precision, shared_limit)
+    hint = {"fp32": "; float32 at torch.set_float32_matmul_precision('high') (tf32) runs up to "
+                    f"D = {max_block_d('fp32-tf32', shared_limit)}",
+            "fp64": "; float64 is for checking, not training",
+            }.get(precision, "")
+    return (f"the triton backend has no tile shape for {precision} operands at D = {d} that "
+            f"compiles without register spills within {shared_limit} B of shared memory (it "
+            f"supports D <= {widest} there{hint}); use backend='cuda' or 'torch', or 'auto'")
+
+
+def _launch(name: str, grid_rows: int, args, precision: str, **flags):
+    """Launch kernel ``name`` of ``KERNELS`` over ``grid_rows`` rows: under the interpreter with
+    the fixed small blocks; on a GPU (on the tensors' device: Triton launches on the current one)
+    through the autotuner, or with the default shape when ``AUTOTUNE`` is off."""
+    spec = KERNELS[name]
     if _INTERPRET:
         blocks = dict(BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=INTERPRETER_BLOCK_N)
-        kernel[(triton.cdiv(grid_rows, blocks[block_key]),)](*args, **flags, **blocks)
+        spec.function[(triton.cdiv(grid_rows, blocks[spec.grid_block]),)](
+            *args, **flags, **blocks)
         return
-    with torch.cuda.device(args[0].device):
-        if AUTOTUNE:
-            tuned = _TUNED[kernel.__name__]
-            tuned[lambda meta: (triton.cdiv(grid_rows, meta[block_key]),)](*args, **flags)
-        else:
-            bm, bn, warps, stages = _default_shape(flags["BLOCK_D"], args[0].element_size(),
-                                                   kernel is _candidates_kernel)
-            blocks = dict(BLOCK_M=bm, BLOCK_N=bn)
-            kernel[(triton.cdiv(grid_rows, blocks[block_key]),)](
-                *args, **flags, **blocks, num_warps=warps, num_stages=stages)
+    device = args[0].device
+    limit = device_shared_limit(device)
+    shapes = shape_candidates(spec.kind, precision, flags["BLOCK_D"], limit)
+    if not shapes:
+        raise NoFittingShape(_refusal(precision, args[0].shape[-1], limit))
+    try:
+        with torch.cuda.device(device):
+            if AUTOTUNE:
+                _tuned(name)[lambda meta: (triton.cdiv(grid_rows, meta[spec.grid_block]),)](
+                    *args, **flags)
+            else:
+                bm, bn, warps, stages = shapes[0]
+                blocks = dict(BLOCK_M=bm, BLOCK_N=bn)
+                spec.function[(triton.cdiv(grid_rows, blocks[spec.grid_block]),)](
+                    *args, **flags, **blocks, num_warps=warps, num_stages=stages)
+    except _OUT_OF_RESOURCES as exc:
+        raise TritonResourceError(
+            f"the triton {name} kernel ran out of GPU resources for {precision} operands at "
+            f"D = {args[0].shape[-1]} (BLOCK_D = {flags['BLOCK_D']}, shapes tried: {shapes}, "
+            f"{limit} B of shared memory on {torch.cuda.get_device_name(device)}): {exc}. "
+            f"Please report it with `macl-kernels info`; use backend='cuda' or 'torch' "
+            f"meanwhile") from exc
 
 
-def _dot_precision(op_dtype: torch.dtype) -> str:
-    if op_dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+def _out_of_resources():
+    try:
+        from triton.runtime.errors import OutOfResources
+        return OutOfResources
+    except ImportError:  # pragma: no cover - every Triton 3.x has it
+        return RuntimeError
+
+
+_OUT_OF_RESOURCES = _out_of_resources() if triton is not None else RuntimeError
 
 
 class _Operands(NamedTuple):
@@ -450,9 +654,29 @@ def _flags(problem: Problem, ops: _Operands) -> dict:
     """The constexpr flags every launch shares."""
     op_dtype = ops.anchors.dtype
     return dict(LOGIT_MAP=int(problem.logit_map), HAS_SELF=ops.has_self,
-                DOT_PRECISION=_dot_precision(op_dtype),
+                DOT_PRECISION=PRECISIONS[precision_class(op_dtype)][2],
                 UPCAST=_INTERPRET and op_dtype == torch.bfloat16,
-                BLOCK_D=max(16, triton.next_power_of_2(problem.D)))
+                BLOCK_D=block_d_of(problem.D))
+
+
+_OPERAND_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _operand_dtype(problem: Problem) -> torch.dtype:
+    """The dtype the dots read: the half ``operand_dtype`` of upcast half inputs, else the
+    inputs'."""
+    if problem.anchors.dtype == torch.float32 and problem.operand_dtype in (torch.float16,
+                                                                          torch.bfloat16):
+        return problem.operand_dtype
+    return problem.anchors.dtype
+
+
+def _logit_params(problem: Problem) -> torch.Tensor:
+    """``[artanh_scale, artanh_eps]`` as a tensor of the compute dtype (float32, or float64 for
+    float64 inputs): the kernels load them, so that float64 keeps ``1 - artanh_eps`` exact where
+    a Python float argument would reach a compiled kernel as fp32."""
+    return torch.tensor([float(problem.artanh_scale), float(problem.artanh_eps)],
+                        dtype=problem.anchors.dtype, device=problem.anchors.device)
 
 
 def _run_forward(problem: Problem, acc_e: bool):
@@ -463,10 +687,11 @@ def _run_forward(problem: Problem, acc_e: bool):
     E = problem.anchors.new_empty((M, D)) if acc_e else lse_neg
     artanh = problem.logit_map is LogitMap.ARTANH
     _launch(
-        _forward_kernel, M, "BLOCK_M",
+        "forward", M,
         (ops.anchors, ops.candidates, ops.inv_temp, ops.pos_index, ops.self_index, lse_neg, E,
          M, K, D, ops.anchors.stride(0), ops.candidates.stride(0), E.stride(0),
-         float(problem.artanh_scale), float(problem.artanh_eps)),
+         _logit_params(problem)),
+        precision_class(ops.anchors.dtype),
         ACC_E=acc_e,
         # The SCALED map's weights exp(l - m) are <= 1: float16 holds them.
         WIDE_WEIGHTS=ops.anchors.dtype == torch.float16 and artanh,
@@ -489,11 +714,11 @@ def _run_backward(problem: Problem, lse_neg, E, g, needs: Needs) -> Grads:
         need_symmetric_d_inv_temp = ops.symmetric and need_d_inv_temp
         d_inv_temp_out = problem.anchors.new_empty(M) if need_symmetric_d_inv_temp else lse_neg
         _launch(
-            _candidates_kernel, K, "BLOCK_N",
+            "candidates", K,
             (ops.anchors, ops.candidates, ops.inv_temp, ops.pos_index, ops.self_index, lse_neg,
              g, d_rows, d_inv_temp_out, M, K, D, ops.anchors.stride(0),
-             ops.candidates.stride(0), d_rows.stride(0),
-             float(problem.artanh_scale), float(problem.artanh_eps)),
+             ops.candidates.stride(0), d_rows.stride(0), _logit_params(problem)),
+            precision_class(ops.anchors.dtype),
             SYMMETRIC=ops.symmetric, NEED_D_INV_TEMP=need_symmetric_d_inv_temp,
             WIDE_WEIGHTS=ops.anchors.dtype == torch.float16,
             **_flags(problem, ops),
@@ -541,13 +766,38 @@ class TritonBackend(Backend):
             raise ValueError(f"the triton backend keeps whole rows in a tile and supports D <= "
                              f"{MAX_D}, got D = {problem.D}; use backend='torch' for wider "
                              f"embeddings")
+        reason = self._shape_refusal(problem.D, _operand_dtype(problem), problem.anchors.device)
+        if reason is not None:
+            raise ValueError(reason)
+
+    @staticmethod
+    def _shape_refusal(d: int, op_dtype: torch.dtype, device: torch.device) -> Optional[str]:
+        """On a GPU: why no measured tile shape serves width ``d`` with ``op_dtype`` operands
+        (``None`` when one does). The interpreter has no registers or shared memory to run out
+        of and accepts every width up to ``MAX_D``."""
+        if _INTERPRET or device.type != "cuda":
+            return None
+        precision = precision_class(op_dtype)
+        limit = device_shared_limit(device)
+        if block_d_of(d) <= max_block_d(precision, limit):
+            return None
+        return _refusal(precision, d, limit)
+
+    def width_reason(self, dim: int, dtype: torch.dtype,
+                     device: Optional[torch.device]) -> Optional[str]:
+        """``auto`` passes over triton where its compiled kernels would spill or not fit: per
+        precision (``dtype``, the inputs' dtype; float32 under the current matmul precision)."""
+        base = super().width_reason(dim, dtype, device)
+        if base is not None or device is None or dtype not in _OPERAND_DTYPES:
+            return base
+        return self._shape_refusal(dim, dtype, device)
 
     def fwd(self, problem: Problem, need_grad: bool):
         acc_e = _accumulates_e(problem, need_grad)
         if problem.anchors.dtype == torch.float64 and problem.anchors.device.type == "cuda":
             try:
                 return _run_forward(problem, acc_e)
-            except torch.cuda.OutOfMemoryError:
+            except (torch.cuda.OutOfMemoryError, TritonResourceError, NoFittingShape):
                 raise
             except Exception as exc:  # a Triton build without float64 tl.dot for this GPU
                 raise TypeError(

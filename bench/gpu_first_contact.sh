@@ -49,7 +49,7 @@ STEPS=(
 
 echo "step,status,rc,seconds,timeout_s,estimate_s,log" > "$OUT/steps.csv"
 
-field() { echo "$1" | cut -d'|' -f"$2"; }
+field() { local IFS='|'; local parts; read -r -a parts <<< "$1"; echo "${parts[$(( $2 - 1 ))]}"; }
 find_step() { for s in "${STEPS[@]}"; do [ "$(field "$s" 1)" = "$1" ] && echo "$s"; done; }
 elapsed() { echo $(( $(date +%s) - START )); }
 

@@ -39,7 +39,7 @@ STEPS=(
   "bench_fp32|bench|470|360|$BENCH --out \$STAGE_OUT/bench --n 4096 16384 65536 --d 128 256 512 --dtypes fp32 --backends torch triton cuda --max-seconds 15"
   "bench_tf32|bench|470|300|$BENCH --out \$STAGE_OUT/bench --tf32 --n 4096 16384 65536 --d 128 256 512 768 --dtypes fp32 --backends torch triton cuda --max-seconds 15"
 )
-field() { echo "$1" | cut -d'|' -f"$2"; }
+field() { local IFS='|'; local parts; read -r -a parts <<< "$1"; echo "${parts[$(( $2 - 1 ))]}"; }
 
 if [ "$DRY" = 1 ]; then
   printf '%-16s %-15s %9s %10s  %s\n' stage step timeout_s estimate_s command

@@ -108,6 +108,22 @@ def test_out_of_resources_at_launch_names_the_shape_and_dtype(compiled_mode, mon
     anchors = torch.zeros(10, 200)
     with pytest.raises(TF.TritonResourceError, match=r"bf16 operands at D = 200"):
         TF._launch("forward", 10, (anchors,), "bf16", BLOCK_D=256)
+    # Without autotuning the next shape of the list is tried before giving up.
+    tried = []
+
+    class FirstDoesNotFit:
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, num_stages, **kwargs):
+                from triton.runtime.errors import OutOfResources
+
+                tried.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], num_warps, num_stages))
+                if len(tried) == 1:
+                    raise OutOfResources(300_000, 232_448, "shared memory")
+            return launch
+
+    monkeypatch.setitem(TF.KERNELS, "forward", spec._replace(function=FirstDoesNotFit()))
+    TF._launch("forward", 10, (anchors,), "bf16", BLOCK_D=256)
+    assert tried == TF.shape_candidates("forward", "bf16", 256)[:2]
     with pytest.raises(TF.NoFittingShape, match=r"fp32 operands at D = 200"):
         TF._launch("forward", 10, (anchors,), "fp32", BLOCK_D=512)
 

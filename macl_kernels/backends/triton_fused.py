@@ -593,14 +593,22 @@ def _launch(name: str, grid_rows: int, args, precision: str, **flags):
         raise NoFittingShape(_refusal(precision, args[0].shape[-1], limit))
     try:
         with torch.cuda.device(device):
-            if AUTOTUNE:
+            if AUTOTUNE:  # the autotuner drops candidates that raise OutOfResources itself
                 _tuned(name)[lambda meta: (triton.cdiv(grid_rows, meta[spec.grid_block]),)](
                     *args, **flags)
             else:
-                bm, bn, warps, stages = shapes[0]
-                blocks = dict(BLOCK_M=bm, BLOCK_N=bn)
-                spec.function[(triton.cdiv(grid_rows, blocks[spec.grid_block]),)](
-                    *args, **flags, **blocks, num_warps=warps, num_stages=stages)
+                # The default shape, else the next one of the list: the recorded shared memory
+                # is sm_90's, another architecture may need more (nothing is written before a
+                # kernel that does not fit raises).
+                for i, (bm, bn, warps, stages) in enumerate(shapes):
+                    blocks = dict(BLOCK_M=bm, BLOCK_N=bn)
+                    try:
+                        spec.function[(triton.cdiv(grid_rows, blocks[spec.grid_block]),)](
+                            *args, **flags, **blocks, num_warps=warps, num_stages=stages)
+                        break
+                    except _OUT_OF_RESOURCES:
+                        if i == len(shapes) - 1:
+                            raise
     except _OUT_OF_RESOURCES as exc:
         raise TritonResourceError(
             f"the triton {name} kernel ran out of GPU resources for {precision} operands at "

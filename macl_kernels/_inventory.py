@@ -11,8 +11,8 @@ thread from ``cuobjdump -res-usage``, shared memory from the kernel's metadata, 
 TTIR multiplies row indices by strides in 64 bits (no ``arith.muli`` on an i32 tensor).
 
 Each row is checked against the rules the shape tables promise: at most ``MAX_SPILL_BYTES`` of
-spill, shared memory within the architecture's limit and within the figure the shape table records for it, 64-bit
-row offsets. Widths with no shape are listed as ``refused`` (the backend refuses them with a
+spill, shared memory within the architecture's limit and within the figure the shape table
+records for it, 64-bit row offsets. Widths with no shape are listed as ``refused`` (the backend refuses them with a
 ``ValueError`` and ``auto`` passes over them).
 
 Compiling needs Triton's NVIDIA backend and a process where ``TRITON_INTERPRET`` is not set

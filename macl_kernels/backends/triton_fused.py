@@ -57,13 +57,20 @@ Half-precision inputs (``operand_dtype`` float16/bfloat16) are rounded back to t
 ``tl.dot`` operands (tensor cores, fp32 accumulation), except that with float16 the weight GEMMs
 (``Q dl_dS`` and ``dL_dS`` against rows) run in tf32: those weights can exceed float16's 65504 (artanh
 slopes, loss-scaled upstream gradients), tf32 has float32's range and float16's mantissa. float32
-operands use tf32 only when ``torch.get_float32_matmul_precision() != "highest"``. float64 runs as
-float64 ``tl.dot`` (exact to float64 rounding; on a GPU it is slow, FMA-based - use it to check,
-not to train).
+operands run 3xTF32 at torch's default matmul precision ("highest": about float32's accuracy,
+docs/math.md#tolerances) and plain tf32 when ``torch.get_float32_matmul_precision()`` allows it.
+float64 runs as float64 ``tl.dot`` (exact to float64 rounding; on a GPU it is slow, FMA-based -
+use it to check, not to train). The artanh map's scalars arrive as a tensor of the compute dtype
+and row offsets are 64-bit (``row * stride`` passes 2^31 for large candidate banks).
+
+GPU tile shapes: measured per precision, kernel kind and width (``_SHAPES``, below; at most 1 KB
+of spill, within an H100's shared memory); a width without a shape is refused on a GPU.
 
 Tested: under the interpreter against the float64 reference (every loss, layout, reduction;
 fp32 / fp64 / bf16 / fp16); the compiled kernels are built for sm_90 without a GPU by
-``tests/test_triton_backend.py`` (Triton's bundled ptxas); the GPU tests there and in
+``tests/test_triton_backend.py`` and inventoried by ``tests/test_kernel_inventory.py``
+(``macl-kernels kernels``, Triton's bundled ptxas); the GPU tests there, in
+``tests/test_gpu_smoke.py`` and in
 ``tests/test_primitive.py`` run them for real.
 """
 
@@ -99,7 +106,8 @@ INTERPRETER_BLOCK_N = 32
 
 # Whole-D tiles (``BLOCK_D`` = next power of two >= max(D, 16)) live in registers/shared memory;
 # above this the accumulators would not fit any tile shape, so we refuse rather than spill badly.
-# The GPU tests cover D <= 512; 513..1024 get the smallest tiles (16 x 32) and are untested there.
+# On a GPU the shape tables (``_SHAPES``) cap the width lower for some precisions (float32 256,
+# float64 512); the interpreter accepts every width up to this.
 MAX_D = 1024
 
 # Exploit layout 2n's symmetric S in backward ((G + G^T) U in one pass). A switch only so that the
@@ -384,11 +392,11 @@ def block_d_of(d: int) -> int:
 # "candidates": BLOCK_N resident, BLOCK_M streamed.
 _SHAPES = {
     ("fp32", "forward"): (
-        (64, (((64, 32, 4, 2), 57344), ((32, 32, 4, 2), 40960))),
+        (64, (((64, 32, 4, 2), 57344), ((32, 32, 4, 2), 24576))),
         (128, (((32, 32, 8, 2), 49152), ((32, 32, 4, 2), 49152), ((64, 32, 8, 2), 114688))),
         (256, (((32, 32, 8, 2), 98304), ((32, 32, 4, 2), 98304)))),
     ("fp32", "candidates"): (
-        (64, (((64, 32, 4, 2), 33792), ((32, 32, 4, 2), 41472))),
+        (64, (((64, 32, 4, 2), 33792), ((32, 32, 4, 2), 25088))),
         (128, (((64, 32, 8, 2), 66560), ((32, 32, 4, 2), 49664), ((32, 32, 8, 2), 49664))),
         (256, (((32, 32, 8, 2), 98816), ((32, 32, 4, 2), 98816)))),
     ("fp32-tf32", "forward"): (
@@ -403,13 +411,13 @@ _SHAPES = {
         (1024, (((16, 16, 4, 1), 163840),))),
     ("bf16", "forward"): (
         (128, (((64, 64, 4, 2), 49152), ((128, 64, 8, 2), 65536), ((64, 64, 4, 3), 49152),
-               ((64, 128, 8, 2), 49152))),
+               ((64, 128, 8, 2), 81920))),
         (256, (((64, 32, 4, 2), 65536), ((64, 64, 8, 2), 98304), ((64, 64, 4, 2), 98304),
                ((128, 64, 8, 2), 131072))),
         (512, (((32, 32, 8, 1), 98304), ((64, 32, 8, 2), 131072), ((32, 32, 4, 2), 98304))),
         (1024, (((16, 32, 8, 1), 163840), ((32, 32, 8, 1), 196608)))),
     ("bf16", "candidates"): (
-        (128, (((64, 64, 4, 2), 50176), ((64, 128, 8, 2), 65536), ((64, 64, 4, 3), 50176),
+        (128, (((64, 64, 4, 2), 50176), ((64, 128, 8, 2), 66560), ((64, 64, 4, 3), 51200),
                ((64, 64, 8, 2), 50176))),
         (256, (((64, 32, 4, 2), 66560), ((64, 64, 8, 2), 99328), ((64, 64, 4, 2), 99328))),
         (512, (((64, 32, 8, 2), 164864), ((32, 32, 4, 2), 98816), ((32, 32, 8, 1), 98304))),

@@ -26,27 +26,28 @@ def load(pattern):
 
 
 before, after = load("before_triton*.csv"), load("after_triton*.csv")
-versions = sorted({r["triton"] for r in before + after})
-print("| Triton | precision | D | before: worst spill B / shared B | after: worst spill B / "
-      "shared B (configs) |")
-print("|---|---|---:|---|---|")
-for version in versions:
-    for precision in ("fp32", "fp32-tf32", "bf16", "fp16", "fp64"):
-        for d, block_d in ((128, 128), (256, 256), (512, 512), (768, 1024), (1024, 1024)):
+versions = sorted({r["triton"] for r in before + after}, reverse=True)
+
+
+def worst(rows, count):
+    run = [r for r in rows if r["role"] != "refused" and r.get("spill_bytes")]
+    if not run:
+        return "refused" if rows else ""
+    return (f"{max(int(r['spill_bytes']) for r in run)} / "
+            f"{max(int(r['shared_bytes']) for r in run)}" + (f" ({len(run)})" if count else ""))
+
+
+print("| precision | D | " + " | ".join(f"before {v} | after {v}" for v in versions) + " |")
+print("|---|---:|" + "---|---|" * len(versions))
+for precision in ("fp32", "fp32-tf32", "bf16", "fp16", "fp64"):
+    for d, block_d in ((128, 128), (256, 256), (512, 512), (768, 1024), (1024, 1024)):
+        cells = []
+        for version in versions:
             def pick(rows):
-                return [r for r in rows if r["triton"] == version and r["precision"] == precision
-                        and int(r["block_d"]) == block_d]
-            b, a = pick(before), pick(after)
-            if not b and not a:
-                continue
-            def worst(rows):
-                run = [r for r in rows if r["role"] != "refused" and r.get("spill_bytes")]
-                if not run:
-                    return "refused" if rows else ""
-                return (f"{max(int(r['spill_bytes']) for r in run)} / "
-                        f"{max(int(r['shared_bytes']) for r in run)}"
-                        + (f" ({len(run)})" if rows is a else ""))
-            print(f"| {version} | {precision} | {d} | {worst(b)} | {worst(a)} |")
+                return [r for r in rows if r["triton"] == version
+                        and r["precision"] == precision and int(r["block_d"]) == block_d]
+            cells += [worst(pick(before), False), worst(pick(after), True)]
+        print(f"| {precision} | {d} | " + " | ".join(cells) + " |")
 
 print()
 print("shared memory per shape-table entry, most over versions and flag sets:")

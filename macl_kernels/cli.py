@@ -365,8 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "set, plus the autotune candidates that survive pruning; report registers, "
                     "spill bytes and shared memory per configuration. Exit status 1 when one "
                     f"spills more than {_inventory.MAX_SPILL_BYTES} B per thread, exceeds the "
-                    "architecture's shared memory or the fit model, or multiplies row offsets "
-                    "in 32 bits.")
+                    "architecture's shared memory or the figure the shape table records for "
+                    "it, or multiplies row offsets in 32 bits.")
     p.add_argument("--arch", choices=list(_inventory.ARCHS), default="sm_90",
                    help="target architecture (default sm_90: H100/H200)")
     p.add_argument("--csv", default=None, help="write every configuration to this CSV file")

@@ -470,8 +470,8 @@ def max_block_d(precision: str, shared_limit: int = H100_SHARED_MEMORY) -> int:
 
 
 def device_shared_limit(device: Optional[torch.device] = None) -> int:
-    """Shared memory per block on ``device`` (the current CUDA device by default): torch's
-    opt-in figure where it has one, else by compute capability, else an H100's."""
+    """Shared memory per block on CUDA ``device``: torch's opt-in figure where it has one, else
+    by compute capability; an H100's for ``None`` or a device that is not a visible GPU."""
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return H100_SHARED_MEMORY
     props = torch.cuda.get_device_properties(device)

@@ -16,15 +16,22 @@ from .functional import (
     dcl_loss,
     infonce_loss,
     macl_loss,
+    moco_loss,
+    siglip_loss,
     tfree_loss,
 )
-from .modules import ClipLoss, DCLLoss, DCLWLoss, MACLLoss, NTXentLoss
+from .modules import (ClipLoss, DCLLoss, DCLWLoss, MACLLoss, NTXentLoss, SigLipLoss,
+                      SupConLoss)
+from .supervised import supcon_loss, supcon_macl_loss
+from .sogclr import GCLoss_v1
 from .grad_cache import GradCache
 
 
 __all__ = [
-    "macl_loss", "infonce_loss", "clip_loss", "dcl_loss", "tfree_loss", "available_backends",
-    "MACLLoss", "NTXentLoss", "DCLLoss", "DCLWLoss", "ClipLoss", "MACL_TEMPERATURE_FLOOR",
+    "macl_loss", "infonce_loss", "clip_loss", "dcl_loss", "tfree_loss", "moco_loss", "siglip_loss",
+    "available_backends",
+    "MACLLoss", "NTXentLoss", "DCLLoss", "DCLWLoss", "ClipLoss", "SigLipLoss", "MACL_TEMPERATURE_FLOOR",
     "GradCache",
+    "supcon_loss", "supcon_macl_loss", "SupConLoss", "GCLoss_v1",
     "__version__",
 ]

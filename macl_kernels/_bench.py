@@ -46,11 +46,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import _roofline
-from ._cases import CLIP_SCALE, LOSS_CASES
+from ._cases import ALL_CASES as LOSS_CASES, CLIP_SCALE
 from ._report import device_name, format_table
 from ._version import __version__
 
-BENCH_LOSSES = ("macl", "infonce", "clip", "dcl", "tfree")
+BENCH_LOSSES = ("macl", "infonce", "clip", "dcl", "tfree", "siglip", "infonce_labels",
+                "macl_labels", "supcon")
 FULL_SIZES = (1024, 2048, 4096, 8192)
 QUICK_SIZES = (512, 1024, 2048)
 FULL_REPEATS = 5
@@ -71,8 +72,10 @@ MATMUL_TIMEOUT_S = 120.0
 
 
 def default_layout(loss: str) -> str:
-    """CLIP is defined on ``cross_sym`` only; every other loss defaults to SimCLR's ``2n``."""
-    return "cross_sym" if loss == "clip" else "2n"
+    """A loss defined on one layout only (CLIP: ``cross_sym``, SigLIP: ``cross``) gets that one;
+    every other loss defaults to SimCLR's ``2n``."""
+    layouts = LOSS_CASES[loss].layouts if loss in LOSS_CASES else ()
+    return layouts[0] if len(layouts) == 1 else "2n"
 
 
 @dataclass

@@ -34,6 +34,9 @@ TOLERANCES: Dict[str, float] = {
 BACKEND_TOLERANCES: Dict[Tuple[str, str], float] = {("triton", "float32"): 1e-3}
 
 CLIP_SCALE = 1 / 0.07  # CLIP's initial logit scale, exp(log(1 / 0.07))
+# SigLIP's initial logit bias (OpenCLIP's --siglip: init_logit_bias = -10); its cases take the
+# registry's one logit scale (CLIP_SCALE) as well.
+SIGLIP_BIAS = -10.0
 
 
 def tolerance(backend: str, dtype_name: str) -> float:
@@ -43,7 +46,8 @@ def tolerance(backend: str, dtype_name: str) -> float:
 
 class LossCase(NamedTuple):
     """One loss configuration: ``fn(z1, z2, **kwargs)`` in each of ``layouts``. CLIP has the
-    one layout ``cross_sym`` and takes ``logit_scale`` instead of a layout."""
+    one layout ``cross_sym`` and takes ``logit_scale`` instead of a layout; SigLIP likewise,
+    with the one layout ``cross`` (the images are the anchors)."""
 
     name: str
     fn: Callable
@@ -67,6 +71,28 @@ def _case(name: str, fn: Callable, **kwargs) -> LossCase:
     return LossCase(name, fn, kwargs)
 
 
+def case_labels(n: int, device) -> torch.Tensor:
+    """The fixed labels of the label cases: ``n`` samples in ``max(1, n // 4)`` classes (the
+    class of sample ``i`` is ``i mod C``; about four samples per class)."""
+    return torch.arange(n, device=device) % max(1, n // 4)
+
+
+def _with_case_labels(fn: Callable) -> Callable:
+    """False-negative masking (``labels=``) with the fixed labels of ``case_labels``."""
+    def call(z1, z2, **kwargs):
+        return fn(z1, z2, labels=case_labels(z1.shape[0], z1.device), **kwargs)
+    call.__name__ = f"{fn.__name__}_labels"
+    return call
+
+
+def _supcon_two_views(z1, z2, *, layout="2n", normalize=True, **kwargs):
+    """``supcon_loss`` on the two views as ``V = 2`` (rows view-major: the anchors of layout
+    ``2n``), normalised inside unless ``normalize=False``, labels of ``case_labels``."""
+    from .supervised import supcon_loss
+    return supcon_loss(torch.stack([z1, z2], dim=1), case_labels(z1.shape[0], z1.device),
+                       normalize=normalize, **kwargs)
+
+
 LOSS_CASES: Dict[str, LossCase] = {case.name: case for case in [
     _case("infonce", F.infonce_loss, temperature=0.1),
     LossCase("clip", F.clip_loss, {}, ("cross_sym",), uses_logit_scale=True),
@@ -77,7 +103,20 @@ LOSS_CASES: Dict[str, LossCase] = {case.name: case for case in [
     _case("macl_exp", F.macl_loss, schedule="exp", alpha=2.0),  # the 2022 preprint's rule
     _case("macl_noreweight", F.macl_loss, reweight=False),
     _case("tfree", F.tfree_loss),
+    LossCase("siglip", F.siglip_loss, {"logit_bias": SIGLIP_BIAS}, ("cross",),
+             uses_logit_scale=True),
 ]}
+
+# The label losses (docs/math.md#label-masked-negatives, #supervised-contrastive-supcon) with
+# fixed labels: ``verify``, ``bench`` and ``profile`` cover them; the generic loss tests do not
+# iterate over them (their closed forms and layouts assume instance positives), the label tests
+# (tests/test_label_masking.py, test_supcon.py) cover them instead.
+LABEL_CASES: Dict[str, LossCase] = {case.name: case for case in [
+    _case("infonce_labels", _with_case_labels(F.infonce_loss), temperature=0.1),
+    _case("macl_labels", _with_case_labels(F.macl_loss)),
+    LossCase("supcon", _supcon_two_views, dict(temperature=0.1, base_temperature=0.1), ("2n",)),
+]}
+ALL_CASES: Dict[str, LossCase] = {**LOSS_CASES, **LABEL_CASES}
 
 # Every (loss, layout) pair that exists.
 LOSS_LAYOUTS: List[Tuple[str, str]] = [
@@ -91,15 +130,16 @@ def case_name(name: str) -> str:
 
 
 def select_cases(names: Optional[Sequence[str]] = None) -> List[LossCase]:
-    """The cases called ``names`` (all when ``None``); ``ValueError`` naming unknown ones."""
+    """The cases called ``names`` (all, label cases included, when ``None``); ``ValueError``
+    naming unknown ones."""
     if names is None:
-        return list(LOSS_CASES.values())
+        return list(ALL_CASES.values())
     names = [case_name(n) for n in names]
-    unknown = [n for n in names if n not in LOSS_CASES]
+    unknown = [n for n in names if n not in ALL_CASES]
     if unknown:
         raise ValueError(f"unknown loss configuration(s) {unknown}; choose from "
-                         f"{list(LOSS_CASES)}")
-    return [LOSS_CASES[n] for n in names]
+                         f"{list(ALL_CASES)}")
+    return [ALL_CASES[n] for n in names]
 
 
 def num_anchors(n: int, layout: str) -> int:

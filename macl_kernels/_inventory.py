@@ -49,8 +49,8 @@ def _shared_limit(arch: str) -> int:
 
 def _signature(spec, precision: str, constexprs: dict):
     """Triton signature and attributes of ``spec.function`` for ``precision`` operands: the
-    operand pointers of the operand dtype, the index pointers int32, every other pointer of the
-    accumulator dtype, integers i32 (strides divisible by 16, pointers 16-byte aligned, as a
+    operand pointers of the operand dtype, the index pointers int32, the label pointers int64,
+    every other pointer of the accumulator dtype, integers i32 (strides divisible by 16, pointers 16-byte aligned, as a
     real launch specialises them)."""
     from .backends import triton_fused as TF
 
@@ -64,6 +64,7 @@ def _signature(spec, precision: str, constexprs: dict):
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             signature[name] = ("*i32" if name in spec.index_args else
+                               "*i64" if name in spec.label_args else
                                "*" + (op if name in spec.operand_args else acc))
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name.startswith("artanh"):  # kernels from before the scalars became tensors

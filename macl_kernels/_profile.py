@@ -55,12 +55,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import _bench, _roofline
-from ._cases import CLIP_SCALE, LOSS_CASES
+from ._cases import ALL_CASES as LOSS_CASES, CLIP_SCALE
 from ._math import normalize
 from ._report import device_name, format_table
 from ._version import __version__
 
-PROFILE_LOSSES = ("macl", "infonce", "clip", "dcl", "dclw", "tfree")
+PROFILE_LOSSES = ("macl", "infonce", "clip", "dcl", "dclw", "tfree", "siglip", "infonce_labels",
+                  "macl_labels", "supcon")
 PHASES = ("normalise", "forward", "backward")
 DEFAULT_SIZES = (1024, 2048, 4096)
 DEFAULT_REPEATS = 3

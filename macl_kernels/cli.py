@@ -32,7 +32,7 @@ import sys
 from typing import List, NoReturn, Optional, Sequence
 
 from . import _bench, _profile, _verify
-from ._cases import DTYPES, LOSS_CASES, select_cases
+from ._cases import ALL_CASES as LOSS_CASES, DTYPES, select_cases
 from ._report import default_device, info_lines
 from ._validate import LAYOUTS
 from ._version import __version__
@@ -141,6 +141,8 @@ def _run_target(args: argparse.Namespace):
     layout = args.layout or _bench.default_layout(args.loss)
     if args.loss == "clip" and layout != "cross_sym":
         _usage_error("the CLIP loss has layout 'cross_sym' only")
+    if args.loss == "siglip" and layout != "cross":
+        _usage_error("the SigLIP loss has layout 'cross' only (the images are the anchors)")
     return device, backends, layout
 
 

@@ -86,15 +86,19 @@ def global_mean(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return total[0] / (x.numel() * ctx.world_size)
 
 
-def check_equal_rows(n: int, device: torch.device, ctx: DistContext) -> None:
-    """All-gather needs the same number of rows on every rank: say so instead of hanging."""
+def check_equal_rows(n: int, device: torch.device, ctx: DistContext, what: str = "batch") -> None:
+    """All-gather needs the same number of rows on every rank: say so instead of hanging.
+
+    The check runs on the device: one all-reduce of ``[n, -n]`` (MAX) and an asynchronous
+    assertion on its result, with no host synchronisation (on a GPU a mismatch surfaces at a
+    later kernel launch as a device-side assertion, which ends the process; on CPU it raises
+    here, a ``RuntimeError`` naming the mismatch). Per call this costs one 16-byte all-reduce."""
     sizes = torch.tensor([n, -n], dtype=torch.int64, device=device)
     dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=ctx.group)
-    if int(sizes[0]) != n or int(-sizes[1]) != n:
-        raise ValueError(
-            f"gather_distributed=True needs the same batch size on every rank; rank {ctx.rank} "
-            f"has {n} rows, the ranks range from {int(-sizes[1])} to {int(sizes[0])}"
-        )
+    equal = (sizes[0] == n) & (sizes[1] == -n)
+    torch._assert_async(
+        equal, f"gather_distributed=True needs the same {what} size on every rank; rank "
+        f"{ctx.rank} has {n} rows and another rank has a different number")
 
 
 def shutdown(*ddp_models) -> None:

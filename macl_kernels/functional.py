@@ -13,6 +13,10 @@ computed by the chosen backend tile by tile, never holding ``S``. With
     MACL                              sg(V_a) * softplus(x_a) = (1 + e^-x_a) softplus(x_a),
                                       whose gradient in x_a is exactly 1 (docs/math.md#macl)
 
+SigLIP (``siglip_loss``) uses the primitive's other row reduction, a sum of softplus over
+``Neg(a)`` with the logit bias inside (``docs/math.md#siglip``): ``r_a = sp_neg[a] +
+softplus(-l_ap)``, the positive's term computed here in ``O(M D)``.
+
 ``softplus(x)`` avoids both ``log(softmax)`` underflow and the cancellation in ``1 - P``.
 ``LSE`` over all candidates, if ever wanted, is ``logaddexp(lse_neg, l_ap)``.
 
@@ -32,12 +36,12 @@ from . import _math, _ops
 from . import _validate as V
 from . import distributed, reference
 from ._math import MACL_TEMPERATURE_FLOOR, compute_dtype, softplus
-from ._primitive import LogitMap
+from ._primitive import LogitMap, RowReduction
 from .backends import available_backends, resolve_backend
 
 __all__ = [
-    "macl_loss", "infonce_loss", "clip_loss", "dcl_loss", "tfree_loss", "available_backends",
-    "MACL_TEMPERATURE_FLOOR",
+    "macl_loss", "infonce_loss", "clip_loss", "dcl_loss", "tfree_loss", "moco_loss",
+    "siglip_loss", "available_backends", "MACL_TEMPERATURE_FLOOR",
 ]
 
 
@@ -49,11 +53,32 @@ class _Block(NamedTuple):
     candidates: torch.Tensor
     pos_index: torch.Tensor
     self_index: Optional[torch.Tensor]
+    # False-negative masking: the anchors' and candidates' labels (docs/math.md#label-masked-negatives)
+    anchor_labels: Optional[torch.Tensor] = None
+    candidate_labels: Optional[torch.Tensor] = None
 
 
-def _blocks(u1: torch.Tensor, u2: torch.Tensor, layout: str, prep_dist=None, gather=None):
+def _with_labels(blocks, labels, layout: str, prep_dist=None):
+    """Attach the rows' labels to the blocks of ``layout`` (gathered like the candidates)."""
+    if labels is None:
+        return blocks
+    y = labels.to(torch.int64)
+    y_all = y if prep_dist is None else distributed.gather_no_grad(y, prep_dist)
+    if layout == "2n":
+        (b,) = blocks
+        return [b._replace(anchor_labels=torch.cat([y, y]),
+                           candidate_labels=torch.cat([y_all, y_all]))]
+    return [b._replace(anchor_labels=y, candidate_labels=y_all) for b in blocks]
+
+
+def _blocks(u1: torch.Tensor, u2: torch.Tensor, layout: str, prep_dist=None, gather=None,
+            negatives: Optional[torch.Tensor] = None):
     """The anchor/candidate blocks of ``layout``. Distributed: the anchors are the local rows,
-    the candidates every rank's rows (``gather``), positives and self offset by ``rank * n``."""
+    the candidates every rank's rows (``gather``), positives and self offset by ``rank * n``.
+
+    ``negatives`` (extra candidate rows, already in the compute dtype and gathered) are appended
+    after the layout's own candidates, so no index moves: every anchor of ``2n`` and ``cross``
+    sees them, in ``cross_sym`` only the row direction (the ``u1`` anchors) does."""
     n = u1.shape[0]
     if prep_dist is None:
         offset, total, u1_all, u2_all = 0, n, u1, u2
@@ -61,15 +86,29 @@ def _blocks(u1: torch.Tensor, u2: torch.Tensor, layout: str, prep_dist=None, gat
         offset, total = prep_dist.rank * n, prep_dist.world_size * n
         u1_all, u2_all = gather(u1), gather(u2)
     rows = torch.arange(n, device=u1.device) + offset
+
+    def with_negatives(candidates):
+        return candidates if negatives is None else torch.cat([candidates, negatives])
+
     if layout == "2n":
         # Local anchors [u1; u2] against all candidates [u1_all; u2_all]. Single process: one
         # tensor for both, S = U U^T is symmetric and a backend may exploit that.
         U = torch.cat([u1, u2])
         U_all = U if prep_dist is None else torch.cat([u1_all, u2_all])
-        return [_Block(U, U_all, torch.cat([rows + total, rows]), torch.cat([rows, rows + total]))]
+        return [_Block(U, with_negatives(U_all), torch.cat([rows + total, rows]),
+                       torch.cat([rows, rows + total]))]
     if layout == "cross":
-        return [_Block(u1, u2_all, rows, None)]
-    return [_Block(u1, u2_all, rows, None), _Block(u2, u1_all, rows, None)]  # cross_sym
+        return [_Block(u1, with_negatives(u2_all), rows, None)]
+    return [_Block(u1, with_negatives(u2_all), rows, None), _Block(u2, u1_all, rows, None)]
+
+
+def _negatives_per_anchor(layout: str, total_rows: int, extra: int) -> int:
+    """The fewest negatives any anchor of ``layout`` has (shapes only: no data, no sync)."""
+    if layout == "2n":
+        return 2 * total_rows - 2 + extra
+    if layout == "cross":
+        return total_rows - 1 + extra
+    return total_rows - 1  # cross_sym: the column direction sees no extra negatives
 
 
 def _local_anchor_rows(layout: str, n: int, ctx) -> torch.Tensor:
@@ -91,15 +130,32 @@ def _negative_lse(prep, inv_temp: Optional[torch.Tensor],
     op of ``_ops.py`` (opaque to ``torch.compile``). ``operand_dtype`` (the inputs' dtype) tells a
     kernel which precision its GEMM operands may be rounded to (the tensor cores for half inputs);
     statistics and gradients stay in the compute dtype. A block whose anchors are its candidates
-    (layout 2n, one process) passes them once: ``S`` is symmetric."""
+    (layout 2n, one process) passes them once: ``S`` is symmetric. Two blocks that are each
+    other's transpose (layout cross_sym, one process: ``u1`` against ``u2`` and ``u2`` against
+    ``u1``) are one call in both directions: each tile of ``S`` serves the rows and the columns.
+    Distributed, the two blocks' candidates are every rank's rows, not the other block's anchors,
+    so they stay two calls; so do blocks with a label mask (false-negative masking)."""
+    blocks = prep.blocks
+    if (len(blocks) == 2 and blocks[0].anchors is blocks[1].candidates
+            and blocks[0].candidates is blocks[1].anchors
+            and all(b.anchor_labels is None for b in blocks)):  # labels: two calls
+        rows, cols = blocks
+        self_index = (None if rows.self_index is None and cols.self_index is None
+                      else torch.cat([rows.self_index, cols.self_index]))
+        return _ops.negative_lse(prep.name, rows.anchors, rows.candidates, inv_temp,
+                                 torch.cat([rows.pos_index, cols.pos_index]), self_index,
+                                 logit_map, artanh_scale, artanh_eps, prep.out_dtype,
+                                 both_directions=True)
     out, r0 = [], 0
-    for b in prep.blocks:
+    for b in blocks:
         m = b.anchors.shape[0]
         inv_temp_rows = inv_temp[r0:r0 + m] if inv_temp is not None else None
         candidates = None if b.candidates is b.anchors else b.candidates
         out.append(_ops.negative_lse(prep.name, b.anchors, candidates, inv_temp_rows,
                                      b.pos_index, b.self_index, logit_map, artanh_scale,
-                                     artanh_eps, prep.out_dtype))
+                                     artanh_eps, prep.out_dtype, anchor_labels=b.anchor_labels,
+                                     candidate_labels=None if candidates is None
+                                     else b.candidate_labels))
         r0 += m
     return torch.cat(out)
 
@@ -112,34 +168,64 @@ class _Prepared(NamedTuple):
     out_dtype: torch.dtype
     dist: Optional[distributed.DistContext]  # None: the local loss
     gather: Optional[Callable]  # rows of every rank, with the gradient semantics asked for
+    negatives: Optional[torch.Tensor] = None  # extra candidates as given (reference backend)
 
     @property
     def is_reference(self) -> bool:
         return self.name == "reference"
 
 
+_GATHERS = {"with_grad": distributed.gather_with_grad,
+            "local_grad": distributed.gather_local_grad,
+            "no_grad": distributed.gather_no_grad}
+
+
 def _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
-             names=("z1", "z2"), gather_kind="with_grad"):
-    """Shared validation and set-up of every loss."""
-    V.check_bool("validate", validate)
-    V.check_embedding_pair(names[0], z1, names[1], z2, validate=validate)
+             names=("z1", "z2"), gather_kind="with_grad", negatives=None, allow_empty=False,
+             labels=None):
+    """Shared validation and set-up of every loss. ``validate`` (True, False or "full", see
+    ``_validate.py``): only ``"full"`` reads tensor data. ``allow_empty``: the drop-ins' peers
+    accept a batch whose anchors have no negative (``lse_neg = -inf``, the peers' value)."""
+    mode = V.check_validate(validate)
+    V.check_embedding_pair(names[0], z1, names[1], z2, validate=mode)
     V.check_choice("layout", layout, V.LAYOUTS)
     V.check_choice("reduction", reduction, V.REDUCTIONS)
     V.check_bool("normalize", normalize)
     V.check_bool("gather_distributed", gather_distributed)
     V.check_backend(backend)
+    negatives = V.check_negatives("negatives", negatives, z1, mode)
+    if labels is not None:
+        labels = V.check_labels("labels", labels, z1.shape[0], z1, mode)
+        if negatives is not None:
+            raise ValueError("labels cannot be combined with negatives (the extra candidates "
+                             "carry no labels)")
     name = resolve_backend(backend, z1.device, z1.shape[1], z1.dtype)
     ctx = distributed.context(gather_distributed)
+    if mode != "none" and not allow_empty:
+        extra = 0 if negatives is None else negatives.shape[0]
+        V.check_has_negatives(
+            _negatives_per_anchor(layout, z1.shape[0] * (1 if ctx is None else ctx.world_size),
+                                  extra * (1 if ctx is None else ctx.world_size)),
+            f"a batch of {z1.shape[0]} row(s)" + ("" if ctx is None else
+                                                  f" on each of {ctx.world_size} ranks")
+            + f" in layout {layout!r}" + ("" if negatives is None else
+                                          f" with {negatives.shape[0]} extra negatives"))
     gather = None
     if ctx is not None:
         distributed.check_equal_rows(z1.shape[0], z1.device, ctx)
-        gather_fn = {"with_grad": distributed.gather_with_grad,
-                     "local_grad": distributed.gather_local_grad}[gather_kind]
-        gather = functools.partial(gather_fn, ctx=ctx)
+        if negatives is not None:
+            distributed.check_equal_rows(negatives.shape[0], z1.device, ctx, what="negatives")
+        gather = functools.partial(_GATHERS[gather_kind], ctx=ctx)
     if name == "reference":
-        return _Prepared(None, None, None, name, z1.dtype, ctx, gather)
+        return _Prepared(None, None, None, name, z1.dtype, ctx, gather, negatives)
     u1, u2 = (_math.normalize(z, normalize) for z in (z1, z2))
-    return _Prepared(u1, u2, _blocks(u1, u2, layout, ctx, gather), name, z1.dtype, ctx, gather)
+    neg = None
+    if negatives is not None:
+        neg = _math.normalize(negatives.to(u1.dtype), normalize)
+        if ctx is not None:
+            neg = gather(neg)
+    blocks = _with_labels(_blocks(u1, u2, layout, ctx, gather, neg), labels, layout, ctx)
+    return _Prepared(u1, u2, blocks, name, z1.dtype, ctx, gather)
 
 
 def _reference_loss(prep: _Prepared, fn: Callable, z1, z2, layout: str, reduction: str,
@@ -147,10 +233,18 @@ def _reference_loss(prep: _Prepared, fn: Callable, z1, z2, layout: str, reductio
     """The full-matrix oracle. Distributed, it computes the global batch's per-anchor losses from
     the gathered inputs and keeps this rank's anchors: the same semantics as the kernels' path
     (local anchors, gathered candidates) at the oracle's ``O(M * K)`` cost."""
+    if prep.negatives is not None:
+        kwargs["negatives"] = prep.negatives
+    if kwargs.get("labels") is None:
+        kwargs.pop("labels", None)
+    elif prep.dist is not None:
+        kwargs["labels"] = distributed.gather_no_grad(kwargs["labels"].to(torch.int64), prep.dist)
     if prep.dist is None:
         return fn(z1, z2, layout=layout, reduction=reduction, **kwargs)
     wide = compute_dtype(z1.dtype)  # the reference computes in this dtype anyway
     z1_all, z2_all = (prep.gather(z.to(wide)) for z in (z1, z2))
+    if prep.negatives is not None:
+        kwargs["negatives"] = prep.gather(prep.negatives.to(wide))
     if kwargs.get("weights") is not None:  # one per local anchor row, in local "none" order
         halves = kwargs["weights"].to(wide).chunk(1 if layout == "cross" else 2)
         kwargs["weights"] = torch.cat([prep.gather(h) for h in halves])
@@ -205,53 +299,124 @@ def _outside_autocast(fn: Callable) -> Callable:
 # Public losses
 # --------------------------------------------------------------------------------------------
 
+def _temperature(value, any_sign: bool) -> float:
+    """``> 0``; the drop-ins whose peer computes with a negative temperature pass ``any_sign``
+    (then only zero is refused: it divides)."""
+    if not any_sign:
+        return V.check_positive("temperature", value)
+    value = V.check_real("temperature", value)
+    if value == 0:
+        raise ValueError("temperature must be non-zero, got 0.0")
+    return value
 
-@_outside_autocast
+
 def infonce_loss(z1, z2, *, temperature=0.1, layout="2n", normalize=True, reduction="mean",
-                 gather_distributed=False, backend="auto", validate=True):
+                 gather_distributed=False, backend="auto", validate=True, negatives=None,
+                 labels=None):
     """NT-Xent / InfoNCE: ``loss_a = -log P_ap``, ``l_ak = S_ak / temperature``.
 
     Args:
-        z1, z2: ``[N, D]`` embeddings of the two views (N >= 2), any floating dtype.
+        z1, z2: ``[N, D]`` embeddings of the two views, any floating dtype. Every anchor needs
+            a negative: ``N >= 2`` over the global batch, or ``N = 1`` with ``negatives``
+            (layouts ``2n`` and ``cross``).
         temperature: ``tau > 0``.
         layout: ``"2n"`` (SimCLR, 2N anchors), ``"cross"`` (SimCSE, N anchors) or ``"cross_sym"``.
         normalize: L2-normalise the rows first (``False`` if the caller already did).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (the M per-anchor losses).
         backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"triton"``, ``"cpu"``, ``"cuda"``.
-        validate: ``False`` skips the data-dependent checks (finiteness; a host sync).
+        validate: ``True`` (default) checks types, shapes and options only and reads no
+            tensor data (no host synchronisation; NaN/Inf inputs give a non-finite loss, as in
+            PyTorch); ``"full"`` adds the data checks (finiteness; a host synchronisation) with
+            a clear ``ValueError``; ``False`` checks nothing.
+        negatives: optional extra candidates ``[K', D]`` (hard negatives, a queue; with or
+            without gradient; normalised like ``z1``, ``z2``), appended to the layout's own
+            candidates: every anchor of ``"2n"`` and ``"cross"`` sees all of them, in
+            ``"cross_sym"`` only the ``z1`` anchors (the row direction) do. Distributed, each
+            rank's negatives are gathered like the other candidates (same ``K'`` on every
+            rank). ``layout="cross"`` with ``temperature = 1 / scale`` and the flattened hard
+            negatives is sentence-transformers' ``MultipleNegativesRankingLoss``.
+        labels: optional ``[N]`` integer class of each pair: false-negative masking. The
+            positive stays the other view; every candidate of the anchor's label leaves the
+            denominator (docs/math.md#label-masked-negatives). An anchor left without a negative
+            gets loss 0 (and no gradient). Distributed, the labels are gathered too. Not with
+            ``negatives``.
     """
-    temperature = V.check_positive("temperature", temperature)
-    prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate)
+    return _infonce(z1, z2, temperature=temperature, layout=layout, normalize=normalize,
+                    reduction=reduction, gather_distributed=gather_distributed, backend=backend,
+                    validate=validate, negatives=negatives, labels=labels)
+
+
+@_outside_autocast
+def _infonce(z1, z2, *, temperature, layout, normalize, reduction, gather_distributed, backend,
+             validate, negatives=None, lenient=False, labels=None):
+    """``infonce_loss``; ``lenient`` (the drop-ins): any non-zero temperature, and anchors
+    without negatives give the peers' loss 0."""
+    temperature = _temperature(temperature, lenient)
+    prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
+                    negatives=negatives, allow_empty=lenient, labels=labels)
     if prep.is_reference:
         return _reference_loss(prep, reference.infonce_loss, z1, z2, layout, reduction,
-                               temperature=temperature, normalize=normalize)
+                               temperature=temperature, normalize=normalize, labels=labels)
     s_pos = _positive_similarity(prep.blocks)
     inv_temp = _constant_rows(1.0 / temperature, s_pos.shape[0], s_pos)
-    x = _negative_lse(prep, inv_temp) - inv_temp * s_pos
-    return _finish(softplus(x), reduction, prep.out_dtype)
+    lse_neg = _negative_lse(prep, inv_temp)
+    per_anchor = softplus(lse_neg - inv_temp * s_pos)
+    return _finish(_zero_if_no_negative(per_anchor, lse_neg, labels), reduction, prep.out_dtype)
+
+
+def _zero_if_no_negative(per_anchor, lse_neg, labels):
+    """With labels, an anchor whose every candidate shares its label has ``lse_neg = -inf``: its
+    loss is 0 with no gradient (docs/math.md#label-masked-negatives), not DCL's ``-inf`` or
+    MACL's 1."""
+    if labels is None:
+        return per_anchor
+    return torch.where(lse_neg == float("-inf"), torch.zeros_like(per_anchor), per_anchor)
 
 
 def clip_loss(image_features, text_features, logit_scale, *, normalize=True, reduction="mean",
-              gather_distributed=False, backend="auto", validate=True):
+              gather_distributed=False, backend="auto", validate=True, negatives=None):
     """Symmetric CLIP loss: ``l_ij = s S_ij``, the mean of the row-wise and column-wise
     cross-entropies (layout ``"cross_sym"``).
 
     ``logit_scale`` is the already-exponentiated scale ``s`` (a float, or a 0-d tensor; when it
-    requires grad, ``dL/ds = sum_ij G_ij S_ij`` is returned to it).
+    requires grad, ``dL/ds = sum_ij G_ij S_ij`` is returned to it). ``negatives``: extra text
+    candidates ``[K', D]`` (hard-negative captions) seen by the image anchors only.
     """
     return _clip(image_features, text_features, logit_scale, normalize=normalize,
                  reduction=reduction, gather_distributed=gather_distributed, backend=backend,
-                 validate=validate)
+                 validate=validate, negatives=negatives)
 
 
 @_outside_autocast
 def _clip(image_features, text_features, logit_scale, *, normalize, reduction,
-          gather_distributed, backend, validate, gather_kind="with_grad"):
-    """``clip_loss``; ``gather_kind="local_grad"`` is OpenCLIP's ``gather_with_grad=False``."""
+          gather_distributed, backend, validate, gather_kind="with_grad", negatives=None,
+          lenient=False):
+    """``clip_loss``. ``gather_kind``: ``"local_grad"`` is OpenCLIP's ``gather_with_grad=False``
+    with the local slice attached, ``"no_grad"`` all gathered rows detached (OpenCLIP's
+    ``local_loss=True, gather_with_grad=False``). ``lenient``: OpenCLIP's edge behaviour (a batch
+    of one gives 0, any finite float scale)."""
     prep = _prepare(image_features, text_features, "cross_sym", normalize, reduction,
                     gather_distributed, backend, validate,
-                    names=("image_features", "text_features"), gather_kind=gather_kind)
-    logit_scale = V.check_logit_scale(logit_scale, image_features, validate=validate)
+                    names=("image_features", "text_features"), gather_kind=gather_kind,
+                    negatives=negatives, allow_empty=lenient)
+    logit_scale = V.check_logit_scale(logit_scale, image_features,
+                                      validate=V.check_validate(validate), any_sign=lenient)
+    if prep.is_reference and prep.dist is not None and gather_kind == "no_grad":
+        # Every gathered row a constant: each direction is this rank's anchors against the
+        # detached local rows (their positives) plus the other ranks' rows as extra negatives.
+        n, r = image_features.shape[0], prep.dist.rank
+        wide = compute_dtype(image_features.dtype)
+
+        def direction(anchors, others):
+            everyone = prep.gather(others.to(wide))
+            rest = torch.cat([everyone[:r * n], everyone[(r + 1) * n:]])
+            return reference.clip_loss(anchors.to(wide), others.to(wide).detach(), logit_scale,
+                                       normalize=normalize, reduction="none",
+                                       negatives=rest)[:n]
+
+        per_anchor = torch.cat([direction(image_features, text_features),
+                                direction(text_features, image_features)])
+        return _math.reduce(per_anchor, reduction, image_features.dtype)
     if prep.is_reference:
         def reference_clip(z1, z2, layout, **kwargs):
             return reference.clip_loss(z1, z2, logit_scale, **kwargs)
@@ -267,26 +432,39 @@ def _clip(image_features, text_features, logit_scale, *, normalize, reduction,
     return _finish(softplus(x), reduction, prep.out_dtype)
 
 
-@_outside_autocast
 def dcl_loss(z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, layout="2n", normalize=True,
              reduction="mean", gather_distributed=False, backend="auto", validate=True,
-             weights: Optional[torch.Tensor] = None):
+             weights: Optional[torch.Tensor] = None, negatives=None, labels=None):
     """Decoupled contrastive loss: ``loss_a = -w_a l_ap + LSE_{k in Neg(a)} l_ak``.
 
     ``weighted=True`` is DCLW: ``w_i = 2 - N softmax_i(u1_i . u2_i / sigma)`` (no gradient, the
     same ``w_i`` for both views); otherwise ``w = 1``. ``weights`` (``[M]``, one per anchor row,
     may carry gradient) overrides both: it is how ``DCLLoss(weight_fn=...)`` reaches the kernels.
+    ``negatives``: extra candidates, ``labels``: false-negative masking, as in ``infonce_loss``.
     """
-    temperature = V.check_positive("temperature", temperature)
+    return _dcl(z1, z2, temperature=temperature, weighted=weighted, sigma=sigma, layout=layout,
+                normalize=normalize, reduction=reduction, gather_distributed=gather_distributed,
+                backend=backend, validate=validate, weights=weights, negatives=negatives,
+                labels=labels)
+
+
+@_outside_autocast
+def _dcl(z1, z2, *, temperature, weighted, sigma, layout, normalize, reduction,
+         gather_distributed, backend, validate, weights=None, negatives=None, lenient=False,
+         labels=None):
+    """``dcl_loss``; ``lenient`` as lightly's DCL: any non-zero temperature, and a batch of one
+    gives ``-inf`` (the LSE over an empty set of negatives)."""
+    temperature = _temperature(temperature, lenient)
     sigma = V.check_positive("sigma", sigma)
     V.check_bool("weighted", weighted)
-    prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate)
+    prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
+                    negatives=negatives, allow_empty=lenient, labels=labels)
     m = z1.shape[0] * (1 if layout == "cross" else 2)
     weights = V.optional_tensor_arg("weights", weights, m, z1)
     if prep.is_reference:
         return _reference_loss(prep, reference.dcl_loss, z1, z2, layout, reduction,
                                temperature=temperature, weighted=weighted, sigma=sigma,
-                               normalize=normalize, weights=weights)
+                               normalize=normalize, weights=weights, labels=labels)
     s_pos = _positive_similarity(prep.blocks)
     inv_temp = _constant_rows(1.0 / temperature, m, s_pos)
     if weights is None:
@@ -294,13 +472,15 @@ def dcl_loss(z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, layout="2n",
             _math.per_anchor_rows(_dclw_weights(prep, sigma), layout)
             if weighted else torch.ones_like(s_pos)
         )
-    per_anchor = _negative_lse(prep, inv_temp) - weights * (inv_temp * s_pos)
-    return _finish(per_anchor, reduction, prep.out_dtype)
+    lse_neg = _negative_lse(prep, inv_temp)
+    per_anchor = lse_neg - weights * (inv_temp * s_pos)
+    return _finish(_zero_if_no_negative(per_anchor, lse_neg, labels), reduction, prep.out_dtype)
 
 
 def macl_loss(z1, z2, *, temperature=0.1, alpha=0.5, a0=0.0, schedule="linear",
               temperature_mode="batch", reweight=True, layout="2n", normalize=True,
-              reduction="mean", gather_distributed=False, backend="auto", validate=True):
+              reduction="mean", gather_distributed=False, backend="auto", validate=True,
+              negatives=None, labels=None):
     """Model-Aware Contrastive Learning (ICML 2023).
 
     ``A = sg(mean over positive pairs of S_a,p(a))`` (``temperature_mode="anchor"``: one ``A_a``
@@ -308,19 +488,19 @@ def macl_loss(z1, z2, *, temperature=0.1, alpha=0.5, a0=0.0, schedule="linear",
     ``temperature * alpha ** A`` (``"exp"``), clamped at ``min(1e-3, temperature)`` so it never
     reaches zero or flips sign. ``loss_a = -sg(V_a) log P_ap`` with ``V_a = 1 / (1 - P_ap)``
     (``reweight=False``: InfoNCE at ``tau(A)``). Its gradient is DCL's at ``tau(A)``:
-    ``(Q - Y) / (M tau)``.
+    ``(Q - Y) / (M tau)``. ``negatives``: extra candidates, as in ``infonce_loss`` (they never
+    enter ``A``). With a MoCo queue: ``moco_loss(..., loss="macl")``. ``labels``: false-negative
+    masking as in ``infonce_loss`` (``A`` stays over the augmentation pairs).
     """
     loss, _, _ = _macl(z1, z2, temperature=temperature, alpha=alpha, a0=a0, schedule=schedule,
                        temperature_mode=temperature_mode, reweight=reweight, layout=layout,
                        normalize=normalize, reduction=reduction,
-                       gather_distributed=gather_distributed, backend=backend, validate=validate)
+                       gather_distributed=gather_distributed, backend=backend, validate=validate,
+                       negatives=negatives, labels=labels)
     return loss
 
 
-@_outside_autocast
-def _macl(z1, z2, *, temperature, alpha, a0, schedule, temperature_mode, reweight, layout,
-          normalize, reduction, gather_distributed, backend, validate):
-    """``macl_loss`` plus the temperature and alignment it used (detached, for logging)."""
+def _macl_options(temperature, alpha, a0, schedule, temperature_mode, reweight):
     temperature = V.check_positive("temperature", temperature)
     alpha = V.check_real("alpha", alpha)
     a0 = V.check_real("a0", a0)
@@ -329,9 +509,28 @@ def _macl(z1, z2, *, temperature, alpha, a0, schedule, temperature_mode, reweigh
     V.check_bool("reweight", reweight)
     if schedule == "exp" and alpha <= 0:
         raise ValueError(f"alpha must be > 0 for schedule='exp' (tau = t0 * alpha ** A), got {alpha}")
-    prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate)
+    return temperature, alpha, a0
+
+
+def _macl_rows(x: torch.Tensor, reweight: bool) -> torch.Tensor:
+    """MACL's per-anchor loss from ``x_a``: value ``(1 + e^-x) softplus(x)``, gradient in ``x``
+    exactly ``sg(V) sigmoid(x) = 1``."""
+    if reweight:
+        return _math.macl_value(x).detach() + (x - x.detach())
+    return softplus(x)
+
+
+@_outside_autocast
+def _macl(z1, z2, *, temperature, alpha, a0, schedule, temperature_mode, reweight, layout,
+          normalize, reduction, gather_distributed, backend, validate, negatives=None,
+          labels=None):
+    """``macl_loss`` plus the temperature and alignment it used (detached, for logging)."""
+    temperature, alpha, a0 = _macl_options(temperature, alpha, a0, schedule, temperature_mode,
+                                           reweight)
+    prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
+                    negatives=negatives, labels=labels)
     if prep.is_reference:
-        return _reference_loss(prep, reference.macl_loss, z1, z2, layout, reduction,
+        return _reference_loss(prep, reference.macl_loss, z1, z2, layout, reduction, labels=labels,
                                temperature=temperature, alpha=alpha, a0=a0, schedule=schedule,
                                temperature_mode=temperature_mode, reweight=reweight,
                                normalize=normalize, return_stats=True)
@@ -342,23 +541,24 @@ def _macl(z1, z2, *, temperature, alpha, a0, schedule, temperature_mode, reweigh
             alignment, prep.dist)
     tau = _math.macl_temperature(alignment, temperature, alpha, a0, schedule)
     inv_temp = (1.0 / tau).expand(s_pos.shape[0])
-    x = _negative_lse(prep, inv_temp) - inv_temp * s_pos
-    if reweight:
-        # Value (1 + e^-x) softplus(x); gradient in x exactly sg(V) sigmoid(x) = 1.
-        per_anchor = _math.macl_value(x).detach() + (x - x.detach())
-    else:
-        per_anchor = softplus(x)
+    lse_neg = _negative_lse(prep, inv_temp)
+    x = lse_neg - inv_temp * s_pos
+    if labels is not None:  # an empty Neg(a) (x = -inf): a harmless x there, the row is zeroed
+        x = torch.where(lse_neg == float("-inf"), torch.zeros_like(x), x)
+    per_anchor = _zero_if_no_negative(_macl_rows(x, reweight), lse_neg, labels)
     return _finish(per_anchor, reduction, prep.out_dtype), tau, alignment
 
 
 @_outside_autocast
 def tfree_loss(z1, z2, *, scale=2.0, eps=1e-6, layout="2n", normalize=True, reduction="mean",
-               gather_distributed=False, backend="auto", validate=True):
+               gather_distributed=False, backend="auto", validate=True, negatives=None):
     """Temperature-free InfoNCE: ``l_ak = scale * artanh(clamp(S_ak, -1 + eps, 1 - eps))``,
-    ``loss_a = -log P_ap``. The clamp keeps ``artanh`` finite; its gradient is 0 where it clamps."""
+    ``loss_a = -log P_ap``. The clamp keeps ``artanh`` finite; its gradient is 0 where it clamps.
+    ``negatives``: extra candidates, as in ``infonce_loss``."""
     scale = V.check_positive("scale", scale)
     eps = V.check_open_unit("eps", eps)
-    prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate)
+    prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
+                    negatives=negatives)
     if prep.is_reference:
         return _reference_loss(prep, reference.tfree_loss, z1, z2, layout, reduction,
                                scale=scale, eps=eps, normalize=normalize)
@@ -367,3 +567,212 @@ def tfree_loss(z1, z2, *, scale=2.0, eps=1e-6, layout="2n", normalize=True, redu
     x = _negative_lse(prep, None, LogitMap.ARTANH, scale, eps) - l_pos
     return _finish(softplus(x), reduction, prep.out_dtype)
 
+
+# --------------------------------------------------------------------------------------------
+# MoCo: queries against a memory bank (docs/math.md#memory-bank-moco)
+# --------------------------------------------------------------------------------------------
+
+
+class _FixedCandidatesLse(torch.autograd.Function):
+    """``lse_neg`` of anchors against candidates that need no gradient (a memory bank), with no
+    positive among them (``pos_index = -1``: ``Neg(a)`` is every candidate).
+
+    ``lse_neg[a]`` depends on anchor row ``a`` (and ``inv_temp[a]``) only, so its gradient is
+    per row: the backend's backward with a unit upstream gradient, run inside this forward,
+    gives ``d lse_neg[a] / d anchors[a] = inv_temp[a] O_a`` (``O_a = sum_k Q_ak bank_k``) and
+    ``d lse_neg[a] / d inv_temp[a] = anchors[a] . O_a``; backward only scales them by ``g``.
+    Nothing of the bank is saved for backward: the caller may overwrite the bank in place right
+    after this call (the enqueue of a memory bank), and no copy of it is needed."""
+
+    @staticmethod
+    def forward(ctx, backend, anchors, candidates, inv_temp, pos_index, operand_dtype):
+        need_anchors, need_inv_temp = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        scalars = (int(LogitMap.SCALED), 0.0, 0.0, operand_dtype)
+        lse_neg, aux, _ = _ops.negative_lse_op(backend, anchors, candidates, inv_temp, pos_index,
+                                               None, *scalars, need_anchors or need_inv_temp)
+        d_anchors = d_inv_temp = None
+        if need_anchors or need_inv_temp:
+            d_anchors, _, d_inv_temp, _ = _ops.negative_lse_backward_op(
+                backend, anchors, candidates, inv_temp, pos_index, None, *scalars, lse_neg, aux,
+                torch.ones_like(lse_neg), need_anchors, False, need_inv_temp)
+        ctx.save_for_backward(d_anchors if need_anchors else None,
+                              d_inv_temp if need_inv_temp else None)
+        return lse_neg
+
+    @staticmethod
+    def backward(ctx, g):
+        d_anchors, d_inv_temp = ctx.saved_tensors
+        return (None, None if d_anchors is None else g[:, None] * d_anchors, None,
+                None if d_inv_temp is None else g * d_inv_temp, None, None)
+
+
+def moco_loss(query, key, bank, *, temperature=0.1, loss="infonce", alpha=0.5, a0=0.0,
+              schedule="linear", temperature_mode="batch", in_batch_negatives=False,
+              normalize=True, reduction="mean", gather_distributed=False, backend="auto",
+              validate=True):
+    """MoCo / lightly memory-bank loss: each query against its key and a bank of negatives.
+
+    ``u_q = normalize(query)``, ``u_k = normalize(key)`` (``[N, D]``); ``bank`` ``[Q, D]`` holds
+    rows used as given (a memory bank stores normalised keys), of any floating dtype and device:
+    it is cast to the queries' compute dtype and device per call and never needs a gradient.
+    The queries are the only anchors; the positive logit ``l_a = u_q[a] . u_k[a] / tau`` is
+    computed outside the tiles and the candidates are the bank alone (``Neg(a)`` = every bank
+    row, no in-batch negatives), so ``x_a = LSE_k (u_q[a] . bank_k / tau) - l_a`` and
+
+        loss="infonce"  softplus(x_a)  (lightly's NTXentLoss with a memory bank, MoCo v2)
+        loss="dcl"      x_a
+        loss="macl"     MACL at tau(A) with A = sg(mean_a u_q[a] . u_k[a]): the bank never enters A
+                        (the official MACL code with a queue); gather_distributed=True makes A
+                        the mean over every rank's pairs
+
+    ``in_batch_negatives=True`` adds the other keys of the batch as negatives (candidates
+    ``[u_k; bank]``, MoCo-v3 style): a different loss, never lightly's. The gradient reaches
+    ``query`` and (through its positive logit, and the in-batch negatives) ``key``; never the
+    bank. The bank's rows are not saved for backward: it may be updated in place after the call.
+    """
+    return _moco(query, key, bank, temperature=temperature, loss=loss, alpha=alpha, a0=a0,
+                 schedule=schedule, temperature_mode=temperature_mode,
+                 in_batch_negatives=in_batch_negatives, normalize=normalize,
+                 reduction=reduction, gather_distributed=gather_distributed, backend=backend,
+                 validate=validate)
+
+
+@_outside_autocast
+def _moco(query, key, bank, *, temperature, loss, alpha, a0, schedule, temperature_mode,
+          in_batch_negatives, normalize, reduction, gather_distributed, backend, validate,
+          lenient=False):
+    """``moco_loss``; ``lenient`` (lightly's NTXentLoss): any non-zero temperature."""
+    mode = V.check_validate(validate)
+    V.check_choice("loss", loss, V.MOCO_LOSSES)
+    if loss == "macl":
+        temperature, alpha, a0 = _macl_options(temperature, alpha, a0, schedule,
+                                               temperature_mode, True)
+    else:
+        temperature = _temperature(temperature, lenient)
+    V.check_embedding_pair("query", query, "key", key, validate=mode)
+    V.check_bool("in_batch_negatives", in_batch_negatives)
+    V.check_bool("normalize", normalize)
+    V.check_bool("gather_distributed", gather_distributed)
+    V.check_choice("reduction", reduction, V.REDUCTIONS)
+    V.check_backend(backend)
+    bank = V.check_bank("bank", bank, query, mode)
+    if mode != "none":
+        V.check_has_negatives(bank.shape[0] + (query.shape[0] - 1 if in_batch_negatives else 0),
+                              f"a bank of {bank.shape[0]} row(s)" +
+                              (f" and a batch of {query.shape[0]}" if in_batch_negatives else ""))
+    name = resolve_backend(backend, query.device, query.shape[1], query.dtype)
+    ctx = distributed.context(gather_distributed)
+    wide = compute_dtype(query.dtype)
+    u_q, u_k = _math.normalize(query, normalize), _math.normalize(key, normalize)
+    bank_rows = bank.to(device=query.device, dtype=wide)  # a no-op when it already matches
+    s_pos = (u_q * u_k).sum(dim=1)
+    alignment = tau = None
+    if loss == "macl":
+        alignment = s_pos.detach()
+        if temperature_mode == "batch":
+            alignment = alignment.mean() if ctx is None else distributed.global_mean(alignment,
+                                                                                     ctx)
+        tau = _math.macl_temperature(alignment, temperature, alpha, a0, schedule)
+    if name == "reference":
+        per_anchor = reference.moco_loss(query, key, bank, temperature=temperature, loss=loss,
+                                         tau=tau, in_batch_negatives=in_batch_negatives,
+                                         normalize=normalize, reduction="none")
+        return _math.reduce(per_anchor.to(wide), reduction, query.dtype)
+    n = u_q.shape[0]
+    inv_temp = (1.0 / tau).expand(n) if tau is not None else _constant_rows(1.0 / temperature,
+                                                                             n, u_q)
+    if in_batch_negatives:
+        rows = torch.arange(n, device=u_q.device)
+        lse_neg = _ops.negative_lse(name, u_q, torch.cat([u_k, bank_rows]), inv_temp, rows,
+                                    None, operand_dtype=query.dtype)
+    else:
+        no_positive = torch.full((n,), -1, dtype=torch.int64, device=u_q.device)
+        lse_neg = _FixedCandidatesLse.apply(name, u_q.contiguous(), bank_rows.contiguous(),
+                                            inv_temp.contiguous(), no_positive, query.dtype)
+    x = lse_neg - inv_temp * s_pos
+    if loss == "infonce":
+        per_anchor = softplus(x)
+    elif loss == "dcl":
+        per_anchor = x
+    else:
+        per_anchor = _macl_rows(x, True)
+    return _finish(per_anchor, reduction, query.dtype)
+
+
+def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, normalize=True,
+                reduction="mean", gather_distributed=False, backend="auto", validate=True):
+    """SigLIP's pairwise sigmoid loss (OpenCLIP's ``SigLipLoss``): ``l_ij = t S_ij + b``, labels
+    ``+1`` on the positive pair ``(i, i)`` and ``-1`` elsewhere, per image row
+    ``r_i = sum_j softplus(-y_ij l_ij)``; ``"mean"`` is ``(1/B) sum_i r_i`` over the ``B`` image
+    rows (not ``B^2``, no symmetrisation). ``"none"`` returns ``r`` (``[B]``).
+
+    Args:
+        image_features: ``[B, D]``, ``B >= 1`` (one image is a valid batch: no negatives).
+        text_features: ``[K, D]``, ``K >= B``: text ``i`` is image ``i``'s positive, texts past
+            ``B`` are extra negatives.
+        logit_scale: the already-exponentiated scale ``t > 0`` (a float or a 0-d tensor; when
+            it requires grad, ``dL/dt`` is returned to it).
+        logit_bias: ``b``: ``None`` (no bias), a float, or a 0-d tensor (gradient returned when
+            it requires grad).
+        normalize: L2-normalise the rows first (the drop-in ``SigLipLoss`` does not, as
+            OpenCLIP).
+        gather_distributed: local images are the anchors, every rank's texts (gathered with
+            gradient) the candidates, the positive at ``rank * K + i``.
+        backend, validate: as for ``clip_loss``.
+    """
+    return _siglip(image_features, text_features, logit_scale, logit_bias, normalize=normalize,
+                   reduction=reduction, gather_distributed=gather_distributed, backend=backend,
+                   validate=validate)
+
+
+def _scalar_rows(value, m: int, like: torch.Tensor) -> torch.Tensor:
+    """A float or a 0-d tensor as ``m`` rows of ``like``'s dtype and device (a tensor keeps its
+    autograd graph: the rows' gradients sum back into it)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=like.dtype).expand(m)
+    return _constant_rows(value, m, like)
+
+
+@_outside_autocast
+def _siglip(image_features, text_features, logit_scale, logit_bias, *, normalize, reduction,
+            gather_distributed, backend, validate):
+    mode = V.check_validate(validate)
+    B, K = V.check_image_text(image_features, text_features, validate=mode)
+    V.check_choice("reduction", reduction, V.REDUCTIONS)
+    V.check_bool("normalize", normalize)
+    V.check_bool("gather_distributed", gather_distributed)
+    V.check_backend(backend)
+    logit_scale = V.check_logit_scale(logit_scale, image_features, validate=mode)
+    logit_bias = V.check_logit_bias(logit_bias, image_features, validate=mode)
+    name = resolve_backend(backend, image_features.device, image_features.shape[1],
+                           image_features.dtype)
+    ctx = distributed.context(gather_distributed)
+    offset = 0
+    gather = None
+    if ctx is not None:
+        # All-gather needs equal row counts: images (the local anchors) and texts alike.
+        distributed.check_equal_rows(B, image_features.device, ctx, what="image batch")
+        distributed.check_equal_rows(K, image_features.device, ctx, what="text batch")
+        gather = functools.partial(distributed.gather_with_grad, ctx=ctx)
+        offset = ctx.rank * K
+    out_dtype = image_features.dtype
+    if name == "reference":
+        wide = compute_dtype(out_dtype)
+        texts = text_features if gather is None else gather(text_features.to(wide))
+        return reference.siglip_loss(image_features, texts, logit_scale, logit_bias,
+                                     normalize=normalize, reduction=reduction,
+                                     positive_offset=offset).to(out_dtype)
+    u1 = _math.normalize(image_features, normalize)
+    u2 = _math.normalize(text_features, normalize)
+    if gather is not None:
+        u2 = gather(u2)
+    pos_index = torch.arange(B, device=u1.device) + offset
+    s_pos = (u1 * u2[pos_index]).sum(dim=1)  # O(B D): the positive pair, out of the tile loop
+    inv_temp = _scalar_rows(logit_scale, B, s_pos)
+    row_bias = None if logit_bias is None else _scalar_rows(logit_bias, B, s_pos)
+    l_pos = inv_temp * s_pos + (0.0 if row_bias is None else row_bias)
+    sp_neg = _ops.negative_lse(name, u1, u2, inv_temp, pos_index, None, LogitMap.SCALED,
+                               operand_dtype=out_dtype, row_reduction=RowReduction.SOFTPLUS,
+                               row_bias=row_bias)
+    # softplus(-l_ap) split out: no cancellation at a large positive logit (docs/math.md#siglip).
+    return _finish(sp_neg + softplus(-l_pos), reduction, out_dtype)

@@ -61,29 +61,63 @@ def normalize(z: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     return F.normalize(z, p=2.0, dim=1, eps=NORMALIZE_EPS) if normalize else z
 
 
-def anchor_rows(u1: torch.Tensor, u2: torch.Tensor, layout: str) -> AnchorRows:
+def anchor_rows(u1: torch.Tensor, u2: torch.Tensor, layout: str,
+                negatives: Optional[torch.Tensor] = None) -> AnchorRows:
+    """``negatives`` (extra candidate rows, normalised like ``u1``) are extra columns of every
+    anchor in ``2n`` and ``cross``, and of the ``u1`` anchors only in ``cross_sym``."""
     n = u1.shape[0]
     device = u1.device
+    extra = 0 if negatives is None else negatives.shape[0]
     if layout == "2n":
         # SimCLR / NT-Xent: U = [u1; u2], every row is an anchor, its positive is the other view.
         U = torch.cat([u1, u2])
-        S = U @ U.T
+        C = U if negatives is None else torch.cat([U, negatives])
+        S = U @ C.T
         M = 2 * n
-        is_self = torch.eye(M, dtype=torch.bool, device=device)
+        is_self = torch.eye(M, M + extra, dtype=torch.bool, device=device)
         positive = (torch.arange(M, device=device) + n) % M
         return AnchorRows(S, ~is_self, positive)
-    S = u1 @ u2.T
-    everyone = torch.ones(n, n, dtype=torch.bool, device=device)
+    C2 = u2 if negatives is None else torch.cat([u2, negatives])
+    S = u1 @ C2.T
+    everyone = torch.ones(n, n + extra, dtype=torch.bool, device=device)
     diagonal = torch.arange(n, device=device)
     if layout == "cross":
         # SimCSE / GraphCL: anchors u1, candidates u2, positive on the diagonal.
         return AnchorRows(S, everyone, diagonal)
     if layout == "cross_sym":
-        # CLIP: the N rows of S, then the N columns (rows of S^T), each a cross-entropy.
+        # CLIP: the N rows of S, then the N columns (rows of S^T), each a cross-entropy; the
+        # columns' rows get zero-padded, masked-out columns for the extra negatives.
+        columns = torch.cat([S[:, :n].T, S.new_zeros(n, extra)], dim=1)
+        column_mask = torch.cat([everyone[:, :n], everyone.new_zeros(n, extra)], dim=1)
         return AnchorRows(
-            torch.cat([S, S.T]), torch.cat([everyone, everyone]), torch.cat([diagonal, diagonal])
+            torch.cat([S, columns]), torch.cat([everyone, column_mask]),
+            torch.cat([diagonal, diagonal])
         )
     raise ValueError(f"layout must be one of ['2n', 'cross', 'cross_sym'], got {layout!r}")
+
+
+def label_masked(rows: AnchorRows, labels: Optional[torch.Tensor], layout: str) -> AnchorRows:
+    """False-negative masking (docs/math.md#label-masked-negatives): every candidate of the
+    anchor's label leaves ``C(a)`` (the positive stays the positive, its logit is read apart)."""
+    if labels is None:
+        return rows
+    y = labels.to(rows.S.device)
+    anchor_labels = y if layout == "cross" else torch.cat([y, y])
+    column_labels = torch.cat([y, y]) if layout == "2n" else y
+    same = anchor_labels[:, None] == column_labels[None, :]
+    return AnchorRows(rows.S, rows.candidates & ~same, rows.positive)
+
+
+def without_empty_rows(loss_fn, rows: AnchorRows, logits: torch.Tensor):
+    """``loss_fn(rows, logits)`` with rows whose ``Neg(a)`` is empty (every candidate masked by a
+    label) given loss 0 and no gradient, instead of an LSE over nothing."""
+    has_negative = rows.negatives.any(dim=1)
+    first = torch.zeros_like(rows.candidates)
+    first[:, 0] = True
+    safe = AnchorRows(rows.S, torch.where(has_negative[:, None], rows.candidates, first | ~rows.Y),
+                      rows.positive)
+    loss = loss_fn(safe, logits)
+    return torch.where(has_negative, loss, torch.zeros_like(loss))
 
 
 def masked_logsumexp(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -122,15 +156,23 @@ def negative_margin(rows: AnchorRows, logits: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def infonce_loss(z1, z2, *, temperature=0.1, layout="2n", normalize=True, reduction="mean"):
-    """NT-Xent / InfoNCE: ``loss_a = -log P_ap``, ``l_ak = S_ak / tau``."""
-    rows = anchor_rows(_n(z1, normalize), _n(z2, normalize), layout)
+def infonce_loss(z1, z2, *, temperature=0.1, layout="2n", normalize=True, reduction="mean",
+                 negatives=None, labels=None):
+    """NT-Xent / InfoNCE: ``loss_a = -log P_ap``, ``l_ak = S_ak / tau``; ``labels``: same-label
+    candidates are not negatives."""
+    rows = anchor_rows(_n(z1, normalize), _n(z2, normalize), layout, _neg(negatives, z1, normalize))
+    if labels is not None:
+        rows = label_masked(rows, labels, layout)
+        loss = without_empty_rows(negative_log_p_positive, rows, rows.S / temperature)
+        return reduce(loss, reduction, z1.dtype)
     return reduce(negative_log_p_positive(rows, rows.S / temperature), reduction, z1.dtype)
 
 
-def clip_loss(image_features, text_features, logit_scale, *, normalize=True, reduction="mean"):
+def clip_loss(image_features, text_features, logit_scale, *, normalize=True, reduction="mean",
+              negatives=None):
     """CLIP: ``l_ij = s * S_ij`` over both directions; ``s`` may require grad."""
-    rows = anchor_rows(_n(image_features, normalize), _n(text_features, normalize), "cross_sym")
+    rows = anchor_rows(_n(image_features, normalize), _n(text_features, normalize), "cross_sym",
+                       _neg(negatives, image_features, normalize))
     if isinstance(logit_scale, torch.Tensor):
         logit_scale = logit_scale.to(rows.S.dtype).reshape(())
     loss = negative_log_p_positive(rows, logit_scale * rows.S)
@@ -150,7 +192,7 @@ def per_anchor_pair_values(values_per_pair: torch.Tensor, layout: str) -> torch.
 
 def dcl_loss(
     z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, layout="2n", normalize=True,
-    reduction="mean", weights: Optional[torch.Tensor] = None,
+    reduction="mean", weights: Optional[torch.Tensor] = None, negatives=None, labels=None,
 ):
     """Decoupled CL: ``loss_a = -w_a l_ap + LSE_{k in Neg(a)} l_ak`` (``w = 1`` unless weighted).
 
@@ -158,7 +200,8 @@ def dcl_loss(
     reaches the reference.
     """
     u1, u2 = _n(z1, normalize), _n(z2, normalize)
-    rows = anchor_rows(u1, u2, layout)
+    rows = label_masked(anchor_rows(u1, u2, layout, _neg(negatives, z1, normalize)), labels,
+                        layout)
     logits = rows.S / temperature
     if weights is None:
         weights = (
@@ -166,8 +209,12 @@ def dcl_loss(
             if weighted
             else torch.ones_like(rows.positive, dtype=logits.dtype)
         )
-    positive_logit = logits.gather(1, rows.positive[:, None])[:, 0]
-    loss = -weights * positive_logit + masked_logsumexp(logits, rows.negatives)
+
+    def per_row(r, lg):
+        positive_logit = lg.gather(1, r.positive[:, None])[:, 0]
+        return -weights * positive_logit + masked_logsumexp(lg, r.negatives)
+
+    loss = per_row(rows, logits) if labels is None else without_empty_rows(per_row, rows, logits)
     return reduce(loss, reduction, z1.dtype)
 
 
@@ -185,13 +232,15 @@ def macl_temperature(A, temperature: float, alpha: float, a0: float, schedule: s
 def macl_loss(
     z1, z2, *, temperature=0.1, alpha=0.5, a0=0.0, schedule="linear", temperature_mode="batch",
     reweight=True, layout="2n", normalize=True, reduction="mean", return_stats=False,
+    negatives=None, labels=None,
 ):
     """Model-Aware Contrastive Learning (ICML 2023).
 
     ``A = sg(mean_a S_a,p(a))`` (or per anchor), ``tau = tau(A)``, ``l = S / tau``,
     ``loss_a = -sg(V_a) log P_ap`` with ``V_a = 1 / (1 - P_ap) = 1 / sigmoid(x_a)``.
     """
-    rows = anchor_rows(_n(z1, normalize), _n(z2, normalize), layout)
+    rows = anchor_rows(_n(z1, normalize), _n(z2, normalize), layout,
+                       _neg(negatives, z1, normalize))
     alignment = rows.positive_similarity.detach()
     if temperature_mode == "batch":
         alignment = alignment.mean()
@@ -201,12 +250,14 @@ def macl_loss(
         )
     tau = macl_temperature(alignment, temperature, alpha, a0, schedule)
     logits = rows.S / (tau[:, None] if tau.dim() == 1 else tau)
-    x = negative_margin(rows, logits)
-    minus_log_P_positive = softplus(x)
-    if reweight:
-        loss = _macl_reweighted(x)
-    else:
-        loss = minus_log_P_positive
+
+    def per_row(r, lg):
+        x = negative_margin(r, lg)
+        return _macl_reweighted(x) if reweight else softplus(x)
+
+    # labels: A stays over the instance pairs; only the denominators lose same-label rows.
+    loss = per_row(rows, logits) if labels is None else without_empty_rows(
+        per_row, label_masked(rows, labels, layout), logits)
     out = reduce(loss, reduction, z1.dtype)
     return (out, tau.detach(), alignment) if return_stats else out
 
@@ -228,15 +279,74 @@ def _macl_reweighted(x: torch.Tensor) -> torch.Tensor:
     return torch.where(tail, 1 + (x - x.detach()), body)
 
 
-def tfree_loss(z1, z2, *, scale=2.0, eps=1e-6, layout="2n", normalize=True, reduction="mean"):
+def tfree_loss(z1, z2, *, scale=2.0, eps=1e-6, layout="2n", normalize=True, reduction="mean",
+               negatives=None):
     """Temperature-free InfoNCE: ``l_ak = c * artanh(clamp(S_ak, -1 + e, 1 - e))``."""
-    rows = anchor_rows(_n(z1, normalize), _n(z2, normalize), layout)
+    rows = anchor_rows(_n(z1, normalize), _n(z2, normalize), layout,
+                       _neg(negatives, z1, normalize))
     # Self (S_aa ~ 1, artanh -> inf) is masked out before the map is used.
     S = rows.S.masked_fill(~rows.candidates, 0.0)
     logits = scale * torch.atanh(S.clamp(-1 + eps, 1 - eps))
     return reduce(negative_log_p_positive(rows, logits), reduction, z1.dtype)
 
 
+def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, normalize=True,
+                reduction="mean", positive_offset: int = 0):
+    """SigLIP: ``l_ij = t S_ij + b``, labels ``y_ij = +1`` on the positive ``j = i +
+    positive_offset`` and ``-1`` elsewhere; per image row ``r_i = sum_j softplus(-y_ij l_ij)``
+    over every text; ``"mean"`` is ``(1/B) sum_i r_i`` (OpenCLIP's ``SigLipLoss``). More texts
+    than images are extra negatives; ``positive_offset`` places the positives among gathered
+    texts (``rank * K`` in the distributed loss). ``t`` and ``b`` may require grad."""
+    u1, u2 = _n(image_features, normalize), _n(text_features, normalize)
+    if isinstance(logit_scale, torch.Tensor):
+        logit_scale = logit_scale.to(u1.dtype).reshape(())
+    if isinstance(logit_bias, torch.Tensor):
+        logit_bias = logit_bias.to(u1.dtype).reshape(())
+    logits = logit_scale * (u1 @ u2.T)
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    B, K = logits.shape
+    labels = -torch.ones(B, K, dtype=logits.dtype, device=logits.device)
+    rows = torch.arange(B, device=logits.device)
+    labels[rows, rows + positive_offset] = 1.0
+    per_image = softplus(-labels * logits).sum(dim=1)
+    return reduce(per_image, reduction, image_features.dtype)
+
+
 def _n(z: torch.Tensor, do_normalize: bool) -> torch.Tensor:
     return normalize(z, do_normalize)
+
+
+def _neg(negatives: Optional[torch.Tensor], like: torch.Tensor, do_normalize: bool):
+    """Extra candidate rows in the embeddings' compute dtype, normalised like them."""
+    if negatives is None:
+        return None
+    return normalize(negatives.to(compute_dtype(like.dtype)), do_normalize)
+
+
+def moco_loss(query, key, bank, *, temperature=0.1, loss="infonce", tau=None,
+              in_batch_negatives=False, normalize=True, reduction="mean"):
+    """MoCo / lightly memory bank, written as lightly writes it: logits ``[l_pos, l_bank]`` (and
+    the other keys with ``in_batch_negatives``) over ``tau`` (MACL: the given ``tau(A)``), the
+    positive in column 0. ``loss``: ``"infonce"`` (cross-entropy), ``"dcl"`` (the LSE over the
+    negatives minus ``l_pos``), ``"macl"`` (``sg(V) (-log P)``, ``V = 1 / (1 - P)``)."""
+    q, k = _n(query, normalize), _n(key, normalize)
+    B = bank.to(device=q.device, dtype=q.dtype)
+    negatives = q @ B.T
+    if in_batch_negatives:
+        S_keys = q @ k.T
+        off_diagonal = ~torch.eye(q.shape[0], dtype=torch.bool, device=q.device)
+        negatives = torch.cat([S_keys[off_diagonal].view(q.shape[0], -1), negatives], dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), negatives], dim=1)
+    logits = logits / (tau if tau is not None else temperature)
+    if loss == "infonce":
+        per_anchor = F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long,
+                                                         device=q.device), reduction="none")
+    elif loss == "dcl":
+        per_anchor = torch.logsumexp(logits[:, 1:], dim=1) - logits[:, 0]
+    elif loss == "macl":
+        per_anchor = _macl_reweighted(torch.logsumexp(logits[:, 1:], dim=1) - logits[:, 0])
+    else:
+        raise ValueError(f"loss must be one of ['infonce', 'dcl', 'macl'], got {loss!r}")
+    return reduce(per_anchor, reduction, query.dtype)
 

@@ -4,10 +4,16 @@
     python python/train_simclr.py --loss infonce --backend torch --batch-size 128 --epochs 10
     python python/train_simclr.py --loss infonce --seed 1 --out runs/infonce_s1
     python python/train_simclr.py --loss macl --backend reference  # the full-matrix oracle
+    python python/train_simclr.py --loss supcon     # supervised (SupCon with the train labels)
+    python python/train_simclr.py --loss isogclr    # iSogCLR: per-image learned temperatures
 
 The data set is ``sklearn.datasets.load_digits`` (1797 grey 8x8 images, 10 classes), which ships
 inside scikit-learn: nothing is downloaded. A fixed stratified split (``--split-seed``) holds out
-30% of the images; self-supervised training sees the training images only, without labels.
+30% of the images; self-supervised training sees the training images only, without labels
+(``--loss supcon`` is the exception: supervised contrastive learning with the training labels).
+``--loss sogclr`` / ``isogclr`` (LibAUC's ``GCLoss_v1``) keep per-image state indexed by the
+images' positions in the training split; the logged temperature of ``isogclr`` is the batch's mean
+learned temperature.
 
 Each step draws two augmented views of every image in the batch (random affine: rotation, scale
 and shift of about a pixel; contrast/brightness jitter; Gaussian noise; random erasing of a small
@@ -54,7 +60,7 @@ except ImportError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import macl_kernels as mk
 
-LOSSES = ("macl", "infonce", "dcl", "dclw", "tfree")
+LOSSES = ("macl", "infonce", "dcl", "dclw", "tfree", "supcon", "sogclr", "isogclr")
 CSV_COLUMNS = (
     "epoch", "loss", "temperature", "alignment", "uniformity", "knn_acc", "probe_acc",
     "fewshot_acc",
@@ -185,14 +191,24 @@ class Criterion:
     """``loss(z1, z2)`` for ``--loss``, with the temperature and alignment of the last call."""
 
     def __init__(self, loss: str, backend: str, temperature: float, alpha: float, a0: float,
-                 tfree_scale: float):
+                 tfree_scale: float, dataset_size: int = 0):
         self.name, self.backend, self.temperature = loss, backend, temperature
         if loss == "macl":
             self.module = mk.MACLLoss(temperature=temperature, alpha=alpha, A_0=a0,
                                       backend=backend)
+        if loss in ("sogclr", "isogclr"):
+            # LibAUC's defaults (gamma 0.9, constant schedule; iSogCLR tau in [0.05, 0.7])
+            self.module = mk.GCLoss_v1(N=dataset_size, tau=temperature,
+                                       enable_isogclr=loss == "isogclr", backend=backend)
         kwargs = dict(backend=backend, validate=False)
         self.fn = {
             "macl": lambda z1, z2: self.module(z1, z2),
+            # supervised: the training labels; the two views are SupCon's V = 2
+            "supcon": lambda z1, z2: mk.supcon_loss(
+                torch.stack([F.normalize(z1, dim=1), F.normalize(z2, dim=1)], dim=1),
+                self.labels, temperature=temperature, base_temperature=temperature, **kwargs),
+            "sogclr": lambda z1, z2: self.module(z1, z2, self.index),
+            "isogclr": lambda z1, z2: self.module(z1, z2, self.index),
             "infonce": lambda z1, z2: mk.infonce_loss(z1, z2, temperature=temperature, **kwargs),
             "dcl": lambda z1, z2: mk.dcl_loss(z1, z2, temperature=temperature, **kwargs),
             "dclw": lambda z1, z2: mk.dcl_loss(z1, z2, temperature=temperature, weighted=True,
@@ -200,11 +216,17 @@ class Criterion:
             "tfree": lambda z1, z2: mk.tfree_loss(z1, z2, scale=tfree_scale, **kwargs),
         }[loss]
 
-    def __call__(self, z1: torch.Tensor, z2: torch.Tensor):
-        """``(loss, temperature or None, alignment)``; the last two detached 0-d tensors."""
+    def __call__(self, z1: torch.Tensor, z2: torch.Tensor, labels=None, index=None):
+        """``(loss, temperature or None, alignment)``; the last two detached 0-d tensors.
+        ``labels`` (supcon) and ``index`` (the batch's data set indices, sogclr / isogclr)."""
+        self.labels, self.index = labels, index
         loss = self.fn(z1, z2)
         if self.name == "macl":
             return loss, self.module.last_temperature, self.module.last_alignment
+        if self.name == "isogclr":  # the batch's mean individual temperature
+            with torch.no_grad():
+                alignment = (F.normalize(z1, dim=1) * F.normalize(z2, dim=1)).sum(1).mean()
+            return loss, self.module.learnable_tau[index].mean(), alignment
         with torch.no_grad():
             alignment = (F.normalize(z1, dim=1) * F.normalize(z2, dim=1)).sum(1).mean()
         tau = None if self.name == "tfree" else torch.tensor(self.temperature)
@@ -423,7 +445,8 @@ def train(args: argparse.Namespace) -> Dict:
     model = SimCLRModel(args.encoder, args.width, args.proj_dim).to(dtype)
     augment = DigitAugment()
     criterion = Criterion(args.loss, args.backend, args.temperature, args.alpha, args.a0,
-                          args.tfree_scale)
+                          args.tfree_scale, dataset_size=n_train)
+    y_train = data[1]
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * steps_per_epoch)
 
@@ -451,16 +474,19 @@ def train(args: argparse.Namespace) -> Dict:
         t_epoch = time.perf_counter()
         loss_s = 0.0
         sums = {"loss": 0.0, "temperature": 0.0, "alignment": 0.0}
+        if args.loss in ("sogclr", "isogclr"):  # LibAUC's schedule: gamma 1 in epoch 0
+            criterion.module.adjust_gamma(epoch - 1)
         perm = torch.randperm(n_train, generator=gen)
         for step in range(steps_per_epoch):
-            x = x_train[perm[step * args.batch_size:(step + 1) * args.batch_size]]
+            index = perm[step * args.batch_size:(step + 1) * args.batch_size]
+            x = x_train[index]
             views = torch.cat([augment(x, gen), augment(x, gen)])
             z1, z2 = model(views).chunk(2)
             # The loss on detached leaves: its forward+backward timed alone, then the encoder's
             # backward from the loss's gradients (the same gradient as one loss.backward()).
             l1, l2 = z1.detach().requires_grad_(), z2.detach().requires_grad_()
             t0 = time.perf_counter()
-            loss, tau, align = criterion(l1, l2)
+            loss, tau, align = criterion(l1, l2, labels=y_train[index], index=index)
             loss.backward()
             loss_s += time.perf_counter() - t0
             opt.zero_grad(set_to_none=True)

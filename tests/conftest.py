@@ -144,12 +144,15 @@ def assert_same_results(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor
 
 
 def dense_negative_lse(anchors, candidates, inv_temp, pos_index, self_index,
-                       logit_map=LogitMap.SCALED, artanh_scale=0.0, artanh_eps=0.0):
+                       logit_map=LogitMap.SCALED, artanh_scale=0.0, artanh_eps=0.0,
+                       anchor_labels=None, candidate_labels=None):
     """The primitive every kernel backend implements (docs/math.md#the-primitive), as a full
     matrix by autograd: the independent oracle of ``macl_kernels._ops.negative_lse``, with the
-    same arguments (``candidates=None``: the candidates are the anchors)."""
+    same arguments (``candidates=None``: the candidates are the anchors; labels: same-label
+    candidates are not negatives)."""
     if candidates is None:
         candidates = anchors
+        candidate_labels = anchor_labels
     S = anchors @ candidates.T
     if LogitMap(logit_map) is LogitMap.SCALED:
         logits = S * inv_temp[:, None]
@@ -157,9 +160,12 @@ def dense_negative_lse(anchors, candidates, inv_temp, pos_index, self_index,
         logits = artanh_scale * torch.atanh(S.clamp(-1 + artanh_eps, 1 - artanh_eps))
     rows = torch.arange(S.shape[0], device=S.device)
     excluded = torch.zeros_like(S, dtype=torch.bool)
-    excluded[rows, pos_index] = True
+    has_positive = pos_index >= 0  # -1: no positive among the candidates
+    excluded[rows[has_positive], pos_index[has_positive]] = True
     if self_index is not None:
         excluded[rows, self_index] = True
+    if anchor_labels is not None:
+        excluded |= anchor_labels[:, None] == candidate_labels[None, :]
     return torch.logsumexp(logits.masked_fill(excluded, float("-inf")), dim=1)
 
 

@@ -39,6 +39,17 @@ def main() -> int:
         results["ddp"] = dist_cases.ddp_step(local, world_size)
         results["clip_module"] = dist_cases.clip_module_cases(z1[local], z2[local], scale,
                                                               rank, world_size)
+        negatives = dist_cases.rank_negatives(world_size)
+        k = dist_cases.NEGATIVES_PER_RANK
+        for backend in dist_cases.BACKENDS:
+            results[("bank", backend)] = dist_cases.bank_run(local, backend)
+            results[("moco_macl", backend)] = dist_cases.moco_macl_run(
+                z1[local], z2[local], backend, gather_distributed=True)
+            results[("negatives", backend)] = dist_cases.negatives_run(
+                z1[local], z2[local], negatives[rank * k:(rank + 1) * k], backend,
+                gather_distributed=True)
+        results["siglip_module"] = dist_cases.siglip_module_cases(z1[local], z2[local], scale,
+                                                                  rank, world_size)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         mk_distributed.shutdown()

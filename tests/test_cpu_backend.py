@@ -105,13 +105,19 @@ def test_symmetric_tiling_equals_full_tiling_across_tiles(logit_map):
         assert_rel_close(sym_grads["b"], full_grads["b"], 1e-13, "d inv_temp")
 
 
-def test_results_are_bitwise_reproducible():
+@pytest.mark.parametrize("loss", ["macl_2n", "clip"])
+def test_results_are_bitwise_reproducible(loss):
     """Per-thread accumulators summed in a fixed order, no atomics: identical runs, identical
-    bits (for a given thread count), across several tiles."""
+    bits (for a given thread count), across several tiles; CLIP's columns' statistics (both
+    directions from one tile) included."""
     runs = []
     for _ in range(2):
         z1, z2 = make_pair(2 * TILE + 5, 24, seed=3, dtype=torch.float32)
-        runs.append(loss_and_grads(mk.macl_loss, z1, z2, backend="cpu"))
+        if loss == "clip":
+            runs.append(loss_and_grads(lambda a, b, **kw: mk.clip_loss(a, b, 14.0, **kw), z1, z2,
+                                       backend="cpu"))
+        else:
+            runs.append(loss_and_grads(mk.macl_loss, z1, z2, backend="cpu"))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 

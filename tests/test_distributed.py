@@ -81,7 +81,8 @@ def test_ranks_reproduce_the_single_process_loss(world, single_process, key):
         rows = _local_rows(r, world_size)
         for got, want, what in zip(ranks[r][key][1:3], expected[1:3], ("dz1", "dz2")):
             assert rel_err(got, factor * want[rows]) <= TOL, f"rank {r} {what}"
-    if loss_name == "clip":  # the replicated scale: DDP averages its per-rank gradients
+    if dist_cases.LOSS_CASES[loss_name].uses_logit_scale:
+        # The replicated scale (CLIP, SigLIP): DDP averages its per-rank gradients.
         dscale = torch.stack([ranks[r][key][3] for r in range(world_size)])
         combined = dscale.mean() if reduction == "mean" else dscale.sum()
         assert rel_err(combined, expected[3]) <= TOL
@@ -108,6 +109,79 @@ def test_clip_module_open_clip_options(world, local_loss, with_grad, backend):
                                                with_grad)
         for g, w, what in zip(got, want, ("loss", "d image", "d text", "d scale")):
             assert rel_err(g, w) <= TOL, f"rank {r} {what}"
+
+
+@pytest.mark.slow  # the `world` fixture launches the ranks as subprocesses
+@pytest.mark.parametrize("backend", dist_cases.BACKENDS)
+def test_memory_bank_with_gather_distributed(world, backend):
+    """lightly's NTXentLoss(memory_bank_size, gather_distributed=True): local loss, every rank's
+    keys enqueued; the banks of all ranks stay equal."""
+    world_size, ranks = world
+    for r in range(world_size):
+        steps, bank = ranks[r][("bank", backend)]
+        want_steps, want_bank = dist_cases.bank_expected(_local_rows(r, world_size))
+        for (loss, dq), (want_loss, want_dq) in zip(steps, want_steps):
+            assert rel_err(loss, want_loss) <= TOL and rel_err(dq, want_dq) <= TOL
+        assert torch.equal(bank, want_bank), f"rank {r}"
+
+
+@pytest.mark.slow  # the `world` fixture launches the ranks as subprocesses
+@pytest.mark.parametrize("backend", dist_cases.BACKENDS)
+def test_extra_negatives_are_gathered(world, backend):
+    """Each rank's extra negatives join every rank's candidates: the per-rank mean equals the
+    single-process loss with all negatives, gradients scale by the world size."""
+    world_size, ranks = world
+    z1, z2, _ = dist_cases.global_batch()
+    negatives = dist_cases.rank_negatives(world_size)
+    want = dist_cases.negatives_run(z1, z2, negatives, backend)
+    losses = torch.stack([ranks[r][("negatives", backend)][0] for r in range(world_size)])
+    assert rel_err(losses.mean(), want[0]) <= TOL
+    k = dist_cases.NEGATIVES_PER_RANK
+    for r in range(world_size):
+        got = ranks[r][("negatives", backend)]
+        rows = _local_rows(r, world_size)
+        assert rel_err(got[1], world_size * want[1][rows]) <= TOL
+        assert rel_err(got[2], world_size * want[2][rows]) <= TOL
+        assert rel_err(got[3], world_size * want[3][r * k:(r + 1) * k]) <= TOL
+
+
+@pytest.mark.slow  # the `world` fixture launches the ranks as subprocesses
+@pytest.mark.parametrize("dist_impl", dist_cases.SIGLIP_DIST_IMPLS)
+@pytest.mark.parametrize("backend", dist_cases.BACKENDS)
+def test_siglip_module_every_dist_impl(world, dist_impl, backend):
+    """OpenCLIP's SigLipLoss semantics over ranks (docs/math.md#siglip): local images against
+    every rank's texts; the mean of the per-rank losses is the single-process loss of the
+    global batch, each rank's feature gradients are ``world_size`` times its rows of the
+    single-process ones, and the per-rank scale and bias gradients average to the
+    single-process ones - for every dist_impl (they differ in communication only)."""
+    world_size, ranks = world
+    z1, z2, scale = dist_cases.global_batch()
+    want = dist_cases.siglip_module_expected(z1, z2, scale)
+    got = [ranks[r]["siglip_module"][(dist_impl, backend)] for r in range(world_size)]
+    assert rel_err(torch.stack([g[0] for g in got]).mean(), want[0]) <= TOL
+    for r in range(world_size):
+        rows = _local_rows(r, world_size)
+        for i, what in ((1, "d image"), (2, "d text")):
+            assert rel_err(got[r][i], world_size * want[i][rows]) <= TOL, f"rank {r} {what}"
+    for i, what in ((3, "d scale"), (4, "d bias")):
+        assert rel_err(torch.stack([g[i] for g in got]).mean(), want[i]) <= TOL, what
+
+
+@pytest.mark.slow  # the `world` fixture launches the ranks as subprocesses
+@pytest.mark.parametrize("backend", dist_cases.BACKENDS)
+def test_moco_macl_alignment_is_global(world, backend):
+    """MACL with a queue and gather_distributed: A is the mean over every rank's query-key pairs
+    (the official function would use each rank's own), so the ranks reproduce the single-process
+    loss on the whole batch against the same bank."""
+    world_size, ranks = world
+    z1, z2, _ = dist_cases.global_batch()
+    want = dist_cases.moco_macl_run(z1, z2, backend)
+    losses = torch.stack([ranks[r][("moco_macl", backend)][0] for r in range(world_size)])
+    assert rel_err(losses.mean(), want[0]) <= TOL
+    for r in range(world_size):
+        rows = _local_rows(r, world_size)
+        for got, expected in zip(ranks[r][("moco_macl", backend)][1:], want[1:]):
+            assert rel_err(got, world_size * expected[rows]) <= TOL
 
 
 def test_without_process_group_gather_is_local():

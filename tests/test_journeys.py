@@ -51,6 +51,22 @@ def test_train_simclr_one_short_epoch(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("loss", ["supcon", "isogclr"])
+def test_train_simclr_labels_and_individual_temperatures(tmp_path, loss):
+    """The digits script with SupCon (the training labels) and iSogCLR (per-image state)."""
+    out = tmp_path / loss
+    proc = run([sys.executable, "python/train_simclr.py", "--loss", loss, "--backend", "cpu",
+                "--epochs", "2", "--max-steps", "2", "--batch-size", "32", "--width", "16",
+                "--fewshot-draws", "2", "--threads", "1", "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = read_csv(out / "curves.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    for row in rows[1:]:
+        assert float(row["loss"]) == float(row["loss"])  # finite, not NaN
+        assert 0 < float(row["temperature"]) < 1
+
+
+@pytest.mark.slow
 def test_train_simclr_rejects_bad_arguments():
     proc = run([sys.executable, "python/train_simclr.py", "--backend", "no-such-backend"])
     assert proc.returncode == 2 and "unknown backend" in proc.stderr

@@ -362,10 +362,11 @@ def test_ntxent_constructor():
         mk.NTXentLoss(temperature=0)
     with pytest.raises(ValueError):
         mk.NTXentLoss(temperature=1e-9)
-    with pytest.raises(NotImplementedError):
-        mk.NTXentLoss(memory_bank_size=128)
-    with pytest.raises(NotImplementedError):
-        mk.NTXentLoss(memory_bank_size=(128, 16))
+    with pytest.raises(ValueError, match="non-negative"):
+        mk.NTXentLoss(memory_bank_size=(-1, 16))
+    with pytest.warns(UserWarning, match="feature dimension"):
+        assert mk.NTXentLoss(memory_bank_size=128).uses_memory_bank
+    assert mk.NTXentLoss(memory_bank_size=(128, 16)).bank.shape == (128, 16)
 
 
 MODULE_FACTORIES = {

@@ -192,6 +192,20 @@ def test_matches_dense_oracle(backend, symmetric, m, k, d, logit_map, with_self,
                          oracle_dtype=oracle_dtype)
 
 
+@pytest.mark.parametrize("dtype_name,dtype", DTYPES, ids=[n for n, _ in DTYPES])
+@pytest.mark.parametrize("m,k,d", [(3, 7, 5), (33, 2, 4), (5, 70, 40)])
+def test_no_positive_among_the_candidates(backend, m, k, d, dtype_name, dtype):
+    """``pos_index[a] = -1``: ``Neg(a)`` is every candidate (a memory bank, whose positive is
+    computed outside). Mixed with rows that do have a positive, K != M, and candidates that need
+    no gradient (a bank) as well as ones that do."""
+    anchors, candidates, inv_temp, pos_index, _ = make_problem(m, k, d, False, False, SCALED,
+                                                               seed=7 * m + k)
+    pos_index = torch.where(torch.arange(m) % 2 == 0, torch.full_like(pos_index, -1), pos_index)
+    for grad in ((True, True, True), (True, False, True)):
+        check_against_oracle(backend, (anchors, candidates, inv_temp, pos_index, None), SCALED,
+                             dtype_name, dtype, grad=grad)
+
+
 @pytest.mark.parametrize("logit_map", MAPS, ids=MAP_IDS)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "cross"])
 def test_tiles_fast(backend, symmetric, logit_map):
@@ -411,6 +425,12 @@ def _op_samples(backend):
                         None if slf is None else slf.to(device), int(kw["logit_map"]),
                         kw.get("artanh_scale", 0.0), kw.get("artanh_eps", 0.0),
                         torch.float64 if i == 0 else None, True))
+    # Both directions (layout cross_sym): M + K entries per anchor tensor.
+    A, C, b, pos, _ = make_both_directions_problem(6, 7, 5, SCALED, seed=3)
+    A, C, b = (t.to(device).requires_grad_(True) for t in (A, C, b))
+    # need_grad, then row_reduction, row_bias, the two labels, need_eqs, both_directions.
+    samples.append((backend, A, C, b, pos.to(device), None, int(SCALED), 0.0, 0.0, None, True,
+                    0, None, None, None, False, True))
     return samples
 
 
@@ -447,3 +467,148 @@ def test_compile_fullgraph_matches_eager(backend, symmetric, logit_map):
         assert (a is None) == (b is None)
         if a is not None:
             assert_rel_close(a, b, 1e-6, "grad")
+
+
+# --------------------------------------------------------------------------------------------
+# Both directions (layout cross_sym on one process): the rows and the columns of one S
+# --------------------------------------------------------------------------------------------
+
+
+def make_both_directions_problem(m, k, d, logit_map, seed, with_self=False):
+    """``(anchors [m, d], candidates [k, d], inv_temp [m + k] or None, pos_index [m + k],
+    self_index [m + k] or None)``: the rows' entries index the candidates, the columns' the
+    anchors (as CLIP's image->text then text->image)."""
+    g = torch.Generator().manual_seed(seed)
+    norm = 0.9 if logit_map is ARTANH else 1.0
+    anchors, candidates = (norm * torch.nn.functional.normalize(
+        torch.randn(n, d, generator=g, dtype=torch.float64), dim=1) for n in (m, k))
+    pos_index = torch.cat([torch.randint(0, k, (m,), generator=g),
+                           torch.randint(0, m, (k,), generator=g)])
+    self_index = None
+    if with_self:  # differs from the positive where the other side has room
+        self_index = torch.cat([(pos_index[:m] + 1) % k, (pos_index[m:] + 1) % m])
+    inv_temp = (1 / (0.05 + torch.rand(m + k, generator=g, dtype=torch.float64))
+                if logit_map is SCALED else None)
+    return anchors, candidates, inv_temp, pos_index, self_index
+
+
+def dense_both_directions(anchors, candidates, inv_temp, pos_index, self_index, **kw):
+    """The oracle: the rows' and the columns' dense problems, one after the other."""
+    m = anchors.shape[0]
+
+    def part(t, rows):
+        return None if t is None else t[rows]
+
+    rows, cols = slice(0, m), slice(m, None)
+    return torch.cat([
+        dense_negative_lse(anchors, candidates, part(inv_temp, rows), pos_index[rows],
+                           part(self_index, rows), **kw),
+        dense_negative_lse(candidates, anchors, part(inv_temp, cols), pos_index[cols],
+                           part(self_index, cols), **kw)])
+
+
+def both_op(backend):
+    def call(anchors, candidates, inv_temp, pos_index, self_index, **kw):
+        return _ops.negative_lse(backend, anchors, candidates, inv_temp, pos_index, self_index,
+                                 both_directions=True, **kw)
+    return call
+
+
+# (M, K, D): one tile with ragged edges, rectangular both ways, several tiles ("L": 300 rows,
+# 70 under Triton's interpreter).
+BOTH_SHAPES = [(2, 3, 5), (33, 33, 40), (33, 7, 1), ("L", 33, 5), (33, "L", 9)]
+
+
+@pytest.mark.parametrize("dtype_name,dtype", DTYPES, ids=[n for n, _ in DTYPES])
+@pytest.mark.parametrize("with_self", [False, True], ids=["noself", "self"])
+@pytest.mark.parametrize("logit_map", MAPS, ids=MAP_IDS)
+@pytest.mark.parametrize("m,k,d", [
+    pytest.param(m, k, d, id=f"{m}x{k}x{d}", marks=[pytest.mark.slow] if "L" in (m, k) else [])
+    for m, k, d in BOTH_SHAPES])
+def test_both_directions_matches_dense_oracle(backend, m, k, d, logit_map, with_self,
+                                              dtype_name, dtype):
+    """``both_directions``: lse_neg of the rows then of the columns, and the gradients wrt both
+    row sets and the M + K inverse temperatures, against the two dense problems."""
+    m, k = (large(backend) if v == "L" else v for v in (m, k))
+    if with_self and min(m, k) < 3:
+        pytest.skip("too few rows for a self that differs from the positive")
+    tensors = make_both_directions_problem(m, k, d, logit_map, seed=m * 100 + k + d,
+                                           with_self=with_self)
+    oracle_dtype = dtype if (logit_map is ARTANH and d == 1) else torch.float64
+    rounded = [t if (t is None or not t.is_floating_point()) else t.to(dtype).double()
+               for t in tensors]
+    got, got_grads = run(both_op(backend), tensors, logit_map, dtype, backend_device(backend))
+    want, want_grads = run(dense_both_directions, rounded, logit_map, oracle_dtype,
+                           torch.device("cpu"))
+    tol = TOLERANCES[dtype_name]
+    assert got.dtype == dtype and got.shape == (m + k,)
+    assert_rel_close(got, want, tol, "lse_neg")
+    for name, a, b in zip(("d_anchors", "d_candidates", "d_inv_temp"), got_grads, want_grads):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert_rel_close(a, b, tol, name)
+
+
+@pytest.mark.parametrize("grad", [(True, False, False), (False, True, False),
+                                  (False, False, True), (True, True, True)],
+                         ids=["A", "C", "T", "ACT"])
+def test_both_directions_equals_two_calls(backend, grad):
+    """One call in both directions against the two plain calls it replaces, with only some
+    inputs requiring a gradient (float64: the same sums in another order)."""
+    m, k = 37, large(backend) if backend != "torch" else 300
+    anchors, candidates, inv_temp, pos_index, _ = make_both_directions_problem(
+        m, k, 6, SCALED, seed=11)
+    device = backend_device(backend)
+    g = upstream(m + k)
+    both, both_grads = run(both_op(backend), (anchors, candidates, inv_temp, pos_index, None),
+                           SCALED, torch.float64, device, grad=grad, g=g)
+
+    def two_calls(a, c, t, pos, slf, **kw):
+        return torch.cat([
+            _ops.negative_lse(backend, a, c, None if t is None else t[:m], pos[:m], None, **kw),
+            _ops.negative_lse(backend, c, a, None if t is None else t[m:], pos[m:], None, **kw)])
+
+    two, two_grads = run(two_calls, (anchors, candidates, inv_temp, pos_index, None), SCALED,
+                         torch.float64, device, grad=grad, g=g)
+    assert_rel_close(both, two, 1e-12, "lse_neg")
+    for name, a, b in zip(("d_anchors", "d_candidates", "d_inv_temp"), both_grads, two_grads):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert_rel_close(a, b, 1e-12, name)
+
+
+def test_both_directions_argument_checks(backend):
+    anchors, candidates, inv_temp, pos_index, _ = make_both_directions_problem(
+        4, 5, 3, SCALED, seed=0)
+    device = backend_device(backend)
+    anchors, candidates, inv_temp, pos_index = (
+        t.to(device) for t in (anchors, candidates, inv_temp, pos_index))
+    with pytest.raises(ValueError, match="candidates"):
+        _ops.negative_lse(backend, anchors, None, inv_temp, pos_index, None,
+                          both_directions=True)
+    with pytest.raises(ValueError, match="inv_temp"):
+        _ops.negative_lse(backend, anchors, candidates, inv_temp[:4], pos_index, None,
+                          both_directions=True)
+    with pytest.raises(ValueError, match="pos_index"):
+        _ops.negative_lse(backend, anchors, candidates, inv_temp, pos_index[:4], None,
+                          both_directions=True)
+
+
+@pytest.mark.parametrize("logit_map", MAPS, ids=MAP_IDS)
+def test_both_directions_fallback_for_backends_without_it(backend, logit_map, monkeypatch):
+    """A backend that does not implement ``both_directions`` (``Backend.both_directions``
+    false) gets two plain problems from ``_ops``: the rows and the columns, their
+    ``aux`` (Triton's ``E``) carried as one flat tensor and split again for backward."""
+    from macl_kernels.backends import kernel_backend
+
+    monkeypatch.setattr(kernel_backend(backend), "both_directions", False)
+    tensors = make_both_directions_problem(9, 12, 5, logit_map, seed=21, with_self=True)
+    got, got_grads = run(both_op(backend), tensors, logit_map, torch.float64,
+                         backend_device(backend))
+    want, want_grads = run(dense_both_directions, tensors, logit_map, torch.float64,
+                           torch.device("cpu"))
+    assert_rel_close(got, want, TOLERANCES["float64"], "lse_neg")
+    for name, a, b in zip(("d_anchors", "d_candidates", "d_inv_temp"), got_grads, want_grads):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert_rel_close(a, b, TOLERANCES["float64"], name)

@@ -54,6 +54,33 @@ def test_chunks_of_a_few_rows(monkeypatch, symmetric, m, k, d, logit_map, chunk)
         assert_rel_close(a, b, F64_RTOL, f"grad of input {i}")
 
 
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+@pytest.mark.parametrize("logit_map", list(LogitMap), ids=["scaled", "artanh"])
+def test_both_directions_in_chunks(monkeypatch, logit_map, chunk):
+    """Both directions with the chunk forced to ``chunk`` rows: the columns' statistics are
+    merged over chunks (1 row, ragged, one chunk), against the rows' and the columns' dense
+    problems; the columns' positives and selves fall in every chunk."""
+    from test_primitive import dense_both_directions, make_both_directions_problem
+
+    m, k = 9, 11
+    monkeypatch.setattr(TC, "TILE_ELEMENTS", chunk * k)
+    tensors = make_both_directions_problem(m, k, 5, logit_map, seed=chunk, with_self=True)
+    anchors, candidates, inv_temp = (None if t is None else t.clone().requires_grad_(True)
+                                     for t in tensors[:3])
+    artanh = logit_map is LogitMap.ARTANH
+    kw = dict(logit_map=logit_map, artanh_scale=2.0 if artanh else 0.0,
+              artanh_eps=1e-6 if artanh else 0.0)
+    leaves = [t for t in (anchors, candidates, inv_temp) if t is not None]
+    got = _ops.negative_lse("torch", anchors, candidates, inv_temp, *tensors[3:],
+                            both_directions=True, **kw)
+    want = dense_both_directions(anchors, candidates, inv_temp, *tensors[3:], **kw)
+    assert_rel_close(got, want, F64_RTOL, "lse_neg")
+    up = upstream_like(want)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(got, leaves, up),
+                                   torch.autograd.grad(want, leaves, up))):
+        assert_rel_close(a, b, F64_RTOL, f"grad of input {i}")
+
+
 @pytest.fixture
 def tiny_tiles(monkeypatch):
     """Make the public API use chunks of a few rows; records the chunks it picked."""

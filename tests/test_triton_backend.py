@@ -227,7 +227,7 @@ def build(kernel, op, consts, warps, stages):
         if name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            if name in ("pos_index_ptr", "self_index_ptr"):
+            if name.endswith("index_ptr"):  # pos_index, self_index and their col_/own_ halves
                 sig[name] = "*i32"
             else:
                 sig[name] = "*" + (op if name in ("anchors_ptr", "candidates_ptr") else acc)
@@ -250,6 +250,10 @@ for op, artanh, bd, (bm, bn, warps, stages), backward in [
         build(TF._candidates_kernel, op,
               dict(SYMMETRIC=sym, NEED_D_INV_TEMP=sym and not artanh,
                    WIDE_WEIGHTS=op == "fp16", **blocks), warps, stages)
+    # Both directions (layout cross_sym): the forward with the columns' partials, the backward.
+    build(TF._both_forward_kernel, op, blocks, warps, stages)
+    build(TF._both_backward_kernel, op,
+          dict(NEED_D_INV_TEMP=not artanh, WIDE_WEIGHTS=op == "fp16", **blocks), warps, stages)
 print("compiled")
 """
 
@@ -260,7 +264,8 @@ def test_kernels_compile_for_h100_without_a_gpu(tmp_path):
     """Triton's interpreter checks the math but not the compiled path's typing, layouts or
     resource use. Compile both kernels (TTIR -> PTX -> cubin with Triton's bundled ptxas) for
     sm_90 in a subprocess without TRITON_INTERPRET: bf16 (both backward variants), fp16 (tf32
-    weight GEMMs), fp32 at D = 512 (symmetric backward) and fp64."""
+    weight GEMMs), fp32 at D = 512 (symmetric backward) and fp64; the both-directions kernels
+    in each."""
     import os
     import subprocess
     import sys

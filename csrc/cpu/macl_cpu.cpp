@@ -6,8 +6,11 @@
 //   S = anchors candidates^T,   l_ak = inv_temp[a] S_ak                               (Scaled)
 //                            or l_ak = artanh_scale artanh(clamp(S_ak, -1 + artanh_eps,
 //                                                                 1 - artanh_eps))   (Artanh)
-//   Neg(a) = every k but pos_index[a] and self_index[a]
+//   Neg(a) = every k but pos_index[a] and self_index[a] (and, with labels, every k with
+//            candidate_labels[k] == anchor_labels[a])
 //   forward:  lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak)          (online max/sum over tiles)
+//             eqs[a] = sum_{k in Neg(a)} Q_ak S_ak   (on request: one more online sum t_a of
+//             exp(l - max) S, rescaled with s_a; eqs = t_a / s_a)
 //   backward: Q_ak = exp(l_ak - lse_neg[a]) on Neg(a), 0 elsewhere;  dL_dl_ak = g_a Q_ak
 //             dL_dS_ak = dL_dl_ak * dl_dS_ak  (dl_dS: inv_temp[a], or artanh_scale / (1 - S^2)
 //                                              inside the clamp, 0 outside)
@@ -28,10 +31,38 @@
 // the plain tiling. A diagonal tile already holds every pair of its block as a row. d_anchors is
 // then the whole gradient of the one tensor, and d_candidates is undefined.
 //
+// both_directions (layout cross_sym on one process: CLIP's image->text and text->image): the
+// columns of S are anchors too, against the rows. Every tile is "mirrored" the same way: its rows
+// update the row statistics (lse_neg[0..M), inv_temp[a], pos_index[a] a candidate) and its
+// columns the column statistics (lse_neg[M..M+K), inv_temp[M + k], pos_index[M + k] an anchor
+// row), from the one S; backward forms dL_dS = dL_dS_row + dL_dS_col of the tile and
+// d_anchors_r += dL_dS candidates_k, d_candidates_k += dL_dS^T anchors_r: the GEMM work of one
+// cross problem for both directions (the two-call path did it twice). The column statistics of
+// one tile are a partial (max, sum) per column, merged into the calling thread's online state
+// like the row ones, and the threads' states are merged in a fixed order at the end: no
+// atomics, and the same bits for a given thread count. Extra memory: the per-thread states grow
+// by K entries each (2 x K x threads values).
+//
 // Passes and GEMM work (M anchors, K candidates, D columns): forward 1 pass, M K D multiply-adds
-// (symmetric: about half); backward 1 pass, 3 M K D (symmetric: about half).
+// (symmetric: about half); backward 1 pass, 3 M K D (symmetric: about half). both_directions:
+// the same as one cross problem, for M + K anchors.
+//
+// RowReduction::Softplus (SigLIP, docs/math.md, section "SigLIP"): l_ak = inv_temp[a] S_ak +
+// row_bias[a] (Scaled map, cross problems only: Python refuses the rest), and
+//   forward:  sp_neg[a] = sum_{k in Neg(a)} softplus(l_ak)       (a plain sum: no running max)
+//   backward: dL_dl_ak = g_a sigmoid(l_ak) on Neg(a) (no forward statistic), dL_dS = dL_dl
+//             inv_temp[a], the same two GEMMs, d_inv_temp as above, d_row_bias[a] = sum_k dL_dl.
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)) and sigmoid(x) from exp(-|x|) as well: no overflow
+// at any |x|. Since sigmoid needs no row statistic, a forward that will be differentiated
+// (with_grads) also accumulates the gradients' tile products with g left out: E = W candidates
+// and F = W^T anchors with W_ak = inv_temp[a] sigmoid(l_ak), plus two per-row sums. The backward
+// is then a per-row scale by g (d_anchors, d_inv_temp, d_row_bias) and, when g is one constant c
+// (a mean or a sum: the losses' case), d_candidates = c F: 1 pass, 3 M K D multiply-adds in all
+// (the minimum), extra memory (M + K) D per thread. Any other g recomputes the candidate side
+// (softplus_backward: 2 M K D more). Without gradients the forward is M K D.
 
 #include <torch/extension.h>
+#include <type_traits>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -48,6 +79,10 @@ namespace {
 // How a similarity S_ak becomes a logit l_ak; the values are macl_kernels.LogitMap's (and
 // Triton's LOGIT_MAP, CUDA's MACL_LOGIT_MAP_*).
 enum class LogitMap : int64_t { Scaled = 0, Artanh = 1 };
+
+// What a row's negatives reduce to; the values are macl_kernels.RowReduction's (and Triton's
+// ROW_REDUCTION, CUDA's MACL_ROW_REDUCTION_*).
+enum class RowReduction : int64_t { Lse = 0, Softplus = 1 };
 
 // 256 x 256 tiles: one GEMM of 256 x 256 x D per tile keeps at::mm's call overhead small, and
 // a tile's S plus its logits (2 x 256 KiB in fp32) stay in this machine's 512 KiB L2.
@@ -80,6 +115,41 @@ inline float exp_approx(float x) {
 
 inline double exp_approx(double x) { return std::exp(x); }  // float64 keeps libm's exp
 
+// log1p(y) for y in [0, 1], branch-free so that loops over it vectorise: log(1 + y) =
+// 2 artanh(z) = 2 (z + z^3/3 + z^5/5 + ...) with z = y / (2 + y) in [0, 1/3]; eight terms leave a
+// relative error below (1/9)^8 / 17 ~ 1.4e-9, under float's rounding.
+inline float log1p_unit(float y) {
+  const float z = y / (2.0f + y), z2 = z * z;
+  float p = 1.0f / 17.0f;
+  p = p * z2 + 1.0f / 15.0f;
+  p = p * z2 + 1.0f / 13.0f;
+  p = p * z2 + 1.0f / 11.0f;
+  p = p * z2 + 1.0f / 9.0f;
+  p = p * z2 + 1.0f / 7.0f;
+  p = p * z2 + 1.0f / 5.0f;
+  p = p * z2 + 1.0f / 3.0f;
+  p = p * z2 + 1.0f;
+  return 2.0f * z * p;
+}
+
+inline double log1p_unit(double y) { return std::log1p(y); }
+
+// softplus(x) = max(x, 0) + log1p(e^-|x|): exact at any x (no overflow at |x| = 1e4, no
+// cancellation), 0 at x = -inf (an excluded pair); NaN stays NaN (x < 0 is false for NaN).
+template <typename T>
+inline T softplus_stable(T x) {
+  const T e = exp_approx(-std::abs(x));
+  return (x < T(0) ? T(0) : x) + log1p_unit(e);
+}
+
+// sigmoid(x) from e = e^-|x| <= 1: 1 / (1 + e) for x >= 0, e / (1 + e) below; 0 at x = -inf.
+template <typename T>
+inline T sigmoid_stable(T x) {
+  const T e = exp_approx(-std::abs(x));
+  const T r = T(1) / (T(1) + e);
+  return x >= T(0) ? r : (x < T(0) ? e * r : x);
+}
+
 template <typename T>
 constexpr T neg_inf() {
   return -std::numeric_limits<T>::infinity();
@@ -90,10 +160,18 @@ struct Problem {
   LogitMap logit_map;
   double artanh_scale, artanh_eps;  // LogitMap::Artanh's scale and clamp
   bool symmetric;
+  bool both_directions;  // the columns are anchors too (entries M..M+K of the per-anchor arrays)
   const int64_t* pos_index;
   const int64_t* self_index;  // nullptr: no self among the candidates
+  const int64_t* anchor_labels;     // nullptr: no label mask
+  const int64_t* candidate_labels;  // the anchors' labels when symmetric
 
   bool scaled() const { return logit_map == LogitMap::Scaled; }
+  // Entries of lse_neg and of the per-anchor arrays.
+  int64_t num_lse() const { return both_directions ? M + K : M; }
+  // Where a column's entries start in the per-anchor arrays: symmetric, the column k is anchor
+  // k; both_directions, anchor M + k.
+  int64_t column_offset() const { return both_directions ? M : 0; }
   int64_t blocks_m() const { return (M + BLOCK - 1) / BLOCK; }
   int64_t blocks_k() const { return (K + BLOCK - 1) / BLOCK; }
 
@@ -116,7 +194,7 @@ struct Tile {
 Tile make_tile(const Problem& p, int64_t i, int64_t j) {
   const int64_t r0 = i * BLOCK, k0 = j * BLOCK;
   return {i, j, r0, k0, std::min(BLOCK, p.M - r0), std::min(BLOCK, p.K - k0),
-          p.symmetric && j != i};
+          (p.symmetric && j != i) || p.both_directions};
 }
 
 // dl_dS of LogitMap::Artanh: artanh_scale / (1 - S^2) inside the clamp, 0 outside (finite at
@@ -126,41 +204,6 @@ inline T artanh_slope(T s, T artanh_scale, T artanh_eps) {
   return std::abs(s) < T(1) - artanh_eps
              ? artanh_scale / std::max(T(1) - s * s, artanh_eps)
              : T(0);
-}
-
-// The logits of one side of a tile, laid out like S (L[r * bn + k] pairs row r0 + r with
-// column k0 + k). Row side: anchor r0 + r, logit inv_temp[a] S. Column side: anchor k0 + k
-// against candidate r0 + r, logit inv_temp[k] S. Excluded pairs (pos_index, self_index) are
-// -inf.
-template <typename T>
-void side_logits(const Problem& p, const Tile& t, const T* S, const T* artanh_S,
-                 const T* inv_temp, bool column_side, T* L) {
-  for (int64_t r = 0; r < t.bm; ++r) {
-    const T* s = S + r * t.bn;
-    T* l = L + r * t.bn;
-    if (!p.scaled()) {
-      std::memcpy(l, artanh_S + r * t.bn, sizeof(T) * t.bn);
-    } else if (column_side) {
-      const T* inv_temp_k = inv_temp + t.k0;
-#pragma omp simd
-      for (int64_t k = 0; k < t.bn; ++k) l[k] = inv_temp_k[k] * s[k];
-    } else {
-      const T inv_temp_a = inv_temp[t.r0 + r];
-#pragma omp simd
-      for (int64_t k = 0; k < t.bn; ++k) l[k] = inv_temp_a * s[k];
-    }
-  }
-  auto exclude = [&](int64_t anchor, int64_t candidate) {
-    const int64_t r = (column_side ? candidate : anchor) - t.r0;
-    const int64_t k = (column_side ? anchor : candidate) - t.k0;
-    if (r >= 0 && r < t.bm && k >= 0 && k < t.bn) L[r * t.bn + k] = neg_inf<T>();
-  };
-  const int64_t first = column_side ? t.k0 : t.r0;
-  const int64_t count = column_side ? t.bn : t.bm;
-  for (int64_t a = first; a < first + count; ++a) {
-    exclude(a, p.pos_index[a]);
-    if (p.self_index) exclude(a, p.self_index[a]);
-  }
 }
 
 template <typename T>
@@ -184,119 +227,303 @@ const T* tile_similarity(const at::Tensor& anchors_r, const at::Tensor& candidat
   return buf.data();
 }
 
-// Per-thread online log-sum-exp state for every anchor: running max and the sum of
-// exp(l - max).
+// Per-thread online log-sum-exp state for every anchor: running max, the sum of exp(l - max)
+// and, when eqs is asked for, the sum of exp(l - max) S (rescaled alike).
 template <typename T>
 struct OnlineLse {
-  std::vector<T> max, sum;
-  explicit OnlineLse(int64_t m) : max(m, neg_inf<T>()), sum(m, T(0)) {}
-  void merge(int64_t a, T m, T s) {  // a partial (m, s) with terms exp(l - m)
+  std::vector<T> max, sum, sum_s;
+  OnlineLse(int64_t m, bool need_eqs)
+      : max(m, neg_inf<T>()), sum(m, T(0)), sum_s(need_eqs ? m : 0, T(0)) {}
+  // a partial (m, s, ts) with terms exp(l - m) and exp(l - m) S
+  void merge(int64_t a, T m, T s, T ts = T(0)) {
     if (m == neg_inf<T>()) return;
     const T new_max = std::max(max[a], m);
-    sum[a] = sum[a] * std::exp(max[a] - new_max) + s * std::exp(m - new_max);
+    const T old_scale = std::exp(max[a] - new_max), new_scale = std::exp(m - new_max);
+    sum[a] = sum[a] * old_scale + s * new_scale;
+    if (!sum_s.empty()) sum_s[a] = sum_s[a] * old_scale + ts * new_scale;
     max[a] = new_max;
   }
 };
 
+// The tile passes. Each reads S (and, for the artanh map, its logits A = artanh_scale
+// artanh(clamp(S))) and never stores a logits tile: the logit of a pair is recomputed where it is
+// used (one multiply), and an excluded pair (pos_index, self_index) is masked by comparing
+// indices inside the vectorised loop. Row side: anchor r0 + r against column k0 + k, logit
+// inv_temp[r0 + r] S. Column side: column k0 + k as an anchor (entry c = column_offset + k0 + k)
+// against row r0 + r, logit inv_temp[c] S. Indices relative to the tile are int32 so that the
+// masks run at the float lanes' width.
+
+// index - first if it falls in [0, n), else -1 (no position of the tile matches it).
+inline int32_t tile_position(int64_t index, int64_t first, int64_t n) {
+  const int64_t r = index - first;
+  return (r >= 0 && r < n) ? static_cast<int32_t>(r) : -1;
+}
+
+// The columns' excluded rows of one tile (their positive and self among the anchors), relative
+// to the tile.
+struct ColumnExclusions {
+  std::vector<int32_t> pos, self;
+  ColumnExclusions() : pos(BLOCK), self(BLOCK) {}
+  void fill(const Problem& p, const Tile& t) {
+    const int64_t c0 = p.column_offset() + t.k0;
+    for (int64_t k = 0; k < t.bn; ++k) {
+      pos[k] = tile_position(p.pos_index[c0 + k], t.r0, t.bm);
+      self[k] = p.self_index ? tile_position(p.self_index[c0 + k], t.r0, t.bm) : -1;
+    }
+  }
+};
+
+// The labels of one tile's rows and columns (label mask, E3): a pair whose row and column carry
+// the same label is not a negative of either (the condition is symmetric, so one comparison
+// serves the row side and the column side). Only filled when the problem has labels.
+struct TileLabels {
+  std::vector<int64_t> row, col;
+  TileLabels() : row(BLOCK), col(BLOCK) {}
+  void fill(const Problem& p, const Tile& t) {
+    if (!p.anchor_labels) return;
+    std::copy(p.anchor_labels + t.r0, p.anchor_labels + t.r0 + t.bm, row.begin());
+    std::copy(p.candidate_labels + t.k0, p.candidate_labels + t.k0 + t.bn, col.begin());
+  }
+};
+
+// Forward, row side: each row's partial (max, sum of exp(l - max)) over the tile, merged into
+// the thread's online state; with need_eqs also sum exp(l - max) S (E4).
+template <typename T, bool SCALED, bool LABELS>
+void row_statistics(const Problem& p, const Tile& t, const T* S, const T* A, const T* inv_temp,
+                    const TileLabels& labels, bool need_eqs, OnlineLse<T>& state) {
+  const int32_t bn = static_cast<int32_t>(t.bn);
+  const int64_t* col_label = labels.col.data();
+  for (int64_t r = 0; r < t.bm; ++r) {
+    const int64_t a = t.r0 + r;
+    const int32_t kp = tile_position(p.pos_index[a], t.k0, t.bn);
+    const int32_t ks = p.self_index ? tile_position(p.self_index[a], t.k0, t.bn) : -1;
+    const int64_t label_a = LABELS ? labels.row[r] : 0;
+    const T* s_row = S + r * t.bn;
+    const T* x = (SCALED ? S : A) + r * t.bn;
+    const T scale = SCALED ? inv_temp[a] : T(1);
+    T m = neg_inf<T>();
+#pragma omp simd reduction(max : m)
+    for (int32_t k = 0; k < bn; ++k) {
+      const bool out = k == kp || k == ks || (LABELS && col_label[k] == label_a);
+      const T l = out ? neg_inf<T>() : scale * x[k];
+      m = l > m ? l : m;
+    }
+    if (m == neg_inf<T>()) continue;  // every candidate of this tile excluded
+    T sum = 0, sum_s = 0;
+    if (need_eqs) {
+#pragma omp simd reduction(+ : sum, sum_s)
+      for (int32_t k = 0; k < bn; ++k) {
+        const bool out = k == kp || k == ks || (LABELS && col_label[k] == label_a);
+        const T e = exp_approx((out ? neg_inf<T>() : scale * x[k]) - m);
+        sum += e;
+        sum_s += e * s_row[k];
+      }
+    } else {
+#pragma omp simd reduction(+ : sum)
+      for (int32_t k = 0; k < bn; ++k) {
+        const bool out = k == kp || k == ks || (LABELS && col_label[k] == label_a);
+        sum += exp_approx((out ? neg_inf<T>() : scale * x[k]) - m);
+      }
+    }
+    state.merge(a, m, sum, sum_s);
+  }
+}
+
+// Forward, column side: each column's partial (max, sum) over the tile's rows (and the E4 sum).
+template <typename T, bool SCALED, bool LABELS>
+void column_statistics(const Problem& p, const Tile& t, const T* S, const T* A,
+                       const T* inv_temp, ColumnExclusions& ex, const TileLabels& labels,
+                       bool need_eqs, std::vector<T>& col_max, std::vector<T>& col_sum,
+                       std::vector<T>& col_sum_s, OnlineLse<T>& state) {
+  const int64_t c0 = p.column_offset() + t.k0;
+  const int32_t bn = static_cast<int32_t>(t.bn);
+  ex.fill(p, t);
+  const int32_t* pos = ex.pos.data();
+  const int32_t* self = ex.self.data();
+  const int64_t* col_label = labels.col.data();
+  const T* scale = SCALED ? inv_temp + c0 : nullptr;
+  T* cm = col_max.data();
+  T* cs = col_sum.data();
+  std::fill(cm, cm + t.bn, neg_inf<T>());
+  for (int32_t r = 0; r < static_cast<int32_t>(t.bm); ++r) {
+    const T* x = (SCALED ? S : A) + r * t.bn;
+    const int64_t label_r = LABELS ? labels.row[r] : 0;
+#pragma omp simd
+    for (int32_t k = 0; k < bn; ++k) {
+      const bool out = pos[k] == r || self[k] == r || (LABELS && col_label[k] == label_r);
+      const T l = out ? neg_inf<T>() : (SCALED ? scale[k] * x[k] : x[k]);
+      cm[k] = l > cm[k] ? l : cm[k];
+    }
+  }
+  // A column whose candidates are all excluded has max -inf: shift by 0 there (its terms are
+  // exp(-inf) = 0 either way), never by -inf (which would give NaN).
+  for (int64_t k = 0; k < t.bn; ++k)
+    if (cm[k] == neg_inf<T>()) cm[k] = T(0);
+  std::fill(cs, cs + t.bn, T(0));
+  T* cts = need_eqs ? col_sum_s.data() : nullptr;
+  if (cts) std::fill(cts, cts + t.bn, T(0));
+  for (int32_t r = 0; r < static_cast<int32_t>(t.bm); ++r) {
+    const T* s_row = S + r * t.bn;
+    const T* x = (SCALED ? S : A) + r * t.bn;
+    const int64_t label_r = LABELS ? labels.row[r] : 0;
+    if (cts) {
+#pragma omp simd
+      for (int32_t k = 0; k < bn; ++k) {
+        const bool out = pos[k] == r || self[k] == r || (LABELS && col_label[k] == label_r);
+        const T e = exp_approx((out ? neg_inf<T>() : (SCALED ? scale[k] * x[k] : x[k])) - cm[k]);
+        cs[k] += e;
+        cts[k] += e * s_row[k];
+      }
+    } else {
+#pragma omp simd
+      for (int32_t k = 0; k < bn; ++k) {
+        const bool out = pos[k] == r || self[k] == r || (LABELS && col_label[k] == label_r);
+        cs[k] += exp_approx((out ? neg_inf<T>() : (SCALED ? scale[k] * x[k] : x[k])) - cm[k]);
+      }
+    }
+  }
+  for (int64_t k = 0; k < t.bn; ++k)
+    if (cs[k] > T(0)) state.merge(c0 + k, cm[k], cs[k], cts ? cts[k] : T(0));
+}
+
+// Backward, row side: dL_dS = g_a Q_ak dl_dS_ak (written), d_inv_temp[a] += sum_k g_a Q_ak S_ak
+// (when d_inv_temp is not null; SCALED only). Q_ak = exp(l_ak - lse_neg[a]), 0 where excluded.
+template <typename T, bool SCALED, bool LABELS>
+void row_gradient(const Problem& p, const Tile& t, const T* S, const T* A, const T* inv_temp,
+                  const T* lse_neg, const T* g, const TileLabels& labels, T* dL_dS,
+                  T* d_inv_temp) {
+  const int32_t bn = static_cast<int32_t>(t.bn);
+  const T artanh_scale = T(p.artanh_scale), artanh_eps = T(p.artanh_eps);
+  const int64_t* col_label = labels.col.data();
+  for (int64_t r = 0; r < t.bm; ++r) {
+    const int64_t a = t.r0 + r;
+    const int32_t kp = tile_position(p.pos_index[a], t.k0, t.bn);
+    const int32_t ks = p.self_index ? tile_position(p.self_index[a], t.k0, t.bn) : -1;
+    const int64_t label_a = LABELS ? labels.row[r] : 0;
+    const T* s = S + r * t.bn;
+    const T* x = (SCALED ? S : A) + r * t.bn;
+    T* out = dL_dS + r * t.bn;
+    const T scale = SCALED ? inv_temp[a] : T(1);
+    const T lse_a = lse_neg[a], g_a = g[a];
+    T d_scale = 0;
+#pragma omp simd reduction(+ : d_scale)
+    for (int32_t k = 0; k < bn; ++k) {
+      const bool excluded = k == kp || k == ks || (LABELS && col_label[k] == label_a);
+      const T q = excluded ? T(0) : g_a * exp_approx(scale * x[k] - lse_a);
+      d_scale += q * s[k];
+      out[k] = q * (SCALED ? scale : artanh_slope(s[k], artanh_scale, artanh_eps));
+    }
+    if (SCALED && d_inv_temp) d_inv_temp[a] += d_scale;
+  }
+}
+
+// Backward, column side: dL_dS_ak += g_c Q_ca dl_dS (c the column's entry), and
+// d_inv_temp[c] += sum_a g_c Q_ca S_ak.
+template <typename T, bool SCALED, bool LABELS>
+void column_gradient(const Problem& p, const Tile& t, const T* S, const T* A, const T* inv_temp,
+                     const T* lse_neg, const T* g, ColumnExclusions& ex,
+                     const TileLabels& labels, T* dL_dS, T* d_inv_temp) {
+  const int64_t c0 = p.column_offset() + t.k0;
+  const int32_t bn = static_cast<int32_t>(t.bn);
+  const T artanh_scale = T(p.artanh_scale), artanh_eps = T(p.artanh_eps);
+  ex.fill(p, t);
+  const int32_t* pos = ex.pos.data();
+  const int32_t* self = ex.self.data();
+  const int64_t* col_label = labels.col.data();
+  const T* scale = SCALED ? inv_temp + c0 : nullptr;
+  const T* lse_k = lse_neg + c0;
+  const T* g_k = g + c0;
+  T* d_inv_temp_k = (SCALED && d_inv_temp) ? d_inv_temp + c0 : nullptr;
+  for (int32_t r = 0; r < static_cast<int32_t>(t.bm); ++r) {
+    const T* s = S + r * t.bn;
+    const T* x = (SCALED ? S : A) + r * t.bn;
+    const int64_t label_r = LABELS ? labels.row[r] : 0;
+    T* out = dL_dS + r * t.bn;
+    if (d_inv_temp_k) {
+#pragma omp simd
+      for (int32_t k = 0; k < bn; ++k) {
+        const bool excluded = pos[k] == r || self[k] == r || (LABELS && col_label[k] == label_r);
+        const T q = excluded ? T(0) : g_k[k] * exp_approx(scale[k] * x[k] - lse_k[k]);
+        d_inv_temp_k[k] += q * s[k];
+        out[k] += q * scale[k];
+      }
+    } else {
+#pragma omp simd
+      for (int32_t k = 0; k < bn; ++k) {
+        const bool excluded = pos[k] == r || self[k] == r || (LABELS && col_label[k] == label_r);
+        const T l = SCALED ? scale[k] * x[k] : x[k];
+        const T q = excluded ? T(0) : g_k[k] * exp_approx(l - lse_k[k]);
+        out[k] += q * (SCALED ? scale[k] : artanh_slope(s[k], artanh_scale, artanh_eps));
+      }
+    }
+  }
+}
+
+// Calls passes(scaled, with_labels) with the two flags as compile-time constants
+// (std::integral_constant), so that the logit map and the label mask are template parameters
+// of the tile passes, not branches inside their vector loops.
+template <typename Passes>
+void dispatch_passes(const Problem& p, Passes&& passes) {
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (p.scaled()) {
+    if (p.anchor_labels) passes(yes{}, yes{}); else passes(yes{}, no{});
+  } else {
+    if (p.anchor_labels) passes(no{}, yes{}); else passes(no{}, no{});
+  }
+}
+
 template <typename T>
-at::Tensor forward_impl(const Problem& p, const at::Tensor& anchors,
-                        const at::Tensor& candidates, const T* inv_temp) {
+std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tensor& anchors,
+                                                const at::Tensor& candidates, const T* inv_temp,
+                                                bool need_eqs) {
   const auto tiles = p.tiles();
-  std::vector<OnlineLse<T>> states(at::get_num_threads(), OnlineLse<T>(p.M));
+  std::vector<OnlineLse<T>> states(at::get_num_threads(), OnlineLse<T>(p.num_lse(), need_eqs));
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     OnlineLse<T>& state = states[at::get_thread_num()];
-    std::vector<T> S_buf(BLOCK * BLOCK), L(BLOCK * BLOCK),
-        artanh_S(p.scaled() ? 0 : BLOCK * BLOCK);
-    std::vector<T> col_max(BLOCK), col_sum(BLOCK);
+    std::vector<T> S_buf(BLOCK * BLOCK), artanh_S(p.scaled() ? 0 : BLOCK * BLOCK);
+    std::vector<T> col_max(BLOCK), col_sum(BLOCK), col_sum_s(need_eqs ? BLOCK : 0);
+    ColumnExclusions exclusions;
+    TileLabels labels;
     for (int64_t q = begin; q < end; ++q) {
       const Tile t = make_tile(p, tiles[q].first, tiles[q].second);
       const T* S = tile_similarity(anchors.narrow(0, t.r0, t.bm),
                                    candidates.narrow(0, t.k0, t.bn), S_buf);
       if (!p.scaled()) artanh_logits(p, S, t.bm * t.bn, artanh_S.data());
 
-      side_logits(p, t, S, artanh_S.data(), inv_temp, false, L.data());
-      for (int64_t r = 0; r < t.bm; ++r) {
-        const T* l = L.data() + r * t.bn;
-        T m = neg_inf<T>();
-#pragma omp simd reduction(max : m)
-        for (int64_t k = 0; k < t.bn; ++k) m = l[k] > m ? l[k] : m;
-        if (m == neg_inf<T>()) continue;  // every candidate of this tile excluded
-        T s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t k = 0; k < t.bn; ++k) s += exp_approx(l[k] - m);
-        state.merge(t.r0 + r, m, s);
-      }
-      if (!t.mirrored) continue;
-
-      side_logits(p, t, S, artanh_S.data(), inv_temp, true, L.data());
-      std::fill(col_max.begin(), col_max.end(), neg_inf<T>());
-      for (int64_t r = 0; r < t.bm; ++r) {
-        const T* l = L.data() + r * t.bn;
-        T* cm = col_max.data();
-#pragma omp simd
-        for (int64_t k = 0; k < t.bn; ++k) cm[k] = l[k] > cm[k] ? l[k] : cm[k];
-      }
-      // A column whose candidates are all excluded has max -inf: shift by 0 there (its terms
-      // are exp(-inf) = 0 either way), never by -inf (which would give NaN).
-      for (int64_t k = 0; k < t.bn; ++k)
-        if (col_max[k] == neg_inf<T>()) col_max[k] = T(0);
-      std::fill(col_sum.begin(), col_sum.end(), T(0));
-      for (int64_t r = 0; r < t.bm; ++r) {
-        const T* l = L.data() + r * t.bn;
-        T* cs = col_sum.data();
-        const T* cm = col_max.data();
-#pragma omp simd
-        for (int64_t k = 0; k < t.bn; ++k) cs[k] += exp_approx(l[k] - cm[k]);
-      }
-      for (int64_t k = 0; k < t.bn; ++k)
-        if (col_sum[k] > T(0)) state.merge(t.k0 + k, col_max[k], col_sum[k]);
+      const T* A = artanh_S.data();
+      labels.fill(p, t);
+      // One instantiation per (logit map, label mask): the masks stay inside the vector loops.
+      auto passes = [&](auto scaled, auto with_labels) {
+        constexpr bool SCALED = decltype(scaled)::value, LABELS = decltype(with_labels)::value;
+        row_statistics<T, SCALED, LABELS>(p, t, S, A, inv_temp, labels, need_eqs, state);
+        if (t.mirrored)
+          column_statistics<T, SCALED, LABELS>(p, t, S, A, inv_temp, exclusions, labels,
+                                               need_eqs, col_max, col_sum, col_sum_s, state);
+      };
+      dispatch_passes(p, passes);
     }
   });
-  at::Tensor lse_neg = at::empty({p.M}, anchors.options());
+  at::Tensor lse_neg = at::empty({p.num_lse()}, anchors.options());
+  at::Tensor eqs = need_eqs ? at::empty({p.num_lse()}, anchors.options()) : at::Tensor();
   T* out = lse_neg.data_ptr<T>();
-  at::parallel_for(0, p.M, 2048, [&](int64_t a0, int64_t a1) {
+  T* out_eqs = need_eqs ? eqs.data_ptr<T>() : nullptr;
+  at::parallel_for(0, p.num_lse(), 2048, [&](int64_t a0, int64_t a1) {
     for (int64_t a = a0; a < a1; ++a) {
       T m = neg_inf<T>();
       for (const auto& st : states) m = std::max(m, st.max[a]);
-      T s = 0;
+      T s = 0, ts = 0;
       for (const auto& st : states)
-        if (st.max[a] != neg_inf<T>()) s += st.sum[a] * std::exp(st.max[a] - m);
-      out[a] = m + std::log(s);  // -inf for an anchor without negatives (callers forbid it)
+        if (st.max[a] != neg_inf<T>()) {
+          const T scale = std::exp(st.max[a] - m);
+          s += st.sum[a] * scale;
+          if (out_eqs) ts += st.sum_s[a] * scale;
+        }
+      out[a] = m + std::log(s);  // -inf for an anchor without negatives
+      if (out_eqs) out_eqs[a] = s > T(0) ? ts / s : T(0);  // 0 for an empty Neg(a)
     }
   });
-  return lse_neg;
-}
-
-// dL_dl = g_a Q_ak = g_a exp(l - lse_neg[a]) in place over the logits L of one side (rows:
-// anchor index r0 + r; columns: anchor index k0 + k), accumulating
-// d_inv_temp[a] += sum_k dL_dl_ak S_ak when asked (d_inv_temp not null).
-template <typename T>
-void side_gradient(const Tile& t, bool column_side, const T* S, const T* lse_neg, const T* g,
-                   T* L, T* d_inv_temp) {
-  for (int64_t r = 0; r < t.bm; ++r) {
-    T* l = L + r * t.bn;
-    const T* s = S + r * t.bn;
-    if (column_side) {
-      const T* lse_neg_k = lse_neg + t.k0;
-      const T* g_k = g + t.k0;
-#pragma omp simd
-      for (int64_t k = 0; k < t.bn; ++k) l[k] = g_k[k] * exp_approx(l[k] - lse_neg_k[k]);
-      if (d_inv_temp) {
-        T* d_inv_temp_k = d_inv_temp + t.k0;
-        for (int64_t k = 0; k < t.bn; ++k) d_inv_temp_k[k] += l[k] * s[k];
-      }
-    } else {
-      const T lse_neg_a = lse_neg[t.r0 + r], g_a = g[t.r0 + r];
-#pragma omp simd
-      for (int64_t k = 0; k < t.bn; ++k) l[k] = g_a * exp_approx(l[k] - lse_neg_a);
-      if (d_inv_temp) {
-        T d_inv_temp_a = 0;
-#pragma omp simd reduction(+ : d_inv_temp_a)
-        for (int64_t k = 0; k < t.bn; ++k) d_inv_temp_a += l[k] * s[k];
-        d_inv_temp[t.r0 + r] += d_inv_temp_a;
-      }
-    }
-  }
+  return {lse_neg, eqs};
 }
 
 template <typename T>
@@ -312,13 +539,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   std::vector<std::vector<T>> d_inv_temp_th(num_threads);
   for (int th = 0; th < num_threads; ++th) {
     d_anchors_th[th] = at::zeros({p.M, p.D}, anchors.options());
-    if (!p.symmetric) d_candidates_th[th] = at::zeros({p.K, p.D}, anchors.options());
-    if (need_d_inv_temp) d_inv_temp_th[th].assign(p.M, T(0));
+    // Only when wanted: K x D per thread (a 65536-row memory bank: 32 MiB per thread).
+    if (!p.symmetric && need_d_candidates)
+      d_candidates_th[th] = at::zeros({p.K, p.D}, anchors.options());
+    if (need_d_inv_temp) d_inv_temp_th[th].assign(p.num_lse(), T(0));
   }
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     const int th = at::get_thread_num();
-    std::vector<T> S_buf(BLOCK * BLOCK), dL_dS_buf(BLOCK * BLOCK), L(BLOCK * BLOCK),
+    std::vector<T> S_buf(BLOCK * BLOCK), dL_dS_buf(BLOCK * BLOCK),
         artanh_S(p.scaled() ? 0 : BLOCK * BLOCK);
+    ColumnExclusions exclusions;
+    TileLabels labels;
     T* d_inv_temp = need_d_inv_temp ? d_inv_temp_th[th].data() : nullptr;
     for (int64_t q = begin; q < end; ++q) {
       const Tile t = make_tile(p, tiles[q].first, tiles[q].second);
@@ -329,42 +560,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       const at::Tensor dL_dS = at::from_blob(dL_dS_buf.data(), {t.bm, t.bn}, anchors.options());
       T* dL_dS_data = dL_dS.data_ptr<T>();
 
-      // Row side: dL_dS = dL_dl_row * dl_dS.
-      side_logits(p, t, S, artanh_S.data(), inv_temp, false, L.data());
-      side_gradient(t, false, S, lse_neg, g, L.data(), d_inv_temp);
-      for (int64_t r = 0; r < t.bm; ++r) {
-        const T* dL_dl = L.data() + r * t.bn;
-        T* dL_dS_r = dL_dS_data + r * t.bn;
-        const T* s = S + r * t.bn;
-        if (p.scaled()) {
-          const T inv_temp_a = inv_temp[t.r0 + r];
-#pragma omp simd
-          for (int64_t k = 0; k < t.bn; ++k) dL_dS_r[k] = dL_dl[k] * inv_temp_a;
-        } else {
-          for (int64_t k = 0; k < t.bn; ++k)
-            dL_dS_r[k] =
-                dL_dl[k] * artanh_slope(s[k], T(p.artanh_scale), T(p.artanh_eps));
-        }
-      }
-      // Column side (mirrored tile): dL_dS += dL_dl_col * dl_dS, both already in S's layout.
-      if (t.mirrored) {
-        side_logits(p, t, S, artanh_S.data(), inv_temp, true, L.data());
-        side_gradient(t, true, S, lse_neg, g, L.data(), d_inv_temp);
-        for (int64_t r = 0; r < t.bm; ++r) {
-          const T* dL_dl = L.data() + r * t.bn;
-          T* dL_dS_r = dL_dS_data + r * t.bn;
-          const T* s = S + r * t.bn;
-          if (p.scaled()) {
-            const T* inv_temp_k = inv_temp + t.k0;
-#pragma omp simd
-            for (int64_t k = 0; k < t.bn; ++k) dL_dS_r[k] += dL_dl[k] * inv_temp_k[k];
-          } else {
-            for (int64_t k = 0; k < t.bn; ++k)
-              dL_dS_r[k] +=
-                  dL_dl[k] * artanh_slope(s[k], T(p.artanh_scale), T(p.artanh_eps));
-          }
-        }
-      }
+      // Row side: dL_dS = dL_dl_row * dl_dS; column side (mirrored tile): dL_dS += dL_dl_col *
+      // dl_dS, both in S's layout.
+      const T* A = artanh_S.data();
+      labels.fill(p, t);
+      auto passes = [&](auto scaled, auto with_labels) {
+        constexpr bool SCALED = decltype(scaled)::value, LABELS = decltype(with_labels)::value;
+        row_gradient<T, SCALED, LABELS>(p, t, S, A, inv_temp, lse_neg, g, labels, dL_dS_data,
+                                        d_inv_temp);
+        if (t.mirrored)
+          column_gradient<T, SCALED, LABELS>(p, t, S, A, inv_temp, lse_neg, g, exclusions,
+                                             labels, dL_dS_data, d_inv_temp);
+      };
+      dispatch_passes(p, passes);
       // d_anchors_r += dL_dS candidates_k; d_candidates_k += dL_dS^T anchors_r (symmetric:
       // both into d_anchors).
       if (p.symmetric || need_d_anchors)
@@ -386,12 +594,218 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     for (int th = 1; th < num_threads; ++th) d_candidates.add_(d_candidates_th[th]);
   }
   if (need_d_inv_temp) {
-    d_inv_temp = at::zeros({p.M}, anchors.options());
+    d_inv_temp = at::zeros({p.num_lse()}, anchors.options());
     T* out = d_inv_temp.data_ptr<T>();
     for (int th = 0; th < num_threads; ++th)
-      for (int64_t a = 0; a < p.M; ++a) out[a] += d_inv_temp_th[th][a];
+      for (int64_t a = 0; a < p.num_lse(); ++a) out[a] += d_inv_temp_th[th][a];
   }
   return {d_anchors, d_candidates, d_inv_temp};
+}
+
+// ---------------------------------------------------------------------------------------------
+// RowReduction::Softplus (cross problems, Scaled map): the same tiles, plain per-row sums.
+// ---------------------------------------------------------------------------------------------
+
+// The logits of a tile's rows, l = inv_temp[a] S_ak + row_bias[a], excluded pairs -inf.
+template <typename T>
+void softplus_logits(const Problem& p, const Tile& t, const T* S, const T* inv_temp,
+                     const T* row_bias, T* L) {
+  const int32_t bn = static_cast<int32_t>(t.bn);
+  for (int64_t r = 0; r < t.bm; ++r) {
+    const int64_t a = t.r0 + r;
+    const int32_t kp = tile_position(p.pos_index[a], t.k0, t.bn);
+    const int32_t ks = p.self_index ? tile_position(p.self_index[a], t.k0, t.bn) : -1;
+    const T* s = S + r * t.bn;
+    T* l = L + r * t.bn;
+    const T inv_temp_a = inv_temp[a], bias = row_bias ? row_bias[a] : T(0);
+#pragma omp simd
+    for (int32_t k = 0; k < bn; ++k)
+      l[k] = (k == kp || k == ks) ? neg_inf<T>() : inv_temp_a * s[k] + bias;
+  }
+}
+
+// Forward; with_grads: also the gradients' tile sums, so that a backward with a uniform upstream
+// gradient (a mean or a sum) needs no second pass (3 GEMMs in all, the minimum). With
+// W_ak = inv_temp[a] sigmoid(l_ak) on Neg(a), 0 elsewhere, it returns, flat in one tensor,
+//   E[a, :] = sum_k W_ak candidates[k]     (d_anchors = g_a E)                 [M, D]
+//   sigmoid_sum[a] = sum_k sigmoid(l_ak)   (d_row_bias = g_a sigmoid_sum)      [M]
+//   sigmoid_S[a] = sum_k sigmoid(l_ak) S_ak (d_inv_temp = g_a sigmoid_S)       [M]
+//   F[k, :] = sum_a W_ak anchors[a]        (d_candidates = c F when g = c)    [K, D]
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> softplus_forward_impl(const Problem& p,
+                                                         const at::Tensor& anchors,
+                                                         const at::Tensor& candidates,
+                                                         const T* inv_temp, const T* row_bias,
+                                                         bool with_grads) {
+  const auto tiles = p.tiles();
+  const int num_threads = at::get_num_threads();
+  std::vector<std::vector<T>> sums(num_threads, std::vector<T>(p.M, T(0)));
+  std::vector<std::vector<T>> sig_sum_th(num_threads), sig_S_th(num_threads);
+  std::vector<at::Tensor> E_th(num_threads), F_th(num_threads);
+  if (with_grads) {
+    for (int th = 0; th < num_threads; ++th) {
+      sig_sum_th[th].assign(p.M, T(0));
+      sig_S_th[th].assign(p.M, T(0));
+      E_th[th] = at::zeros({p.M, p.D}, anchors.options());
+      F_th[th] = at::zeros({p.K, p.D}, anchors.options());
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    const int th = at::get_thread_num();
+    std::vector<T>& sum = sums[th];
+    std::vector<T> S_buf(BLOCK * BLOCK), L(BLOCK * BLOCK);
+    for (int64_t q = begin; q < end; ++q) {
+      const Tile t = make_tile(p, tiles[q].first, tiles[q].second);
+      const at::Tensor anchors_r = anchors.narrow(0, t.r0, t.bm),
+                       candidates_k = candidates.narrow(0, t.k0, t.bn);
+      const T* S = tile_similarity(anchors_r, candidates_k, S_buf);
+      softplus_logits(p, t, S, inv_temp, row_bias, L.data());
+      for (int64_t r = 0; r < t.bm; ++r) {
+        const int64_t a = t.r0 + r;
+        T* l = L.data() + r * t.bn;
+        T s = 0;
+        if (!with_grads) {
+#pragma omp simd reduction(+ : s)
+          for (int64_t k = 0; k < t.bn; ++k) s += softplus_stable(l[k]);
+          sum[a] += s;
+          continue;
+        }
+        // softplus and sigmoid from one e = e^-|l|; l becomes W = inv_temp[a] sigmoid(l) in
+        // place, after the row's sums.
+        const T* s_row = S + r * t.bn;
+        const T inv_temp_a = inv_temp[a];
+        T sig_sum = 0, sig_S = 0;
+#pragma omp simd reduction(+ : s, sig_sum, sig_S)
+        for (int64_t k = 0; k < t.bn; ++k) {
+          const T x = l[k];
+          const T e = exp_approx(-std::abs(x));
+          s += (x < T(0) ? T(0) : x) + log1p_unit(e);
+          const T inv = T(1) / (T(1) + e);
+          const T sig = x >= T(0) ? inv : (x < T(0) ? e * inv : x);
+          sig_sum += sig;
+          sig_S += sig * s_row[k];
+          l[k] = inv_temp_a * sig;
+        }
+        sum[a] += s;
+        sig_sum_th[th][a] += sig_sum;
+        sig_S_th[th][a] += sig_S;
+      }
+      if (!with_grads) continue;
+      const at::Tensor W = at::from_blob(L.data(), {t.bm, t.bn}, anchors.options());
+      E_th[th].narrow(0, t.r0, t.bm).addmm_(W, candidates_k);
+      F_th[th].narrow(0, t.k0, t.bn).addmm_(W.t(), anchors_r);
+    }
+  });
+  at::Tensor sp_neg = at::zeros({p.M}, anchors.options());
+  T* out = sp_neg.data_ptr<T>();
+  for (const auto& sum : sums)  // threads in a fixed order: deterministic
+    for (int64_t a = 0; a < p.M; ++a) out[a] += sum[a];
+  if (!with_grads) return {sp_neg, at::Tensor()};
+  at::Tensor aux = at::empty({p.M * p.D + 2 * p.M + p.K * p.D}, anchors.options());
+  at::Tensor E = aux.narrow(0, 0, p.M * p.D).view({p.M, p.D});
+  at::Tensor F = aux.narrow(0, p.M * p.D + 2 * p.M, p.K * p.D).view({p.K, p.D});
+  E.copy_(E_th[0]);
+  F.copy_(F_th[0]);
+  for (int th = 1; th < num_threads; ++th) {
+    E.add_(E_th[th]);
+    F.add_(F_th[th]);
+  }
+  T* sig_sum = aux.data_ptr<T>() + p.M * p.D;
+  T* sig_S = sig_sum + p.M;
+  std::fill(sig_sum, sig_sum + 2 * p.M, T(0));
+  for (int th = 0; th < num_threads; ++th)
+    for (int64_t a = 0; a < p.M; ++a) {
+      sig_sum[a] += sig_sum_th[th][a];
+      sig_S[a] += sig_S_th[th][a];
+    }
+  return {sp_neg, aux};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_backward_impl(
+    const Problem& p, const at::Tensor& anchors, const at::Tensor& candidates,
+    const T* inv_temp, const T* row_bias, const T* g, bool need_d_anchors,
+    bool need_d_candidates, bool need_d_inv_temp, bool need_d_row_bias) {
+  const auto tiles = p.tiles();
+  const int num_threads = at::get_num_threads();
+  std::vector<at::Tensor> d_anchors_th(num_threads), d_candidates_th(num_threads);
+  std::vector<std::vector<T>> d_inv_temp_th(num_threads), d_row_bias_th(num_threads);
+  for (int th = 0; th < num_threads; ++th) {
+    if (need_d_anchors) d_anchors_th[th] = at::zeros({p.M, p.D}, anchors.options());
+    if (need_d_candidates) d_candidates_th[th] = at::zeros({p.K, p.D}, anchors.options());
+    if (need_d_inv_temp) d_inv_temp_th[th].assign(p.M, T(0));
+    if (need_d_row_bias) d_row_bias_th[th].assign(p.M, T(0));
+  }
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+    const int th = at::get_thread_num();
+    std::vector<T> S_buf(BLOCK * BLOCK), L(BLOCK * BLOCK);
+    for (int64_t q = begin; q < end; ++q) {
+      const Tile t = make_tile(p, tiles[q].first, tiles[q].second);
+      const at::Tensor anchors_r = anchors.narrow(0, t.r0, t.bm),
+                       candidates_k = candidates.narrow(0, t.k0, t.bn);
+      const T* S = tile_similarity(anchors_r, candidates_k, S_buf);
+      softplus_logits(p, t, S, inv_temp, row_bias, L.data());
+      // L becomes dL_dS = g_a sigmoid(l) inv_temp[a] in place, row by row.
+      for (int64_t r = 0; r < t.bm; ++r) {
+        const int64_t a = t.r0 + r;
+        T* l = L.data() + r * t.bn;
+        const T* s = S + r * t.bn;
+        const T g_a = g[a];
+#pragma omp simd
+        for (int64_t k = 0; k < t.bn; ++k) l[k] = g_a * sigmoid_stable(l[k]);
+        if (need_d_inv_temp) {
+          T acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t k = 0; k < t.bn; ++k) acc += l[k] * s[k];
+          d_inv_temp_th[th][a] += acc;
+        }
+        if (need_d_row_bias) {
+          T acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t k = 0; k < t.bn; ++k) acc += l[k];
+          d_row_bias_th[th][a] += acc;
+        }
+        const T inv_temp_a = inv_temp[a];
+#pragma omp simd
+        for (int64_t k = 0; k < t.bn; ++k) l[k] *= inv_temp_a;
+      }
+      const at::Tensor dL_dS = at::from_blob(L.data(), {t.bm, t.bn}, anchors.options());
+      if (need_d_anchors) d_anchors_th[th].narrow(0, t.r0, t.bm).addmm_(dL_dS, candidates_k);
+      if (need_d_candidates)
+        d_candidates_th[th].narrow(0, t.k0, t.bn).addmm_(dL_dS.t(), anchors_r);
+    }
+  });
+  at::Tensor d_anchors, d_candidates, d_inv_temp, d_row_bias;
+  if (need_d_anchors) {
+    d_anchors = d_anchors_th[0];
+    for (int th = 1; th < num_threads; ++th) d_anchors.add_(d_anchors_th[th]);
+  }
+  if (need_d_candidates) {
+    d_candidates = d_candidates_th[0];
+    for (int th = 1; th < num_threads; ++th) d_candidates.add_(d_candidates_th[th]);
+  }
+  auto sum_rows = [&](const std::vector<std::vector<T>>& parts) {
+    at::Tensor out = at::zeros({p.M}, anchors.options());
+    T* o = out.data_ptr<T>();
+    for (const auto& part : parts)
+      for (int64_t a = 0; a < p.M; ++a) o[a] += part[a];
+    return out;
+  };
+  if (need_d_inv_temp) d_inv_temp = sum_rows(d_inv_temp_th);
+  if (need_d_row_bias) d_row_bias = sum_rows(d_row_bias_th);
+  return {d_anchors, d_candidates, d_inv_temp, d_row_bias};
+}
+
+// The softplus reduction's extra argument and restrictions (Python's _ops checks them first).
+void check_softplus(const Problem& p, const at::Tensor& anchors,
+                    const c10::optional<at::Tensor>& row_bias) {
+  TORCH_CHECK(p.scaled() && !p.symmetric,
+              "the softplus row reduction takes the scaled map and distinct candidates");
+  if (row_bias.has_value()) {
+    TORCH_CHECK(row_bias->numel() == p.M && row_bias->is_contiguous() &&
+                    row_bias->scalar_type() == anchors.scalar_type(),
+                "row_bias must be a contiguous [M] tensor of the anchors' dtype");
+  }
 }
 
 LogitMap to_logit_map(int64_t logit_map) {
@@ -404,7 +818,9 @@ LogitMap to_logit_map(int64_t logit_map) {
 Problem make_problem(const at::Tensor& anchors, const at::Tensor& candidates,
                      const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
                      const c10::optional<at::Tensor>& self_index, int64_t logit_map_value,
-                     double artanh_scale, double artanh_eps, bool symmetric) {
+                     double artanh_scale, double artanh_eps, bool symmetric,
+                     bool both_directions, const c10::optional<at::Tensor>& anchor_labels,
+                     const c10::optional<at::Tensor>& candidate_labels) {
   TORCH_CHECK(anchors.device().is_cpu() && candidates.device().is_cpu(),
               "macl_kernels._C_cpu: CPU tensors only");
   TORCH_CHECK(anchors.dim() == 2 && candidates.dim() == 2 &&
@@ -414,14 +830,18 @@ Problem make_problem(const at::Tensor& anchors, const at::Tensor& candidates,
               "anchors and candidates differ in dtype");
   TORCH_CHECK(anchors.is_contiguous() && candidates.is_contiguous(),
               "contiguous anchors/candidates expected");
+  TORCH_CHECK(!(symmetric && both_directions), "symmetric and both_directions exclude each other");
+  // Per-anchor entries: M, or M + K with both_directions (rows, then columns).
+  const int64_t num_lse = anchors.size(0) + (both_directions ? candidates.size(0) : 0);
   TORCH_CHECK(pos_index.scalar_type() == at::kLong && pos_index.is_contiguous() &&
-                  pos_index.numel() == anchors.size(0),
-              "pos_index must be a contiguous int64 [M] tensor");
+                  pos_index.numel() == num_lse,
+              "pos_index must be a contiguous int64 tensor of M (both_directions: M + K) entries");
   const LogitMap logit_map = to_logit_map(logit_map_value);
   if (logit_map == LogitMap::Scaled) {
-    TORCH_CHECK(inv_temp.has_value() && inv_temp->numel() == anchors.size(0) &&
+    TORCH_CHECK(inv_temp.has_value() && inv_temp->numel() == num_lse &&
                     inv_temp->is_contiguous() && inv_temp->scalar_type() == anchors.scalar_type(),
-                "the scaled map needs a contiguous inv_temp [M] of the anchors' dtype");
+                "the scaled map needs a contiguous inv_temp of M (both_directions: M + K) "
+                "entries of the anchors' dtype");
   } else {
     TORCH_CHECK(artanh_scale > 0, "the artanh map needs artanh_scale > 0, got ", artanh_scale);
     TORCH_CHECK(artanh_eps > 0 && artanh_eps < 1,
@@ -429,8 +849,20 @@ Problem make_problem(const at::Tensor& anchors, const at::Tensor& candidates,
   }
   if (self_index.has_value()) {
     TORCH_CHECK(self_index->scalar_type() == at::kLong && self_index->is_contiguous() &&
-                    self_index->numel() == anchors.size(0),
-                "self_index must be a contiguous int64 [M] tensor");
+                    self_index->numel() == num_lse,
+                "self_index must be a contiguous int64 tensor of M (both_directions: M + K) "
+                "entries");
+  }
+  TORCH_CHECK(anchor_labels.has_value() == candidate_labels.has_value(),
+              "anchor_labels and candidate_labels go together");
+  if (anchor_labels.has_value()) {
+    TORCH_CHECK(anchor_labels->scalar_type() == at::kLong && anchor_labels->is_contiguous() &&
+                    anchor_labels->numel() == anchors.size(0),
+                "anchor_labels must be a contiguous int64 [M] tensor");
+    TORCH_CHECK(candidate_labels->scalar_type() == at::kLong &&
+                    candidate_labels->is_contiguous() &&
+                    candidate_labels->numel() == candidates.size(0),
+                "candidate_labels must be a contiguous int64 [K] tensor");
   }
   TORCH_CHECK(!symmetric || (anchors.data_ptr() == candidates.data_ptr() &&
                              anchors.size(0) == candidates.size(0)),
@@ -442,24 +874,51 @@ Problem make_problem(const at::Tensor& anchors, const at::Tensor& candidates,
           artanh_scale,
           artanh_eps,
           symmetric,
+          both_directions,
           pos_index.data_ptr<int64_t>(),
-          self_index.has_value() ? self_index->data_ptr<int64_t>() : nullptr};
+          self_index.has_value() ? self_index->data_ptr<int64_t>() : nullptr,
+          anchor_labels.has_value() ? anchor_labels->data_ptr<int64_t>() : nullptr,
+          candidate_labels.has_value() ? candidate_labels->data_ptr<int64_t>() : nullptr};
 }
 
-at::Tensor forward(const at::Tensor& anchors, const at::Tensor& candidates,
-                   const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
-                   const c10::optional<at::Tensor>& self_index, int64_t logit_map,
-                   double artanh_scale, double artanh_eps, bool symmetric) {
+std::tuple<at::Tensor, at::Tensor> forward(
+    const at::Tensor& anchors, const at::Tensor& candidates,
+    const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
+    const c10::optional<at::Tensor>& self_index, int64_t logit_map, double artanh_scale,
+    double artanh_eps, bool symmetric, bool both_directions,
+    const c10::optional<at::Tensor>& anchor_labels,
+    const c10::optional<at::Tensor>& candidate_labels, bool need_eqs) {
   const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                                 artanh_scale, artanh_eps, symmetric);
-  at::Tensor lse_neg;
+                                 artanh_scale, artanh_eps, symmetric, both_directions,
+                                 anchor_labels, candidate_labels);
+  std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_forward", [&] {
     // detach: the kernels write tiles with at::mm_out, which refuses inputs that require grad
     // (autograd is the caller's business: the custom op's registered backward).
-    lse_neg = forward_impl<scalar_t>(p, anchors.detach(), candidates.detach(),
-                                     p.scaled() ? inv_temp->data_ptr<scalar_t>() : nullptr);
+    out = forward_impl<scalar_t>(p, anchors.detach(), candidates.detach(),
+                                 p.scaled() ? inv_temp->data_ptr<scalar_t>() : nullptr,
+                                 need_eqs);
   });
-  return lse_neg;
+  return out;
+}
+
+// The softplus reduction's forward: (sp_neg, aux), aux the gradients' tile sums when with_grads
+// (see softplus_forward_impl), else undefined.
+std::tuple<at::Tensor, at::Tensor> softplus_forward(
+    const at::Tensor& anchors, const at::Tensor& candidates, const at::Tensor& inv_temp,
+    const c10::optional<at::Tensor>& row_bias, const at::Tensor& pos_index,
+    const c10::optional<at::Tensor>& self_index, bool with_grads) {
+  const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
+                                 static_cast<int64_t>(LogitMap::Scaled), 0.0, 0.0, false, false,
+                                 c10::nullopt, c10::nullopt);
+  check_softplus(p, anchors, row_bias);
+  std::tuple<at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_softplus_forward", [&] {
+    out = softplus_forward_impl<scalar_t>(
+        p, anchors.detach(), candidates.detach(), inv_temp.data_ptr<scalar_t>(),
+        row_bias.has_value() ? row_bias->data_ptr<scalar_t>() : nullptr, with_grads);
+  });
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
@@ -467,13 +926,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
     const c10::optional<at::Tensor>& self_index, const at::Tensor& lse_neg, const at::Tensor& g,
     int64_t logit_map, double artanh_scale, double artanh_eps, bool symmetric,
-    bool need_d_anchors, bool need_d_candidates, bool need_d_inv_temp) {
+    bool both_directions, bool need_d_anchors, bool need_d_candidates, bool need_d_inv_temp,
+    const c10::optional<at::Tensor>& anchor_labels,
+    const c10::optional<at::Tensor>& candidate_labels) {
   const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                                 artanh_scale, artanh_eps, symmetric);
+                                 artanh_scale, artanh_eps, symmetric, both_directions,
+                                 anchor_labels, candidate_labels);
   TORCH_CHECK(lse_neg.is_contiguous() && g.is_contiguous() &&
                   lse_neg.scalar_type() == anchors.scalar_type() &&
                   g.scalar_type() == anchors.scalar_type(),
               "lse_neg and g must be contiguous, of the anchors' dtype");
+  TORCH_CHECK(lse_neg.numel() == p.num_lse() && g.numel() == p.num_lse(),
+              "lse_neg and g must have M (both_directions: M + K) entries");
   std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_backward", [&] {
     out = backward_impl<scalar_t>(p, anchors.detach(), candidates.detach(),
@@ -485,6 +949,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   return out;
 }
 
+// The softplus reduction's recompute backward (needs no forward statistic): the gradients of
+// sum_a g[a] sp_neg[a], (d_anchors, d_candidates, d_inv_temp, d_row_bias), undefined where not
+// needed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_backward(
+    const at::Tensor& anchors, const at::Tensor& candidates, const at::Tensor& inv_temp,
+    const c10::optional<at::Tensor>& row_bias, const at::Tensor& pos_index,
+    const c10::optional<at::Tensor>& self_index, const at::Tensor& g, bool need_d_anchors,
+    bool need_d_candidates, bool need_d_inv_temp, bool need_d_row_bias) {
+  const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
+                                 static_cast<int64_t>(LogitMap::Scaled), 0.0, 0.0, false, false,
+                                 c10::nullopt, c10::nullopt);
+  check_softplus(p, anchors, row_bias);
+  TORCH_CHECK(g.is_contiguous() && g.numel() == p.M && g.scalar_type() == anchors.scalar_type(),
+              "g must be a contiguous [M] tensor of the anchors' dtype");
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_softplus_backward", [&] {
+    out = softplus_backward_impl<scalar_t>(
+        p, anchors.detach(), candidates.detach(), inv_temp.data_ptr<scalar_t>(),
+        row_bias.has_value() ? row_bias->data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(),
+        need_d_anchors, need_d_candidates, need_d_inv_temp,
+        need_d_row_bias && row_bias.has_value());
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -492,15 +981,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef MACL_BUILT_WITH_TORCH
   m.attr("built_with_torch") = MACL_BUILT_WITH_TORCH;  // so a mismatch can be named on load
 #endif
-  m.def("forward", &forward, "lse_neg of every anchor row",
+  m.def("forward", &forward,
+        "(lse_neg, eqs) of every anchor row; eqs is None unless need_eqs",
         py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("logit_map"), py::arg("artanh_scale"),
-        py::arg("artanh_eps"), py::arg("symmetric"));
+        py::arg("artanh_eps"), py::arg("symmetric"), py::arg("both_directions") = false,
+        py::arg("anchor_labels") = py::none(), py::arg("candidate_labels") = py::none(),
+        py::arg("need_eqs") = false);
+  m.def("softplus_forward", &softplus_forward,
+        "sp_neg of every anchor row (sum of softplus over Neg(a)) and, with_grads, the "
+        "gradients' tile sums [E (M x D) | sum sigmoid (M) | sum sigmoid S (M) | F (K x D)]",
+        py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("row_bias"),
+        py::arg("pos_index"), py::arg("self_index"), py::arg("with_grads"));
   m.def("backward", &backward,
         "gradients of sum_a g[a] lse_neg[a]: (d_anchors, d_candidates, d_inv_temp); "
         "symmetric: d_anchors is the whole gradient and d_candidates is None",
         py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("lse_neg"), py::arg("g"), py::arg("logit_map"),
         py::arg("artanh_scale"), py::arg("artanh_eps"), py::arg("symmetric"),
-        py::arg("need_d_anchors"), py::arg("need_d_candidates"), py::arg("need_d_inv_temp"));
+        py::arg("both_directions"), py::arg("need_d_anchors"), py::arg("need_d_candidates"),
+        py::arg("need_d_inv_temp"), py::arg("anchor_labels") = py::none(),
+        py::arg("candidate_labels") = py::none());
+  m.def("softplus_backward", &softplus_backward,
+        "gradients of sum_a g[a] sp_neg[a]: (d_anchors, d_candidates, d_inv_temp, d_row_bias)",
+        py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("row_bias"),
+        py::arg("pos_index"), py::arg("self_index"), py::arg("g"), py::arg("need_d_anchors"),
+        py::arg("need_d_candidates"), py::arg("need_d_inv_temp"), py::arg("need_d_row_bias"));
 }

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <limits>
 #include <tuple>
 
 #include "macl_cuda.h"
@@ -29,11 +30,14 @@ at::ScalarType operand_scalar_type(int64_t operand) {
   return at::kFloat;  // unreachable
 }
 
-void check_index(const at::Tensor& index, const at::Tensor& anchors, const char* name) {
+// num_lse: entries of the per-anchor arrays, M (both_directions: M + K).
+void check_index(const at::Tensor& index, const at::Tensor& anchors, int64_t num_lse,
+                 const char* name) {
   TORCH_CHECK(index.device() == anchors.device(), name, " must be on the anchors' device");
   TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 &&
-                  index.numel() == anchors.size(0) && index.is_contiguous(),
-              name, " must be a contiguous int64 vector with one entry per anchor row");
+                  index.numel() == num_lse && index.is_contiguous(),
+              name, " must be a contiguous int64 vector with one entry per anchor row (",
+              num_lse, "; both_directions: M + K)");
 }
 
 // The logit map code as passed from Python (LogitMap, MaclLogitMap) and its parameters.
@@ -52,7 +56,10 @@ MaclLogitMap checked_logit_map(int64_t logit_map, double artanh_scale, double ar
 MaclProblem make_problem(const at::Tensor& anchors, const at::Tensor& candidates,
                          const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
                          const c10::optional<at::Tensor>& self_index, int64_t logit_map,
-                         double artanh_scale, double artanh_eps, int64_t operand) {
+                         double artanh_scale, double artanh_eps, int64_t operand,
+                         bool both_directions = false,
+                         const c10::optional<at::Tensor>& anchor_labels = c10::nullopt,
+                         const c10::optional<at::Tensor>& candidate_labels = c10::nullopt) {
   TORCH_CHECK(anchors.is_cuda() && candidates.is_cuda() &&
                   anchors.device() == candidates.device(),
               "macl_kernels._C_cuda: anchors and candidates must be CUDA tensors on one device");
@@ -70,16 +77,25 @@ MaclProblem make_problem(const at::Tensor& anchors, const at::Tensor& candidates
               "float64 operands go with float64 compute and only with it (got operand ", op,
               " for ", anchors.scalar_type(), " inputs)");
   const MaclLogitMap map = checked_logit_map(logit_map, artanh_scale, artanh_eps);
-  check_index(pos_index, anchors, "pos_index");
+  const int64_t num_lse = anchors.size(0) + (both_directions ? candidates.size(0) : 0);
+  check_index(pos_index, anchors, num_lse, "pos_index");
   const bool scaled = map == MACL_LOGIT_MAP_SCALED;
   if (scaled) {
     TORCH_CHECK(inv_temp.has_value() && inv_temp->device() == anchors.device() &&
                     inv_temp->scalar_type() == anchors.scalar_type() && inv_temp->dim() == 1 &&
-                    inv_temp->numel() == anchors.size(0) && inv_temp->is_contiguous(),
-                "the scaled logit map needs a contiguous inv_temp [M] of the anchors' dtype and "
-                "device");
+                    inv_temp->numel() == num_lse && inv_temp->is_contiguous(),
+                "the scaled logit map needs a contiguous inv_temp [M] (both_directions: "
+                "[M + K]) of the anchors' dtype and device");
   }
-  if (self_index.has_value()) check_index(*self_index, anchors, "self_index");
+  if (self_index.has_value()) check_index(*self_index, anchors, num_lse, "self_index");
+  TORCH_CHECK(anchor_labels.has_value() == candidate_labels.has_value(),
+              "anchor_labels and candidate_labels go together");
+  TORCH_CHECK(!(both_directions && anchor_labels.has_value()),
+              "both_directions takes no labels (Python runs two calls then)");
+  if (anchor_labels.has_value()) {
+    check_index(*anchor_labels, anchors, anchors.size(0), "anchor_labels");
+    check_index(*candidate_labels, anchors, candidates.size(0), "candidate_labels");
+  }
   MaclProblem p;
   p.M = anchors.size(0);
   p.K = candidates.size(0);
@@ -91,6 +107,10 @@ MaclProblem make_problem(const at::Tensor& anchors, const at::Tensor& candidates
   p.inv_temp = scaled ? inv_temp->data_ptr() : nullptr;
   p.pos_index = pos_index.data_ptr<int64_t>();
   p.self_index = self_index.has_value() ? self_index->data_ptr<int64_t>() : nullptr;
+  p.both_directions = both_directions ? 1 : 0;
+  p.anchor_labels = anchor_labels.has_value() ? anchor_labels->data_ptr<int64_t>() : nullptr;
+  p.candidate_labels =
+      candidate_labels.has_value() ? candidate_labels->data_ptr<int64_t>() : nullptr;
   return p;
 }
 
@@ -113,12 +133,19 @@ void check_launch(cudaError_t err, const char* what) {
 at::Tensor forward(const at::Tensor& anchors, const at::Tensor& candidates,
                    const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
                    const c10::optional<at::Tensor>& self_index, int64_t logit_map,
-                   double artanh_scale, double artanh_eps, int64_t operand) {
+                   double artanh_scale, double artanh_eps, int64_t operand,
+                   bool both_directions, const c10::optional<at::Tensor>& anchor_labels,
+                   const c10::optional<at::Tensor>& candidate_labels) {
   const MaclProblem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
-                                     logit_map, artanh_scale, artanh_eps, operand);
+                                     logit_map, artanh_scale, artanh_eps, operand,
+                                     both_directions, anchor_labels, candidate_labels);
   const c10::cuda::CUDAGuard guard(anchors.device());
   auto ops = operands(anchors, candidates, operand);
-  at::Tensor lse_neg = at::empty({p.M}, anchors.options());
+  const int64_t num_lse = p.M + (both_directions ? p.K : 0);
+  // No anchor rows: the columns (both_directions) have no negatives, lse_neg = -inf.
+  at::Tensor lse_neg = p.M == 0 ? at::full({num_lse}, -std::numeric_limits<double>::infinity(),
+                                           anchors.options())
+                                : at::empty({num_lse}, anchors.options());
   const size_t ws_floats = macl_cuda_forward_workspace(&p);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_floats > 0 ? ws_floats : 1)},
                             anchors.options().dtype(at::kFloat));
@@ -134,13 +161,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
     const c10::optional<at::Tensor>& self_index, const at::Tensor& lse_neg, const at::Tensor& g,
     int64_t logit_map, double artanh_scale, double artanh_eps, int64_t operand,
-    bool need_d_anchors, bool need_d_candidates, bool need_d_inv_temp) {
+    bool need_d_anchors, bool need_d_candidates, bool need_d_inv_temp, bool both_directions,
+    const c10::optional<at::Tensor>& anchor_labels,
+    const c10::optional<at::Tensor>& candidate_labels) {
   const MaclProblem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
-                                     logit_map, artanh_scale, artanh_eps, operand);
+                                     logit_map, artanh_scale, artanh_eps, operand,
+                                     both_directions, anchor_labels, candidate_labels);
+  const int64_t num_lse = p.M + (both_directions ? p.K : 0);
   for (const at::Tensor* t : {&lse_neg, &g}) {
     TORCH_CHECK(t->device() == anchors.device() && t->scalar_type() == anchors.scalar_type() &&
-                    t->dim() == 1 && t->numel() == p.M && t->is_contiguous(),
-                "lse_neg and g must be contiguous [M] vectors like the anchors");
+                    t->dim() == 1 && t->numel() == num_lse && t->is_contiguous(),
+                "lse_neg and g must be contiguous [M] (both_directions: [M + K]) vectors like "
+                "the anchors");
   }
   const c10::cuda::CUDAGuard guard(anchors.device());
   // No temperature in the artanh map: no d_inv_temp.
@@ -148,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor d_anchors, d_candidates, d_inv_temp;
   if (need_d_anchors) d_anchors = at::zeros_like(anchors);
   if (need_d_candidates) d_candidates = at::zeros_like(candidates);
-  if (need_d_inv_temp) d_inv_temp = at::zeros({p.M}, anchors.options());
+  if (need_d_inv_temp) d_inv_temp = at::zeros({num_lse}, anchors.options());
   if (!(need_d_anchors || need_d_candidates || need_d_inv_temp))
     return {d_anchors, d_candidates, d_inv_temp};
   auto ops = operands(anchors, candidates, operand);
@@ -160,6 +192,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                                   c10::cuda::getCurrentCUDAStream()),
                "backward");
   return {d_anchors, d_candidates, d_inv_temp};
+}
+
+
+// The softplus row reduction (SigLIP): row_bias [M] of the anchors' dtype, or None.
+void check_row_bias(const c10::optional<at::Tensor>& row_bias, const at::Tensor& anchors) {
+  if (!row_bias.has_value()) return;
+  TORCH_CHECK(row_bias->device() == anchors.device() &&
+                  row_bias->scalar_type() == anchors.scalar_type() && row_bias->dim() == 1 &&
+                  row_bias->numel() == anchors.size(0) && row_bias->is_contiguous(),
+              "row_bias must be a contiguous [M] vector of the anchors' dtype and device");
+}
+
+at::Tensor softplus_forward(const at::Tensor& anchors, const at::Tensor& candidates,
+                            const c10::optional<at::Tensor>& inv_temp,
+                            const c10::optional<at::Tensor>& row_bias,
+                            const at::Tensor& pos_index,
+                            const c10::optional<at::Tensor>& self_index, int64_t operand) {
+  const MaclProblem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
+                                     MACL_LOGIT_MAP_SCALED, 0.0, 0.0, operand);
+  check_row_bias(row_bias, anchors);
+  const c10::cuda::CUDAGuard guard(anchors.device());
+  auto ops = operands(anchors, candidates, operand);
+  at::Tensor sp_neg = at::empty({p.M}, anchors.options());
+  const size_t ws_floats = macl_cuda_forward_workspace(&p);
+  at::Tensor ws = at::empty({static_cast<int64_t>(ws_floats > 0 ? ws_floats : 1)},
+                            anchors.options().dtype(at::kFloat));
+  check_launch(macl_cuda_softplus_forward(
+                   &p, ops.first.data_ptr(), ops.second.data_ptr(),
+                   row_bias.has_value() ? row_bias->data_ptr() : nullptr, sp_neg.data_ptr(),
+                   ws.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+               "softplus forward");
+  return sp_neg;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_backward(
+    const at::Tensor& anchors, const at::Tensor& candidates,
+    const c10::optional<at::Tensor>& inv_temp, const c10::optional<at::Tensor>& row_bias,
+    const at::Tensor& pos_index, const c10::optional<at::Tensor>& self_index, const at::Tensor& g,
+    int64_t operand, bool need_d_anchors, bool need_d_candidates, bool need_d_inv_temp,
+    bool need_d_row_bias) {
+  const MaclProblem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
+                                     MACL_LOGIT_MAP_SCALED, 0.0, 0.0, operand);
+  check_row_bias(row_bias, anchors);
+  TORCH_CHECK(g.device() == anchors.device() && g.scalar_type() == anchors.scalar_type() &&
+                  g.dim() == 1 && g.numel() == p.M && g.is_contiguous(),
+              "g must be a contiguous [M] vector like the anchors");
+  const c10::cuda::CUDAGuard guard(anchors.device());
+  need_d_row_bias = need_d_row_bias && row_bias.has_value();
+  at::Tensor d_anchors, d_candidates, d_inv_temp, d_row_bias;
+  if (need_d_anchors) d_anchors = at::zeros_like(anchors);
+  if (need_d_candidates) d_candidates = at::zeros_like(candidates);
+  if (need_d_inv_temp) d_inv_temp = at::zeros({p.M}, anchors.options());
+  if (need_d_row_bias) d_row_bias = at::zeros({p.M}, anchors.options());
+  if (!(need_d_anchors || need_d_candidates || need_d_inv_temp || need_d_row_bias))
+    return {d_anchors, d_candidates, d_inv_temp, d_row_bias};
+  auto ops = operands(anchors, candidates, operand);
+  check_launch(macl_cuda_softplus_backward(
+                   &p, ops.first.data_ptr(), ops.second.data_ptr(),
+                   row_bias.has_value() ? row_bias->data_ptr() : nullptr, g.data_ptr(),
+                   need_d_anchors ? d_anchors.data_ptr() : nullptr,
+                   need_d_candidates ? d_candidates.data_ptr() : nullptr,
+                   need_d_inv_temp ? d_inv_temp.data_ptr() : nullptr,
+                   need_d_row_bias ? d_row_bias.data_ptr() : nullptr,
+                   c10::cuda::getCurrentCUDAStream()),
+               "softplus backward");
+  return {d_anchors, d_candidates, d_inv_temp, d_row_bias};
 }
 
 }  // namespace
@@ -178,11 +276,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "lse_neg of every anchor row", py::arg("anchors"),
         py::arg("candidates"), py::arg("inv_temp"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("logit_map"), py::arg("artanh_scale"),
-        py::arg("artanh_eps"), py::arg("operand"));
+        py::arg("artanh_eps"), py::arg("operand"), py::arg("both_directions") = false,
+        py::arg("anchor_labels") = py::none(), py::arg("candidate_labels") = py::none());
   m.def("backward", &backward,
         "gradients of sum_a g[a] * lse_neg[a]: (d_anchors, d_candidates, d_inv_temp)",
         py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("lse_neg"), py::arg("g"), py::arg("logit_map"),
         py::arg("artanh_scale"), py::arg("artanh_eps"), py::arg("operand"),
-        py::arg("need_d_anchors"), py::arg("need_d_candidates"), py::arg("need_d_inv_temp"));
+        py::arg("need_d_anchors"), py::arg("need_d_candidates"), py::arg("need_d_inv_temp"),
+        py::arg("both_directions") = false, py::arg("anchor_labels") = py::none(),
+        py::arg("candidate_labels") = py::none());
+  m.def("softplus_forward", &softplus_forward,
+        "sp_neg of every anchor row (sum of softplus over Neg(a), SigLIP)", py::arg("anchors"),
+        py::arg("candidates"), py::arg("inv_temp"), py::arg("row_bias"), py::arg("pos_index"),
+        py::arg("self_index"), py::arg("operand"));
+  m.def("softplus_backward", &softplus_backward,
+        "gradients of sum_a g[a] * sp_neg[a]: (d_anchors, d_candidates, d_inv_temp, d_row_bias)",
+        py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("row_bias"),
+        py::arg("pos_index"), py::arg("self_index"), py::arg("g"), py::arg("operand"),
+        py::arg("need_d_anchors"), py::arg("need_d_candidates"), py::arg("need_d_inv_temp"),
+        py::arg("need_d_row_bias"));
 }

@@ -8,7 +8,8 @@
 //   l_ak = inv_temp[a] * S_ak                                        (MACL_LOGIT_MAP_SCALED)
 //        = artanh_scale * artanh(clamp(S_ak, -1 + artanh_eps, 1 - artanh_eps))
 //                                                                      (MACL_LOGIT_MAP_ARTANH)
-//   Neg(a) = every k but pos_index[a] and self_index[a]
+//   Neg(a) = every k but pos_index[a] and self_index[a] (and, with labels, every k with
+//            candidate_labels[k] == anchor_labels[a])
 //   forward:  lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak)       (online max/sum over tiles)
 //   backward: Q_ak  = exp(l_ak - lse_neg[a]) on Neg(a), 0 elsewhere;  g = dL/d lse_neg
 //             dL_dl = g_a Q_ak
@@ -41,8 +42,24 @@
 //             global memory (a read-modify-write of a 64 x 32 chunk per tile), which lets D be
 //             any size without registers or shared memory growing with D. Extra memory: none
 //             beyond the outputs.
+//   both directions (MaclProblem.both_directions, layout cross_sym: the columns of S are anchors
+//             too; docs/math.md, "Both directions of one S"): both_forward_kernel computes each
+//             tile once for the rows' statistics and the columns' per-anchor-block partials (a
+//             second combine launch merges them in block order; 2 K cdiv(M, 64) floats);
+//             both_backward_kernel's anchor and candidate blocks form both directions' dL_dS
+//             from one recompute (M K D + 2 M K D multiply-adds per side, as one direction).
 //
 // float64 inputs take a separate, plain path (one thread per row, no tiling): correct, not fast.
+//
+// The softplus row reduction (SigLIP, docs/math.md, section "SigLIP"; scaled map, distinct
+// candidates): sibling kernels sharing tile_S, accumulate_tile and the row helpers.
+//   l_ak = inv_temp[a] S_ak + row_bias[a];  sp_neg[a] = sum_{k in Neg(a)} softplus(l_ak)
+//   forward  as above, but each split keeps a plain per-row sum (no running max); the combine
+//            kernel adds the splits in a fixed order.
+//   backward dL_dl = g_a sigmoid(l_ak) needs no forward statistic; dL_dS = dL_dl inv_temp[a]; the
+//            same anchor and candidate blocks, the anchor blocks also write d_row_bias[a] =
+//            sum_k dL_dl_ak. Same GEMM work: forward M K D, backward 3 M K D multiply-adds.
+//   softplus(x) = max(x, 0) + log1p(e^-|x|), sigmoid from e^-|x|: no overflow at any |x|.
 
 #include "macl_cuda.h"
 
@@ -75,6 +92,8 @@ struct Args {
   const float* inv_temp;           // [M], MACL_LOGIT_MAP_SCALED only (nullptr otherwise)
   const int64_t* pos_index;
   const int64_t* self_index;  // nullptr: no self among the candidates
+  const int64_t* anchor_labels;     // nullptr: no label mask
+  const int64_t* candidate_labels;  // [K]
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -143,6 +162,7 @@ struct Row {
   bool ok;
   float inv_temp;
   int64_t pos_index, self_index;
+  int64_t label;  // anchor_labels[a] (unused without labels)
 };
 
 __device__ __forceinline__ Row load_row(const Args& p, int64_t a) {
@@ -151,11 +171,13 @@ __device__ __forceinline__ Row load_row(const Args& p, int64_t a) {
   r.inv_temp = (r.ok && p.inv_temp) ? p.inv_temp[a] : 0.0f;
   r.pos_index = r.ok ? p.pos_index[a] : -1;
   r.self_index = (r.ok && p.self_index) ? p.self_index[a] : -1;
+  r.label = (r.ok && p.anchor_labels) ? p.anchor_labels[a] : 0;
   return r;
 }
 
-__device__ __forceinline__ bool in_neg(const Row& r, int64_t k, int64_t K) {
-  return r.ok && k < K && k != r.pos_index && k != r.self_index;
+__device__ __forceinline__ bool in_neg(const Args& p, const Row& r, int64_t k) {
+  return r.ok && k < p.K && k != r.pos_index && k != r.self_index &&
+         (p.anchor_labels == nullptr || p.candidate_labels[k] != r.label);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -402,7 +424,7 @@ forward_kernel(Args p, const T* __restrict__ anchors, const T* __restrict__ cand
     for (int j = 0; j < 16; ++j) {
       const int k = part + 4 * j;
       // Excluded pairs are dropped by index before the map: artanh never sees the self's S = 1.
-      l[j] = in_neg(r, c0 + k, p.K)
+      l[j] = in_neg(p, r, c0 + k)
                  ? logit<LOGIT_MAP>(sm.S[row][k], r.inv_temp, p.artanh_scale, p.artanh_eps)
                  : -INFINITY;
       mx = fmaxf(mx, l[j]);
@@ -463,7 +485,7 @@ __device__ void backward_side(Smem<T>& sm, const Args& p, const T* __restrict__ 
       const int k = part + 4 * j;
       const float S_ak = sm.S[row][k];
       float dL_dS = 0.0f;
-      if (in_neg(r, c0 + k, p.K)) {
+      if (in_neg(p, r, c0 + k)) {
         const float dL_dl =
             g_a * __expf(logit<LOGIT_MAP>(S_ak, r.inv_temp, p.artanh_scale, p.artanh_eps) -
                          lse_neg_a);
@@ -502,6 +524,326 @@ backward_kernel(Args p, const T* __restrict__ anchors, const T* __restrict__ can
                                       nullptr, b - anchor_blocks);
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// The softplus row reduction (SigLIP): sibling kernels of the ones above.
+// ---------------------------------------------------------------------------------------------
+// softplus(x) = max(x, 0) + log1p(e^-|x|): 0 at x = -inf (never reached: excluded pairs are
+// skipped), NaN stays NaN (x < 0 is false for NaN).
+__device__ __forceinline__ float softplus_stable(float x) {
+  return (x < 0.0f ? 0.0f : x) + log1pf(__expf(-fabsf(x)));
+}
+
+__device__ __forceinline__ float sigmoid_stable(float x) {
+  const float e = __expf(-fabsf(x)), r = 1.0f / (1.0f + e);
+  return x >= 0.0f ? r : e * r;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS)
+softplus_forward_kernel(Args p, const T* __restrict__ anchors, const T* __restrict__ candidates,
+                        const float* __restrict__ row_bias, float* __restrict__ part_sum,
+                        int64_t tiles_per_split) {
+  __shared__ Smem<T> sm;
+  const int tid = threadIdx.x, row = tid / 4, part = tid % 4;
+  const int64_t a0 = int64_t(blockIdx.x) * BM, a = a0 + row;
+  const Row r = load_row(p, a);
+  const float bias = (r.ok && row_bias != nullptr) ? row_bias[a] : 0.0f;
+  float s_run = 0.0f;  // this lane's share of the row's sum
+  const int64_t tiles = cdiv(p.K, BN);
+  const int64_t t0 = int64_t(blockIdx.y) * tiles_per_split;
+  const int64_t t1 = t0 + tiles_per_split < tiles ? t0 + tiles_per_split : tiles;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t c0 = t * BN;
+    tile_S(sm, anchors, candidates, a0, c0, p);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int k = part + 4 * j;
+      if (in_neg(r, c0 + k, p.K)) s_run += softplus_stable(r.inv_temp * sm.S[row][k] + bias);
+    }
+    __syncthreads();  // S is overwritten by the next tile
+  }
+  s_run = quad_sum(s_run);
+  if (part == 0 && r.ok) part_sum[int64_t(blockIdx.y) * p.M + a] = s_run;
+}
+
+__global__ void softplus_combine_kernel(int64_t M, int64_t splits,
+                                        const float* __restrict__ part_sum,
+                                        float* __restrict__ sp_neg) {
+  const int64_t a = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (a >= M) return;
+  float s = 0.0f;
+  for (int64_t y = 0; y < splits; ++y) s += part_sum[y * M + a];  // fixed order
+  sp_neg[a] = s;
+}
+
+// out: d_anchors (anchor side, !CAND) or d_candidates (candidate side, CAND), or nullptr. The
+// anchor side also writes d_inv_temp and d_row_bias (each may be nullptr).
+template <bool CAND, typename T>
+__device__ void softplus_backward_side(Smem<T>& sm, const Args& p, const T* __restrict__ anchors,
+                                       const T* __restrict__ candidates,
+                                       const float* __restrict__ row_bias,
+                                       const float* __restrict__ g, float* __restrict__ out,
+                                       float* __restrict__ d_inv_temp,
+                                       float* __restrict__ d_row_bias, int64_t block) {
+  const int tid = threadIdx.x, row = tid / 4, part = tid % 4;
+  const int64_t o0 = block * 64;
+  const int64_t tiles = CAND ? cdiv(p.M, BM) : cdiv(p.K, BN);
+  float d_inv_temp_a = 0.0f, d_row_bias_a = 0.0f;  // this lane's shares (anchor side)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t a0 = CAND ? t * BM : o0, c0 = CAND ? o0 : t * BN;
+    tile_S(sm, anchors, candidates, a0, c0, p);
+    const int64_t a = a0 + row;
+    const Row r = load_row(p, a);
+    const float g_a = r.ok ? g[a] : 0.0f;
+    const float bias = (r.ok && row_bias != nullptr) ? row_bias[a] : 0.0f;
+    float dL_dS_max = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int k = part + 4 * j;
+      const float S_ak = sm.S[row][k];
+      float dL_dS = 0.0f;
+      if (in_neg(r, c0 + k, p.K)) {
+        const float dL_dl = g_a * sigmoid_stable(r.inv_temp * S_ak + bias);
+        d_inv_temp_a = fmaf(dL_dl, S_ak, d_inv_temp_a);
+        d_row_bias_a += dL_dl;
+        dL_dS = dL_dl * r.inv_temp;
+      }
+      sm.S[row][k] = dL_dS;
+      dL_dS_max = fmaxf(dL_dS_max, fabsf(dL_dS));
+    }
+    if (out != nullptr) {  // uniform over the block
+      accumulate_tile<CAND>(sm, dL_dS_max, CAND ? anchors : candidates, CAND ? a0 : c0,
+                            CAND ? p.M : p.K, out, o0, CAND ? p.K : p.M, p.D);
+    } else {
+      __syncthreads();
+    }
+  }
+  if (!CAND) {
+    d_inv_temp_a = quad_sum(d_inv_temp_a);
+    d_row_bias_a = quad_sum(d_row_bias_a);
+    if (part == 0 && o0 + row < p.M) {
+      if (d_inv_temp != nullptr) d_inv_temp[o0 + row] = d_inv_temp_a;
+      if (d_row_bias != nullptr) d_row_bias[o0 + row] = d_row_bias_a;
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(THREADS)
+softplus_backward_kernel(Args p, const T* __restrict__ anchors,
+                         const T* __restrict__ candidates, const float* __restrict__ row_bias,
+                         const float* __restrict__ g, float* __restrict__ d_anchors,
+                         float* __restrict__ d_candidates, float* __restrict__ d_inv_temp,
+                         float* __restrict__ d_row_bias, int64_t anchor_blocks) {
+  __shared__ Smem<T> sm;
+  const int64_t b = blockIdx.x;
+  if (b < anchor_blocks)
+    softplus_backward_side<false, T>(sm, p, anchors, candidates, row_bias, g, d_anchors,
+                                     d_inv_temp, d_row_bias, b);
+  else
+    softplus_backward_side<true, T>(sm, p, anchors, candidates, row_bias, g, d_candidates,
+                                    nullptr, nullptr, b - anchor_blocks);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Both directions of one S (layout cross_sym on one process, MaclProblem.both_directions): the
+// rows of S are the anchors against the candidates (Args rows) and its columns the candidates
+// against the anchors (Args cols: M and K swapped, the per-anchor arrays from entry M on). Each
+// tile of S is computed once per pass and serves both directions (docs/math.md, "Both
+// directions of one S").
+// ---------------------------------------------------------------------------------------------
+
+// Forward: forward_kernel's row statistics, plus per column of the tile this anchor block's
+// partial (max, sum of exp(l - max)) of the column's logits over the block's 64 rows, stored at
+// [blockIdx.x * K + k] of col_max / col_sum. Every (anchor block, column) pair is written by
+// exactly one block (each candidate tile belongs to one split); combine_kernel merges the
+// partials over the anchor blocks in block order: no atomics, deterministic.
+template <typename T, MaclLogitMap LOGIT_MAP>
+__global__ void __launch_bounds__(THREADS)
+both_forward_kernel(Args p, Args cols, const T* __restrict__ anchors,
+                    const T* __restrict__ candidates, float* __restrict__ part_max,
+                    float* __restrict__ part_sum, float* __restrict__ col_max,
+                    float* __restrict__ col_sum, int64_t tiles_per_split) {
+  __shared__ Smem<T> sm;
+  const int tid = threadIdx.x, row = tid / 4, part = tid % 4;
+  const int64_t a0 = int64_t(blockIdx.x) * BM, a = a0 + row;
+  const Row r = load_row(p, a);
+  float m_run = -INFINITY, s_run = 0.0f;  // s_run: this lane's share, all relative to m_run
+  const int64_t tiles = cdiv(p.K, BN);
+  const int64_t t0 = int64_t(blockIdx.y) * tiles_per_split;
+  const int64_t t1 = t0 + tiles_per_split < tiles ? t0 + tiles_per_split : tiles;
+  const int64_t col_part = int64_t(blockIdx.x) * p.K;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t c0 = t * BN;
+    tile_S(sm, anchors, candidates, a0, c0, p);
+    {  // Rows: thread t serves row t / 4, columns t % 4 + 4 j (as forward_kernel).
+      float l[16], mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const int k = part + 4 * j;
+        l[j] = in_neg(r, c0 + k, p.K)
+                   ? logit<LOGIT_MAP>(sm.S[row][k], r.inv_temp, p.artanh_scale, p.artanh_eps)
+                   : -INFINITY;
+        mx = fmaxf(mx, l[j]);
+      }
+      const float m_new = fmaxf(m_run, quad_max(mx));
+      if (m_new != -INFINITY) {
+        s_run *= __expf(m_run - m_new);
+#pragma unroll
+        for (int j = 0; j < 16; ++j) s_run += __expf(l[j] - m_new);
+        m_run = m_new;
+      }
+    }
+    {  // Columns: the same mapping turned sideways, thread t serves column t / 4 of the tile
+       // (candidate k as an anchor) and rows t % 4 + 4 j (its candidates among the anchors).
+      const int64_t k = c0 + row;
+      const Row c = load_row(cols, k);  // c.ok: k < K
+      float l[16], mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const int i = part + 4 * j;
+        l[j] = in_neg(c, a0 + i, cols.K)
+                   ? logit<LOGIT_MAP>(sm.S[i][row], c.inv_temp, p.artanh_scale, p.artanh_eps)
+                   : -INFINITY;
+        mx = fmaxf(mx, l[j]);
+      }
+      mx = quad_max(mx);
+      float sum = 0.0f;
+      if (mx != -INFINITY) {  // else no negative of column k in this block: (-inf, 0)
+#pragma unroll
+        for (int j = 0; j < 16; ++j) sum += __expf(l[j] - mx);
+      }
+      sum = quad_sum(sum);
+      if (part == 0 && c.ok) {
+        col_max[col_part + k] = mx;
+        col_sum[col_part + k] = sum;
+      }
+    }
+    __syncthreads();  // S is overwritten by the next tile
+  }
+  s_run = quad_sum(s_run);
+  if (part == 0 && r.ok) {
+    part_max[int64_t(blockIdx.y) * p.M + a] = m_run;
+    part_sum[int64_t(blockIdx.y) * p.M + a] = s_run;
+  }
+}
+
+// The streamed side's per-entry data of one tile (64 entries), staged once per tile.
+struct StreamedRows {
+  float inv_temp[64];
+  float lse_neg[64];
+  float g[64];
+  int64_t pos_index[64];
+  int64_t self_index[64];
+};
+
+template <typename T>
+struct SmemBoth {
+  Smem<T> tile;
+  StreamedRows streamed;
+};
+
+static_assert(sizeof(SmemBoth<float>) <= 48 * 1024, "static shared memory limit");
+static_assert(sizeof(SmemBoth<__half>) <= 48 * 1024, "static shared memory limit");
+
+// Backward, one side in both directions: a block owns 64 rows of one side (anchor blocks, !CAND:
+// anchors; candidate blocks, CAND: candidates) and streams the other side's tiles. From each
+// recomputed tile it forms dL_dS_ak = (the row direction's term) + (the column direction's term)
+// and accumulates its own rows' gradient, as backward_side does for one direction, and its own
+// rows' d_inv_temp entries. Thread t serves own row t / 4 and streamed entries t % 4 + 4 j, so
+// the own statistics sit in registers for the whole block and the d_inv_temp sum stays in a
+// quad; the streamed entries' statistics are staged in shared memory per tile.
+// lse_neg, g, d_inv_temp: [M + K] (rows, then columns); out: d_anchors (!CAND) or d_candidates
+// (CAND), or nullptr.
+template <bool CAND, typename T, MaclLogitMap LOGIT_MAP>
+__device__ void both_backward_side(SmemBoth<T>& sm, const Args& rows, const Args& cols,
+                                   const T* __restrict__ anchors, const T* __restrict__ candidates,
+                                   const float* __restrict__ lse_neg, const float* __restrict__ g,
+                                   float* __restrict__ out, float* __restrict__ d_inv_temp,
+                                   int64_t block) {
+  const Args& own = CAND ? cols : rows;       // own rows as anchors, streamed side as candidates
+  const Args& streamed = CAND ? rows : cols;  // streamed entries as anchors, own rows as candidates
+  const int64_t own_offset = CAND ? rows.M : 0, streamed_offset = CAND ? 0 : rows.M;
+  const int tid = threadIdx.x, own_row = tid / 4, part = tid % 4;
+  const int64_t o0 = block * 64, o = o0 + own_row;
+  const Row r = load_row(own, o);
+  const float lse_neg_o = r.ok ? lse_neg[own_offset + o] : 0.0f;
+  const float g_o = r.ok ? g[own_offset + o] : 0.0f;
+  float d_inv_temp_o = 0.0f;  // this lane's share of d_inv_temp of own row o
+  const int64_t tiles = cdiv(own.K, 64);
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t s0 = t * 64;
+    const int64_t a0 = CAND ? s0 : o0, c0 = CAND ? o0 : s0;
+    if (tid < 64) {  // visible after tile_S's barriers; the previous tile's readers are done
+      const Row e = load_row(streamed, s0 + tid);
+      sm.streamed.inv_temp[tid] = e.inv_temp;
+      sm.streamed.lse_neg[tid] = e.ok ? lse_neg[streamed_offset + s0 + tid] : 0.0f;
+      sm.streamed.g[tid] = e.ok ? g[streamed_offset + s0 + tid] : 0.0f;
+      sm.streamed.pos_index[tid] = e.pos_index;
+      sm.streamed.self_index[tid] = e.self_index;
+    }
+    tile_S(sm.tile, anchors, candidates, a0, c0, rows);
+    float dL_dS_max = 0.0f;
+#pragma unroll 4
+    for (int j = 0; j < 16; ++j) {
+      const int s = part + 4 * j;
+      const int64_t e = s0 + s;
+      float& S_ref = CAND ? sm.tile.S[s][own_row] : sm.tile.S[own_row][s];
+      const float S_ak = S_ref;
+      float dL_dS = 0.0f;
+      if (in_neg(r, e, own.K)) {  // own row o as the anchor, streamed entry e its candidate
+        const float dL_dl =
+            g_o * __expf(logit<LOGIT_MAP>(S_ak, r.inv_temp, rows.artanh_scale,
+                                          rows.artanh_eps) - lse_neg_o);
+        d_inv_temp_o = fmaf(dL_dl, S_ak, d_inv_temp_o);
+        dL_dS = dL_dl * dl_dS<LOGIT_MAP>(S_ak, r.inv_temp, rows.artanh_scale, rows.artanh_eps);
+      }
+      // Streamed entry e as the anchor, own row o its candidate.
+      if (e < streamed.M && o < own.M && o != sm.streamed.pos_index[s] &&
+          o != sm.streamed.self_index[s]) {
+        const float inv_temp_e = sm.streamed.inv_temp[s];
+        dL_dS = fmaf(sm.streamed.g[s] *
+                         __expf(logit<LOGIT_MAP>(S_ak, inv_temp_e, rows.artanh_scale,
+                                                 rows.artanh_eps) - sm.streamed.lse_neg[s]),
+                     dl_dS<LOGIT_MAP>(S_ak, inv_temp_e, rows.artanh_scale, rows.artanh_eps),
+                     dL_dS);
+      }
+      S_ref = dL_dS;  // each entry is read and written by this thread only
+      dL_dS_max = fmaxf(dL_dS_max, fabsf(dL_dS));
+    }
+    if (out != nullptr) {  // uniform over the block
+      accumulate_tile<CAND>(sm.tile, dL_dS_max, CAND ? anchors : candidates, CAND ? a0 : c0,
+                            CAND ? rows.M : rows.K, out, o0, own.M, rows.D);
+    } else {
+      __syncthreads();
+    }
+  }
+  if (d_inv_temp != nullptr) {
+    d_inv_temp_o = quad_sum(d_inv_temp_o);
+    if (part == 0 && r.ok) d_inv_temp[own_offset + o] = d_inv_temp_o;
+  }
+}
+
+// At least one block per SM: lets ptxas keep both directions' statistics in registers rather
+// than spill them at its default register cap (the block is register-bound either way).
+template <typename T, MaclLogitMap LOGIT_MAP>
+__global__ void __launch_bounds__(THREADS, 1)
+both_backward_kernel(Args rows, Args cols, const T* __restrict__ anchors,
+                     const T* __restrict__ candidates, const float* __restrict__ lse_neg,
+                     const float* __restrict__ g, float* __restrict__ d_anchors,
+                     float* __restrict__ d_candidates, float* __restrict__ d_inv_temp,
+                     int64_t anchor_blocks) {
+  __shared__ SmemBoth<T> sm;
+  const int64_t b = blockIdx.x;
+  if (b < anchor_blocks)
+    both_backward_side<false, T, LOGIT_MAP>(sm, rows, cols, anchors, candidates, lse_neg, g,
+                                            d_anchors, d_inv_temp, b);
+  else
+    both_backward_side<true, T, LOGIT_MAP>(sm, rows, cols, anchors, candidates, lse_neg, g,
+                                           d_candidates, d_inv_temp, b - anchor_blocks);
+}
+
 // ---------------------------------------------------------------------------------------------
 // float64: one thread per anchor row (forward, d_anchors, d_inv_temp) or candidate row
 // (d_candidates), no shared memory. The logit map is a runtime field here.
@@ -513,6 +855,8 @@ struct ArgsF64 {
   const double* inv_temp;
   const int64_t* pos_index;
   const int64_t* self_index;
+  const int64_t* anchor_labels;  // nullptr: no label mask
+  const int64_t* candidate_labels;
 };
 
 __device__ __forceinline__ double dot64(const double* x, const double* y, int64_t D) {
@@ -522,7 +866,8 @@ __device__ __forceinline__ double dot64(const double* x, const double* y, int64_
 }
 
 __device__ __forceinline__ bool excluded64(const ArgsF64& p, int64_t a, int64_t k) {
-  return k == p.pos_index[a] || (p.self_index != nullptr && k == p.self_index[a]);
+  return k == p.pos_index[a] || (p.self_index != nullptr && k == p.self_index[a]) ||
+         (p.anchor_labels != nullptr && p.candidate_labels[k] == p.anchor_labels[a]);
 }
 
 __device__ __forceinline__ double logit64(const ArgsF64& p, int64_t a, double S_ak) {
@@ -593,22 +938,124 @@ __global__ void backward_f64(ArgsF64 p, const double* __restrict__ anchors,
   }
 }
 
+
+// The softplus reduction in float64 (scaled map): one thread per row, as above.
+__device__ __forceinline__ double softplus64(double x) {
+  return (x < 0.0 ? 0.0 : x) + log1p(exp(-fabs(x)));
+}
+
+__device__ __forceinline__ double sigmoid64(double x) {
+  const double e = exp(-fabs(x)), r = 1.0 / (1.0 + e);
+  return x >= 0.0 ? r : e * r;
+}
+
+__global__ void softplus_forward_f64(ArgsF64 p, const double* __restrict__ anchors,
+                                     const double* __restrict__ candidates,
+                                     const double* __restrict__ row_bias,
+                                     double* __restrict__ sp_neg) {
+  const int64_t a = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (a >= p.M) return;
+  const double bias = row_bias != nullptr ? row_bias[a] : 0.0;
+  double s = 0.0;
+  for (int64_t k = 0; k < p.K; ++k) {
+    if (excluded64(p, a, k)) continue;
+    s += softplus64(p.inv_temp[a] * dot64(anchors + a * p.D, candidates + k * p.D, p.D) + bias);
+  }
+  sp_neg[a] = s;
+}
+
+__global__ void softplus_backward_f64(ArgsF64 p, const double* __restrict__ anchors,
+                                      const double* __restrict__ candidates,
+                                      const double* __restrict__ row_bias,
+                                      const double* __restrict__ g,
+                                      double* __restrict__ d_anchors,
+                                      double* __restrict__ d_candidates,
+                                      double* __restrict__ d_inv_temp,
+                                      double* __restrict__ d_row_bias, int64_t anchor_threads) {
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t < anchor_threads) {
+    const int64_t a = t;
+    if (a >= p.M) return;
+    const double bias = row_bias != nullptr ? row_bias[a] : 0.0;
+    double d_inv_temp_a = 0.0, d_row_bias_a = 0.0;
+    for (int64_t k = 0; k < p.K; ++k) {
+      if (excluded64(p, a, k)) continue;
+      const double S_ak = dot64(anchors + a * p.D, candidates + k * p.D, p.D);
+      const double dL_dl = g[a] * sigmoid64(p.inv_temp[a] * S_ak + bias);
+      d_inv_temp_a += dL_dl * S_ak;
+      d_row_bias_a += dL_dl;
+      if (d_anchors != nullptr) {
+        const double dL_dS = dL_dl * p.inv_temp[a];
+        for (int64_t d = 0; d < p.D; ++d)
+          d_anchors[a * p.D + d] += dL_dS * candidates[k * p.D + d];
+      }
+    }
+    if (d_inv_temp != nullptr) d_inv_temp[a] = d_inv_temp_a;
+    if (d_row_bias != nullptr) d_row_bias[a] = d_row_bias_a;
+  } else {
+    const int64_t k = t - anchor_threads;
+    if (k >= p.K || d_candidates == nullptr) return;
+    for (int64_t a = 0; a < p.M; ++a) {
+      if (excluded64(p, a, k)) continue;
+      const double S_ak = dot64(anchors + a * p.D, candidates + k * p.D, p.D);
+      const double bias = row_bias != nullptr ? row_bias[a] : 0.0;
+      const double dL_dS = g[a] * sigmoid64(p.inv_temp[a] * S_ak + bias) * p.inv_temp[a];
+      for (int64_t d = 0; d < p.D; ++d) d_candidates[k * p.D + d] += dL_dS * anchors[a * p.D + d];
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Launch helpers
 // ---------------------------------------------------------------------------------------------
 bool is_artanh(const MaclProblem* p) { return p->logit_map == MACL_LOGIT_MAP_ARTANH; }
 
+// The plain float64 backward of one direction (args: its M, K and per-anchor arrays).
+void launch_backward_f64(const ArgsF64& args, const double* anchors, const double* candidates,
+                         const double* lse_neg, const double* g, double* d_anchors,
+                         double* d_candidates, double* d_inv_temp, cudaStream_t stream) {
+  const int64_t anchor_threads =
+      (d_anchors != nullptr || d_inv_temp != nullptr) ? cdiv(args.M, 128) * 128 : 0;
+  const int64_t threads = anchor_threads + (d_candidates != nullptr ? args.K : 0);
+  if (threads == 0) return;
+  backward_f64<<<static_cast<unsigned>(cdiv(threads, 128)), 128, 0, stream>>>(
+      args, anchors, candidates, lse_neg, g, d_anchors, d_candidates, d_inv_temp,
+      anchor_threads);
+}
+
 Args make_args(const MaclProblem* p) {
   return Args{p->M, p->K, p->D, static_cast<float>(p->artanh_scale),
               static_cast<float>(p->artanh_eps),
               is_artanh(p) ? nullptr : static_cast<const float*>(p->inv_temp), p->pos_index,
-              p->self_index};
+              p->self_index, p->anchor_labels, p->candidate_labels};
 }
 
 ArgsF64 make_args64(const MaclProblem* p) {
   return ArgsF64{p->M, p->K, p->D, p->logit_map, p->artanh_scale, p->artanh_eps,
                  is_artanh(p) ? nullptr : static_cast<const double*>(p->inv_temp), p->pos_index,
-                 p->self_index};
+                 p->self_index, p->anchor_labels, p->candidate_labels};
+}
+
+// both_directions: the columns as a problem of their own (candidates against anchors), read from
+// entry M on of the per-anchor arrays.
+Args make_column_args(const MaclProblem* p) {
+  Args a = make_args(p);
+  a.M = p->K;
+  a.K = p->M;
+  if (a.inv_temp != nullptr) a.inv_temp += p->M;
+  a.pos_index += p->M;
+  if (a.self_index != nullptr) a.self_index += p->M;
+  return a;
+}
+
+ArgsF64 make_column_args64(const MaclProblem* p) {
+  ArgsF64 a = make_args64(p);
+  a.M = p->K;
+  a.K = p->M;
+  if (a.inv_temp != nullptr) a.inv_temp += p->M;
+  a.pos_index += p->M;
+  if (a.self_index != nullptr) a.self_index += p->M;
+  return a;
 }
 
 int64_t forward_splits(int64_t M, int64_t K) {
@@ -636,6 +1083,51 @@ cudaError_t launch_forward(const MaclProblem* p, const void* anchors, const void
   return cudaGetLastError();
 }
 
+// both_directions: rows' partials [splits, M] as launch_forward, then the columns' partials
+// [cdiv(M, BM), K]; lse_neg [M + K].
+template <typename T, MaclLogitMap LOGIT_MAP>
+cudaError_t launch_both_forward(const MaclProblem* p, const void* anchors, const void* candidates,
+                                float* lse_neg, float* workspace, cudaStream_t stream) {
+  const Args args = make_args(p), cols = make_column_args(p);
+  const int64_t splits = forward_splits(p->M, p->K);
+  const int64_t tiles_per_split = cdiv(cdiv(p->K, BN), splits);
+  const int64_t anchor_blocks = cdiv(p->M, BM);
+  float* part_max = workspace;
+  float* part_sum = workspace + splits * p->M;
+  float* col_max = workspace + 2 * splits * p->M;
+  float* col_sum = col_max + anchor_blocks * p->K;
+  const dim3 grid(static_cast<unsigned>(anchor_blocks), static_cast<unsigned>(splits));
+  both_forward_kernel<T, LOGIT_MAP><<<grid, THREADS, 0, stream>>>(
+      args, cols, static_cast<const T*>(anchors), static_cast<const T*>(candidates), part_max,
+      part_sum, col_max, col_sum, tiles_per_split);
+  combine_kernel<<<static_cast<unsigned>(cdiv(p->M, 256)), 256, 0, stream>>>(
+      p->M, splits, part_max, part_sum, lse_neg);
+  if (p->K > 0)
+    combine_kernel<<<static_cast<unsigned>(cdiv(p->K, 256)), 256, 0, stream>>>(
+        p->K, anchor_blocks, col_max, col_sum, lse_neg + p->M);
+  return cudaGetLastError();
+}
+
+// both_directions: anchor blocks write d_anchors and the rows' d_inv_temp, candidate blocks
+// d_candidates and the columns' d_inv_temp ([M + K]).
+template <typename T, MaclLogitMap LOGIT_MAP>
+cudaError_t launch_both_backward(const MaclProblem* p, const void* anchors,
+                                 const void* candidates, const float* lse_neg, const float* g,
+                                 float* d_anchors, float* d_candidates, float* d_inv_temp,
+                                 cudaStream_t stream) {
+  const Args args = make_args(p), cols = make_column_args(p);
+  const int64_t anchor_blocks =
+      (d_anchors != nullptr || d_inv_temp != nullptr) ? cdiv(p->M, BM) : 0;
+  const int64_t candidate_blocks =
+      (d_candidates != nullptr || d_inv_temp != nullptr) ? cdiv(p->K, BN) : 0;
+  const int64_t blocks = anchor_blocks + candidate_blocks;
+  if (blocks == 0) return cudaSuccess;
+  both_backward_kernel<T, LOGIT_MAP><<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(
+      args, cols, static_cast<const T*>(anchors), static_cast<const T*>(candidates), lse_neg, g,
+      d_anchors, d_candidates, d_inv_temp, anchor_blocks);
+  return cudaGetLastError();
+}
+
 template <typename T, MaclLogitMap LOGIT_MAP>
 cudaError_t launch_backward(const MaclProblem* p, const void* anchors, const void* candidates,
                             const float* lse_neg, const float* g, float* d_anchors,
@@ -653,9 +1145,56 @@ cudaError_t launch_backward(const MaclProblem* p, const void* anchors, const voi
   return cudaGetLastError();
 }
 
+
+template <typename T>
+cudaError_t launch_softplus_forward(const MaclProblem* p, const void* anchors,
+                                    const void* candidates, const float* row_bias, float* sp_neg,
+                                    float* workspace, cudaStream_t stream) {
+  const Args args = make_args(p);
+  const int64_t splits = forward_splits(p->M, p->K);
+  const int64_t tiles_per_split = cdiv(cdiv(p->K, BN), splits);
+  const dim3 grid(static_cast<unsigned>(cdiv(p->M, BM)), static_cast<unsigned>(splits));
+  softplus_forward_kernel<T><<<grid, THREADS, 0, stream>>>(
+      args, static_cast<const T*>(anchors), static_cast<const T*>(candidates), row_bias,
+      workspace, tiles_per_split);
+  softplus_combine_kernel<<<static_cast<unsigned>(cdiv(p->M, 256)), 256, 0, stream>>>(
+      p->M, splits, workspace, sp_neg);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_softplus_backward(const MaclProblem* p, const void* anchors,
+                                     const void* candidates, const float* row_bias,
+                                     const float* g, float* d_anchors, float* d_candidates,
+                                     float* d_inv_temp, float* d_row_bias, cudaStream_t stream) {
+  const Args args = make_args(p);
+  const int64_t anchor_blocks =
+      (d_anchors != nullptr || d_inv_temp != nullptr || d_row_bias != nullptr) ? cdiv(p->M, BM)
+                                                                                : 0;
+  const int64_t candidate_blocks = d_candidates != nullptr ? cdiv(p->K, BN) : 0;
+  const int64_t blocks = anchor_blocks + candidate_blocks;
+  if (blocks == 0) return cudaSuccess;
+  softplus_backward_kernel<T><<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(
+      args, static_cast<const T*>(anchors), static_cast<const T*>(candidates), row_bias, g,
+      d_anchors, d_candidates, d_inv_temp, d_row_bias, anchor_blocks);
+  return cudaGetLastError();
+}
+
 template <MaclLogitMap LOGIT_MAP>
 cudaError_t forward_map(const MaclProblem* p, const void* anchors, const void* candidates,
                         float* lse_neg, float* ws, cudaStream_t s) {
+  if (p->both_directions) {
+    switch (p->operand) {
+      case MACL_OPERAND_F32:
+        return launch_both_forward<float, LOGIT_MAP>(p, anchors, candidates, lse_neg, ws, s);
+      case MACL_OPERAND_F16:
+        return launch_both_forward<__half, LOGIT_MAP>(p, anchors, candidates, lse_neg, ws, s);
+      case MACL_OPERAND_BF16:
+        return launch_both_forward<__nv_bfloat16, LOGIT_MAP>(p, anchors, candidates, lse_neg,
+                                                             ws, s);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   switch (p->operand) {
     case MACL_OPERAND_F32:
       return launch_forward<float, LOGIT_MAP>(p, anchors, candidates, lse_neg, ws, s);
@@ -671,6 +1210,20 @@ template <MaclLogitMap LOGIT_MAP>
 cudaError_t backward_map(const MaclProblem* p, const void* anchors, const void* candidates,
                          const float* lse_neg, const float* g, float* d_anchors,
                          float* d_candidates, float* d_inv_temp, cudaStream_t s) {
+  if (p->both_directions) {
+    switch (p->operand) {
+      case MACL_OPERAND_F32:
+        return launch_both_backward<float, LOGIT_MAP>(p, anchors, candidates, lse_neg, g,
+                                                      d_anchors, d_candidates, d_inv_temp, s);
+      case MACL_OPERAND_F16:
+        return launch_both_backward<__half, LOGIT_MAP>(p, anchors, candidates, lse_neg, g,
+                                                       d_anchors, d_candidates, d_inv_temp, s);
+      case MACL_OPERAND_BF16:
+        return launch_both_backward<__nv_bfloat16, LOGIT_MAP>(
+            p, anchors, candidates, lse_neg, g, d_anchors, d_candidates, d_inv_temp, s);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   switch (p->operand) {
     case MACL_OPERAND_F32:
       return launch_backward<float, LOGIT_MAP>(p, anchors, candidates, lse_neg, g, d_anchors,
@@ -698,6 +1251,7 @@ bool valid_logit_map(const MaclProblem* p) {
 
 bool valid_problem(const MaclProblem* p) {
   return p != nullptr && p->M >= 0 && p->K >= 0 && p->D >= 0 && p->pos_index != nullptr &&
+         (p->anchor_labels == nullptr || p->candidate_labels != nullptr) &&
          valid_logit_map(p) && p->operand >= MACL_OPERAND_F32 &&
          p->operand <= MACL_OPERAND_F64 && cdiv(p->M + p->K, BM) < (int64_t(1) << 31);
 }
@@ -706,7 +1260,9 @@ bool valid_problem(const MaclProblem* p) {
 
 extern "C" size_t macl_cuda_forward_workspace(const MaclProblem* p) {
   if (p == nullptr || p->operand == MACL_OPERAND_F64 || p->M <= 0) return 0;
-  return static_cast<size_t>(2 * forward_splits(p->M, p->K) * p->M);
+  // both_directions adds the columns' partials: 2 K cdiv(M, 64) floats.
+  const int64_t columns = p->both_directions ? 2 * cdiv(p->M, BM) * p->K : 0;
+  return static_cast<size_t>(2 * forward_splits(p->M, p->K) * p->M + columns);
 }
 
 extern "C" cudaError_t macl_cuda_forward(const MaclProblem* p, const void* anchors,
@@ -718,6 +1274,11 @@ extern "C" cudaError_t macl_cuda_forward(const MaclProblem* p, const void* ancho
     forward_f64<<<static_cast<unsigned>(cdiv(p->M, 128)), 128, 0, stream>>>(
         make_args64(p), static_cast<const double*>(anchors),
         static_cast<const double*>(candidates), static_cast<double*>(lse_neg));
+    // both_directions on the plain float64 path: the columns as a second, transposed launch.
+    if (p->both_directions && p->K > 0)
+      forward_f64<<<static_cast<unsigned>(cdiv(p->K, 128)), 128, 0, stream>>>(
+          make_column_args64(p), static_cast<const double*>(candidates),
+          static_cast<const double*>(anchors), static_cast<double*>(lse_neg) + p->M);
     return cudaGetLastError();
   }
   if (workspace == nullptr) return cudaErrorInvalidValue;
@@ -736,15 +1297,19 @@ extern "C" cudaError_t macl_cuda_backward(const MaclProblem* p, const void* anch
   if (is_artanh(p)) d_inv_temp = nullptr;  // no temperature in the artanh map
   if (p->M == 0) return cudaSuccess;
   if (p->operand == MACL_OPERAND_F64) {
-    const int64_t anchor_threads =
-        (d_anchors != nullptr || d_inv_temp != nullptr) ? cdiv(p->M, 128) * 128 : 0;
-    const int64_t threads = anchor_threads + (d_candidates != nullptr ? p->K : 0);
-    if (threads == 0) return cudaSuccess;
-    backward_f64<<<static_cast<unsigned>(cdiv(threads, 128)), 128, 0, stream>>>(
-        make_args64(p), static_cast<const double*>(anchors),
-        static_cast<const double*>(candidates), static_cast<const double*>(lse_neg),
-        static_cast<const double*>(g), static_cast<double*>(d_anchors),
-        static_cast<double*>(d_candidates), static_cast<double*>(d_inv_temp), anchor_threads);
+    const double* A = static_cast<const double*>(anchors);
+    const double* C = static_cast<const double*>(candidates);
+    const double* lse = static_cast<const double*>(lse_neg);
+    const double* g64 = static_cast<const double*>(g);
+    double* dA = static_cast<double*>(d_anchors);
+    double* dC = static_cast<double*>(d_candidates);
+    double* dT = static_cast<double*>(d_inv_temp);
+    launch_backward_f64(make_args64(p), A, C, lse, g64, dA, dC, dT, stream);
+    // both_directions on the plain float64 path: the columns as a second, transposed launch
+    // that adds to the same zero-filled gradients after the first (stream order: deterministic).
+    if (p->both_directions && p->K > 0)
+      launch_backward_f64(make_column_args64(p), C, A, lse + p->M, g64 + p->M, dC, dA,
+                          dT != nullptr ? dT + p->M : nullptr, stream);
     return cudaGetLastError();
   }
   const float* lse = static_cast<const float*>(lse_neg);
@@ -757,4 +1322,75 @@ extern "C" cudaError_t macl_cuda_backward(const MaclProblem* p, const void* anch
                                                    stream)
              : backward_map<MACL_LOGIT_MAP_SCALED>(p, anchors, candidates, lse, g32, da, dc, dt,
                                                    stream);
+}
+
+extern "C" cudaError_t macl_cuda_softplus_forward(const MaclProblem* p, const void* anchors,
+                                                  const void* candidates, const void* row_bias,
+                                                  void* sp_neg, void* workspace,
+                                                  cudaStream_t stream) {
+  if (!valid_problem(p) || is_artanh(p)) return cudaErrorInvalidValue;
+  if (p->M == 0) return cudaSuccess;
+  if (p->operand == MACL_OPERAND_F64) {
+    softplus_forward_f64<<<static_cast<unsigned>(cdiv(p->M, 128)), 128, 0, stream>>>(
+        make_args64(p), static_cast<const double*>(anchors),
+        static_cast<const double*>(candidates), static_cast<const double*>(row_bias),
+        static_cast<double*>(sp_neg));
+    return cudaGetLastError();
+  }
+  if (workspace == nullptr) return cudaErrorInvalidValue;
+  const float* bias = static_cast<const float*>(row_bias);
+  float* out = static_cast<float*>(sp_neg);
+  float* ws = static_cast<float*>(workspace);
+  switch (p->operand) {
+    case MACL_OPERAND_F32:
+      return launch_softplus_forward<float>(p, anchors, candidates, bias, out, ws, stream);
+    case MACL_OPERAND_F16:
+      return launch_softplus_forward<__half>(p, anchors, candidates, bias, out, ws, stream);
+    case MACL_OPERAND_BF16:
+      return launch_softplus_forward<__nv_bfloat16>(p, anchors, candidates, bias, out, ws,
+                                                    stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+extern "C" cudaError_t macl_cuda_softplus_backward(const MaclProblem* p, const void* anchors,
+                                                   const void* candidates, const void* row_bias,
+                                                   const void* g, void* d_anchors,
+                                                   void* d_candidates, void* d_inv_temp,
+                                                   void* d_row_bias, cudaStream_t stream) {
+  if (!valid_problem(p) || is_artanh(p)) return cudaErrorInvalidValue;
+  if (p->M == 0) return cudaSuccess;
+  if (p->operand == MACL_OPERAND_F64) {
+    const int64_t anchor_threads =
+        (d_anchors != nullptr || d_inv_temp != nullptr || d_row_bias != nullptr)
+            ? cdiv(p->M, 128) * 128
+            : 0;
+    const int64_t threads = anchor_threads + (d_candidates != nullptr ? p->K : 0);
+    if (threads == 0) return cudaSuccess;
+    softplus_backward_f64<<<static_cast<unsigned>(cdiv(threads, 128)), 128, 0, stream>>>(
+        make_args64(p), static_cast<const double*>(anchors),
+        static_cast<const double*>(candidates), static_cast<const double*>(row_bias),
+        static_cast<const double*>(g), static_cast<double*>(d_anchors),
+        static_cast<double*>(d_candidates), static_cast<double*>(d_inv_temp),
+        static_cast<double*>(d_row_bias), anchor_threads);
+    return cudaGetLastError();
+  }
+  const float* bias = static_cast<const float*>(row_bias);
+  const float* g32 = static_cast<const float*>(g);
+  float* da = static_cast<float*>(d_anchors);
+  float* dc = static_cast<float*>(d_candidates);
+  float* dt = static_cast<float*>(d_inv_temp);
+  float* db = static_cast<float*>(d_row_bias);
+  switch (p->operand) {
+    case MACL_OPERAND_F32:
+      return launch_softplus_backward<float>(p, anchors, candidates, bias, g32, da, dc, dt, db,
+                                             stream);
+    case MACL_OPERAND_F16:
+      return launch_softplus_backward<__half>(p, anchors, candidates, bias, g32, da, dc, dt, db,
+                                              stream);
+    case MACL_OPERAND_BF16:
+      return launch_softplus_backward<__nv_bfloat16>(p, anchors, candidates, bias, g32, da, dc,
+                                                     dt, db, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }

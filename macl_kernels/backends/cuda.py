@@ -4,13 +4,21 @@
 The primitive of ``docs/math.md#the-primitive`` (per-row ``lse_neg``; recompute in backward), as
 a tiled forward kernel and one backward launch whose anchor blocks produce ``d_anchors`` and
 ``d_inv_temp`` and whose candidate blocks produce ``d_candidates`` (no atomics: deterministic).
-A symmetric problem returns both sides; ``_ops`` folds them.
+A symmetric problem returns both sides; ``_ops`` folds them. A both-directions problem (layout
+``cross_sym`` on one process) computes each tile of ``S`` once per pass for its rows and its
+columns: the forward merges the columns' per-anchor-block partial statistics in a second, tiny
+pass, the backward forms both directions' ``dL_dS`` from one recompute (float64: the plain path
+runs the two directions as two launches).
 
 Precision: statistics and gradients are float32 for float32 / bfloat16 / float16 inputs. The
 GEMM operands are the inputs' precision (``operand_dtype``): float32 runs on CUDA cores with fp32
 FMA; bfloat16 / float16 are rounded back to that dtype and run on tensor cores (WMMA, fp32
 accumulation), as the user's data already was. float64 inputs take a plain, untiled float64
 path: exact but slow (use backend ``"torch"`` when float64 speed matters).
+
+``RowReduction.SOFTPLUS`` (SigLIP) runs the sibling launchers ``softplus_forward`` /
+``softplus_backward`` of the same file (same tiles and blocks, ``d_row_bias`` from the anchor
+blocks).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .._primitive import Backend, Grads, Needs, Problem
+from .._primitive import Backend, Grads, Needs, Problem, RowReduction
 from ._native import Extension, cast_rows
 
 _EXTENSION = Extension("macl_kernels._C_cuda")
@@ -41,6 +49,7 @@ def _operand_code(problem: Problem) -> int:
 class CudaBackend(Backend):
     name = "cuda"
     native = True
+    both_directions = True
 
     def built(self) -> bool:
         return _EXTENSION.get() is not None
@@ -80,19 +89,31 @@ class CudaBackend(Backend):
 
     def fwd(self, problem: Problem, need_grad: bool):
         p = problem
+        if p.row_reduction is RowReduction.SOFTPLUS:
+            sp_neg = _EXTENSION.get().softplus_forward(
+                p.anchors, p.candidate_rows.to(p.anchors.dtype), cast_rows(p.inv_temp, p.anchors),
+                cast_rows(p.row_bias, p.anchors), p.pos_index, p.self_index, _operand_code(p))
+            return sp_neg, None
         lse_neg = _EXTENSION.get().forward(
             p.anchors, p.candidate_rows.to(p.anchors.dtype), cast_rows(p.inv_temp, p.anchors),
             p.pos_index, p.self_index, int(p.logit_map), p.artanh_scale, p.artanh_eps,
-            _operand_code(p))
+            _operand_code(p), p.both_directions, p.anchor_labels, p.candidate_label_rows)
         return lse_neg, None
 
     def bwd(self, problem: Problem, lse_neg, aux, g, needs: Needs) -> Grads:
         p = problem
+        if p.row_reduction is RowReduction.SOFTPLUS:  # no forward statistic needed
+            return Grads(*_EXTENSION.get().softplus_backward(
+                p.anchors, p.candidate_rows.to(p.anchors.dtype), cast_rows(p.inv_temp, p.anchors),
+                cast_rows(p.row_bias, p.anchors), p.pos_index, p.self_index,
+                g.to(p.anchors.dtype).contiguous(), _operand_code(p), needs.d_anchors,
+                needs.d_candidates, needs.d_inv_temp, needs.d_row_bias))
         d_anchors, d_candidates, d_inv_temp = _EXTENSION.get().backward(
             p.anchors, p.candidate_rows.to(p.anchors.dtype), cast_rows(p.inv_temp, p.anchors),
             p.pos_index, p.self_index, lse_neg.contiguous(), g.to(lse_neg.dtype).contiguous(),
             int(p.logit_map), p.artanh_scale, p.artanh_eps, _operand_code(p), needs.d_anchors,
-            needs.d_candidates, needs.d_inv_temp)
+            needs.d_candidates, needs.d_inv_temp, p.both_directions, p.anchor_labels,
+            p.candidate_label_rows)
         return Grads(d_anchors, d_candidates, d_inv_temp)
 
 

@@ -46,8 +46,22 @@ Passes and GEMM work (one "GEMM" = ``2 M K D`` flops over the whole ``M x K`` ti
   comparable to its GEMM work, and the symmetric backward evaluates two exponentials per element
   (rows' and columns' ``Q``) where the general path's backward evaluates one (3 vs 2 over both
   passes), against 3 vs 4 GEMMs.
-* CLIP (``cross_sym``) reaches this module as two cross blocks (``u1`` vs ``u2`` and back):
-  2 x 4 GEMMs of ``N x N x D``.
+* layout ``cross_sym`` on one process (``Problem.both_directions``: CLIP's two directions):
+  ``_both_forward_kernel`` computes each tile once for the rows' online statistics and stores
+  each column's partial (max, sum) per row block; a tiny merge in block order gives the columns'
+  ``lse_neg`` (no atomics; extra memory ``2 K cdiv(M, BLOCK_M)``). Backward: ``_both_backward_kernel``
+  once per side (rows' gradient, columns' gradient), each forming both directions' ``dL_dS`` from
+  one recompute of the tile. 5 GEMMs of ``N x N x D`` instead of 2 x 4 as two cross blocks
+  (docs/math.md#both-directions-of-one-s-layout-cross_sym).
+
+* ``RowReduction.SOFTPLUS`` (SigLIP, ``docs/math.md#siglip``), cross problems, SCALED map, with a
+  per-row bias: sibling kernels sharing the helpers. ``_softplus_forward_kernel`` sums
+  ``softplus(l)`` per row (no running max: a plain sum) and, when a gradient is required,
+  accumulates ``E_a = sum_k sigmoid(l_ak) u_k`` (1 GEMM) and ``sum_k sigmoid(l_ak)`` into
+  ``aux [M, D + 1]`` - no rescaling, since ``sigmoid`` needs no row statistic. The anchor side is
+  then a per-row scale (``d_anchors = g_a inv_temp[a] E_a``, ``d_inv_temp = g_a anchors[a] .
+  E_a``, ``d_row_bias = g_a sum_k sigmoid``); ``_softplus_candidates_kernel`` is the
+  column-ordered candidate pass. 2 passes, 4 GEMMs (``8 M K D`` flops), as the cross LSE path.
 
 Extra memory: ``lse_neg`` (``M``), ``E`` (``M x D``, only when a gradient is required), the
 rounded half-precision operands (``(M + K) x D``, half inputs only), the gradients: ``O((M+K) D)``.
@@ -81,7 +95,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .._primitive import Backend, Grads, LogitMap, Needs, Problem
+from .._primitive import Backend, Grads, LogitMap, Needs, Problem, RowReduction
 
 try:
     import triton
@@ -199,8 +213,9 @@ if triton is not None:
         anchors_ptr, candidates_ptr, inv_temp_ptr, pos_index_ptr, self_index_ptr, lse_neg_ptr,
         E_ptr,
         M, K, D, stride_anchors, stride_candidates, stride_E,
-        logit_params_ptr,
+        logit_params_ptr, anchor_labels_ptr, candidate_labels_ptr,
         LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr, ACC_E: tl.constexpr,
+        HAS_LABELS: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE_WEIGHTS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -223,6 +238,8 @@ if triton is not None:
         inv_temp = tl.load(inv_temp_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
         pos_index = tl.load(pos_index_ptr + offs_m, mask=row_ok, other=-1)
         self_index = tl.load(self_index_ptr + offs_m, mask=row_ok, other=-1)
+        if HAS_LABELS:  # the label pointers are dummies (pos_index) without HAS_LABELS
+            label_a = tl.load(anchor_labels_ptr + offs_m, mask=row_ok, other=-1)
 
         m_i = tl.full([BLOCK_M], float("-inf"), acc_ty)  # running max of the row's logits
         s_i = tl.zeros([BLOCK_M], acc_ty)  # running sum of exp(l - m_i)
@@ -238,6 +255,9 @@ if triton is not None:
             keep = col_ok[None, :] & (offs_n[None, :] != pos_index[:, None])
             if HAS_SELF:
                 keep = keep & (offs_n[None, :] != self_index[:, None])
+            if HAS_LABELS:  # same-label candidates are not negatives
+                label_k = tl.load(candidate_labels_ptr + offs_n, mask=col_ok, other=-1)
+                keep = keep & (label_k[None, :] != label_a[:, None])
             l = tl.where(keep, _logit(S, inv_temp[:, None], artanh_scale, artanh_eps, LOGIT_MAP),
                          float("-inf"))
             m_new = tl.maximum(m_i, tl.max(l, axis=1))
@@ -266,8 +286,9 @@ if triton is not None:
         anchors_ptr, candidates_ptr, inv_temp_ptr, pos_index_ptr, self_index_ptr, lse_neg_ptr,
         g_ptr, d_candidates_ptr, d_inv_temp_ptr,
         M, K, D, stride_anchors, stride_candidates, stride_d_candidates,
-        logit_params_ptr,
+        logit_params_ptr, anchor_labels_ptr, candidate_labels_ptr,
         LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr, SYMMETRIC: tl.constexpr,
+        HAS_LABELS: tl.constexpr,
         NEED_D_INV_TEMP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         WIDE_WEIGHTS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -292,6 +313,8 @@ if triton is not None:
             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         d_candidates = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
         d_inv_temp = tl.zeros([BLOCK_N], acc_ty)
+        if HAS_LABELS:  # symmetric: the candidates' labels are the anchors'
+            label_k = tl.load(candidate_labels_ptr + offs_n, mask=col_ok, other=-1)
         if SYMMETRIC:  # candidate k's own row statistics (K == M)
             inv_temp_k = tl.load(inv_temp_ptr + offs_n, mask=col_ok, other=0.0).to(acc_ty)
             pos_index_k = tl.load(pos_index_ptr + offs_n, mask=col_ok, other=-1)
@@ -316,6 +339,9 @@ if triton is not None:
             keep = in_range & (offs_n[:, None] != pos_index_a[None, :])
             if HAS_SELF:
                 keep = keep & (offs_n[:, None] != self_index_a[None, :])
+            if HAS_LABELS:
+                label_a = tl.load(anchor_labels_ptr + offs_m, mask=row_ok, other=-1)
+                keep = keep & (label_k[:, None] != label_a[None, :])
             l = tl.where(keep, _logit(St, inv_temp_a[None, :], artanh_scale, artanh_eps,
                                       LOGIT_MAP), float("-inf"))
             Q = tl.exp(l - lse_neg_a[None, :])
@@ -326,6 +352,8 @@ if triton is not None:
                 keep_k = in_range & (offs_m[None, :] != pos_index_k[:, None])
                 if HAS_SELF:
                     keep_k = keep_k & (offs_m[None, :] != self_index_k[:, None])
+                if HAS_LABELS:  # equal labels: the pair is symmetric
+                    keep_k = keep_k & (label_k[:, None] != label_a[None, :])
                 l_k = tl.where(keep_k, _logit(St, inv_temp_k[:, None], artanh_scale, artanh_eps,
                                               LOGIT_MAP), float("-inf"))
                 dL_dl_k = g_k[:, None] * tl.exp(l_k - lse_neg_k[:, None])
@@ -340,6 +368,280 @@ if triton is not None:
                  d_candidates, mask=col_ok[:, None] & d_ok[None, :])
         if SYMMETRIC and NEED_D_INV_TEMP:
             tl.store(d_inv_temp_ptr + offs_n, d_inv_temp, mask=col_ok)
+
+    # ----------------------------------------------------------------------------------------
+    # Both directions (layout cross_sym on one process, Problem.both_directions): the rows of S
+    # are anchors against the candidates and its columns anchors against the rows. The per-anchor
+    # arrays have M + K entries (rows, then columns); the kernels get the two halves as separate
+    # pointers.
+    # ----------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _both_forward_kernel(
+        anchors_ptr, candidates_ptr, inv_temp_ptr, pos_index_ptr, self_index_ptr,
+        col_inv_temp_ptr, col_pos_index_ptr, col_self_index_ptr, lse_neg_ptr,
+        col_max_ptr, col_sum_ptr,
+        M, K, D, stride_anchors, stride_candidates,
+        logit_params_ptr,
+        LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One block of anchor rows against every candidate tile, each tile of ``S`` computed
+        once for both directions: the rows' ``lse_neg`` (online, as ``_forward_kernel``) and,
+        per column, this block's partial ``(max, sum of exp(l - max))`` of the column's logits
+        over these rows, stored at ``[program, column]`` of ``col_max`` / ``col_sum``
+        (``[cdiv(M, BLOCK_M), K]``). A second, tiny pass merges the partials in block order: no
+        atomics, deterministic."""
+        acc_ty = lse_neg_ptr.dtype.element_ty
+        # [artanh_scale, artanh_eps] in the compute dtype, as in _forward_kernel.
+        artanh_scale = tl.load(logit_params_ptr)
+        artanh_eps = tl.load(logit_params_ptr + 1)
+        pid = tl.program_id(0)
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < M
+        d_ok = offs_d < D
+        anchors = tl.load(
+            anchors_ptr + offs_m.to(tl.int64)[:, None] * stride_anchors + offs_d[None, :],
+            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        inv_temp = tl.load(inv_temp_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+        pos_index = tl.load(pos_index_ptr + offs_m, mask=row_ok, other=-1)
+        self_index = tl.load(self_index_ptr + offs_m, mask=row_ok, other=-1)
+        m_i = tl.full([BLOCK_M], float("-inf"), acc_ty)
+        s_i = tl.zeros([BLOCK_M], acc_ty)
+        partial_row = pid.to(tl.int64) * K
+        for n0 in range(0, K, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < K
+            candidates = tl.load(
+                candidates_ptr + offs_n.to(tl.int64)[:, None] * stride_candidates
+                + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            S = _dot(anchors, tl.trans(candidates), DOT_PRECISION, UPCAST).to(acc_ty)
+            in_range = row_ok[:, None] & col_ok[None, :]
+            # Rows: anchor a against candidate k, Neg(a) without pos_index[a] (and self).
+            keep = in_range & (offs_n[None, :] != pos_index[:, None])
+            if HAS_SELF:
+                keep = keep & (offs_n[None, :] != self_index[:, None])
+            l = tl.where(keep, _logit(S, inv_temp[:, None], artanh_scale, artanh_eps, LOGIT_MAP),
+                         float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(l, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_i = s_i * tl.exp(m_i - m_ref) + tl.sum(tl.exp(l - m_ref[:, None]), axis=1)
+            m_i = m_new
+            # Columns: candidate k as an anchor against row a, without its positive (and self)
+            # among the rows.
+            col_inv_temp = tl.load(col_inv_temp_ptr + offs_n, mask=col_ok, other=0.0).to(acc_ty)
+            col_pos = tl.load(col_pos_index_ptr + offs_n, mask=col_ok, other=-1)
+            keep_col = in_range & (offs_m[:, None] != col_pos[None, :])
+            if HAS_SELF:
+                col_self = tl.load(col_self_index_ptr + offs_n, mask=col_ok, other=-1)
+                keep_col = keep_col & (offs_m[:, None] != col_self[None, :])
+            l_col = tl.where(keep_col, _logit(S, col_inv_temp[None, :], artanh_scale, artanh_eps,
+                                              LOGIT_MAP), float("-inf"))
+            c_max = tl.max(l_col, axis=0)
+            c_ref = tl.where(c_max == float("-inf"), 0.0, c_max)
+            c_sum = tl.sum(tl.exp(l_col - c_ref[None, :]), axis=0)
+            tl.store(col_max_ptr + partial_row + offs_n, c_max, mask=col_ok)
+            tl.store(col_sum_ptr + partial_row + offs_n, c_sum, mask=col_ok)
+        has_neg = s_i > 0
+        lse_neg = tl.where(has_neg, m_i + tl.log(tl.where(has_neg, s_i, 1.0)), float("-inf"))
+        tl.store(lse_neg_ptr + offs_m, lse_neg, mask=row_ok)
+
+    @triton.jit
+    def _both_backward_kernel(
+        anchors_ptr, candidates_ptr,
+        inv_temp_ptr, pos_index_ptr, self_index_ptr, lse_neg_ptr, g_ptr,
+        own_inv_temp_ptr, own_pos_index_ptr, own_self_index_ptr, own_lse_neg_ptr, own_g_ptr,
+        d_candidates_ptr, d_inv_temp_ptr,
+        M, K, D, stride_anchors, stride_candidates, stride_d_candidates,
+        logit_params_ptr,
+        LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr, NEED_D_INV_TEMP: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE_WEIGHTS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One side's gradient in both directions, ``_candidates_kernel``'s column order: each
+        program owns a block of the "candidates" (here: the side whose gradient it writes, with
+        its own statistics ``own_*``) and streams the "anchors" (the other side, statistics
+        without prefix). From one recompute of each tile it forms both directions' ``dL_dS``
+        (the streamed rows as anchors, ``Q`` from ``lse_neg``; its own rows as anchors, ``Q``
+        from ``own_lse_neg``) and accumulates ``d_candidates = sum_a dL_dS_ak u_a`` and the own
+        rows' ``d_inv_temp``. Launched once per side (for the anchors' gradient the two sides
+        swap roles): two passes, 2 GEMMs each."""
+        acc_ty = lse_neg_ptr.dtype.element_ty
+        artanh_scale = tl.load(logit_params_ptr)
+        artanh_eps = tl.load(logit_params_ptr + 1)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        col_ok = offs_n < K
+        d_ok = offs_d < D
+        candidates = tl.load(
+            candidates_ptr + offs_n.to(tl.int64)[:, None] * stride_candidates + offs_d[None, :],
+            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        d_candidates = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
+        d_inv_temp = tl.zeros([BLOCK_N], acc_ty)
+        inv_temp_k = tl.load(own_inv_temp_ptr + offs_n, mask=col_ok, other=0.0).to(acc_ty)
+        pos_index_k = tl.load(own_pos_index_ptr + offs_n, mask=col_ok, other=-1)
+        self_index_k = tl.load(own_self_index_ptr + offs_n, mask=col_ok, other=-1)
+        lse_neg_k = tl.load(own_lse_neg_ptr + offs_n, mask=col_ok, other=0.0)
+        g_k = tl.load(own_g_ptr + offs_n, mask=col_ok, other=0.0).to(acc_ty)
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < M
+            anchors = tl.load(
+                anchors_ptr + offs_m.to(tl.int64)[:, None] * stride_anchors + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            inv_temp_a = tl.load(inv_temp_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+            pos_index_a = tl.load(pos_index_ptr + offs_m, mask=row_ok, other=-1)
+            self_index_a = tl.load(self_index_ptr + offs_m, mask=row_ok, other=-1)
+            lse_neg_a = tl.load(lse_neg_ptr + offs_m, mask=row_ok, other=0.0)
+            g_a = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+            St = _dot(candidates, tl.trans(anchors), DOT_PRECISION, UPCAST).to(acc_ty)
+            in_range = col_ok[:, None] & row_ok[None, :]
+            # The streamed rows as anchors: Q_ak over Neg(a).
+            keep = in_range & (offs_n[:, None] != pos_index_a[None, :])
+            if HAS_SELF:
+                keep = keep & (offs_n[:, None] != self_index_a[None, :])
+            l = tl.where(keep, _logit(St, inv_temp_a[None, :], artanh_scale, artanh_eps,
+                                      LOGIT_MAP), float("-inf"))
+            dL_dS_t = (g_a[None, :] * tl.exp(l - lse_neg_a[None, :])) * _dl_dS(
+                St, inv_temp_a[None, :], artanh_scale, artanh_eps, LOGIT_MAP)
+            # The own rows as anchors: Q_ka over Neg(k).
+            keep_k = in_range & (offs_m[None, :] != pos_index_k[:, None])
+            if HAS_SELF:
+                keep_k = keep_k & (offs_m[None, :] != self_index_k[:, None])
+            l_k = tl.where(keep_k, _logit(St, inv_temp_k[:, None], artanh_scale, artanh_eps,
+                                          LOGIT_MAP), float("-inf"))
+            dL_dl_k = g_k[:, None] * tl.exp(l_k - lse_neg_k[:, None])
+            dL_dS_t += dL_dl_k * _dl_dS(St, inv_temp_k[:, None], artanh_scale, artanh_eps,
+                                        LOGIT_MAP)
+            if NEED_D_INV_TEMP:
+                d_inv_temp += tl.sum(dL_dl_k * St, axis=1)
+            d_candidates += _weights_dot(dL_dS_t, anchors, DOT_PRECISION, UPCAST,
+                                         WIDE_WEIGHTS).to(acc_ty)
+        tl.store(d_candidates_ptr + offs_n.to(tl.int64)[:, None] * stride_d_candidates
+                 + offs_d[None, :], d_candidates, mask=col_ok[:, None] & d_ok[None, :])
+        if NEED_D_INV_TEMP:
+            tl.store(d_inv_temp_ptr + offs_n, d_inv_temp, mask=col_ok)
+
+    # ----------------------------------------------------------------------------------------
+    # RowReduction.SOFTPLUS (SigLIP): sibling kernels of the two above, sharing their helpers.
+    # ----------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _softplus(x):
+        """``softplus(x) = max(x, 0) + log1p(e^-|x|)`` at any ``x`` (0 at ``x = -inf``, an
+        excluded pair). ``log1p(e)`` without a ``log1p``: ``log(u) * e / (u - 1)``, ``u = 1 + e``,
+        exact to rounding (Goldberg), and ``e`` itself where ``u`` rounds to 1."""
+        e = tl.exp(-tl.abs(x))
+        u = 1.0 + e
+        log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+        return tl.where(x > 0.0, x, 0.0) + log1p_e
+
+    @triton.jit
+    def _sigmoid(x):
+        """``sigmoid(x)`` from ``e = e^-|x| <= 1``: no overflow at any ``x``; 0 at ``x = -inf``."""
+        e = tl.exp(-tl.abs(x))
+        r = 1.0 / (1.0 + e)
+        return tl.where(x >= 0.0, r, e * r)
+
+    @triton.jit
+    def _softplus_forward_kernel(
+        anchors_ptr, candidates_ptr, inv_temp_ptr, row_bias_ptr, pos_index_ptr, self_index_ptr,
+        sp_neg_ptr, E_ptr,
+        M, K, D, stride_anchors, stride_candidates, stride_E,
+        HAS_BIAS: tl.constexpr, HAS_SELF: tl.constexpr, ACC_E: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One block of anchor rows against every candidate tile: ``sp_neg[a] = sum_{k in
+        Neg(a)} softplus(l_ak)``, ``l_ak = inv_temp[a] S_ak + row_bias[a]``, and, if ``ACC_E``,
+        ``E[a, :D] = sum_k sigmoid(l_ak) u_k`` and ``E[a, D] = sum_k sigmoid(l_ak)``."""
+        acc_ty = sp_neg_ptr.dtype.element_ty  # float32, or float64 for float64 inputs
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < M
+        d_ok = offs_d < D
+        rows = offs_m.to(tl.int64)
+        anchors = tl.load(anchors_ptr + rows[:, None] * stride_anchors + offs_d[None, :],
+                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        inv_temp = tl.load(inv_temp_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+        bias = tl.zeros([BLOCK_M], acc_ty)
+        if HAS_BIAS:
+            bias = tl.load(row_bias_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+        pos_index = tl.load(pos_index_ptr + offs_m, mask=row_ok, other=-1)
+        self_index = tl.load(self_index_ptr + offs_m, mask=row_ok, other=-1)
+
+        s_i = tl.zeros([BLOCK_M], acc_ty)  # sum of softplus(l) over Neg(a)
+        sig_i = tl.zeros([BLOCK_M], acc_ty)  # sum of sigmoid(l)
+        e_i = tl.zeros([BLOCK_M, BLOCK_D], acc_ty)  # sum of sigmoid(l) u_k
+        for n0 in range(0, K, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < K
+            candidates = tl.load(
+                candidates_ptr + offs_n.to(tl.int64)[:, None] * stride_candidates
+                + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            S = _dot(anchors, tl.trans(candidates), DOT_PRECISION, UPCAST).to(acc_ty)
+            keep = col_ok[None, :] & (offs_n[None, :] != pos_index[:, None])
+            if HAS_SELF:
+                keep = keep & (offs_n[None, :] != self_index[:, None])
+            l = tl.where(keep, inv_temp[:, None] * S + bias[:, None], float("-inf"))
+            s_i += tl.sum(_softplus(l), axis=1)
+            if ACC_E:
+                sig = _sigmoid(l)  # <= 1: float16 operands hold it
+                sig_i += tl.sum(sig, axis=1)
+                e_i += _weights_dot(sig, candidates, DOT_PRECISION, UPCAST, False).to(acc_ty)
+        tl.store(sp_neg_ptr + offs_m, s_i, mask=row_ok)
+        if ACC_E:
+            tl.store(E_ptr + rows[:, None] * stride_E + offs_d[None, :], e_i,
+                     mask=row_ok[:, None] & d_ok[None, :])
+            tl.store(E_ptr + rows * stride_E + D, sig_i, mask=row_ok)
+
+    @triton.jit
+    def _softplus_candidates_kernel(
+        anchors_ptr, candidates_ptr, inv_temp_ptr, row_bias_ptr, pos_index_ptr, self_index_ptr,
+        g_ptr, d_candidates_ptr,
+        M, K, D, stride_anchors, stride_candidates, stride_d_candidates,
+        HAS_BIAS: tl.constexpr, HAS_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, WIDE_WEIGHTS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One block of candidates against every anchor block (column order, no atomics):
+        ``d_candidates_k = sum_a g_a inv_temp[a] sigmoid(l_ak) u_a`` over ``a`` with ``k`` in
+        ``Neg(a)``."""
+        acc_ty = d_candidates_ptr.dtype.element_ty
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        col_ok = offs_n < K
+        d_ok = offs_d < D
+        cols = offs_n.to(tl.int64)
+        candidates = tl.load(candidates_ptr + cols[:, None] * stride_candidates + offs_d[None, :],
+                             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        d_candidates = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < M
+            anchors = tl.load(
+                anchors_ptr + offs_m.to(tl.int64)[:, None] * stride_anchors + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            inv_temp_a = tl.load(inv_temp_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+            bias_a = tl.zeros([BLOCK_M], acc_ty)
+            if HAS_BIAS:
+                bias_a = tl.load(row_bias_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+            pos_index_a = tl.load(pos_index_ptr + offs_m, mask=row_ok, other=-1)
+            self_index_a = tl.load(self_index_ptr + offs_m, mask=row_ok, other=-1)
+            g_a = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
+            St = _dot(candidates, tl.trans(anchors), DOT_PRECISION, UPCAST).to(acc_ty)
+            keep = (col_ok[:, None] & row_ok[None, :]
+                    & (offs_n[:, None] != pos_index_a[None, :]))
+            if HAS_SELF:
+                keep = keep & (offs_n[:, None] != self_index_a[None, :])
+            l = tl.where(keep, inv_temp_a[None, :] * St + bias_a[None, :], float("-inf"))
+            dL_dS_t = (g_a * inv_temp_a)[None, :] * _sigmoid(l)
+            d_candidates += _weights_dot(dL_dS_t, anchors, DOT_PRECISION, UPCAST,
+                                         WIDE_WEIGHTS).to(acc_ty)
+        tl.store(d_candidates_ptr + cols[:, None] * stride_d_candidates + offs_d[None, :],
+                 d_candidates, mask=col_ok[:, None] & d_ok[None, :])
 
 # --------------------------------------------------------------------------------------------
 # Precision classes, the kernel table and the GPU shape rules
@@ -491,26 +793,64 @@ class KernelSpec(NamedTuple):
     inventory_flags: object
     operand_args: tuple = ("anchors_ptr", "candidates_ptr")  # pointers of the operand dtype
     index_args: tuple = ("pos_index_ptr", "self_index_ptr")  # int32 pointers
+    label_args: tuple = ()  # int64 pointers (labels are arbitrary integers, never narrowed)
+    # False: launched with one fixed shape of the table, chosen before the launch (a buffer is
+    # sized by it), never through the autotuner.
+    autotuned: bool = True
 
     @property
     def grid_block(self) -> str:
         return "BLOCK_M" if self.kind == "forward" else "BLOCK_N"
 
 
+def _scaled_or_artanh(artanh: bool) -> int:
+    return int(LogitMap.ARTANH if artanh else LogitMap.SCALED)
+
+
 def _forward_flag_sets(precision: str):
-    """Every flag combination the forward is launched with (HAS_SELF on: the larger kernel)."""
-    return tuple((f"{'artanh' if artanh else 'scaled'}{' +E' if acc_e else ''}",
-                  dict(LOGIT_MAP=int(LogitMap.ARTANH if artanh else LogitMap.SCALED),
-                       ACC_E=acc_e, WIDE_WEIGHTS=precision == "fp16" and artanh))
-                 for artanh in (False, True) for acc_e in (True, False))
+    """Every flag combination the forward is launched with (HAS_SELF on: the larger kernel).
+    The label mask comes with the SCALED map (the losses that take labels scale by a
+    temperature) and adds two loads and a compare per tile."""
+    return tuple((f"{'artanh' if artanh else 'scaled'}{' +E' if acc_e else ''}"
+                  f"{' labels' if labels else ''}",
+                  dict(LOGIT_MAP=_scaled_or_artanh(artanh), ACC_E=acc_e, HAS_LABELS=labels,
+                       WIDE_WEIGHTS=precision == "fp16" and artanh))
+                 for artanh in (False, True) for acc_e in (True, False)
+                 for labels in ((False, True) if not artanh else (False,)))
 
 
 def _candidates_flag_sets(precision: str):
-    return tuple((f"{'artanh' if artanh else 'scaled'} {'sym' if sym else 'cross'}",
-                  dict(LOGIT_MAP=int(LogitMap.ARTANH if artanh else LogitMap.SCALED),
-                       SYMMETRIC=sym, NEED_D_INV_TEMP=sym and not artanh,
+    return tuple((f"{'artanh' if artanh else 'scaled'} {'sym' if sym else 'cross'}"
+                  f"{' labels' if labels else ''}",
+                  dict(LOGIT_MAP=_scaled_or_artanh(artanh), SYMMETRIC=sym,
+                       NEED_D_INV_TEMP=sym and not artanh, HAS_LABELS=labels,
                        WIDE_WEIGHTS=precision == "fp16"))
-                 for artanh in (False, True) for sym in (False, True))
+                 for artanh in (False, True) for sym in (False, True)
+                 for labels in ((False, True) if not artanh else (False,)))
+
+
+def _both_forward_flag_sets(precision: str):
+    return tuple(("artanh" if artanh else "scaled", dict(LOGIT_MAP=_scaled_or_artanh(artanh)))
+                 for artanh in (False, True))
+
+
+def _both_backward_flag_sets(precision: str):
+    return tuple(("artanh" if artanh else "scaled",
+                  dict(LOGIT_MAP=_scaled_or_artanh(artanh), NEED_D_INV_TEMP=not artanh,
+                       WIDE_WEIGHTS=precision == "fp16"))
+                 for artanh in (False, True))
+
+
+def _softplus_forward_flag_sets(precision: str):
+    return tuple((f"{'bias' if bias else 'no bias'}{' +E' if acc_e else ''}",
+                  dict(HAS_BIAS=bias, ACC_E=acc_e))
+                 for bias in (True, False) for acc_e in (True, False))
+
+
+def _softplus_candidates_flag_sets(precision: str):
+    return tuple(("bias" if bias else "no bias",
+                  dict(HAS_BIAS=bias, WIDE_WEIGHTS=precision == "fp16"))
+                 for bias in (True, False))
 
 
 KERNELS: dict = {}
@@ -524,13 +864,34 @@ def register_kernel(name: str, spec: KernelSpec) -> None:
 
 
 if triton is not None:
+    _LABELS = ("anchor_labels_ptr", "candidate_labels_ptr")
+    _BOTH_INDEX = ("pos_index_ptr", "self_index_ptr", "col_pos_index_ptr", "col_self_index_ptr",
+                   "own_pos_index_ptr", "own_self_index_ptr")
     register_kernel("forward", KernelSpec(
         _forward_kernel, "forward",
-        ("LOGIT_MAP", "HAS_SELF", "ACC_E", "DOT_PRECISION", "WIDE_WEIGHTS"), _forward_flag_sets))
+        ("LOGIT_MAP", "HAS_SELF", "ACC_E", "HAS_LABELS", "DOT_PRECISION", "WIDE_WEIGHTS"),
+        _forward_flag_sets, label_args=_LABELS))
     register_kernel("candidates", KernelSpec(
         _candidates_kernel, "candidates",
-        ("LOGIT_MAP", "HAS_SELF", "SYMMETRIC", "NEED_D_INV_TEMP", "DOT_PRECISION",
-         "WIDE_WEIGHTS"), _candidates_flag_sets))
+        ("LOGIT_MAP", "HAS_SELF", "SYMMETRIC", "NEED_D_INV_TEMP", "HAS_LABELS", "DOT_PRECISION",
+         "WIDE_WEIGHTS"), _candidates_flag_sets, label_args=_LABELS))
+    # Both directions (layout cross_sym): the forward's columns' partials have one row per
+    # program, so its BLOCK_M is fixed before the launch: the table's default shape, no tuning.
+    register_kernel("both_forward", KernelSpec(
+        _both_forward_kernel, "forward", ("LOGIT_MAP", "HAS_SELF", "DOT_PRECISION"),
+        _both_forward_flag_sets, index_args=_BOTH_INDEX, autotuned=False))
+    register_kernel("both_backward", KernelSpec(
+        _both_backward_kernel, "candidates",
+        ("LOGIT_MAP", "HAS_SELF", "NEED_D_INV_TEMP", "DOT_PRECISION", "WIDE_WEIGHTS"),
+        _both_backward_flag_sets, index_args=_BOTH_INDEX))
+    # RowReduction.SOFTPLUS (SigLIP).
+    register_kernel("softplus_forward", KernelSpec(
+        _softplus_forward_kernel, "forward", ("HAS_BIAS", "HAS_SELF", "ACC_E", "DOT_PRECISION"),
+        _softplus_forward_flag_sets))
+    register_kernel("softplus_candidates", KernelSpec(
+        _softplus_candidates_kernel, "candidates",
+        ("HAS_BIAS", "HAS_SELF", "DOT_PRECISION", "WIDE_WEIGHTS"),
+        _softplus_candidates_flag_sets))
 
 
 def _config(shape):
@@ -582,13 +943,29 @@ def _refusal(precision: str, d: int, shared_limit: int) -> str:
             f"supports D <= {widest} there{hint}); use backend='cuda' or 'torch', or 'auto'")
 
 
-def _launch(name: str, grid_rows: int, args, precision: str, **flags):
+def launch_shape(name: str, precision: str, block_d: int, device: torch.device):
+    """The shape kernel ``name`` runs with when it is not autotuned (``AUTOTUNE`` off, or a
+    kernel registered with ``autotuned=False``): the interpreter's blocks, else the table's
+    default for the precision, width and device (``NoFittingShape`` when there is none)."""
+    if _INTERPRET:
+        return (INTERPRETER_BLOCK_M, INTERPRETER_BLOCK_N, 4, 1)
+    limit = device_shared_limit(device)
+    shapes = shape_candidates(KERNELS[name].kind, precision, block_d, limit)
+    if not shapes:
+        raise NoFittingShape(_refusal(precision, block_d, limit))
+    return shapes[0]
+
+
+def _launch(name: str, grid_rows: int, args, precision: str, shape=None, **flags):
     """Launch kernel ``name`` of ``KERNELS`` over ``grid_rows`` rows: under the interpreter with
     the fixed small blocks; on a GPU (on the tensors' device: Triton launches on the current one)
-    through the autotuner, or with the default shape when ``AUTOTUNE`` is off."""
+    through the autotuner, or with the default shape when ``AUTOTUNE`` is off. ``shape``: exactly
+    this shape (a kernel whose buffers were sized by it, ``launch_shape``), no fallback."""
     spec = KERNELS[name]
     if _INTERPRET:
         blocks = dict(BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=INTERPRETER_BLOCK_N)
+        if shape is not None:
+            blocks = dict(BLOCK_M=shape[0], BLOCK_N=shape[1])
         spec.function[(triton.cdiv(grid_rows, blocks[spec.grid_block]),)](
             *args, **flags, **blocks)
         return
@@ -597,9 +974,11 @@ def _launch(name: str, grid_rows: int, args, precision: str, **flags):
     shapes = shape_candidates(spec.kind, precision, flags["BLOCK_D"], limit)
     if not shapes:
         raise NoFittingShape(_refusal(precision, args[0].shape[-1], limit))
+    if shape is not None:
+        shapes = [tuple(shape)]
     try:
         with torch.cuda.device(device):
-            if AUTOTUNE:  # the autotuner drops candidates that raise OutOfResources itself
+            if AUTOTUNE and spec.autotuned and shape is None:  # the autotuner drops candidates that raise OutOfResources itself
                 _tuned(name)[lambda meta: (triton.cdiv(grid_rows, meta[spec.grid_block]),)](
                     *args, **flags)
             else:
@@ -645,6 +1024,8 @@ class _Operands(NamedTuple):
     inv_temp: torch.Tensor  # a dummy (lse-sized) for ARTANH
     pos_index: torch.Tensor
     self_index: torch.Tensor  # pos_index as a dummy without HAS_SELF
+    anchor_labels: torch.Tensor  # pos_index as a dummy without labels
+    candidate_labels: torch.Tensor
     has_self: bool
     symmetric: bool  # the symmetric backward runs (a symmetric problem and USE_SYMMETRY)
 
@@ -658,16 +1039,21 @@ def _operands(problem: Problem) -> _Operands:
     candidates = anchors if p.symmetric else p.candidates.detach().to(op_dtype)
     pos_index = p.pos_index.to(torch.int32).contiguous()
     self_index = pos_index if p.self_index is None else p.self_index.to(torch.int32).contiguous()
-    inv_temp = (p.anchors.new_empty(p.M) if p.inv_temp is None
+    inv_temp = (p.anchors.new_empty(p.num_lse) if p.inv_temp is None
                 else p.inv_temp.to(p.anchors.dtype).contiguous())
-    return _Operands(anchors, candidates, inv_temp, pos_index, self_index,
-                     p.self_index is not None, USE_SYMMETRY and p.symmetric)
+    anchor_labels = candidate_labels = pos_index
+    if p.has_labels:  # int64: labels are arbitrary integers, never narrowed
+        anchor_labels = p.anchor_labels.contiguous()
+        candidate_labels = p.candidate_label_rows.contiguous()
+    return _Operands(anchors, candidates, inv_temp, pos_index, self_index, anchor_labels,
+                     candidate_labels, p.self_index is not None, USE_SYMMETRY and p.symmetric)
 
 
 def _flags(problem: Problem, ops: _Operands) -> dict:
     """The constexpr flags every launch shares."""
     op_dtype = ops.anchors.dtype
     return dict(LOGIT_MAP=int(problem.logit_map), HAS_SELF=ops.has_self,
+                HAS_LABELS=problem.has_labels,
                 DOT_PRECISION=PRECISIONS[precision_class(op_dtype)][2],
                 UPCAST=_INTERPRET and op_dtype == torch.bfloat16,
                 BLOCK_D=block_d_of(problem.D))
@@ -704,7 +1090,7 @@ def _run_forward(problem: Problem, acc_e: bool):
         "forward", M,
         (ops.anchors, ops.candidates, ops.inv_temp, ops.pos_index, ops.self_index, lse_neg, E,
          M, K, D, ops.anchors.stride(0), ops.candidates.stride(0), E.stride(0),
-         _logit_params(problem)),
+         _logit_params(problem), ops.anchor_labels, ops.candidate_labels),
         precision_class(ops.anchors.dtype),
         ACC_E=acc_e,
         # The SCALED map's weights exp(l - m) are <= 1: float16 holds them.
@@ -731,7 +1117,8 @@ def _run_backward(problem: Problem, lse_neg, E, g, needs: Needs) -> Grads:
             "candidates", K,
             (ops.anchors, ops.candidates, ops.inv_temp, ops.pos_index, ops.self_index, lse_neg,
              g, d_rows, d_inv_temp_out, M, K, D, ops.anchors.stride(0),
-             ops.candidates.stride(0), d_rows.stride(0), _logit_params(problem)),
+             ops.candidates.stride(0), d_rows.stride(0), _logit_params(problem),
+             ops.anchor_labels, ops.candidate_labels),
             precision_class(ops.anchors.dtype),
             SYMMETRIC=ops.symmetric, NEED_D_INV_TEMP=need_symmetric_d_inv_temp,
             WIDE_WEIGHTS=ops.anchors.dtype == torch.float16,
@@ -754,6 +1141,140 @@ def _run_backward(problem: Problem, lse_neg, E, g, needs: Needs) -> Grads:
     return Grads(d_anchors, d_candidates, d_inv_temp)
 
 
+def _softplus_common(problem: Problem, ops: _Operands) -> dict:
+    """The launch flags of the softplus kernels (no logit map: SCALED only)."""
+    flags = _flags(problem, ops)
+    del flags["LOGIT_MAP"], flags["HAS_LABELS"]  # SigLIP: SCALED map, no label mask
+    flags["HAS_BIAS"] = problem.row_bias is not None
+    return flags
+
+
+def _row_bias(problem: Problem) -> torch.Tensor:
+    """``row_bias`` in the compute dtype, or a valid dummy pointer (unused without HAS_BIAS)."""
+    return (problem.inv_temp.to(problem.anchors.dtype).contiguous() if problem.row_bias is None
+            else problem.row_bias.to(problem.anchors.dtype).contiguous())
+
+
+def _run_softplus_forward(problem: Problem, acc_e: bool):
+    """``sp_neg`` and, when ``acc_e``, ``aux = [E | sum sigmoid]`` (``[M, D + 1]``)."""
+    ops = _operands(problem)
+    M, K, D = problem.M, problem.K, problem.D
+    sp_neg = problem.anchors.new_empty(M)
+    E = problem.anchors.new_empty((M, D + 1)) if acc_e else sp_neg
+    _launch(
+        "softplus_forward", M,
+        (ops.anchors, ops.candidates, ops.inv_temp, _row_bias(problem), ops.pos_index,
+         ops.self_index, sp_neg, E, M, K, D, ops.anchors.stride(0), ops.candidates.stride(0),
+         E.stride(0) if acc_e else 0),
+        precision_class(ops.anchors.dtype), ACC_E=acc_e, **_softplus_common(problem, ops),
+    )
+    return sp_neg, (E if acc_e else None)
+
+
+def _run_softplus_backward(problem: Problem, E, g, needs: Needs) -> Grads:
+    """The candidates' pass for ``d_candidates``; the anchor side from the forward's ``aux``."""
+    ops = _operands(problem)
+    M, K, D = problem.M, problem.K, problem.D
+    g = g.to(problem.anchors.dtype).contiguous()
+    d_anchors = d_candidates = d_inv_temp = d_row_bias = None
+    if needs.d_candidates:
+        d_candidates = problem.anchors.new_empty((K, D))
+        _launch(
+            "softplus_candidates", K,
+            (ops.anchors, ops.candidates, ops.inv_temp, _row_bias(problem), ops.pos_index,
+             ops.self_index, g, d_candidates, M, K, D, ops.anchors.stride(0),
+             ops.candidates.stride(0), d_candidates.stride(0)),
+            precision_class(ops.anchors.dtype),
+            # g_a inv_temp[a] sigmoid can exceed float16's range (loss-scaled upstreams).
+            WIDE_WEIGHTS=ops.anchors.dtype == torch.float16,
+            **_softplus_common(problem, ops),
+        )
+    if needs.d_anchors or needs.d_inv_temp or needs.d_row_bias:
+        E_rows, sigmoid_sums = E[:, :D], E[:, D]
+        if needs.d_anchors:
+            d_anchors = (g * ops.inv_temp)[:, None] * E_rows
+        if needs.d_inv_temp:
+            d_inv_temp = g * (problem.anchors * E_rows).sum(dim=1)
+        if needs.d_row_bias and problem.row_bias is not None:
+            d_row_bias = g * sigmoid_sums
+    return Grads(d_anchors, d_candidates, d_inv_temp, d_row_bias)
+
+
+def _both_flags(problem: Problem, ops: _Operands) -> dict:
+    """The both-directions kernels' flags: ``_ops`` never sends them labels."""
+    flags = _flags(problem, ops)
+    del flags["HAS_LABELS"]
+    return flags
+
+
+def _run_both_forward(problem: Problem) -> torch.Tensor:
+    """``lse_neg [M + K]`` of a both-directions problem: one pass over the tiles for the rows'
+    statistics and the columns' partials, then the partials merged in block order."""
+    ops = _operands(problem)
+    M, K, D = problem.M, problem.K, problem.D
+    flags = _both_flags(problem, ops)
+    precision = precision_class(ops.anchors.dtype)
+    # BLOCK_M fixed before the launch (the columns' partials have one row per program), so this
+    # kernel is not autotuned: the interpreter's block, or the table's default shape.
+    shape = launch_shape("both_forward", precision, flags["BLOCK_D"], problem.anchors.device)
+    blocks = triton.cdiv(M, shape[0])
+    lse_neg = problem.anchors.new_empty(M + K)
+    # Extra memory: the columns' partial max and sum, 2 x cdiv(M, BLOCK_M) x K values.
+    col_max = problem.anchors.new_empty((blocks, K))
+    col_sum = problem.anchors.new_empty((blocks, K))
+    _launch(
+        "both_forward", M,
+        (ops.anchors, ops.candidates, ops.inv_temp, ops.pos_index, ops.self_index,
+         ops.inv_temp[M:], ops.pos_index[M:], ops.self_index[M:], lse_neg, col_max, col_sum,
+         M, K, D, ops.anchors.stride(0), ops.candidates.stride(0), _logit_params(problem)),
+        precision, shape=shape, **flags)
+    # The merge (the "second tiny pass"): per column, the max over blocks and the sum of each
+    # block's partial sum rescaled to it; a fixed order of reduction, no atomics.
+    top = col_max.amax(dim=0)
+    shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    total = (col_sum * torch.exp(col_max - shift)).sum(dim=0)
+    lse_neg[M:] = torch.where(total > 0, shift + torch.log(total), float("-inf"))
+    return lse_neg
+
+
+def _run_both_backward(problem: Problem, lse_neg, g, needs: Needs) -> Grads:
+    """Both directions' gradients: one column-ordered pass per side that needs one (the
+    anchors' side: the anchors as the kernel's owned rows, the candidates streamed)."""
+    ops = _operands(problem)
+    M, K, D = problem.M, problem.K, problem.D
+    g = g.to(problem.anchors.dtype).contiguous()
+    need_d_inv_temp = needs.d_inv_temp and problem.logit_map is LogitMap.SCALED
+    d_inv_temp = problem.anchors.new_empty(M + K) if need_d_inv_temp else None
+    rows = slice(0, M)
+    cols = slice(M, M + K)
+    out = {}
+    # (owned side, its rows, its entries; the streamed side, its rows, its entries)
+    for name, own, own_part, other, other_part, wanted in (
+            ("d_anchors", ops.anchors, rows, ops.candidates, cols, needs.d_anchors),
+            ("d_candidates", ops.candidates, cols, ops.anchors, rows, needs.d_candidates)):
+        if not (wanted or need_d_inv_temp):
+            continue
+        n_own, n_other = own.shape[0], other.shape[0]
+        d_own = problem.anchors.new_empty((n_own, D))
+        d_inv_temp_own = d_inv_temp[own_part] if need_d_inv_temp else lse_neg
+        _launch(
+            "both_backward", n_own,
+            (other, own,
+             ops.inv_temp[other_part], ops.pos_index[other_part], ops.self_index[other_part],
+             lse_neg[other_part], g[other_part],
+             ops.inv_temp[own_part], ops.pos_index[own_part], ops.self_index[own_part],
+             lse_neg[own_part], g[own_part],
+             d_own, d_inv_temp_own, n_other, n_own, D, other.stride(0), own.stride(0),
+             d_own.stride(0), _logit_params(problem)),
+            precision_class(ops.anchors.dtype),
+            NEED_D_INV_TEMP=need_d_inv_temp,
+            WIDE_WEIGHTS=ops.anchors.dtype == torch.float16,
+            **_both_flags(problem, ops),
+        )
+        out[name] = d_own if wanted else None
+    return Grads(out.get("d_anchors"), out.get("d_candidates"), d_inv_temp)
+
+
 def _accumulates_e(problem: Problem, need_grad: bool) -> bool:
     # E serves the anchor side (and d_inv_temp) of a non-symmetric pass; the symmetric backward
     # gets everything from its one pass.
@@ -765,6 +1286,7 @@ class TritonBackend(Backend):
 
     name = "triton"
     max_d = MAX_D
+    both_directions = True
 
     def unavailable_reason(self, device):
         return unavailable_reason(device)
@@ -807,7 +1329,13 @@ class TritonBackend(Backend):
         return self._shape_refusal(dim, dtype, device)
 
     def fwd(self, problem: Problem, need_grad: bool):
-        acc_e = _accumulates_e(problem, need_grad)
+        if problem.both_directions:
+            return _run_both_forward(problem), None
+        if problem.row_reduction is RowReduction.SOFTPLUS:
+            return _run_softplus_forward(problem, need_grad)
+        return self._forward(problem, _accumulates_e(problem, need_grad))
+
+    def _forward(self, problem: Problem, acc_e: bool):
         if problem.anchors.dtype == torch.float64 and problem.anchors.device.type == "cuda":
             try:
                 return _run_forward(problem, acc_e)
@@ -820,12 +1348,25 @@ class TritonBackend(Backend):
                 ) from exc
         return _run_forward(problem, acc_e)
 
+    def fwd_eqs(self, problem: Problem, need_grad: bool):
+        # E4 from the forward's anchor-side accumulator: E_a = sum_k Q_ak u_k, so
+        # eqs[a] = sum_k Q_ak S_ak = u_a . E_a (SCALED), no second pass over the tiles.
+        lse_neg, E = self._forward(problem, True)
+        eqs = (problem.anchors.detach() * E).sum(dim=1)
+        return lse_neg, (E if _accumulates_e(problem, need_grad) else None), eqs
+
     def bwd(self, problem: Problem, lse_neg, aux, g, needs: Needs) -> Grads:
+        if problem.row_reduction is RowReduction.SOFTPLUS:
+            return _run_softplus_backward(problem, aux, g, needs)
+        if problem.both_directions:
+            return _run_both_backward(problem, lse_neg, g, needs)
         return _run_backward(problem, lse_neg, aux, g, needs)
 
     def fake_aux(self, problem: Problem, need_grad: bool):
+        if problem.row_reduction is RowReduction.SOFTPLUS:
+            return problem.anchors.new_empty((problem.M, problem.D + 1)) if need_grad else None
         return problem.anchors.new_empty(problem.anchors.shape) \
-            if _accumulates_e(problem, need_grad) else None
+            if _accumulates_e(problem, need_grad) and not problem.both_directions else None
 
 
 BACKEND = TritonBackend()

@@ -180,6 +180,11 @@ __device__ __forceinline__ bool in_neg(const Args& p, const Row& r, int64_t k) {
          (p.anchor_labels == nullptr || p.candidate_labels[k] != r.label);
 }
 
+// Without a label mask (the softplus and both-directions kernels: Python never sends them labels).
+__device__ __forceinline__ bool in_neg(const Row& r, int64_t k, int64_t K) {
+  return r.ok && k < K && k != r.pos_index && k != r.self_index;
+}
+
 // ---------------------------------------------------------------------------------------------
 // S tile: sm.S[r][k] = anchors[a0 + r] . candidates[c0 + k] (0 outside the matrices). Ends
 // synchronised.

@@ -129,14 +129,39 @@ def test_out_of_resources_at_launch_names_the_shape_and_dtype(compiled_mode, mon
         TF._launch("forward", 10, (anchors,), "fp32", BLOCK_D=512)
 
 
-def test_kernel_table_lists_both_kernels():
-    assert {"forward", "candidates"} <= set(TF.KERNELS)
+def test_kernel_table_lists_every_kernel():
+    assert set(TF.KERNELS) >= {"forward", "candidates", "both_forward", "both_backward",
+                               "softplus_forward", "softplus_candidates"}
     for name, spec in TF.KERNELS.items():
         assert spec.kind in ("forward", "candidates")
+        args = set(spec.function.arg_names)
+        # Every pointer argument is typed by the inventory's signature builder: the index and
+        # label pointers are the kernel's own, the float scalars arrive as logit_params_ptr.
+        assert set(spec.index_args) | set(spec.label_args) <= args, name
+        assert not {"artanh_scale", "artanh_eps"} & args, name
+        assert set(spec.tune_key) <= args, name
         for precision in TF.PRECISIONS:
             sets = spec.inventory_flags(precision)
-            assert sets and all(set(flags) <= set(spec.function.arg_names)
-                                for _, flags in sets)
+            assert sets and all(set(flags) <= args for _, flags in sets)
+    # The label mask and the SigLIP bias are tuned and inventoried as flags of their own.
+    assert "HAS_LABELS" in TF.KERNELS["forward"].tune_key
+    assert "HAS_LABELS" in TF.KERNELS["candidates"].tune_key
+    assert "HAS_BIAS" in TF.KERNELS["softplus_forward"].tune_key
+    assert any(flags.get("HAS_LABELS") for _, flags in
+               TF.KERNELS["forward"].inventory_flags("bf16"))
+    assert not TF.KERNELS["both_forward"].autotuned
+
+
+def test_label_pointers_are_int64_in_the_inventory_signature():
+    from macl_kernels import _inventory as I
+
+    spec = TF.KERNELS["forward"]
+    signature, _ = I._signature(spec, "bf16", {"BLOCK_D": 64})
+    assert signature["anchor_labels_ptr"] == signature["candidate_labels_ptr"] == "*i64"
+    assert signature["pos_index_ptr"] == "*i32" and signature["anchors_ptr"] == "*bf16"
+    assert signature["logit_params_ptr"] == "*fp32"
+    signature, _ = I._signature(TF.KERNELS["both_forward"], "fp64", {})
+    assert signature["col_pos_index_ptr"] == "*i32" and signature["logit_params_ptr"] == "*fp64"
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +222,7 @@ def _compile_env(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the GPU tests run the kernels")
 def test_chosen_configurations_compile_within_the_rules(tmp_path):
     """Per precision class, the default shape at its widest width, the heaviest flag set of
-    each kernel (every flag set for float32; 16 compiles): spill <= 1 KB, shared memory within the H100's and the table's
+    each kernel (every flag set for float32): spill <= 1 KB, shared memory within the H100's and the table's
     figure, 64-bit row offsets. The full table (every width, flag set and autotune candidate,
     Triton 3.9 and 3.6) is committed under bench/results/gpu_readiness/."""
     try:
@@ -213,7 +238,8 @@ def test_chosen_configurations_compile_within_the_rules(tmp_path):
     # The check catches 32-bit row offsets (negative control) and passes 64-bit ones.
     assert result["control"] == {"_rows_i32": True, "_rows_i64": False}
     rows = result["rows"]
-    assert len(rows) == 2 * (len(TF.PRECISIONS) - 1) + 8
+    assert len(rows) == len(TF.KERNELS) * (len(TF.PRECISIONS) - 1) + sum(
+        len(spec.inventory_flags("fp32")) for spec in TF.KERNELS.values())
     for row in rows:
         where = f"{row['kernel']} {row['precision']} BLOCK_D={row['block_d']}"
         assert row["ok"], f"{where}: {row['problem']}"

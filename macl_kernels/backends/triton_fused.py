@@ -865,8 +865,7 @@ def register_kernel(name: str, spec: KernelSpec) -> None:
 
 if triton is not None:
     _LABELS = ("anchor_labels_ptr", "candidate_labels_ptr")
-    _BOTH_INDEX = ("pos_index_ptr", "self_index_ptr", "col_pos_index_ptr", "col_self_index_ptr",
-                   "own_pos_index_ptr", "own_self_index_ptr")
+    _INDEX = ("pos_index_ptr", "self_index_ptr")
     register_kernel("forward", KernelSpec(
         _forward_kernel, "forward",
         ("LOGIT_MAP", "HAS_SELF", "ACC_E", "HAS_LABELS", "DOT_PRECISION", "WIDE_WEIGHTS"),
@@ -879,11 +878,13 @@ if triton is not None:
     # program, so its BLOCK_M is fixed before the launch: the table's default shape, no tuning.
     register_kernel("both_forward", KernelSpec(
         _both_forward_kernel, "forward", ("LOGIT_MAP", "HAS_SELF", "DOT_PRECISION"),
-        _both_forward_flag_sets, index_args=_BOTH_INDEX, autotuned=False))
+        _both_forward_flag_sets,
+        index_args=_INDEX + ("col_pos_index_ptr", "col_self_index_ptr"), autotuned=False))
     register_kernel("both_backward", KernelSpec(
         _both_backward_kernel, "candidates",
         ("LOGIT_MAP", "HAS_SELF", "NEED_D_INV_TEMP", "DOT_PRECISION", "WIDE_WEIGHTS"),
-        _both_backward_flag_sets, index_args=_BOTH_INDEX))
+        _both_backward_flag_sets,
+        index_args=_INDEX + ("own_pos_index_ptr", "own_self_index_ptr")))
     # RowReduction.SOFTPLUS (SigLIP).
     register_kernel("softplus_forward", KernelSpec(
         _softplus_forward_kernel, "forward", ("HAS_BIAS", "HAS_SELF", "ACC_E", "DOT_PRECISION"),

@@ -12,8 +12,8 @@ TTIR multiplies row indices by strides in 64 bits (no ``arith.muli`` on an i32 t
 
 Each row is checked against the rules the shape tables promise: at most ``MAX_SPILL_BYTES`` of
 spill, shared memory within the architecture's limit and within the figure the shape table
-records for it, 64-bit row offsets. Widths with no shape are listed as ``refused`` (the backend refuses them with a
-``ValueError`` and ``auto`` passes over them).
+records for it, 64-bit row offsets. Widths with no shape are listed as ``refused`` (the
+backend refuses them with a ``ValueError`` and ``auto`` passes over them).
 
 Compiling needs Triton's NVIDIA backend and a process where ``TRITON_INTERPRET`` is not set
 (kernels are decorated for the interpreter otherwise): ``cli.py`` re-runs itself without it.
@@ -50,8 +50,8 @@ def _shared_limit(arch: str) -> int:
 def _signature(spec, precision: str, constexprs: dict):
     """Triton signature and attributes of ``spec.function`` for ``precision`` operands: the
     operand pointers of the operand dtype, the index pointers int32, the label pointers int64,
-    every other pointer of the accumulator dtype, integers i32 (strides divisible by 16, pointers 16-byte aligned, as a
-    real launch specialises them)."""
+    every other pointer of the accumulator dtype, integers i32 (strides divisible by 16,
+    pointers 16-byte aligned, as a real launch specialises them)."""
     from .backends import triton_fused as TF
 
     op, acc, _ = TF.PRECISIONS[precision]

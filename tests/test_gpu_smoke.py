@@ -35,8 +35,9 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
                 torch.float64: "float64"}
 
 # (loss, layout, dtype, D, float32 matmul precision): per precision class the three kernel paths
-# (MACL 2n: symmetric backward; CLIP: two cross blocks with E; tfree: the ARTANH map), then the
-# widest width of each table (bf16 at CLIP ViT-L's D = 768, float32 3xTF32 at 128 with E, tf32 at 512).
+# (MACL 2n: symmetric backward; CLIP: both directions from one tile; tfree: the ARTANH map), the
+# widest width of each table (bf16 at CLIP ViT-L's D = 768, float32 3xTF32 at 128 with E, tf32
+# at 512).
 SMOKE_CASES = (
     [(name, layout, dtype, 128, "highest")
      for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)

@@ -982,7 +982,8 @@ def _launch(name: str, grid_rows: int, args, precision: str, shape=None, **flags
         shapes = [tuple(shape)]
     try:
         with torch.cuda.device(device):
-            if AUTOTUNE and spec.autotuned and shape is None:  # the autotuner drops candidates that raise OutOfResources itself
+            # The autotuner drops candidates that raise OutOfResources itself.
+            if AUTOTUNE and spec.autotuned and shape is None:
                 _tuned(name)[lambda meta: (triton.cdiv(grid_rows, meta[spec.grid_block]),)](
                     *args, **flags)
             else:

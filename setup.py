@@ -40,7 +40,10 @@ Environment variables:
     then only runs on CPUs like the build machine); any other value is used as the flags
     (shell-split); an empty value means no arch flags.
 ``MACL_CUDA_ARCH_FLAGS``
-    nvcc target flags of ``_C_cuda`` (default sm_80 and sm_90a).
+    nvcc target flags of ``_C_cuda``. Default ``DEFAULT_CUDA_ARCH_FLAGS``: cubins for sm_80
+    (A100) and sm_90a (H100/H200), plus compute_90 PTX that the driver JIT-compiles on GPUs
+    newer than both (Blackwell, ...). ``macl-kernels info`` lists what the built extension
+    carries.
 ``MAX_JOBS``
     Parallel compile jobs (ninja's -j; without ninja: extensions built at once).
 ``MACL_USE_NINJA=0``
@@ -89,6 +92,13 @@ def in_isolated_build_env() -> bool:
     """
     markers = ("pip-build-env-", "build-env-", "builds-v")
     return any(m in p for p in sys.path + [sys.prefix] for m in markers if p)
+
+
+# sm_90a cubins use Hopper-only features and run on sm_90 only, so the portable PTX is
+# compute_90 (not 90a): any later GPU's driver can compile it.
+DEFAULT_CUDA_ARCH_FLAGS = ("-gencode=arch=compute_80,code=sm_80 "
+                           "-gencode=arch=compute_90a,code=sm_90a "
+                           "-gencode=arch=compute_90,code=compute_90")
 
 
 def cpu_arch_flags() -> list:
@@ -201,9 +211,7 @@ def extensions():
     if cuda_reason:
         note(f"not building macl_kernels._C_cuda: {cuda_reason}.")
     else:
-        cuda_arch = shlex.split(os.environ.get(
-            "MACL_CUDA_ARCH_FLAGS",
-            "-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a"))
+        cuda_arch = shlex.split(os.environ.get("MACL_CUDA_ARCH_FLAGS", DEFAULT_CUDA_ARCH_FLAGS))
         exts.append(
             cpp_extension.CUDAExtension(
                 "macl_kernels._C_cuda",

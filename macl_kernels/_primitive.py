@@ -222,6 +222,14 @@ class Backend:
         backend could not run there anyway (another device type, a CPU build of torch, ...)."""
         return False
 
+    def width_reason(self, dim: Optional[int], dtype: Optional[torch.dtype],
+                     device: Optional[torch.device]) -> Optional[str]:
+        """Why ``auto`` passes over this backend for embeddings of width ``dim`` and dtype
+        ``dtype`` on ``device`` (``None``: it serves them; ``None`` arguments are unknown)."""
+        if dim is not None and self.max_d is not None and dim > self.max_d:
+            return f"supports D <= {self.max_d}, got D = {dim}"
+        return None
+
     def check(self, problem: Problem) -> None:
         """Refuse what the kernels cannot do (dtype, width), with a ``TypeError`` /
         ``ValueError`` naming it. Called by ``_ops`` before ``fwd``."""

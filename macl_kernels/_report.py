@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from typing import Iterable, List, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -68,6 +68,64 @@ def _triton_version() -> str:
         return f"installed but not importable ({type(exc).__name__}: {exc})"
 
 
+def _cuobjdump() -> Optional[str]:
+    """A ``cuobjdump``: Triton's bundled one, the CUDA toolkit's, or one on PATH."""
+    import importlib.util
+    import shutil
+
+    candidates = []
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.submodule_search_locations:
+        for root in spec.submodule_search_locations:
+            candidates.append(os.path.join(root, "backends", "nvidia", "bin", "cuobjdump"))
+    for env in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(env):
+            candidates.append(os.path.join(os.environ[env], "bin", "cuobjdump"))
+    candidates.append(shutil.which("cuobjdump"))
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)),
+                None)
+
+
+def binary_architectures(path: str) -> Optional[Tuple[List[str], List[str]]]:
+    """``(cubin architectures, PTX architectures)`` embedded in a CUDA binary (e.g.
+    ``(["sm_80", "sm_90a"], ["compute_90"])``), read with ``cuobjdump --list-elf --list-ptx``;
+    ``None`` when no cuobjdump is found or it cannot read the file."""
+    import re
+    import subprocess
+
+    tool = _cuobjdump()
+    if tool is None:
+        return None
+    try:
+        out = subprocess.run([tool, "--list-elf", "--list-ptx", path], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    elf = sorted(set(re.findall(r"ELF file\s+\d+:.*\.(sm_\w+?)\.cubin", out)))
+    ptx = sorted({"compute_" + a for a in re.findall(r"PTX file\s+\d+:.*\.sm_(\w+?)\.ptx", out)})
+    if not elf and not ptx:
+        return None
+    return elf, ptx
+
+
+def cuda_extension_line() -> str:
+    """Which GPU architectures the CUDA extension carries (``info``): its cubins run on those
+    architectures, its PTX is compiled by the driver for newer ones."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("macl_kernels._C_cuda")
+    if spec is None or not spec.origin:
+        return "not built"
+    archs = binary_architectures(spec.origin)
+    if archs is None:
+        return f"built ({spec.origin}); architectures unknown (no cuobjdump to read them)"
+    elf, ptx = archs
+    text = f"cubins {', '.join(elf) or 'none'}"
+    if ptx:
+        text += f"; PTX {', '.join(ptx)} (JIT-compiled by the driver on newer GPUs)"
+    return text
+
+
 def info_lines() -> List[str]:
     """The ``info`` report, one ``key: value`` line each (a list so that tests can inspect it)."""
     lines = [
@@ -85,6 +143,7 @@ def info_lines() -> List[str]:
     else:
         lines.append("CUDA device: none visible")
     lines.append(f"triton: {_triton_version()}")
+    lines.append(f"cuda extension: {cuda_extension_line()}")
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     cpus = f"{os.cpu_count()}" + (f" ({affinity} usable by this process)"
                                   if affinity is not None and affinity != os.cpu_count() else "")

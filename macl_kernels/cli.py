@@ -1,6 +1,6 @@
 """The ``macl-kernels`` console script (also ``python -m macl_kernels``).
 
-Four subcommands, each answering one question a user has before trusting the package:
+Five subcommands, each answering one question a user has before trusting the package:
 
 ``info``
     What is installed and which backends can run here (and, for those that cannot, why)?
@@ -15,6 +15,10 @@ Four subcommands, each answering one question a user has before trusting the pac
     Where do the time and memory of a step go (normalise, forward, backward; top operators from
     torch.profiler), what throughput does each backend reach, and what is the largest batch that
     fits a memory budget? (Code in ``_profile.py``, fresh processes as well.)
+``kernels``
+    Would the Triton kernels run well on an H100/H200 (or an A100)? Compiles, without a GPU,
+    every configuration the GPU shape rules can launch and reports registers, spill and shared
+    memory per configuration; exit status 1 if one breaks the rules. (Code in ``_inventory.py``.)
 
 Nothing here runs at import time; ``main()`` is the entry point declared in ``setup.py``.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from typing import List, NoReturn, Optional, Sequence
 
@@ -178,6 +183,80 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# kernels (implementation in _inventory.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _interpreted() -> bool:
+    """Whether Triton kernels in this process are (or would be) decorated for the interpreter."""
+    module = sys.modules.get("macl_kernels.backends.triton_fused")
+    return os.environ.get("TRITON_INTERPRET") == "1" or bool(getattr(module, "_INTERPRET", False))
+
+
+def _comma_list(choices: Sequence, convert=str):
+    def parse(text: str):
+        try:
+            values = [convert(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        bad = [v for v in values if v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: choose from {', '.join(map(str, choices))}")
+        return values
+    return parse
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    if _interpreted():
+        # Kernels decorated for the interpreter cannot be compiled: run again without it.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.run([sys.executable, "-m", "macl_kernels", "kernels", *args.argv],
+                              env=env).returncode
+    try:
+        import triton  # noqa: F401
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError as exc:
+        _usage_error(f"compiling the Triton kernels needs triton with its NVIDIA backend "
+                     f"({type(exc).__name__}: {exc})")
+    from . import _inventory
+    from ._report import format_table
+
+    rows = _inventory.plan(args.arch, args.precisions, args.widths, args.kernels,
+                           candidates=not args.no_candidates, flag_sets=args.flag_sets)
+    compiled = sum(r["role"] != "refused" for r in rows)
+    print(f"compiling {compiled} configurations for {args.arch} ({args.jobs} job(s))",
+          flush=True)
+
+    def progress(row):
+        if not args.quiet and row["role"] != "refused":
+            print(f"  {row['kernel']:<10} {row['precision']:<9} D<={row['block_d']:<4} "
+                  f"{row['flags']:<13} {row['block_m']}x{row['block_n']} "
+                  f"{row['num_warps']}w {row['num_stages']}s: regs {row.get('registers', '?')}, "
+                  f"spill {row.get('spill_bytes', '?')} B, shared {row.get('shared_bytes', '?')} B"
+                  f"{'' if row['ok'] else '  <-- ' + row['problem']}", flush=True)
+
+    rows = _inventory.run(rows, jobs=args.jobs, progress=progress)
+    if args.csv:
+        _inventory.write_csv(rows, args.csv)
+    if args.md:
+        os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
+        with open(args.md, "w") as f:
+            f.write(_inventory.markdown(rows))
+    table = [(s["precision"], s["block_d"], s["configs"], s["worst_spill"], s["worst_shared"],
+              "refused" if s["refused"] and not s["configs"] else "", s["failures"])
+             for s in _inventory.summary(rows)]
+    print(format_table(("precision", "BLOCK_D", "configs", "worst spill B", "worst shared B",
+                        "width", "failing"), table, (False, True, True, True, True, False, True)))
+    failing = [r for r in rows if not r["ok"]]
+    for r in failing:
+        print(f"FAIL {r['kernel']} {r['precision']} BLOCK_D={r['block_d']} {r['flags']} "
+              f"{r['block_m']}x{r['block_n']} {r['num_warps']}w {r['num_stages']}s: "
+              f"{r['problem']}")
+    return 1 if failing else 0
+
+
+# --------------------------------------------------------------------------------------------
 # Parser and entry point
 # --------------------------------------------------------------------------------------------
 
@@ -276,11 +355,55 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {_profile.DEFAULT_SEARCH_TIME_S:g})")
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_profile)
+
+    from . import _inventory
+    from .backends.triton_fused import PRECISIONS
+
+    p = sub.add_parser(
+        "kernels", help="compile the Triton kernels for a GPU architecture (no GPU needed) and "
+                        "report registers, spill and shared memory",
+        description="Compile, with Triton's bundled ptxas and no GPU, the tile shape the GPU "
+                    "shape rules choose for every kernel, precision, width (BLOCK_D) and flag "
+                    "set, plus the autotune candidates that survive pruning; report registers, "
+                    "spill bytes and shared memory per configuration. Exit status 1 when one "
+                    f"spills more than {_inventory.MAX_SPILL_BYTES} B per thread, exceeds the "
+                    "architecture's shared memory or the figure the shape table records for "
+                    "it, or multiplies row offsets in 32 bits.")
+    p.add_argument("--arch", choices=list(_inventory.ARCHS), default="sm_90",
+                   help="target architecture (default sm_90: H100/H200)")
+    p.add_argument("--csv", default=None, help="write every configuration to this CSV file")
+    p.add_argument("--md", default=None, help="write the summary and rows as Markdown")
+    p.add_argument("--precisions", type=_comma_list(list(PRECISIONS)), default=list(PRECISIONS),
+                   help=f"comma-separated precision classes (default all: "
+                        f"{','.join(PRECISIONS)})")
+    p.add_argument("--widths", type=_comma_list(_inventory.WIDTHS, int),
+                   default=list(_inventory.WIDTHS),
+                   help=f"comma-separated BLOCK_D values (default "
+                        f"{','.join(map(str, _inventory.WIDTHS))})")
+    p.add_argument("--kernels", type=_comma_list(_kernel_names()), default=None,
+                   help="comma-separated kernels of the table (default all: "
+                        f"{','.join(_kernel_names())})")
+    p.add_argument("--no-candidates", action="store_true",
+                   help="only the default shape (AUTOTUNE off), not the autotune candidates")
+    p.add_argument("--flag-sets", choices=("all", "heaviest"), default="all",
+                   help="every flag set each kernel is launched with, or only its heaviest")
+    p.add_argument("--jobs", type=_positive_int, default=1,
+                   help="compile in this many processes (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no line per configuration")
+    p.set_defaults(func=cmd_kernels)
     return parser
 
 
+def _kernel_names() -> List[str]:
+    from .backends import triton_fused
+
+    return list(triton_fused.KERNELS)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[argv.index("kernels") + 1:] if "kernels" in argv else []
     try:
         return args.func(args)
     except BrokenPipeError:

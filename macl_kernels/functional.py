@@ -199,7 +199,7 @@ def _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, 
         if negatives is not None:
             raise ValueError("labels cannot be combined with negatives (the extra candidates "
                              "carry no labels)")
-    name = resolve_backend(backend, z1.device, z1.shape[1])
+    name = resolve_backend(backend, z1.device, z1.shape[1], z1.dtype)
     ctx = distributed.context(gather_distributed)
     if mode != "none" and not allow_empty:
         extra = 0 if negatives is None else negatives.shape[0]
@@ -660,7 +660,7 @@ def _moco(query, key, bank, *, temperature, loss, alpha, a0, schedule, temperatu
         V.check_has_negatives(bank.shape[0] + (query.shape[0] - 1 if in_batch_negatives else 0),
                               f"a bank of {bank.shape[0]} row(s)" +
                               (f" and a batch of {query.shape[0]}" if in_batch_negatives else ""))
-    name = resolve_backend(backend, query.device, query.shape[1])
+    name = resolve_backend(backend, query.device, query.shape[1], query.dtype)
     ctx = distributed.context(gather_distributed)
     wide = compute_dtype(query.dtype)
     u_q, u_k = _math.normalize(query, normalize), _math.normalize(key, normalize)
@@ -744,7 +744,8 @@ def _siglip(image_features, text_features, logit_scale, logit_bias, *, normalize
     V.check_backend(backend)
     logit_scale = V.check_logit_scale(logit_scale, image_features, validate=mode)
     logit_bias = V.check_logit_bias(logit_bias, image_features, validate=mode)
-    name = resolve_backend(backend, image_features.device, image_features.shape[1])
+    name = resolve_backend(backend, image_features.device, image_features.shape[1],
+                           image_features.dtype)
     ctx = distributed.context(gather_distributed)
     offset = 0
     gather = None

@@ -137,7 +137,7 @@ class GCLoss_v1(nn.Module):
         ctx = distributed.context(self.distributed)
         if ctx is not None:
             distributed.check_equal_rows(hidden1.shape[0], hidden1.device, ctx)
-        name = resolve_backend(self.backend, hidden1.device, hidden1.shape[1])
+        name = resolve_backend(self.backend, hidden1.device, hidden1.shape[1], hidden1.dtype)
         device_type = hidden1.device.type
         if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
             with torch.autocast(device_type, enabled=False):

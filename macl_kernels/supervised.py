@@ -124,7 +124,7 @@ def supcon_loss(features, labels=None, *, mask=None, temperature=0.07, base_temp
                          "the samples of one rank)")
     if ctx is not None:
         distributed.check_equal_rows(bsz, features.device, ctx)
-    name = resolve_backend(backend, features.device, feats.shape[2])
+    name = resolve_backend(backend, features.device, feats.shape[2], feats.dtype)
     return _supcon(feats, labels, mask, temperature, base_temperature, contrast_mode, normalize,
                    reduction, ctx, name)
 
@@ -237,7 +237,7 @@ def _supcon_pml(embeddings, labels, ref_emb, ref_labels, temperature, backend, v
         ref_labels = V.check_labels("ref_labels", ref_labels, ref_emb.shape[0], embeddings, mode)
     elif ref_labels is not None:
         raise ValueError("ref_labels needs ref_emb")
-    name = resolve_backend(backend, embeddings.device, embeddings.shape[1])
+    name = resolve_backend(backend, embeddings.device, embeddings.shape[1], embeddings.dtype)
     out_dtype = embeddings.dtype
     wide = compute_dtype(out_dtype)
     with torch.autocast(embeddings.device.type, enabled=False) if embeddings.device.type in (
@@ -322,7 +322,7 @@ def supcon_macl_loss(features, labels, *, temperature=0.1, alpha=0.5, a0=0.0,
     V.check_backend(backend)
     if alignment == "instance" and views < 2:
         raise ValueError("alignment='instance' needs V >= 2 views")
-    name = resolve_backend(backend, features.device, feats.shape[2])
+    name = resolve_backend(backend, features.device, feats.shape[2], feats.dtype)
     out_dtype = feats.dtype
     wide = compute_dtype(out_dtype)
     with torch.autocast(feats.device.type, enabled=False) if feats.device.type in (

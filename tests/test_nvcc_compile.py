@@ -62,3 +62,47 @@ def test_cuda_sources_compile(arch, tmp_path):
             if "warning" in line.lower() and "csrc" in line]
     assert not ours, "nvcc warnings in csrc/:\n" + log
     assert len(list(tmp_path.glob("*.o"))) == len(CU_FILES)
+
+
+def _default_cuda_arch_flags():
+    """setup.py's DEFAULT_CUDA_ARCH_FLAGS, read without running setup.py."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+                getattr(t, "id", None) == "DEFAULT_CUDA_ARCH_FLAGS" for t in node.targets):
+            return ast.literal_eval(node.value).split()
+    raise AssertionError("setup.py defines no DEFAULT_CUDA_ARCH_FLAGS")
+
+
+def test_default_build_embeds_ptx_for_newer_gpus():
+    flags = _default_cuda_arch_flags()
+    assert "-gencode=arch=compute_80,code=sm_80" in flags
+    assert "-gencode=arch=compute_90a,code=sm_90a" in flags
+    assert "-gencode=arch=compute_90,code=compute_90" in flags  # PTX, JIT-compiled on newer GPUs
+
+
+def test_info_says_which_architectures_the_extension_carries():
+    from macl_kernels._report import info_lines
+
+    assert any(line.startswith("cuda extension: ") for line in info_lines())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda)")
+def test_info_reads_the_architectures_of_a_binary(tmp_path):
+    """A small shared library built with setup.py's default flags: ``binary_architectures``
+    (what ``info`` reports for the extension) finds both cubins and the PTX."""
+    from macl_kernels._report import _cuobjdump, binary_architectures
+
+    if _cuobjdump() is None:
+        pytest.skip("no cuobjdump (Triton's bundled one, $CUDA_HOME/bin or PATH)")
+    source = tmp_path / "scale.cu"
+    source.write_text("__global__ void scale(float* x) { x[threadIdx.x] *= 2.0f; }\n")
+    library = tmp_path / "libscale.so"
+    cmd = [NVCC, "-shared", "-Xcompiler", "-fPIC", "-o", str(library), str(source),
+           *_default_cuda_arch_flags()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert binary_architectures(str(library)) == (["sm_80", "sm_90a"], ["compute_90"])

@@ -177,5 +177,6 @@ def test_opcheck_with_labels_and_eqs(backend):
         A, C, b, pos, slf, yA, yC = problem(8, 9, 5, symmetric, 3, seed=2)
         A, C, b = (None if t is None else t.to(device).requires_grad_(True) for t in (A, C, b))
         args = (backend, A, C, b, pos.to(device), None if slf is None else slf.to(device), 0,
-                0.0, 0.0, None, True, yA.to(device), None if yC is None else yC.to(device), True)
+                0.0, 0.0, None, True, 0, None, yA.to(device),
+                None if yC is None else yC.to(device), True)
         torch.library.opcheck(_ops.negative_lse_op, args)

@@ -63,13 +63,15 @@ def available_backends(device=None) -> Dict[str, Optional[str]]:
     return {name: _reason(name, device) for name in BACKEND_NAMES}
 
 
-def resolve_backend(backend: str, device: torch.device, dim: Optional[int] = None) -> str:
-    """The concrete backend for ``backend`` on ``device`` (and embeddings of width ``dim``,
-    when given: ``auto`` passes over a backend whose kernels cap the width). An explicit but
-    unusable backend raises ``RuntimeError`` with the reason."""
+def resolve_backend(backend: str, device: torch.device, dim: Optional[int] = None,
+                    dtype: Optional[torch.dtype] = None) -> str:
+    """The concrete backend for ``backend`` on ``device`` (and embeddings of width ``dim`` and
+    dtype ``dtype``, when given: ``auto`` passes over a backend whose kernels cap the width or,
+    for that dtype, would spill or not fit the GPU). An explicit but unusable backend raises
+    ``RuntimeError`` with the reason."""
     if backend != "auto" and backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {['auto', *BACKEND_NAMES]}, got {backend!r}")
-    name, error, unbuilt = _resolve(backend, device.type, device.index, dim)
+    name, error, unbuilt = _resolve(backend, device.type, device.index, dim, dtype)
     if unbuilt:
         _warn_unbuilt(unbuilt, name)
     if error is not None:
@@ -91,17 +93,18 @@ def _warn_unbuilt(passed_over: Tuple[Tuple[str, str], ...], chosen: str) -> None
                       f"{chosen!r} instead: {reason}", RuntimeWarning, stacklevel=4)
 
 
-def _width_reason(name: str, dim: Optional[int]) -> Optional[str]:
-    max_d = kernel_backend(name).max_d if name in KERNEL_MODULES else None
-    if dim is not None and max_d is not None and dim > max_d:
-        return f"supports D <= {max_d}, got D = {dim}"
-    return None
+def _width_reason(name: str, dim: Optional[int], dtype: Optional[torch.dtype],
+                  device: torch.device) -> Optional[str]:
+    if name not in KERNEL_MODULES:
+        return None
+    return kernel_backend(name).width_reason(dim, dtype, device)
 
 
 # Evaluated once per (backend, device, width) at trace time under torch.compile: the answer is a
 # constant of the environment, and the probing (imports, CUDA queries) must not enter a graph.
 @torch.compiler.assume_constant_result
-def _resolve(backend: str, device_type: str, device_index: Optional[int], dim: Optional[int]):
+def _resolve(backend: str, device_type: str, device_index: Optional[int], dim: Optional[int],
+             dtype: Optional[torch.dtype] = None):
     """``(name, error, unbuilt)``: ``unbuilt`` lists the native backends ``auto`` passed over
     because their extension was not built (for the warning, outside the traced region)."""
     device = torch.device(device_type, device_index) if device_index is not None else \
@@ -109,7 +112,7 @@ def _resolve(backend: str, device_type: str, device_index: Optional[int], dim: O
     if backend == "auto":
         rejected, unbuilt = [], []
         for name in AUTO_ORDER.get(device.type, AUTO_ORDER_OTHER):
-            reason = _reason(name, device) or _width_reason(name, dim)
+            reason = _reason(name, device) or _width_reason(name, dim, dtype, device)
             if reason is None:
                 return name, None, tuple(unbuilt)
             rejected.append(f"{name}: {reason}")

@@ -71,13 +71,20 @@ Half-precision inputs (``operand_dtype`` float16/bfloat16) are rounded back to t
 ``tl.dot`` operands (tensor cores, fp32 accumulation), except that with float16 the weight GEMMs
 (``Q dl_dS`` and ``dL_dS`` against rows) run in tf32: those weights can exceed float16's 65504 (artanh
 slopes, loss-scaled upstream gradients), tf32 has float32's range and float16's mantissa. float32
-operands use tf32 only when ``torch.get_float32_matmul_precision() != "highest"``. float64 runs as
-float64 ``tl.dot`` (exact to float64 rounding; on a GPU it is slow, FMA-based - use it to check,
-not to train).
+operands run 3xTF32 at torch's default matmul precision ("highest": about float32's accuracy,
+docs/math.md#tolerances) and plain tf32 when ``torch.get_float32_matmul_precision()`` allows it.
+float64 runs as float64 ``tl.dot`` (exact to float64 rounding; on a GPU it is slow, FMA-based -
+use it to check, not to train). The artanh map's scalars arrive as a tensor of the compute dtype
+and row offsets are 64-bit (``row * stride`` passes 2^31 for large candidate banks).
+
+GPU tile shapes: measured per precision, kernel kind and width (``_SHAPES``, below; at most 1 KB
+of spill, within an H100's shared memory); a width without a shape is refused on a GPU.
 
 Tested: under the interpreter against the float64 reference (every loss, layout, reduction;
 fp32 / fp64 / bf16 / fp16); the compiled kernels are built for sm_90 without a GPU by
-``tests/test_triton_backend.py`` (Triton's bundled ptxas); the GPU tests there and in
+``tests/test_triton_backend.py`` and inventoried by ``tests/test_kernel_inventory.py``
+(``macl-kernels kernels``, Triton's bundled ptxas); the GPU tests there, in
+``tests/test_gpu_smoke.py`` and in
 ``tests/test_primitive.py`` run them for real.
 """
 
@@ -113,7 +120,8 @@ INTERPRETER_BLOCK_N = 32
 
 # Whole-D tiles (``BLOCK_D`` = next power of two >= max(D, 16)) live in registers/shared memory;
 # above this the accumulators would not fit any tile shape, so we refuse rather than spill badly.
-# The GPU tests cover D <= 512; 513..1024 get the smallest tiles (16 x 32) and are untested there.
+# On a GPU the shape tables (``_SHAPES``) cap the width lower for some precisions (float32 128,
+# float64 512); the interpreter accepts every width up to this.
 MAX_D = 1024
 
 # Exploit layout 2n's symmetric S in backward ((G + G^T) U in one pass). A switch only so that the
@@ -205,7 +213,7 @@ if triton is not None:
         anchors_ptr, candidates_ptr, inv_temp_ptr, pos_index_ptr, self_index_ptr, lse_neg_ptr,
         E_ptr,
         M, K, D, stride_anchors, stride_candidates, stride_E,
-        artanh_scale, artanh_eps, anchor_labels_ptr, candidate_labels_ptr,
+        logit_params_ptr, anchor_labels_ptr, candidate_labels_ptr,
         LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr, ACC_E: tl.constexpr,
         HAS_LABELS: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE_WEIGHTS: tl.constexpr,
@@ -214,11 +222,16 @@ if triton is not None:
         """One block of anchor rows against every candidate tile: ``lse_neg`` and, if ``ACC_E``,
         ``E_a = sum_k Q_ak w_ak u_k`` (``w = 1`` for SCALED, ``w = dl_dS`` for ARTANH)."""
         acc_ty = lse_neg_ptr.dtype.element_ty  # float32, or float64 for float64 inputs
+        # The map's float scalars in the compute dtype (a Python float would reach a compiled
+        # kernel as fp32 and round 1 - artanh_eps for float64): [artanh_scale, artanh_eps].
+        artanh_scale = tl.load(logit_params_ptr)
+        artanh_eps = tl.load(logit_params_ptr + 1)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < M
         d_ok = offs_d < D
-        anchors = tl.load(anchors_ptr + offs_m[:, None] * stride_anchors + offs_d[None, :],
+        anchors = tl.load(anchors_ptr + offs_m.to(tl.int64)[:, None] * stride_anchors
+                          + offs_d[None, :],
                           mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         # inv_temp_ptr is a valid dummy pointer for ARTANH (its values are then unused);
         # likewise self_index_ptr without HAS_SELF.
@@ -235,7 +248,7 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             col_ok = offs_n < K
             candidates = tl.load(
-                candidates_ptr + offs_n[:, None] * stride_candidates + offs_d[None, :],
+                candidates_ptr + offs_n.to(tl.int64)[:, None] * stride_candidates + offs_d[None, :],
                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             S = _dot(anchors, tl.trans(candidates), DOT_PRECISION, UPCAST).to(acc_ty)
             # Neg(a): in range, not the positive, not self - excluded by index, as -inf.
@@ -265,7 +278,7 @@ if triton is not None:
         tl.store(lse_neg_ptr + offs_m, lse_neg, mask=row_ok)
         if ACC_E:
             e_i = e_i / tl.where(has_neg, s_i, 1.0)[:, None]  # sum exp(l - m) -> sum Q
-            tl.store(E_ptr + offs_m[:, None] * stride_E + offs_d[None, :], e_i,
+            tl.store(E_ptr + offs_m.to(tl.int64)[:, None] * stride_E + offs_d[None, :], e_i,
                      mask=row_ok[:, None] & d_ok[None, :])
 
     @triton.jit
@@ -273,7 +286,7 @@ if triton is not None:
         anchors_ptr, candidates_ptr, inv_temp_ptr, pos_index_ptr, self_index_ptr, lse_neg_ptr,
         g_ptr, d_candidates_ptr, d_inv_temp_ptr,
         M, K, D, stride_anchors, stride_candidates, stride_d_candidates,
-        artanh_scale, artanh_eps, anchor_labels_ptr, candidate_labels_ptr,
+        logit_params_ptr, anchor_labels_ptr, candidate_labels_ptr,
         LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr, SYMMETRIC: tl.constexpr,
         HAS_LABELS: tl.constexpr,
         NEED_D_INV_TEMP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -288,12 +301,15 @@ if triton is not None:
         whole gradient ``sum_a (dL_dS_ak + dL_dS_ka) u_a`` and ``d_inv_temp_k = g_k sum_a Q_ka
         S_ka``."""
         acc_ty = lse_neg_ptr.dtype.element_ty
+        # [artanh_scale, artanh_eps] in the compute dtype, as in the forward.
+        artanh_scale = tl.load(logit_params_ptr)
+        artanh_eps = tl.load(logit_params_ptr + 1)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         col_ok = offs_n < K
         d_ok = offs_d < D
         candidates = tl.load(
-            candidates_ptr + offs_n[:, None] * stride_candidates + offs_d[None, :],
+            candidates_ptr + offs_n.to(tl.int64)[:, None] * stride_candidates + offs_d[None, :],
             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         d_candidates = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
         d_inv_temp = tl.zeros([BLOCK_N], acc_ty)
@@ -308,7 +324,8 @@ if triton is not None:
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             row_ok = offs_m < M
-            anchors = tl.load(anchors_ptr + offs_m[:, None] * stride_anchors + offs_d[None, :],
+            anchors = tl.load(anchors_ptr + offs_m.to(tl.int64)[:, None] * stride_anchors
+                          + offs_d[None, :],
                               mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             inv_temp_a = tl.load(inv_temp_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
             pos_index_a = tl.load(pos_index_ptr + offs_m, mask=row_ok, other=-1)
@@ -346,7 +363,8 @@ if triton is not None:
                     d_inv_temp += tl.sum(dL_dl_k * St, axis=1)
             d_candidates += _weights_dot(dL_dS_t, anchors, DOT_PRECISION, UPCAST,
                                          WIDE_WEIGHTS).to(acc_ty)
-        tl.store(d_candidates_ptr + offs_n[:, None] * stride_d_candidates + offs_d[None, :],
+        tl.store(d_candidates_ptr + offs_n.to(tl.int64)[:, None] * stride_d_candidates
+                 + offs_d[None, :],
                  d_candidates, mask=col_ok[:, None] & d_ok[None, :])
         if SYMMETRIC and NEED_D_INV_TEMP:
             tl.store(d_inv_temp_ptr + offs_n, d_inv_temp, mask=col_ok)
@@ -364,7 +382,7 @@ if triton is not None:
         col_inv_temp_ptr, col_pos_index_ptr, col_self_index_ptr, lse_neg_ptr,
         col_max_ptr, col_sum_ptr,
         M, K, D, stride_anchors, stride_candidates,
-        artanh_scale, artanh_eps,
+        logit_params_ptr,
         LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -376,6 +394,9 @@ if triton is not None:
         (``[cdiv(M, BLOCK_M), K]``). A second, tiny pass merges the partials in block order: no
         atomics, deterministic."""
         acc_ty = lse_neg_ptr.dtype.element_ty
+        # [artanh_scale, artanh_eps] in the compute dtype, as in _forward_kernel.
+        artanh_scale = tl.load(logit_params_ptr)
+        artanh_eps = tl.load(logit_params_ptr + 1)
         pid = tl.program_id(0)
         offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -434,7 +455,7 @@ if triton is not None:
         own_inv_temp_ptr, own_pos_index_ptr, own_self_index_ptr, own_lse_neg_ptr, own_g_ptr,
         d_candidates_ptr, d_inv_temp_ptr,
         M, K, D, stride_anchors, stride_candidates, stride_d_candidates,
-        artanh_scale, artanh_eps,
+        logit_params_ptr,
         LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr, NEED_D_INV_TEMP: tl.constexpr,
         DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE_WEIGHTS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -448,6 +469,8 @@ if triton is not None:
         rows' ``d_inv_temp``. Launched once per side (for the anchors' gradient the two sides
         swap roles): two passes, 2 GEMMs each."""
         acc_ty = lse_neg_ptr.dtype.element_ty
+        artanh_scale = tl.load(logit_params_ptr)
+        artanh_eps = tl.load(logit_params_ptr + 1)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         col_ok = offs_n < K
@@ -620,112 +643,380 @@ if triton is not None:
         tl.store(d_candidates_ptr + cols[:, None] * stride_d_candidates + offs_d[None, :],
                  d_candidates, mask=col_ok[:, None] & d_ok[None, :])
 
-    # ----------------------------------------------------------------------------------------
-    # GPU tile shapes: a small autotune space keyed on D (and, automatically, the dtypes), pruned
-    # to what fits an H100 SM (228 KB shared memory, 64K 32-bit registers). Not yet measured: the
-    # bench script (bench/bench_triton_gpu.py) records the timings the choice rests on.
-    # ----------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------
+# Precision classes, the kernel table and the GPU shape rules
+# --------------------------------------------------------------------------------------------
 
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages): FlashAttention-like shapes. Kept short on purpose:
-    # every config of every flag combination is compiled once per process during autotuning.
-    _GPU_SHAPES = [
-        (128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2),
-        (128, 128, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2),
-        (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 1), (16, 32, 8, 1), (32, 16, 8, 1),
-    ]
-
-    def _gpu_configs():
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                for bm, bn, w, s in _GPU_SHAPES]
-
-    # Without autotuning (MACL_TRITON_AUTOTUNE=0, e.g. a test run that would otherwise compile
-    # every config of every flag combination): the first of these that fits.
-    _DEFAULT_SHAPES = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 1),
-                       (16, 32, 8, 1), (32, 16, 8, 1)]
-
-    def _fits(shape, block_d: int, elem: int, candidates_kernel: bool) -> bool:
-        """Whether a shape fits an H100 SM without heavy register spilling. Registers: the
-        program's resident block (anchors in forward, candidates in backward) with its fp32
-        accumulator ``[BLOCK, BLOCK_D]``, plus the live ``BLOCK_M x BLOCK_N`` tiles (about two in
-        the backward: the rows' and the columns' ``Q``), at most ~3072 fp32 values per warp.
-        Measured offline with ptxas for sm_90 (bf16): e.g. forward 128 x 64 at D = 256 spills
-        232 bytes/thread, backward 64 x 128 at D = 128 spills 320, while every shape kept here
-        spills at most 48. Shared memory: the resident block and one streamed tile per stage."""
-        bm, bn, warps, stages = shape
-        resident, streamed = (bn, bm) if candidates_kernel else (bm, bn)
-        live = resident * block_d + (2 if candidates_kernel else 1) * bm * bn
-        return (live <= 3072 * warps
-                and (resident + streamed * stages) * block_d * elem <= 200 * 1024)
-
-    def _prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        block_d, elem = args["BLOCK_D"], args["anchors_ptr"].element_size()
-        cand = "d_candidates_ptr" in args
-        kept = [cfg for cfg in configs if _fits(
-            (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages),
-            block_d, elem, cand)]
-        # The smallest shape always compiles (it may spill for huge D).
-        return kept or [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1)]
-
-    def _default_shape(block_d: int, elem: int, candidates_kernel: bool):
-        for shape in _DEFAULT_SHAPES:
-            if _fits(shape, block_d, elem, candidates_kernel):
-                return shape
-        return _DEFAULT_SHAPES[-1]
-
-    # Each kernel writes its outputs without reading them, so benchmarking configs on the real
-    # buffers is harmless (no reset_to_zero needed). Under the interpreter these are never used.
-    _TUNED = {  # by name: the JIT function objects need not be hashable in every Triton
-        "_forward_kernel": triton.autotune(
-            configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
-            key=["BLOCK_D", "LOGIT_MAP", "HAS_SELF", "ACC_E", "DOT_PRECISION", "HAS_LABELS"],
-        )(_forward_kernel),
-        "_candidates_kernel": triton.autotune(
-            configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
-            key=["BLOCK_D", "LOGIT_MAP", "HAS_SELF", "SYMMETRIC", "NEED_D_INV_TEMP",
-                 "DOT_PRECISION", "HAS_LABELS"],
-        )(_candidates_kernel),
-        "_both_backward_kernel": triton.autotune(
-            configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
-            key=["BLOCK_D", "LOGIT_MAP", "HAS_SELF", "NEED_D_INV_TEMP", "DOT_PRECISION"],
-        )(_both_backward_kernel),
-        "_softplus_forward_kernel": triton.autotune(
-            configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
-            key=["BLOCK_D", "HAS_BIAS", "HAS_SELF", "ACC_E", "DOT_PRECISION"],
-        )(_softplus_forward_kernel),
-        "_softplus_candidates_kernel": triton.autotune(
-            configs=_gpu_configs(), prune_configs_by={"early_config_prune": _prune},
-            key=["BLOCK_D", "HAS_BIAS", "HAS_SELF", "DOT_PRECISION"],
-        )(_softplus_candidates_kernel),
-    }
+# How a problem's operands reach ``tl.dot``: (operand dtype, accumulator dtype, DOT_PRECISION).
+# float32 at torch's default matmul precision ("highest") runs 3xTF32 (each operand split into a
+# tf32 high part and a tf32 remainder, three tensor-core products, float32 accumulation: close to
+# float32's own rounding, see the README's GPU section). An "ieee" float32 dot is lowered to FMAs
+# that hold whole operand tiles in registers and spills 7-17 KB per thread on sm_90 at every
+# tile shape that is worth running (bench/results/gpu_readiness/).
+PRECISIONS = {
+    "fp32": (torch.float32, torch.float32, "tf32x3"),
+    "fp32-tf32": (torch.float32, torch.float32, "tf32"),  # matmul precision "high"/"medium"
+    "bf16": (torch.bfloat16, torch.float32, "ieee"),  # DOT_PRECISION is moot for half operands
+    "fp16": (torch.float16, torch.float32, "ieee"),
+    "fp64": (torch.float64, torch.float64, "ieee"),
+}
 
 
-def _launch(kernel, grid_rows: int, block_key: str, args, **flags):
-    """Launch ``kernel`` over ``grid_rows`` rows: under the interpreter with the fixed small
-    blocks; on a GPU (on the tensors' device: Triton launches on the current one) through the
-    autotuner, or with the default shape when ``AUTOTUNE`` is off."""
+def _precision_of(op_dtype: torch.dtype, dot_precision: str) -> str:
+    if op_dtype == torch.float32:
+        return "fp32" if dot_precision == "tf32x3" else "fp32-tf32"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}[op_dtype]
+
+
+def precision_class(op_dtype: torch.dtype) -> str:
+    """The ``PRECISIONS`` name of operands of ``op_dtype`` under the current float32 matmul
+    precision."""
+    if op_dtype == torch.float32:
+        return "fp32" if torch.get_float32_matmul_precision() == "highest" else "fp32-tf32"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}[op_dtype]
+
+
+def block_d_of(d: int) -> int:
+    """The tile width holding a whole row of width ``d``: a power of two, at least 16."""
+    return max(16, 1 << (max(int(d), 1) - 1).bit_length())
+
+
+# Tile shapes (BLOCK_M, BLOCK_N, num_warps, num_stages) per precision class, kernel kind and
+# width, with the shared memory (bytes) the compiled kernel uses at the width's largest BLOCK_D
+# (the most over flag sets and Triton 3.6 / 3.9): ``(largest BLOCK_D, ((shape, shared), ...))``
+# in increasing width. The first shape of a list is the default (AUTOTUNE off), all of them the
+# autotuner's candidates. Measured, not modelled (``macl-kernels kernels --arch sm_90``,
+# bench/results/gpu_readiness/): every shape listed compiles, under Triton 3.6 and 3.9, with at
+# most 1 KB of spill per thread, within an H100/H200's 232,448 B of shared memory per block and
+# within its shared figure here (tests/test_kernel_inventory.py checks both on the compiled
+# kernels). Beyond a list's last width there is no such shape: the backend refuses the width
+# (``auto`` passes over it). Kind "forward": BLOCK_M rows resident, BLOCK_N streamed;
+# "candidates": BLOCK_N resident, BLOCK_M streamed. Every kernel of a kind shares its table (the
+# both-directions and softplus kernels were measured within it at each precision's widest
+# default shape; the label mask's int64 loads add up to 512 B of shared memory, measured at the
+# defaults only: bench/results/gpu_readiness/README.md, "After the merge").
+_SHAPES = {
+    ("fp32", "forward"): (
+        (64, (((64, 32, 4, 2), 57344), ((32, 32, 4, 2), 24576))),
+        (128, (((32, 32, 8, 2), 49408), ((32, 32, 4, 2), 49152), ((64, 32, 8, 2), 114688)))),
+    ("fp32", "candidates"): (
+        (64, (((64, 32, 4, 2), 33792), ((32, 32, 4, 2), 25088))),
+        (128, (((64, 32, 8, 2), 67328), ((32, 32, 4, 2), 49792), ((32, 32, 8, 2), 49792)))),
+    ("fp32-tf32", "forward"): (
+        (128, (((64, 32, 4, 2), 65536), ((64, 64, 4, 2), 98304), ((64, 64, 8, 2), 98304))),
+        (256, (((32, 32, 4, 2), 98304), ((64, 32, 8, 2), 131072), ((64, 64, 8, 2), 196608))),
+        (512, (((32, 32, 8, 1), 196608),)),
+        (1024, (((16, 16, 4, 1), 163840),))),
+    ("fp32-tf32", "candidates"): (
+        (128, (((64, 32, 4, 2), 66560), ((64, 64, 4, 2), 99328), ((64, 64, 8, 2), 99328))),
+        (256, (((64, 32, 8, 2), 165120), ((32, 32, 4, 2), 98816), ((64, 64, 8, 2), 197632))),
+        (512, (((32, 32, 8, 1), 196608),)),
+        (1024, (((16, 16, 4, 1), 163840),))),
+    ("bf16", "forward"): (
+        (128, (((64, 64, 4, 2), 49152), ((128, 64, 8, 2), 65536), ((64, 64, 4, 3), 49152),
+               ((64, 128, 8, 2), 81920))),
+        (256, (((64, 32, 4, 2), 65536), ((64, 64, 8, 2), 98304), ((64, 64, 4, 2), 98304),
+               ((128, 64, 8, 2), 131072))),
+        (512, (((32, 32, 8, 1), 98304), ((64, 32, 8, 2), 131072), ((32, 32, 4, 2), 98304))),
+        (1024, (((16, 32, 8, 1), 163840), ((32, 32, 8, 1), 196608)))),
+    ("bf16", "candidates"): (
+        (128, (((64, 64, 4, 2), 50176), ((64, 128, 8, 2), 66560), ((64, 64, 4, 3), 51200),
+               ((64, 64, 8, 2), 50176))),
+        (256, (((64, 32, 4, 2), 66816), ((64, 64, 8, 2), 99328))),
+        (512, (((64, 32, 8, 2), 164864), ((32, 32, 4, 2), 98816), ((32, 32, 8, 1), 98304))),
+        (1024, (((32, 16, 8, 1), 163840), ((32, 32, 8, 1), 196608)))),
+    ("fp64", "forward"): (
+        (128, (((32, 32, 8, 1), 98304), ((16, 32, 4, 1), 81920))),
+        (256, (((32, 32, 8, 1), 196608), ((16, 16, 4, 1), 98304))),
+        (512, (((16, 16, 8, 1), 196608),))),
+    ("fp64", "candidates"): (
+        (128, (((32, 32, 8, 1), 98304), ((16, 32, 4, 1), 65536))),
+        (256, (((32, 32, 8, 1), 196608), ((16, 16, 4, 1), 98304))),
+        (512, (((16, 16, 8, 1), 196608),))),
+}
+# float16 takes bfloat16's shapes (its tf32 weight GEMMs measured within them).
+_SHAPES[("fp16", "forward")] = _SHAPES[("bf16", "forward")]
+_SHAPES[("fp16", "candidates")] = _SHAPES[("bf16", "candidates")]
+
+# Shared memory per block by compute capability (the opt-in maximum; Triton's limit too).
+SHARED_MEMORY_LIMIT = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: 232_448,
+                       100: 232_448, 120: 101_376}
+H100_SHARED_MEMORY = SHARED_MEMORY_LIMIT[90]
+
+
+def measured_shared_memory(shape, block_d: int, precision: str, kind: str) -> Optional[int]:
+    """The shared memory the table records for ``shape`` at ``block_d``'s width (an upper
+    bound for every BLOCK_D of that width), or ``None`` when the shape is not listed there."""
+    for largest, entries in _SHAPES[(precision, kind)]:
+        if block_d <= largest:
+            return dict(entries).get(tuple(shape))
+    return None
+
+
+def shape_candidates(kind: str, precision: str, block_d: int,
+                     shared_limit: int = H100_SHARED_MEMORY) -> list:
+    """The measured shapes for this kernel kind, precision and width whose recorded shared
+    memory fits ``shared_limit``, default first; empty when there is none (the width is
+    refused)."""
+    for largest, entries in _SHAPES[(precision, kind)]:
+        if block_d <= largest:
+            return [shape for shape, shared in entries if shared <= shared_limit]
+    return []
+
+
+def max_block_d(precision: str, shared_limit: int = H100_SHARED_MEMORY) -> int:
+    """The widest ``BLOCK_D`` every kernel kind has a fitting shape for (0: none)."""
+    widths = [bd for bd in (16, 32, 64, 128, 256, 512, 1024)
+              if all(shape_candidates(kind, precision, bd, shared_limit)
+                     for kind in ("forward", "candidates"))]
+    return max(widths, default=0)
+
+
+def device_shared_limit(device: Optional[torch.device] = None) -> int:
+    """Shared memory per block on CUDA ``device``: torch's opt-in figure where it has one, else
+    by compute capability; an H100's for ``None`` or a device that is not a visible GPU."""
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return H100_SHARED_MEMORY
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", None)
+    if limit:
+        return int(limit)
+    return SHARED_MEMORY_LIMIT.get(props.major * 10 + props.minor, 101_376)
+
+
+class KernelSpec(NamedTuple):
+    """One Triton kernel as the launcher, the shape rules and the inventory see it. Register a
+    new kernel in ``KERNELS`` (``register_kernel``) so that ``macl-kernels kernels`` compiles and
+    checks it with the others."""
+
+    function: object  # the @triton.jit function
+    kind: str  # "forward" (BLOCK_M rows resident) or "candidates" (BLOCK_N rows resident)
+    tune_key: tuple  # the autotuner's key (besides BLOCK_D)
+    # precision name -> the constexpr flag sets the inventory compiles: ((label, flags), ...)
+    inventory_flags: object
+    operand_args: tuple = ("anchors_ptr", "candidates_ptr")  # pointers of the operand dtype
+    index_args: tuple = ("pos_index_ptr", "self_index_ptr")  # int32 pointers
+    label_args: tuple = ()  # int64 pointers (labels are arbitrary integers, never narrowed)
+    # False: launched with one fixed shape of the table, chosen before the launch (a buffer is
+    # sized by it), never through the autotuner.
+    autotuned: bool = True
+
+    @property
+    def grid_block(self) -> str:
+        return "BLOCK_M" if self.kind == "forward" else "BLOCK_N"
+
+
+def _scaled_or_artanh(artanh: bool) -> int:
+    return int(LogitMap.ARTANH if artanh else LogitMap.SCALED)
+
+
+def _forward_flag_sets(precision: str):
+    """Every flag combination the forward is launched with (HAS_SELF on: the larger kernel).
+    The label mask comes with the SCALED map (the losses that take labels scale by a
+    temperature) and adds two loads and a compare per tile."""
+    return tuple((f"{'artanh' if artanh else 'scaled'}{' +E' if acc_e else ''}"
+                  f"{' labels' if labels else ''}",
+                  dict(LOGIT_MAP=_scaled_or_artanh(artanh), ACC_E=acc_e, HAS_LABELS=labels,
+                       WIDE_WEIGHTS=precision == "fp16" and artanh))
+                 for artanh in (False, True) for acc_e in (True, False)
+                 for labels in ((False, True) if not artanh else (False,)))
+
+
+def _candidates_flag_sets(precision: str):
+    return tuple((f"{'artanh' if artanh else 'scaled'} {'sym' if sym else 'cross'}"
+                  f"{' labels' if labels else ''}",
+                  dict(LOGIT_MAP=_scaled_or_artanh(artanh), SYMMETRIC=sym,
+                       NEED_D_INV_TEMP=sym and not artanh, HAS_LABELS=labels,
+                       WIDE_WEIGHTS=precision == "fp16"))
+                 for artanh in (False, True) for sym in (False, True)
+                 for labels in ((False, True) if not artanh else (False,)))
+
+
+def _both_forward_flag_sets(precision: str):
+    return tuple(("artanh" if artanh else "scaled", dict(LOGIT_MAP=_scaled_or_artanh(artanh)))
+                 for artanh in (False, True))
+
+
+def _both_backward_flag_sets(precision: str):
+    return tuple(("artanh" if artanh else "scaled",
+                  dict(LOGIT_MAP=_scaled_or_artanh(artanh), NEED_D_INV_TEMP=not artanh,
+                       WIDE_WEIGHTS=precision == "fp16"))
+                 for artanh in (False, True))
+
+
+def _softplus_forward_flag_sets(precision: str):
+    return tuple((f"{'bias' if bias else 'no bias'}{' +E' if acc_e else ''}",
+                  dict(HAS_BIAS=bias, ACC_E=acc_e))
+                 for bias in (True, False) for acc_e in (True, False))
+
+
+def _softplus_candidates_flag_sets(precision: str):
+    return tuple(("bias" if bias else "no bias",
+                  dict(HAS_BIAS=bias, WIDE_WEIGHTS=precision == "fp16"))
+                 for bias in (True, False))
+
+
+KERNELS: dict = {}
+_TUNED: dict = {}
+
+
+def register_kernel(name: str, spec: KernelSpec) -> None:
+    """Add a kernel to the table the launcher (``_launch``) and the inventory read."""
+    KERNELS[name] = spec
+    _TUNED.pop(name, None)
+
+
+if triton is not None:
+    _LABELS = ("anchor_labels_ptr", "candidate_labels_ptr")
+    _INDEX = ("pos_index_ptr", "self_index_ptr")
+    register_kernel("forward", KernelSpec(
+        _forward_kernel, "forward",
+        ("LOGIT_MAP", "HAS_SELF", "ACC_E", "HAS_LABELS", "DOT_PRECISION", "WIDE_WEIGHTS"),
+        _forward_flag_sets, label_args=_LABELS))
+    register_kernel("candidates", KernelSpec(
+        _candidates_kernel, "candidates",
+        ("LOGIT_MAP", "HAS_SELF", "SYMMETRIC", "NEED_D_INV_TEMP", "HAS_LABELS", "DOT_PRECISION",
+         "WIDE_WEIGHTS"), _candidates_flag_sets, label_args=_LABELS))
+    # Both directions (layout cross_sym): the forward's columns' partials have one row per
+    # program, so its BLOCK_M is fixed before the launch: the table's default shape, no tuning.
+    register_kernel("both_forward", KernelSpec(
+        _both_forward_kernel, "forward", ("LOGIT_MAP", "HAS_SELF", "DOT_PRECISION"),
+        _both_forward_flag_sets,
+        index_args=_INDEX + ("col_pos_index_ptr", "col_self_index_ptr"), autotuned=False))
+    register_kernel("both_backward", KernelSpec(
+        _both_backward_kernel, "candidates",
+        ("LOGIT_MAP", "HAS_SELF", "NEED_D_INV_TEMP", "DOT_PRECISION", "WIDE_WEIGHTS"),
+        _both_backward_flag_sets,
+        index_args=_INDEX + ("own_pos_index_ptr", "own_self_index_ptr")))
+    # RowReduction.SOFTPLUS (SigLIP).
+    register_kernel("softplus_forward", KernelSpec(
+        _softplus_forward_kernel, "forward", ("HAS_BIAS", "HAS_SELF", "ACC_E", "DOT_PRECISION"),
+        _softplus_forward_flag_sets))
+    register_kernel("softplus_candidates", KernelSpec(
+        _softplus_candidates_kernel, "candidates",
+        ("HAS_BIAS", "HAS_SELF", "DOT_PRECISION", "WIDE_WEIGHTS"),
+        _softplus_candidates_flag_sets))
+
+
+def _config(shape):
+    bm, bn, warps, stages = shape
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+def _tuned(name: str):
+    """The autotuned wrapper of kernel ``name``: its space is every shape of its kind, pruned per
+    call to the measured list for the call's precision and width (``shape_candidates``). Each
+    kernel writes its outputs without reading them, so benchmarking configs on the real buffers
+    is harmless (no reset_to_zero needed)."""
+    if name not in _TUNED:
+        spec = KERNELS[name]
+        space = sorted({shape for (_, kind), widths in _SHAPES.items() if kind == spec.kind
+                        for _, entries in widths for shape, _ in entries})
+
+        def prune(configs, named_args, **kwargs):
+            args = {**named_args, **kwargs}
+            operands = args[spec.operand_args[0]]
+            precision = _precision_of(operands.dtype, args["DOT_PRECISION"])
+            keep = set(shape_candidates(spec.kind, precision, args["BLOCK_D"],
+                                        device_shared_limit(operands.device)))
+            return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                           c.num_warps, c.num_stages) in keep]
+
+        _TUNED[name] = triton.autotune(
+            configs=[_config(s) for s in space], prune_configs_by={"early_config_prune": prune},
+            key=["BLOCK_D", *spec.tune_key])(spec.function)
+    return _TUNED[name]
+
+
+class NoFittingShape(ValueError):
+    """No measured tile shape fits this precision and width (or this GPU's shared memory)."""
+
+
+class TritonResourceError(RuntimeError):
+    """A compiled kernel did not fit the GPU at launch (Triton's ``OutOfResources``)."""
+
+
+def _refusal(precision: str, d: int, shared_limit: int) -> str:
+    widest = max_block_d(precision, shared_limit)
+    hint = {"fp32": "; float32 at torch.set_float32_matmul_precision('high') (tf32) runs up to "
+                    f"D = {max_block_d('fp32-tf32', shared_limit)}",
+            "fp64": "; float64 is for checking, not training",
+            }.get(precision, "")
+    return (f"the triton backend has no tile shape for {precision} operands at D = {d} that "
+            f"compiles without register spills within {shared_limit} B of shared memory (it "
+            f"supports D <= {widest} there{hint}); use backend='cuda' or 'torch', or 'auto'")
+
+
+def launch_shape(name: str, precision: str, block_d: int, device: torch.device):
+    """The shape kernel ``name`` runs with when it is not autotuned (``AUTOTUNE`` off, or a
+    kernel registered with ``autotuned=False``): the interpreter's blocks, else the table's
+    default for the precision, width and device (``NoFittingShape`` when there is none)."""
+    if _INTERPRET:
+        return (INTERPRETER_BLOCK_M, INTERPRETER_BLOCK_N, 4, 1)
+    limit = device_shared_limit(device)
+    shapes = shape_candidates(KERNELS[name].kind, precision, block_d, limit)
+    if not shapes:
+        raise NoFittingShape(_refusal(precision, block_d, limit))
+    return shapes[0]
+
+
+def _launch(name: str, grid_rows: int, args, precision: str, shape=None, **flags):
+    """Launch kernel ``name`` of ``KERNELS`` over ``grid_rows`` rows: under the interpreter with
+    the fixed small blocks; on a GPU (on the tensors' device: Triton launches on the current one)
+    through the autotuner, or with the default shape when ``AUTOTUNE`` is off. ``shape``: exactly
+    this shape (a kernel whose buffers were sized by it, ``launch_shape``), no fallback."""
+    spec = KERNELS[name]
     if _INTERPRET:
         blocks = dict(BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=INTERPRETER_BLOCK_N)
-        kernel[(triton.cdiv(grid_rows, blocks[block_key]),)](*args, **flags, **blocks)
+        if shape is not None:
+            blocks = dict(BLOCK_M=shape[0], BLOCK_N=shape[1])
+        spec.function[(triton.cdiv(grid_rows, blocks[spec.grid_block]),)](
+            *args, **flags, **blocks)
         return
-    with torch.cuda.device(args[0].device):
-        if AUTOTUNE:
-            tuned = _TUNED[kernel.__name__]
-            tuned[lambda meta: (triton.cdiv(grid_rows, meta[block_key]),)](*args, **flags)
-        else:
-            bm, bn, warps, stages = _default_shape(flags["BLOCK_D"], args[0].element_size(),
-                                                   kernel in (_candidates_kernel,
-                                                              _softplus_candidates_kernel,
-                                                              _both_backward_kernel))
-            blocks = dict(BLOCK_M=bm, BLOCK_N=bn)
-            kernel[(triton.cdiv(grid_rows, blocks[block_key]),)](
-                *args, **flags, **blocks, num_warps=warps, num_stages=stages)
+    device = args[0].device
+    limit = device_shared_limit(device)
+    shapes = shape_candidates(spec.kind, precision, flags["BLOCK_D"], limit)
+    if not shapes:
+        raise NoFittingShape(_refusal(precision, args[0].shape[-1], limit))
+    if shape is not None:
+        shapes = [tuple(shape)]
+    try:
+        with torch.cuda.device(device):
+            # The autotuner drops candidates that raise OutOfResources itself.
+            if AUTOTUNE and spec.autotuned and shape is None:
+                _tuned(name)[lambda meta: (triton.cdiv(grid_rows, meta[spec.grid_block]),)](
+                    *args, **flags)
+            else:
+                # The default shape, else the next one of the list: the recorded shared memory
+                # is sm_90's, another architecture may need more (nothing is written before a
+                # kernel that does not fit raises).
+                for i, (bm, bn, warps, stages) in enumerate(shapes):
+                    blocks = dict(BLOCK_M=bm, BLOCK_N=bn)
+                    try:
+                        spec.function[(triton.cdiv(grid_rows, blocks[spec.grid_block]),)](
+                            *args, **flags, **blocks, num_warps=warps, num_stages=stages)
+                        break
+                    except _OUT_OF_RESOURCES:
+                        if i == len(shapes) - 1:
+                            raise
+    except _OUT_OF_RESOURCES as exc:
+        raise TritonResourceError(
+            f"the triton {name} kernel ran out of GPU resources for {precision} operands at "
+            f"D = {args[0].shape[-1]} (BLOCK_D = {flags['BLOCK_D']}, shapes tried: {shapes}, "
+            f"{limit} B of shared memory on {torch.cuda.get_device_name(device)}): {exc}. "
+            f"Please report it with `macl-kernels info`; use backend='cuda' or 'torch' "
+            f"meanwhile") from exc
 
 
-def _dot_precision(op_dtype: torch.dtype) -> str:
-    if op_dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
+def _out_of_resources():
+    try:
+        from triton.runtime.errors import OutOfResources
+        return OutOfResources
+    except ImportError:  # pragma: no cover - every Triton 3.x has it
+        return RuntimeError
+
+
+_OUT_OF_RESOURCES = _out_of_resources() if triton is not None else RuntimeError
 
 
 class _Operands(NamedTuple):
@@ -768,9 +1059,29 @@ def _flags(problem: Problem, ops: _Operands) -> dict:
     op_dtype = ops.anchors.dtype
     return dict(LOGIT_MAP=int(problem.logit_map), HAS_SELF=ops.has_self,
                 HAS_LABELS=problem.has_labels,
-                DOT_PRECISION=_dot_precision(op_dtype),
+                DOT_PRECISION=PRECISIONS[precision_class(op_dtype)][2],
                 UPCAST=_INTERPRET and op_dtype == torch.bfloat16,
-                BLOCK_D=max(16, triton.next_power_of_2(problem.D)))
+                BLOCK_D=block_d_of(problem.D))
+
+
+_OPERAND_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _operand_dtype(problem: Problem) -> torch.dtype:
+    """The dtype the dots read: the half ``operand_dtype`` of upcast half inputs, else the
+    inputs'."""
+    if problem.anchors.dtype == torch.float32 and problem.operand_dtype in (torch.float16,
+                                                                          torch.bfloat16):
+        return problem.operand_dtype
+    return problem.anchors.dtype
+
+
+def _logit_params(problem: Problem) -> torch.Tensor:
+    """``[artanh_scale, artanh_eps]`` as a tensor of the compute dtype (float32, or float64 for
+    float64 inputs): the kernels load them, so that float64 keeps ``1 - artanh_eps`` exact where
+    a Python float argument would reach a compiled kernel as fp32."""
+    return torch.tensor([float(problem.artanh_scale), float(problem.artanh_eps)],
+                        dtype=problem.anchors.dtype, device=problem.anchors.device)
 
 
 def _run_forward(problem: Problem, acc_e: bool):
@@ -781,11 +1092,11 @@ def _run_forward(problem: Problem, acc_e: bool):
     E = problem.anchors.new_empty((M, D)) if acc_e else lse_neg
     artanh = problem.logit_map is LogitMap.ARTANH
     _launch(
-        _forward_kernel, M, "BLOCK_M",
+        "forward", M,
         (ops.anchors, ops.candidates, ops.inv_temp, ops.pos_index, ops.self_index, lse_neg, E,
          M, K, D, ops.anchors.stride(0), ops.candidates.stride(0), E.stride(0),
-         float(problem.artanh_scale), float(problem.artanh_eps), ops.anchor_labels,
-         ops.candidate_labels),
+         _logit_params(problem), ops.anchor_labels, ops.candidate_labels),
+        precision_class(ops.anchors.dtype),
         ACC_E=acc_e,
         # The SCALED map's weights exp(l - m) are <= 1: float16 holds them.
         WIDE_WEIGHTS=ops.anchors.dtype == torch.float16 and artanh,
@@ -808,12 +1119,12 @@ def _run_backward(problem: Problem, lse_neg, E, g, needs: Needs) -> Grads:
         need_symmetric_d_inv_temp = ops.symmetric and need_d_inv_temp
         d_inv_temp_out = problem.anchors.new_empty(M) if need_symmetric_d_inv_temp else lse_neg
         _launch(
-            _candidates_kernel, K, "BLOCK_N",
+            "candidates", K,
             (ops.anchors, ops.candidates, ops.inv_temp, ops.pos_index, ops.self_index, lse_neg,
              g, d_rows, d_inv_temp_out, M, K, D, ops.anchors.stride(0),
-             ops.candidates.stride(0), d_rows.stride(0),
-             float(problem.artanh_scale), float(problem.artanh_eps), ops.anchor_labels,
-             ops.candidate_labels),
+             ops.candidates.stride(0), d_rows.stride(0), _logit_params(problem),
+             ops.anchor_labels, ops.candidate_labels),
+            precision_class(ops.anchors.dtype),
             SYMMETRIC=ops.symmetric, NEED_D_INV_TEMP=need_symmetric_d_inv_temp,
             WIDE_WEIGHTS=ops.anchors.dtype == torch.float16,
             **_flags(problem, ops),
@@ -856,11 +1167,11 @@ def _run_softplus_forward(problem: Problem, acc_e: bool):
     sp_neg = problem.anchors.new_empty(M)
     E = problem.anchors.new_empty((M, D + 1)) if acc_e else sp_neg
     _launch(
-        _softplus_forward_kernel, M, "BLOCK_M",
+        "softplus_forward", M,
         (ops.anchors, ops.candidates, ops.inv_temp, _row_bias(problem), ops.pos_index,
          ops.self_index, sp_neg, E, M, K, D, ops.anchors.stride(0), ops.candidates.stride(0),
          E.stride(0) if acc_e else 0),
-        ACC_E=acc_e, **_softplus_common(problem, ops),
+        precision_class(ops.anchors.dtype), ACC_E=acc_e, **_softplus_common(problem, ops),
     )
     return sp_neg, (E if acc_e else None)
 
@@ -874,10 +1185,11 @@ def _run_softplus_backward(problem: Problem, E, g, needs: Needs) -> Grads:
     if needs.d_candidates:
         d_candidates = problem.anchors.new_empty((K, D))
         _launch(
-            _softplus_candidates_kernel, K, "BLOCK_N",
+            "softplus_candidates", K,
             (ops.anchors, ops.candidates, ops.inv_temp, _row_bias(problem), ops.pos_index,
              ops.self_index, g, d_candidates, M, K, D, ops.anchors.stride(0),
              ops.candidates.stride(0), d_candidates.stride(0)),
+            precision_class(ops.anchors.dtype),
             # g_a inv_temp[a] sigmoid can exceed float16's range (loss-scaled upstreams).
             WIDE_WEIGHTS=ops.anchors.dtype == torch.float16,
             **_softplus_common(problem, ops),
@@ -900,40 +1212,27 @@ def _both_flags(problem: Problem, ops: _Operands) -> dict:
     return flags
 
 
-def _both_forward_block_m(problem: Problem, ops: _Operands, block_d: int) -> int:
-    """``BLOCK_M`` of ``_both_forward_kernel``: fixed before the launch (the columns' partials
-    have one row per program), so this kernel is not autotuned: the interpreter's block, or the
-    first default shape that fits."""
-    if _INTERPRET:
-        return INTERPRETER_BLOCK_M
-    return _default_shape(block_d, ops.anchors.element_size(), False)[0]
-
-
 def _run_both_forward(problem: Problem) -> torch.Tensor:
     """``lse_neg [M + K]`` of a both-directions problem: one pass over the tiles for the rows'
     statistics and the columns' partials, then the partials merged in block order."""
     ops = _operands(problem)
     M, K, D = problem.M, problem.K, problem.D
     flags = _both_flags(problem, ops)
-    block_m = _both_forward_block_m(problem, ops, flags["BLOCK_D"])
-    blocks = triton.cdiv(M, block_m)
+    precision = precision_class(ops.anchors.dtype)
+    # BLOCK_M fixed before the launch (the columns' partials have one row per program), so this
+    # kernel is not autotuned: the interpreter's block, or the table's default shape.
+    shape = launch_shape("both_forward", precision, flags["BLOCK_D"], problem.anchors.device)
+    blocks = triton.cdiv(M, shape[0])
     lse_neg = problem.anchors.new_empty(M + K)
     # Extra memory: the columns' partial max and sum, 2 x cdiv(M, BLOCK_M) x K values.
     col_max = problem.anchors.new_empty((blocks, K))
     col_sum = problem.anchors.new_empty((blocks, K))
-    args = (ops.anchors, ops.candidates, ops.inv_temp, ops.pos_index, ops.self_index,
-            ops.inv_temp[M:], ops.pos_index[M:], ops.self_index[M:], lse_neg, col_max, col_sum,
-            M, K, D, ops.anchors.stride(0), ops.candidates.stride(0),
-            float(problem.artanh_scale), float(problem.artanh_eps))
-    if _INTERPRET:
-        _both_forward_kernel[(blocks,)](*args, **flags, BLOCK_M=block_m,
-                                        BLOCK_N=INTERPRETER_BLOCK_N)
-    else:
-        with torch.cuda.device(problem.anchors.device):
-            _, bn, warps, stages = _default_shape(flags["BLOCK_D"], ops.anchors.element_size(),
-                                                  False)
-            _both_forward_kernel[(blocks,)](*args, **flags, BLOCK_M=block_m, BLOCK_N=bn,
-                                            num_warps=warps, num_stages=stages)
+    _launch(
+        "both_forward", M,
+        (ops.anchors, ops.candidates, ops.inv_temp, ops.pos_index, ops.self_index,
+         ops.inv_temp[M:], ops.pos_index[M:], ops.self_index[M:], lse_neg, col_max, col_sum,
+         M, K, D, ops.anchors.stride(0), ops.candidates.stride(0), _logit_params(problem)),
+        precision, shape=shape, **flags)
     # The merge (the "second tiny pass"): per column, the max over blocks and the sum of each
     # block's partial sum rescaled to it; a fixed order of reduction, no atomics.
     top = col_max.amax(dim=0)
@@ -964,14 +1263,15 @@ def _run_both_backward(problem: Problem, lse_neg, g, needs: Needs) -> Grads:
         d_own = problem.anchors.new_empty((n_own, D))
         d_inv_temp_own = d_inv_temp[own_part] if need_d_inv_temp else lse_neg
         _launch(
-            _both_backward_kernel, n_own, "BLOCK_N",
+            "both_backward", n_own,
             (other, own,
              ops.inv_temp[other_part], ops.pos_index[other_part], ops.self_index[other_part],
              lse_neg[other_part], g[other_part],
              ops.inv_temp[own_part], ops.pos_index[own_part], ops.self_index[own_part],
              lse_neg[own_part], g[own_part],
              d_own, d_inv_temp_own, n_other, n_own, D, other.stride(0), own.stride(0),
-             d_own.stride(0), float(problem.artanh_scale), float(problem.artanh_eps)),
+             d_own.stride(0), _logit_params(problem)),
+            precision_class(ops.anchors.dtype),
             NEED_D_INV_TEMP=need_d_inv_temp,
             WIDE_WEIGHTS=ops.anchors.dtype == torch.float16,
             **_both_flags(problem, ops),
@@ -1007,6 +1307,31 @@ class TritonBackend(Backend):
             raise ValueError(f"the triton backend keeps whole rows in a tile and supports D <= "
                              f"{MAX_D}, got D = {problem.D}; use backend='torch' for wider "
                              f"embeddings")
+        reason = self._shape_refusal(problem.D, _operand_dtype(problem), problem.anchors.device)
+        if reason is not None:
+            raise ValueError(reason)
+
+    @staticmethod
+    def _shape_refusal(d: int, op_dtype: torch.dtype, device: torch.device) -> Optional[str]:
+        """On a GPU: why no measured tile shape serves width ``d`` with ``op_dtype`` operands
+        (``None`` when one does). The interpreter has no registers or shared memory to run out
+        of and accepts every width up to ``MAX_D``."""
+        if _INTERPRET or device.type != "cuda":
+            return None
+        precision = precision_class(op_dtype)
+        limit = device_shared_limit(device)
+        if block_d_of(d) <= max_block_d(precision, limit):
+            return None
+        return _refusal(precision, d, limit)
+
+    def width_reason(self, dim: int, dtype: torch.dtype,
+                     device: Optional[torch.device]) -> Optional[str]:
+        """``auto`` passes over triton where its compiled kernels would spill or not fit: per
+        precision (``dtype``, the inputs' dtype; float32 under the current matmul precision)."""
+        base = super().width_reason(dim, dtype, device)
+        if base is not None or device is None or dtype not in _OPERAND_DTYPES:
+            return base
+        return self._shape_refusal(dim, dtype, device)
 
     def fwd(self, problem: Problem, need_grad: bool):
         if problem.both_directions:
@@ -1019,7 +1344,7 @@ class TritonBackend(Backend):
         if problem.anchors.dtype == torch.float64 and problem.anchors.device.type == "cuda":
             try:
                 return _run_forward(problem, acc_e)
-            except torch.cuda.OutOfMemoryError:
+            except (torch.cuda.OutOfMemoryError, TritonResourceError, NoFittingShape):
                 raise
             except Exception as exc:  # a Triton build without float64 tl.dot for this GPU
                 raise TypeError(

@@ -191,6 +191,17 @@ def check_bank(name: str, x, like: torch.Tensor, validate="structural"):
     return x
 
 
+def check_scalar_tensor(name: str, x: torch.Tensor, like: torch.Tensor, forms: str) -> None:
+    """A learnable scalar given as a tensor (CLIP's scale, SigLIP's bias): one element, a
+    floating dtype, on the features' device (or the CPU)."""
+    if x.numel() != 1 or x.dim() > 1:
+        raise ValueError(f"{name} must be a scalar ({forms}), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if x.device != like.device and x.device.type != "cpu":
+        raise ValueError(f"{name} is on {x.device} but the features are on {like.device}")
+
+
 def check_logit_scale(
     logit_scale, like: torch.Tensor, *, validate="structural", any_sign: bool = False
 ) -> Union[float, torch.Tensor]:
@@ -201,17 +212,7 @@ def check_logit_scale(
         return logit_scale.reshape(()) if isinstance(logit_scale, torch.Tensor) else \
             float(logit_scale)
     if isinstance(logit_scale, torch.Tensor):
-        if logit_scale.numel() != 1 or logit_scale.dim() > 1:
-            raise ValueError(
-                f"logit_scale must be a scalar (0-d tensor or float), got shape "
-                f"{tuple(logit_scale.shape)}"
-            )
-        if not logit_scale.is_floating_point():
-            raise TypeError(f"logit_scale must have a floating dtype, got {logit_scale.dtype}")
-        if logit_scale.device != like.device and logit_scale.device.type != "cpu":
-            raise ValueError(
-                f"logit_scale is on {logit_scale.device} but the features are on {like.device}"
-            )
+        check_scalar_tensor("logit_scale", logit_scale, like, "0-d tensor or float")
         if validate == "full" and not _compiling():
             value = float(logit_scale.detach().reshape(()))
             if not math.isfinite(value) or value <= 0:
@@ -280,17 +281,7 @@ def check_logit_bias(
         return logit_bias.reshape(()) if isinstance(logit_bias, torch.Tensor) else \
             float(logit_bias)
     if isinstance(logit_bias, torch.Tensor):
-        if logit_bias.numel() != 1 or logit_bias.dim() > 1:
-            raise ValueError(
-                f"logit_bias must be a scalar (0-d tensor, float or None), got shape "
-                f"{tuple(logit_bias.shape)}"
-            )
-        if not logit_bias.is_floating_point():
-            raise TypeError(f"logit_bias must have a floating dtype, got {logit_bias.dtype}")
-        if logit_bias.device != like.device and logit_bias.device.type != "cpu":
-            raise ValueError(
-                f"logit_bias is on {logit_bias.device} but the features are on {like.device}"
-            )
+        check_scalar_tensor("logit_bias", logit_bias, like, "0-d tensor, float or None")
         if validate == "full" and not _compiling():
             value = float(logit_bias.detach().reshape(()))
             if not math.isfinite(value):

@@ -51,6 +51,22 @@ def _check_gather_distributed(gather_distributed: bool) -> None:
         )
 
 
+def _check_process_group(owner: str, rank: int, world_size: int) -> None:
+    """OpenCLIP's losses take ``rank`` / ``world_size`` as arguments: they must describe the
+    initialised process group the gathers will use."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        raise RuntimeError(
+            f"{owner}(world_size={world_size}) needs an initialised torch.distributed "
+            f"process group (torch.distributed.init_process_group)"
+        )
+    actual = (torch_dist.get_rank(), torch_dist.get_world_size())
+    if actual != (rank, world_size):
+        raise ValueError(
+            f"{owner}(rank={rank}, world_size={world_size}) does not match the "
+            f"process group (rank {actual[0]}, world size {actual[1]})"
+        )
+
+
 class MACLLoss(nn.Module):
     """Model-Aware Contrastive Loss, lightly's ``MACLLoss(temperature, alpha, A_0)``.
 
@@ -344,17 +360,7 @@ class ClipLoss(nn.Module):
         self.labels = {}
 
     def _check_group(self) -> None:
-        if not (torch_dist.is_available() and torch_dist.is_initialized()):
-            raise RuntimeError(
-                f"ClipLoss(world_size={self.world_size}) needs an initialised torch.distributed "
-                f"process group (torch.distributed.init_process_group)"
-            )
-        actual = (torch_dist.get_rank(), torch_dist.get_world_size())
-        if actual != (self.rank, self.world_size):
-            raise ValueError(
-                f"ClipLoss(rank={self.rank}, world_size={self.world_size}) does not match the "
-                f"process group (rank {actual[0]}, world size {actual[1]})"
-            )
+        _check_process_group("ClipLoss", self.rank, self.world_size)
 
     def _gather(self, image_features: Tensor, text_features: Tensor):
         """OpenCLIP's ``gather_features``: every rank's rows, with its gradient semantics."""
@@ -469,17 +475,7 @@ class SigLipLoss(nn.Module):
         self.backend = V.check_backend(backend)
 
     def _check_group(self) -> None:
-        if not (torch_dist.is_available() and torch_dist.is_initialized()):
-            raise RuntimeError(
-                f"SigLipLoss(world_size={self.world_size}) needs an initialised torch.distributed "
-                f"process group (torch.distributed.init_process_group)"
-            )
-        actual = (torch_dist.get_rank(), torch_dist.get_world_size())
-        if actual != (self.rank, self.world_size):
-            raise ValueError(
-                f"SigLipLoss(rank={self.rank}, world_size={self.world_size}) does not match the "
-                f"process group (rank {actual[0]}, world size {actual[1]})"
-            )
+        _check_process_group("SigLipLoss", self.rank, self.world_size)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale, logit_bias,
                 output_dict: bool = False):

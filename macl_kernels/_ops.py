@@ -230,6 +230,9 @@ def _setup_context(ctx, inputs, output):
      candidate_labels, need_eqs, both_directions) = inputs
     lse_neg, aux, eqs = output
     ctx.mark_non_differentiable(aux, eqs)
+    # aux and eqs never receive a gradient: without this autograd would hand backward a zero
+    # tensor of aux's size (SigLIP's aux is (M + K) D: 4 MiB at N = 4096, D = 128, fp32).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(anchors, candidates, inv_temp, pos_index, self_index, lse_neg, aux,
                           row_bias, anchor_labels, candidate_labels)
     ctx.scalars = (logit_map, artanh_scale, artanh_eps, operand_dtype)
@@ -244,6 +247,8 @@ def _backward(ctx, grad_lse_neg, grad_aux, grad_eqs):
     need_d_anchors, need_d_candidates, need_d_inv_temp = ctx.needs_input_grad[1:4]
     needs_input_grad = tuple(ctx.needs_input_grad) + (False,) * 2
     need_d_row_bias = needs_input_grad[12] and row_bias is not None
+    if grad_lse_neg is None:  # lse_neg unused by the loss (grads are not materialised)
+        return (None,) * 17
     d_anchors, d_candidates, d_inv_temp, d_row_bias = negative_lse_backward_op(
         ctx.backend, anchors, candidates, inv_temp, pos_index, self_index, *ctx.scalars,
         lse_neg, aux, grad_lse_neg, need_d_anchors, need_d_candidates,

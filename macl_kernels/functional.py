@@ -767,7 +767,11 @@ def _siglip(image_features, text_features, logit_scale, logit_bias, *, normalize
     if gather is not None:
         u2 = gather(u2)
     pos_index = torch.arange(B, device=u1.device) + offset
-    s_pos = (u1 * u2[pos_index]).sum(dim=1)  # O(B D): the positive pair, out of the tile loop
+    # O(B D): the positive pair, out of the tile loop. The positives are the rows
+    # offset .. offset + B of u2: a view, not a gathered copy, and a batched dot product leaves
+    # no B x D temporary in the forward (memory: docs/math.md#siglip).
+    u2_pos = u2 if (offset == 0 and u2.shape[0] == B) else u2.narrow(0, offset, B)
+    s_pos = torch.bmm(u1.unsqueeze(1), u2_pos.unsqueeze(2)).view(B)
     inv_temp = _scalar_rows(logit_scale, B, s_pos)
     row_bias = None if logit_bias is None else _scalar_rows(logit_bias, B, s_pos)
     l_pos = inv_temp * s_pos + (0.0 if row_bias is None else row_bias)

@@ -58,7 +58,10 @@
 // and F = W^T anchors with W_ak = inv_temp[a] sigmoid(l_ak), plus two per-row sums. The backward
 // is then a per-row scale by g (d_anchors, d_inv_temp, d_row_bias) and, when g is one constant c
 // (a mean or a sum: the losses' case), d_candidates = c F: 1 pass, 3 M K D multiply-adds in all
-// (the minimum), extra memory (M + K) D per thread. Any other g recomputes the candidate side
+// (the minimum). Threads own whole row blocks, so E and the row sums go straight into the
+// output; F is the one sum over rows: thread 0 adds into the output, each other thread into a
+// K x D buffer of its own, merged in thread order (extra memory (threads - 1) K D, was
+// (M + K) D per thread in 0.2). Any other g recomputes the candidate side
 // (softplus_backward: 2 M K D more). Without gradients the forward is M K D.
 
 #include <torch/extension.h>
@@ -659,87 +662,85 @@ std::tuple<at::Tensor, at::Tensor> softplus_forward_impl(const Problem& p,
                                                          const at::Tensor& candidates,
                                                          const T* inv_temp, const T* row_bias,
                                                          bool with_grads) {
-  const auto tiles = p.tiles();
+  // Each thread owns whole row blocks (all their tiles, in column order), so the row-side
+  // results (sp_neg, E, the two sigmoid sums) are written straight into the outputs with a
+  // summation order that does not depend on the thread count. Only F sums over rows: thread 0
+  // accumulates into the output's F, every other thread that gets work into a K x D buffer of
+  // its own, added in thread order at the end (no atomics, the same bits for a given thread
+  // count). Extra memory beyond the outputs: (threads - 1) K D, plus two tiles per thread.
+  const int64_t blocks_m = p.blocks_m(), blocks_k = p.blocks_k();
   const int num_threads = at::get_num_threads();
-  std::vector<std::vector<T>> sums(num_threads, std::vector<T>(p.M, T(0)));
-  std::vector<std::vector<T>> sig_sum_th(num_threads), sig_S_th(num_threads);
-  std::vector<at::Tensor> E_th(num_threads), F_th(num_threads);
+  at::Tensor sp_neg = at::zeros({p.M}, anchors.options());
+  T* sp_out = sp_neg.data_ptr<T>();
+  at::Tensor aux, E, F;
+  T *sig_sum_out = nullptr, *sig_S_out = nullptr;
+  std::vector<at::Tensor> F_th(num_threads);
   if (with_grads) {
-    for (int th = 0; th < num_threads; ++th) {
-      sig_sum_th[th].assign(p.M, T(0));
-      sig_S_th[th].assign(p.M, T(0));
-      E_th[th] = at::zeros({p.M, p.D}, anchors.options());
-      F_th[th] = at::zeros({p.K, p.D}, anchors.options());
-    }
+    aux = at::zeros({p.M * p.D + 2 * p.M + p.K * p.D}, anchors.options());
+    E = aux.narrow(0, 0, p.M * p.D).view({p.M, p.D});
+    F = aux.narrow(0, p.M * p.D + 2 * p.M, p.K * p.D).view({p.K, p.D});
+    sig_sum_out = aux.data_ptr<T>() + p.M * p.D;
+    sig_S_out = sig_sum_out + p.M;
   }
-  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks_m, 1, [&](int64_t begin, int64_t end) {
     const int th = at::get_thread_num();
-    std::vector<T>& sum = sums[th];
-    std::vector<T> S_buf(BLOCK * BLOCK), L(BLOCK * BLOCK);
-    for (int64_t q = begin; q < end; ++q) {
-      const Tile t = make_tile(p, tiles[q].first, tiles[q].second);
-      const at::Tensor anchors_r = anchors.narrow(0, t.r0, t.bm),
-                       candidates_k = candidates.narrow(0, t.k0, t.bn);
-      const T* S = tile_similarity(anchors_r, candidates_k, S_buf);
-      softplus_logits(p, t, S, inv_temp, row_bias, L.data());
-      for (int64_t r = 0; r < t.bm; ++r) {
-        const int64_t a = t.r0 + r;
-        T* l = L.data() + r * t.bn;
-        T s = 0;
-        if (!with_grads) {
-#pragma omp simd reduction(+ : s)
-          for (int64_t k = 0; k < t.bn; ++k) s += softplus_stable(l[k]);
-          sum[a] += s;
-          continue;
-        }
-        // softplus and sigmoid from one e = e^-|l|; l becomes W = inv_temp[a] sigmoid(l) in
-        // place, after the row's sums.
-        const T* s_row = S + r * t.bn;
-        const T inv_temp_a = inv_temp[a];
-        T sig_sum = 0, sig_S = 0;
-#pragma omp simd reduction(+ : s, sig_sum, sig_S)
-        for (int64_t k = 0; k < t.bn; ++k) {
-          const T x = l[k];
-          const T e = exp_approx(-std::abs(x));
-          s += (x < T(0) ? T(0) : x) + log1p_unit(e);
-          const T inv = T(1) / (T(1) + e);
-          const T sig = x >= T(0) ? inv : (x < T(0) ? e * inv : x);
-          sig_sum += sig;
-          sig_S += sig * s_row[k];
-          l[k] = inv_temp_a * sig;
-        }
-        sum[a] += s;
-        sig_sum_th[th][a] += sig_sum;
-        sig_S_th[th][a] += sig_S;
+    at::Tensor F_mine;
+    if (with_grads) {
+      if (th == 0) {
+        F_mine = F;
+      } else {
+        F_th[th] = at::zeros({p.K, p.D}, anchors.options());
+        F_mine = F_th[th];
       }
-      if (!with_grads) continue;
-      const at::Tensor W = at::from_blob(L.data(), {t.bm, t.bn}, anchors.options());
-      E_th[th].narrow(0, t.r0, t.bm).addmm_(W, candidates_k);
-      F_th[th].narrow(0, t.k0, t.bn).addmm_(W.t(), anchors_r);
+    }
+    std::vector<T> S_buf(BLOCK * BLOCK), L(BLOCK * BLOCK);
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t j = 0; j < blocks_k; ++j) {
+        const Tile t = make_tile(p, i, j);
+        const at::Tensor anchors_r = anchors.narrow(0, t.r0, t.bm),
+                         candidates_k = candidates.narrow(0, t.k0, t.bn);
+        const T* S = tile_similarity(anchors_r, candidates_k, S_buf);
+        softplus_logits(p, t, S, inv_temp, row_bias, L.data());
+        for (int64_t r = 0; r < t.bm; ++r) {
+          const int64_t a = t.r0 + r;
+          T* l = L.data() + r * t.bn;
+          T s = 0;
+          if (!with_grads) {
+#pragma omp simd reduction(+ : s)
+            for (int64_t k = 0; k < t.bn; ++k) s += softplus_stable(l[k]);
+            sp_out[a] += s;
+            continue;
+          }
+          // softplus and sigmoid from one e = e^-|l|; l becomes W = inv_temp[a] sigmoid(l) in
+          // place, after the row's sums.
+          const T* s_row = S + r * t.bn;
+          const T inv_temp_a = inv_temp[a];
+          T sig_sum = 0, sig_S = 0;
+#pragma omp simd reduction(+ : s, sig_sum, sig_S)
+          for (int64_t k = 0; k < t.bn; ++k) {
+            const T x = l[k];
+            const T e = exp_approx(-std::abs(x));
+            s += (x < T(0) ? T(0) : x) + log1p_unit(e);
+            const T inv = T(1) / (T(1) + e);
+            const T sig = x >= T(0) ? inv : (x < T(0) ? e * inv : x);
+            sig_sum += sig;
+            sig_S += sig * s_row[k];
+            l[k] = inv_temp_a * sig;
+          }
+          sp_out[a] += s;
+          sig_sum_out[a] += sig_sum;
+          sig_S_out[a] += sig_S;
+        }
+        if (!with_grads) continue;
+        const at::Tensor W = at::from_blob(L.data(), {t.bm, t.bn}, anchors.options());
+        E.narrow(0, t.r0, t.bm).addmm_(W, candidates_k);
+        F_mine.narrow(0, t.k0, t.bn).addmm_(W.t(), anchors_r);
+      }
     }
   });
-  at::Tensor sp_neg = at::zeros({p.M}, anchors.options());
-  T* out = sp_neg.data_ptr<T>();
-  for (const auto& sum : sums)  // threads in a fixed order: deterministic
-    for (int64_t a = 0; a < p.M; ++a) out[a] += sum[a];
   if (!with_grads) return {sp_neg, at::Tensor()};
-  at::Tensor aux = at::empty({p.M * p.D + 2 * p.M + p.K * p.D}, anchors.options());
-  at::Tensor E = aux.narrow(0, 0, p.M * p.D).view({p.M, p.D});
-  at::Tensor F = aux.narrow(0, p.M * p.D + 2 * p.M, p.K * p.D).view({p.K, p.D});
-  E.copy_(E_th[0]);
-  F.copy_(F_th[0]);
-  for (int th = 1; th < num_threads; ++th) {
-    E.add_(E_th[th]);
-    F.add_(F_th[th]);
-  }
-  T* sig_sum = aux.data_ptr<T>() + p.M * p.D;
-  T* sig_S = sig_sum + p.M;
-  std::fill(sig_sum, sig_sum + 2 * p.M, T(0));
-  for (int th = 0; th < num_threads; ++th)
-    for (int64_t a = 0; a < p.M; ++a) {
-      sig_sum[a] += sig_sum_th[th][a];
-      sig_S[a] += sig_S_th[th][a];
-    }
+  for (int th = 1; th < num_threads; ++th)  // in thread order: deterministic
+    if (F_th[th].defined()) F.add_(F_th[th]);
   return {sp_neg, aux};
 }
 
@@ -748,73 +749,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_backward_imp
     const Problem& p, const at::Tensor& anchors, const at::Tensor& candidates,
     const T* inv_temp, const T* row_bias, const T* g, bool need_d_anchors,
     bool need_d_candidates, bool need_d_inv_temp, bool need_d_row_bias) {
-  const auto tiles = p.tiles();
+  // Row blocks owned by threads, as in softplus_forward_impl: the row-side gradients go straight
+  // into the outputs; d_candidates into thread 0's output and the other threads' K x D buffers.
+  const int64_t blocks_m = p.blocks_m(), blocks_k = p.blocks_k();
   const int num_threads = at::get_num_threads();
-  std::vector<at::Tensor> d_anchors_th(num_threads), d_candidates_th(num_threads);
-  std::vector<std::vector<T>> d_inv_temp_th(num_threads), d_row_bias_th(num_threads);
-  for (int th = 0; th < num_threads; ++th) {
-    if (need_d_anchors) d_anchors_th[th] = at::zeros({p.M, p.D}, anchors.options());
-    if (need_d_candidates) d_candidates_th[th] = at::zeros({p.K, p.D}, anchors.options());
-    if (need_d_inv_temp) d_inv_temp_th[th].assign(p.M, T(0));
-    if (need_d_row_bias) d_row_bias_th[th].assign(p.M, T(0));
-  }
-  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
+  at::Tensor d_anchors, d_candidates, d_inv_temp, d_row_bias;
+  if (need_d_anchors) d_anchors = at::zeros({p.M, p.D}, anchors.options());
+  if (need_d_candidates) d_candidates = at::zeros({p.K, p.D}, anchors.options());
+  if (need_d_inv_temp) d_inv_temp = at::zeros({p.M}, anchors.options());
+  if (need_d_row_bias) d_row_bias = at::zeros({p.M}, anchors.options());
+  T* d_inv_temp_out = need_d_inv_temp ? d_inv_temp.data_ptr<T>() : nullptr;
+  T* d_row_bias_out = need_d_row_bias ? d_row_bias.data_ptr<T>() : nullptr;
+  std::vector<at::Tensor> d_candidates_th(num_threads);
+  at::parallel_for(0, blocks_m, 1, [&](int64_t begin, int64_t end) {
     const int th = at::get_thread_num();
-    std::vector<T> S_buf(BLOCK * BLOCK), L(BLOCK * BLOCK);
-    for (int64_t q = begin; q < end; ++q) {
-      const Tile t = make_tile(p, tiles[q].first, tiles[q].second);
-      const at::Tensor anchors_r = anchors.narrow(0, t.r0, t.bm),
-                       candidates_k = candidates.narrow(0, t.k0, t.bn);
-      const T* S = tile_similarity(anchors_r, candidates_k, S_buf);
-      softplus_logits(p, t, S, inv_temp, row_bias, L.data());
-      // L becomes dL_dS = g_a sigmoid(l) inv_temp[a] in place, row by row.
-      for (int64_t r = 0; r < t.bm; ++r) {
-        const int64_t a = t.r0 + r;
-        T* l = L.data() + r * t.bn;
-        const T* s = S + r * t.bn;
-        const T g_a = g[a];
-#pragma omp simd
-        for (int64_t k = 0; k < t.bn; ++k) l[k] = g_a * sigmoid_stable(l[k]);
-        if (need_d_inv_temp) {
-          T acc = 0;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t k = 0; k < t.bn; ++k) acc += l[k] * s[k];
-          d_inv_temp_th[th][a] += acc;
-        }
-        if (need_d_row_bias) {
-          T acc = 0;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t k = 0; k < t.bn; ++k) acc += l[k];
-          d_row_bias_th[th][a] += acc;
-        }
-        const T inv_temp_a = inv_temp[a];
-#pragma omp simd
-        for (int64_t k = 0; k < t.bn; ++k) l[k] *= inv_temp_a;
+    at::Tensor d_candidates_mine;
+    if (need_d_candidates) {
+      if (th == 0) {
+        d_candidates_mine = d_candidates;
+      } else {
+        d_candidates_th[th] = at::zeros({p.K, p.D}, anchors.options());
+        d_candidates_mine = d_candidates_th[th];
       }
-      const at::Tensor dL_dS = at::from_blob(L.data(), {t.bm, t.bn}, anchors.options());
-      if (need_d_anchors) d_anchors_th[th].narrow(0, t.r0, t.bm).addmm_(dL_dS, candidates_k);
-      if (need_d_candidates)
-        d_candidates_th[th].narrow(0, t.k0, t.bn).addmm_(dL_dS.t(), anchors_r);
+    }
+    std::vector<T> S_buf(BLOCK * BLOCK), L(BLOCK * BLOCK);
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t j = 0; j < blocks_k; ++j) {
+        const Tile t = make_tile(p, i, j);
+        const at::Tensor anchors_r = anchors.narrow(0, t.r0, t.bm),
+                         candidates_k = candidates.narrow(0, t.k0, t.bn);
+        const T* S = tile_similarity(anchors_r, candidates_k, S_buf);
+        softplus_logits(p, t, S, inv_temp, row_bias, L.data());
+        // L becomes dL_dS = g_a sigmoid(l) inv_temp[a] in place, row by row.
+        for (int64_t r = 0; r < t.bm; ++r) {
+          const int64_t a = t.r0 + r;
+          T* l = L.data() + r * t.bn;
+          const T* s = S + r * t.bn;
+          const T g_a = g[a];
+#pragma omp simd
+          for (int64_t k = 0; k < t.bn; ++k) l[k] = g_a * sigmoid_stable(l[k]);
+          if (need_d_inv_temp) {
+            T acc = 0;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t k = 0; k < t.bn; ++k) acc += l[k] * s[k];
+            d_inv_temp_out[a] += acc;
+          }
+          if (need_d_row_bias) {
+            T acc = 0;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t k = 0; k < t.bn; ++k) acc += l[k];
+            d_row_bias_out[a] += acc;
+          }
+          const T inv_temp_a = inv_temp[a];
+#pragma omp simd
+          for (int64_t k = 0; k < t.bn; ++k) l[k] *= inv_temp_a;
+        }
+        const at::Tensor dL_dS = at::from_blob(L.data(), {t.bm, t.bn}, anchors.options());
+        if (need_d_anchors) d_anchors.narrow(0, t.r0, t.bm).addmm_(dL_dS, candidates_k);
+        if (need_d_candidates)
+          d_candidates_mine.narrow(0, t.k0, t.bn).addmm_(dL_dS.t(), anchors_r);
+      }
     }
   });
-  at::Tensor d_anchors, d_candidates, d_inv_temp, d_row_bias;
-  if (need_d_anchors) {
-    d_anchors = d_anchors_th[0];
-    for (int th = 1; th < num_threads; ++th) d_anchors.add_(d_anchors_th[th]);
-  }
-  if (need_d_candidates) {
-    d_candidates = d_candidates_th[0];
-    for (int th = 1; th < num_threads; ++th) d_candidates.add_(d_candidates_th[th]);
-  }
-  auto sum_rows = [&](const std::vector<std::vector<T>>& parts) {
-    at::Tensor out = at::zeros({p.M}, anchors.options());
-    T* o = out.data_ptr<T>();
-    for (const auto& part : parts)
-      for (int64_t a = 0; a < p.M; ++a) o[a] += part[a];
-    return out;
-  };
-  if (need_d_inv_temp) d_inv_temp = sum_rows(d_inv_temp_th);
-  if (need_d_row_bias) d_row_bias = sum_rows(d_row_bias_th);
+  for (int th = 1; th < num_threads; ++th)  // in thread order: deterministic
+    if (d_candidates_th[th].defined()) d_candidates.add_(d_candidates_th[th]);
   return {d_anchors, d_candidates, d_inv_temp, d_row_bias};
 }
 

@@ -15,7 +15,11 @@ directory as ``--peer``. Only its ``open_clip/loss.py`` is loaded (by path: the 
    beforehand (``SigLipLoss`` does not normalise), ``validate=False`` for ours. Each
    (implementation, N) runs in a fresh worker process: the peak extra memory is the peak RSS
    (``VmHWM``, reset through ``/proc/self/clear_refs``) during one step minus the RSS before it;
-   the time is the median of ``--repeats`` further steps after one warm-up step. The useful work
+   the time is the median of ``--repeats`` further steps after one warm-up step. Peak RSS moves
+   by several MiB between processes (allocator and thread start-up), so ``--memory-runs`` more
+   fresh workers measure the memory step alone: the table gives the median over all runs and the
+   range, and the memory ratio is given both from the medians and as the worst case (our
+   largest over the peer's smallest). The useful work
    is ``3 N^2 D`` multiply-adds (docs/math.md, roofline); the matmul rate is ``torch.mm`` of
    ``[N, D] x [D, N]`` into a preallocated output, measured in its own worker.
 2. **Parity** (``--parity``, or ``--parity-only``): float64 values and the gradients of image and
@@ -113,7 +117,7 @@ def worker(impl: str, n: int, d: int, repeats: int, peer: str) -> dict:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"ok": True, "median_s": float(np.median(times)), "times_s": times,
+    return {"ok": True, "median_s": float(np.median(times)) if times else None, "times_s": times,
             "peak_extra_bytes": max(0, peak - before),
             "memory_method": method + ("" if was_reset else " (not reset)"),
             "torch_threads": torch.get_num_threads()}
@@ -172,6 +176,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--backend", default="cpu", help="our backend to time (default cpu)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker")
+    p.add_argument("--memory-runs", type=int, default=3,
+                   help="further fresh workers per (implementation, N) that measure memory only")
     p.add_argument("--parity", action="store_true", help="also print the float64 parity table")
     p.add_argument("--parity-only", action="store_true")
     p.add_argument("--json", help="write the measured rows to this file")
@@ -182,6 +188,7 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker, args.sizes[0], args.dim, args.repeats, args.peer)))
         return 0
 
+    import numpy as np
     import torch
 
     out = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
@@ -190,11 +197,12 @@ def main(argv=None) -> int:
     print(f"SigLIP forward+backward, float32, D = {args.dim}, mean loss, gradients of image, "
           f"text, scale and bias; {out['machine']}, {out['cpu_count']} CPUs, torch "
           f"{out['torch']}, {out['torch_threads']} threads; median of {args.repeats} steps, "
-          f"peak extra RSS of one step, each in a fresh process")
+          f"peak extra RSS of one step, each in a fresh process ({1 + args.memory_runs} "
+          f"processes per cell: median and range)")
     if not args.parity_only:
         ours = f"macl-{args.backend}"
         header = (f"{'N':>6}  {'implementation':<16} {'median s':>9} {'peak extra MiB':>15} "
-                  f"{'useful GFLOP/s':>15} {'of matmul':>9}")
+                  f"{'(range)':>13} {'useful GFLOP/s':>15} {'of matmul':>9}")
         print(header)
         print("-" * len(header))
         for n in args.sizes:
@@ -202,6 +210,15 @@ def main(argv=None) -> int:
             matmul = run_worker("matmul", n, args.dim, 1, args.peer, args.timeout)
             results = {impl: run_worker(impl, n, args.dim, args.repeats, args.peer, args.timeout)
                        for impl in (ours, "openclip")}
+            for impl, r in results.items():
+                peaks = [r["peak_extra_bytes"]] if r.get("ok") else []
+                for _ in range(args.memory_runs):
+                    m = run_worker(impl, n, args.dim, 0, args.peer, args.timeout)
+                    if m.get("ok"):
+                        peaks.append(m["peak_extra_bytes"])
+                r["peak_extra_bytes_runs"] = peaks
+                if peaks:
+                    r["peak_extra_bytes_median"] = float(np.median(peaks))
             for impl, r in results.items():
                 row = {"N": n, "D": args.dim, "implementation": impl, **r,
                        "matmul_gflops": matmul.get("gflops")}
@@ -211,13 +228,18 @@ def main(argv=None) -> int:
                     continue
                 rate = useful_flops / r["median_s"] / 1e9
                 frac = rate / matmul["gflops"] if matmul.get("ok") else float("nan")
+                peaks = r["peak_extra_bytes_runs"]
+                span = f"{min(peaks) / 2**20:.1f}-{max(peaks) / 2**20:.1f}"
                 print(f"{n:>6}  {impl:<16} {r['median_s']:>9.4f} "
-                      f"{r['peak_extra_bytes'] / 2**20:>15.1f} {rate:>15.1f} {frac:>9.2f}")
+                      f"{r['peak_extra_bytes_median'] / 2**20:>15.1f} {span:>13} {rate:>15.1f} "
+                      f"{frac:>9.2f}")
             a, b = results[ours], results["openclip"]
             if a.get("ok") and b.get("ok"):
+                worst = max(a["peak_extra_bytes_runs"]) / max(1, min(b["peak_extra_bytes_runs"]))
                 print(f"{n:>6}  {ours} vs OpenCLIP: {b['median_s'] / a['median_s']:.2f}x faster, "
-                      f"{a['peak_extra_bytes'] / max(1, b['peak_extra_bytes']):.4f} of its extra "
-                      f"memory; matmul [{n}, {args.dim}] x [{args.dim}, {n}]: "
+                      f"{a['peak_extra_bytes_median'] / max(1, b['peak_extra_bytes_median']):.4f}"
+                      f" of its extra memory (medians; worst case {worst:.4f}); matmul "
+                      f"[{n}, {args.dim}] x [{args.dim}, {n}]: "
                       f"{matmul.get('gflops', float('nan')):.1f} GFLOP/s")
     if args.parity or args.parity_only:
         print("\nfloat64 parity with OpenCLIP's SigLipLoss (relative errors; N = 64, D = 32, "

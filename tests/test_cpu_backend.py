@@ -140,3 +140,58 @@ def test_rejects_non_cpu_tensors_clearly():
     with pytest.raises(RuntimeError, match="cpu"):
         mk.macl_loss(torch.randn(4, 3, device="meta"), torch.randn(4, 3, device="meta"),
                      backend="cpu", validate=False)
+
+
+@pytest.mark.parametrize("logit_map", list(LogitMap), ids=["scaled", "artanh"])
+def test_one_exponential_both_directions_path_and_its_fallback(logit_map):
+    """CLIP's both-directions problem (one shared inv_temp, diagonal positives) takes one
+    exponential per pair for the row and the column side when a tile's statistics lie within
+    SHARED_EXP_SPAN (60) of each other, and the two-exponential passes otherwise
+    (docs/math.md#one-exponential-for-both-directions). The first tile's rows have large logits
+    (scaled: norm 30; artanh: a near-duplicate negative), the rest small ones: tiles where the lse_neg span exceeds 60 and tiles where it does not, checked
+    on the result itself, and both against two one-direction calls (row passes only) in float64,
+    values and gradients of anchors, candidates and inv_temp."""
+    m = 2 * TILE + 40
+    g = torch.Generator().manual_seed(11)
+    a = torch.nn.functional.normalize(torch.randn(m, 16, generator=g, dtype=torch.float64), dim=1)
+    c = torch.nn.functional.normalize(a + 0.7 * torch.randn(m, 16, generator=g,
+                                                            dtype=torch.float64), dim=1)
+    artanh = logit_map is LogitMap.ARTANH
+    if artanh:  # S stays in [-1, 1]: the span comes from negatives with S near 1
+        kw = dict(logit_map=logit_map, artanh_scale=40.0, artanh_eps=1e-6)
+        # in the first tile, row r's negative r + 1 (r even) nearly equals it: logit ~ 200
+        c[1:TILE:2] = torch.nn.functional.normalize(a[0:TILE:2] + 1e-4 * torch.randn(
+            TILE // 2, 16, generator=g, dtype=torch.float64), dim=1)
+    else:
+        kw = dict(logit_map=logit_map, artanh_scale=0.0, artanh_eps=0.0)
+        a[:TILE] *= 30.0
+        c[:TILE] *= 30.0
+    inv_temp = None if artanh else torch.full((2 * m,), 2.5, dtype=torch.float64)
+    pos_index = torch.cat([torch.arange(m), torch.arange(m)])
+    up = torch.rand(2 * m, generator=g, dtype=torch.float64)
+
+    def run(both):
+        x, y = a.clone().requires_grad_(True), c.clone().requires_grad_(True)
+        b = None if inv_temp is None else inv_temp.clone().requires_grad_(True)
+        if both:
+            out = _ops.negative_lse("cpu", x, y, b, pos_index, None, both_directions=True, **kw)
+        else:  # one direction per call: the row passes only, no shared exponential
+            rows = _ops.negative_lse("cpu", x, y, None if b is None else b[:m], pos_index[:m],
+                                     None, **kw)
+            cols = _ops.negative_lse("cpu", y, x, None if b is None else b[m:], pos_index[m:],
+                                     None, **kw)
+            out = torch.cat([rows, cols])
+        leaves = [t for t in (x, y, b) if t is not None]
+        return out, torch.autograd.grad(out, leaves, up)
+
+    got, got_grads = run(True)
+    want, want_grads = run(False)
+    spans = []
+    for i in range(0, m, TILE):
+        for j in range(0, m, TILE):
+            block = torch.cat([got[i:i + TILE], got[m + j:m + j + TILE]])
+            spans.append(float(block.max() - block.min()))
+    assert max(spans) > 60 and min(spans) <= 60, spans  # both paths taken
+    assert_rel_close(got, want, 1e-12, "lse_neg")
+    for name, x, y in zip(["d anchors", "d candidates", "d inv_temp"], got_grads, want_grads):
+        assert_rel_close(x, y, 1e-11, name)

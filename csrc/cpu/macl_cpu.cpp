@@ -484,16 +484,152 @@ void gradient_tile(const Problem& p, const Tile& t, const T* S, const T* A, cons
                                        d_inv_temp);
 }
 
+// ---------------------------------------------------------------------------------------------
+// One exponential per pair for both directions (docs/math.md#one-exponential-for-both-directions).
+// When the row logit and the column logit of every pair are the same number (one shared inv_temp,
+// or the artanh map), the positives are the diagonal and nothing else is excluded (CLIP on one
+// process), a tile's row sums and column sums can come from the same exp(l - C) with one constant
+// C per tile, instead of exp(l - row max) and exp(l - column max): half the exponentials. Exact
+// algebra; the only risk is range, so each tile checks it and falls back to the two-exponential
+// passes above when a row or column statistic lies more than SHARED_EXP_SPAN below C: then every
+// kept term exp(l - C) that flushes to 0 (l - C < -87.3) is below e^(-87.3 + 60) = 2e-12 of its
+// row's or column's largest term. NaN anywhere in the tile fails the check (falls back).
+// ---------------------------------------------------------------------------------------------
+
+constexpr double SHARED_EXP_SPAN = 60.0;
+
+// Whether a problem qualifies (checked once per call).
+template <typename T>
+bool shared_exp_problem(const Problem& p, const T* inv_temp) {
+  if (!p.both_directions || p.anchor_labels || p.self_index || p.M != p.K || p.M == 0)
+    return false;
+  for (int64_t a = 0; a < p.M; ++a)
+    if (p.pos_index[a] != a || p.pos_index[p.M + a] != a) return false;
+  if (p.scaled()) {
+    const T first = inv_temp[0];
+    for (int64_t a = 1; a < p.num_lse(); ++a)
+      if (!(inv_temp[a] == first)) return false;
+  }
+  return true;
+}
+
+// Forward of one tile: one pass for both maxima, C = the tile's max logit, one exponential pass
+// for the rows' and the columns' sums. Returns false (nothing merged) when the range check fails.
+template <typename T, bool SCALED>
+bool shared_forward_tile(const Problem& p, const Tile& t, const T* S, const T* A, T scale,
+                         std::vector<T>& col_max, std::vector<T>& col_sum,
+                         std::vector<T>& row_max, OnlineLse<T>& state) {
+  const int32_t bn = static_cast<int32_t>(t.bn);
+  const bool diagonal = t.r0 == t.k0;  // the positives (excluded) lie in this tile
+  T* cm = col_max.data();
+  T* cs = col_sum.data();
+  T* rm = row_max.data();
+  std::fill(cm, cm + t.bn, neg_inf<T>());
+  for (int32_t r = 0; r < static_cast<int32_t>(t.bm); ++r) {
+    const T* x = (SCALED ? S : A) + r * t.bn;
+    const int32_t kp = diagonal ? r : -1;
+    T m = neg_inf<T>();
+#pragma omp simd reduction(max : m)
+    for (int32_t k = 0; k < bn; ++k) {
+      const T l = k == kp ? neg_inf<T>() : (SCALED ? scale * x[k] : x[k]);
+      m = l > m ? l : m;
+      cm[k] = l > cm[k] ? l : cm[k];
+    }
+    rm[r] = m;
+  }
+  // C and the range check; a row or column with every pair excluded (a 1 x 1 diagonal tile)
+  // has max -inf and no terms: it is skipped, not checked.
+  T C = neg_inf<T>(), lowest = std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < t.bm; ++r)
+    if (rm[r] != neg_inf<T>()) C = std::max(C, rm[r]), lowest = std::min(lowest, rm[r]);
+  for (int64_t k = 0; k < t.bn; ++k)
+    if (cm[k] != neg_inf<T>()) lowest = std::min(lowest, cm[k]);
+  if (C == neg_inf<T>()) return true;  // nothing to sum
+  if (!(C - lowest <= T(SHARED_EXP_SPAN))) return false;  // NaN fails too
+  std::fill(cs, cs + t.bn, T(0));
+  for (int32_t r = 0; r < static_cast<int32_t>(t.bm); ++r) {
+    const T* x = (SCALED ? S : A) + r * t.bn;
+    const int32_t kp = diagonal ? r : -1;
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int32_t k = 0; k < bn; ++k) {
+      const T e = exp_approx((k == kp ? neg_inf<T>() : (SCALED ? scale * x[k] : x[k])) - C);
+      sum += e;
+      cs[k] += e;
+    }
+    if (rm[r] != neg_inf<T>()) state.merge(t.r0 + r, C, sum);
+  }
+  const int64_t c0 = p.column_offset() + t.k0;
+  for (int64_t k = 0; k < t.bn; ++k)
+    if (cm[k] != neg_inf<T>()) state.merge(c0 + k, C, cs[k]);
+  return true;
+}
+
+// Backward of one tile: with C the largest lse_neg of the tile's rows and columns, u_r =
+// g_a exp(C - lse_neg[a]) and v_k = g_c exp(C - lse_neg[c]), one e = exp(l - C) per pair gives
+// the row side's g_a Q_ak = u_r e and the column side's g_c Q_ca = v_k e (e <= 1, since every
+// negative's logit is at most its lse). Writes dL_dS and adds the d_inv_temp sums; returns false
+// (nothing written) when the lse_neg of the tile span more than SHARED_EXP_SPAN.
+template <typename T, bool SCALED>
+bool shared_gradient_tile(const Problem& p, const Tile& t, const T* S, const T* A, T scale,
+                          const T* lse_neg, const T* g, std::vector<T>& u, std::vector<T>& v,
+                          T* dL_dS, T* d_inv_temp) {
+  const int64_t c0 = p.column_offset() + t.k0;
+  const T* lse_r = lse_neg + t.r0;
+  const T* lse_c = lse_neg + c0;
+  T C = neg_inf<T>(), lowest = std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < t.bm; ++r) C = std::max(C, lse_r[r]), lowest = std::min(lowest, lse_r[r]);
+  for (int64_t k = 0; k < t.bn; ++k) C = std::max(C, lse_c[k]), lowest = std::min(lowest, lse_c[k]);
+  // lse_neg = -inf (an empty Neg: a 1 x 1 problem) or NaN: the two-exponential passes handle it.
+  if (!(C - lowest <= T(SHARED_EXP_SPAN))) return false;
+  for (int64_t r = 0; r < t.bm; ++r) u[r] = g[t.r0 + r] * std::exp(C - lse_r[r]);
+  for (int64_t k = 0; k < t.bn; ++k) v[k] = g[c0 + k] * std::exp(C - lse_c[k]);
+  const T artanh_scale = T(p.artanh_scale), artanh_eps = T(p.artanh_eps);
+  const int32_t bn = static_cast<int32_t>(t.bn);
+  const bool diagonal = t.r0 == t.k0;
+  const T* vk = v.data();
+  T* d_inv_temp_c = (SCALED && d_inv_temp) ? d_inv_temp + c0 : nullptr;
+  for (int32_t r = 0; r < static_cast<int32_t>(t.bm); ++r) {
+    const T* s = S + r * t.bn;
+    const T* x = (SCALED ? S : A) + r * t.bn;
+    T* out = dL_dS + r * t.bn;
+    const int32_t kp = diagonal ? r : -1;
+    const T u_r = u[r];
+    if (d_inv_temp_c) {
+      T row_scale_sum = 0;
+#pragma omp simd reduction(+ : row_scale_sum)
+      for (int32_t k = 0; k < bn; ++k) {
+        const T e = k == kp ? T(0) : exp_approx(scale * x[k] - C);
+        const T q_row = u_r * e, q_col = vk[k] * e;
+        row_scale_sum += q_row * s[k];
+        d_inv_temp_c[k] += q_col * s[k];
+        out[k] = (q_row + q_col) * scale;
+      }
+      d_inv_temp[t.r0 + r] += row_scale_sum;
+    } else {
+#pragma omp simd
+      for (int32_t k = 0; k < bn; ++k) {
+        const T e = k == kp ? T(0) : exp_approx((SCALED ? scale * x[k] : x[k]) - C);
+        out[k] = (u_r + vk[k]) * e *
+                 (SCALED ? scale : artanh_slope(s[k], artanh_scale, artanh_eps));
+      }
+    }
+  }
+  return true;
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tensor& anchors,
                                                 const at::Tensor& candidates, const T* inv_temp,
                                                 bool need_eqs) {
   const auto tiles = p.tiles();
+  const bool shared = !need_eqs && shared_exp_problem(p, inv_temp);
   std::vector<OnlineLse<T>> states(at::get_num_threads(), OnlineLse<T>(p.num_lse(), need_eqs));
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     OnlineLse<T>& state = states[at::get_thread_num()];
     std::vector<T> S_buf(BLOCK * BLOCK), artanh_S(p.scaled() ? 0 : BLOCK * BLOCK);
     std::vector<T> col_max(BLOCK), col_sum(BLOCK), col_sum_s(need_eqs ? BLOCK : 0);
+    std::vector<T> row_max(shared ? BLOCK : 0);
     ColumnExclusions exclusions;
     TileLabels labels;
     for (int64_t q = begin; q < end; ++q) {
@@ -503,6 +639,14 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tens
       if (!p.scaled()) artanh_logits(p, S, t.bm * t.bn, artanh_S.data());
 
       const T* A = artanh_S.data();
+      if (shared) {  // one exponential per pair for both directions, when the range allows
+        const bool done =
+            p.scaled() ? shared_forward_tile<T, true>(p, t, S, A, inv_temp[0], col_max, col_sum,
+                                                      row_max, state)
+                       : shared_forward_tile<T, false>(p, t, S, A, T(1), col_max, col_sum,
+                                                       row_max, state);
+        if (done) continue;
+      }
       labels.fill(p, t);
       // One instantiation per (logit map, label mask): the flags are template parameters, so
       // the vector loops carry no branch for them.
@@ -563,10 +707,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       d_candidates_th[th] = at::zeros({p.K, p.D}, anchors.options());
     if (need_d_inv_temp) d_inv_temp_th[th].assign(p.num_lse(), T(0));
   }
+  const bool shared = shared_exp_problem(p, inv_temp);
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     const int th = at::get_thread_num();
     std::vector<T> S_buf(BLOCK * BLOCK), dL_dS_buf(BLOCK * BLOCK),
         artanh_S(p.scaled() ? 0 : BLOCK * BLOCK);
+    std::vector<T> u(shared ? BLOCK : 0), v(shared ? BLOCK : 0);
     ColumnExclusions exclusions;
     TileLabels labels;
     T* d_inv_temp = need_d_inv_temp ? d_inv_temp_th[th].data() : nullptr;
@@ -582,8 +728,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       // Row side: dL_dS = dL_dl_row * dl_dS; column side (mirrored tile): dL_dS += dL_dl_col *
       // dl_dS, both in S's layout.
       const T* A = artanh_S.data();
-      labels.fill(p, t);
-      if (p.scaled()) {
+      const bool done =
+          shared &&
+          (p.scaled() ? shared_gradient_tile<T, true>(p, t, S, A, inv_temp[0], lse_neg, g, u, v,
+                                                       dL_dS_data, d_inv_temp)
+                      : shared_gradient_tile<T, false>(p, t, S, A, T(1), lse_neg, g, u, v,
+                                                        dL_dS_data, d_inv_temp));
+      if (!done) labels.fill(p, t);
+      if (done) {
+        // one exponential per pair wrote dL_dS and the d_inv_temp sums
+      } else if (p.scaled()) {
         if (p.anchor_labels)
           gradient_tile<T, true, true>(p, t, S, A, inv_temp, lse_neg, g, exclusions, labels,
                                        dL_dS_data, d_inv_temp);

@@ -865,6 +865,40 @@ void softplus_logits(const Problem& p, const Tile& t, const T* S, const T* inv_t
   }
 }
 
+// One tile of a softplus pass: its rows' and columns' first rows, S (into S_buf) and the logits
+// (into L).
+template <typename T>
+struct SoftplusTile {
+  Tile t;
+  const T* anchors_r;
+  const T* candidates_k;
+  const T* S;
+};
+
+template <typename T>
+SoftplusTile<T> softplus_tile(const Problem& p, int64_t i, int64_t j, const T* anchors,
+                              const T* candidates, const T* inv_temp, const T* row_bias,
+                              std::vector<T>& S_buf, std::vector<T>& L) {
+  const Tile t = make_tile(p, i, j);
+  const T* S = tile_similarity(anchors, candidates, t, p.D, S_buf);
+  softplus_logits(p, t, S, inv_temp, row_bias, L.data());
+  return {t, anchors + t.r0 * p.D, candidates + t.k0 * p.D, S};
+}
+
+// The K x D sum over rows that a thread owning row blocks accumulates the candidate side into:
+// the output itself for thread 0, a zeroed buffer of its own for every other thread;
+// merge_thread_sums adds the buffers in thread order (deterministic, no atomics).
+inline at::Tensor thread_sum(int th, const at::Tensor& output, std::vector<at::Tensor>& buffers) {
+  if (th == 0) return output;
+  buffers[th] = at::zeros_like(output);
+  return buffers[th];
+}
+
+inline void merge_thread_sums(at::Tensor& output, const std::vector<at::Tensor>& buffers) {
+  for (size_t th = 1; th < buffers.size(); ++th)
+    if (buffers[th].defined()) output.add_(buffers[th]);
+}
+
 // Forward; with_grads: also the gradients' tile sums, so that a backward with a uniform upstream
 // gradient (a mean or a sum) needs no second pass (3 GEMMs in all, the minimum). With
 // W_ak = inv_temp[a] sigmoid(l_ak) on Neg(a), 0 elsewhere, it returns, flat in one tensor,
@@ -891,6 +925,8 @@ std::tuple<at::Tensor, at::Tensor> softplus_forward_impl(const Problem& p,
   at::Tensor aux, E, F;
   T *sig_sum_out = nullptr, *sig_S_out = nullptr;
   std::vector<at::Tensor> F_th(num_threads);
+  const T* anchors_data = anchors.data_ptr<T>();
+  const T* candidates_data = candidates.data_ptr<T>();
   if (with_grads) {
     aux = at::zeros({p.M * p.D + 2 * p.M + p.K * p.D}, anchors.options());
     E = aux.narrow(0, 0, p.M * p.D).view({p.M, p.D});
@@ -899,25 +935,12 @@ std::tuple<at::Tensor, at::Tensor> softplus_forward_impl(const Problem& p,
     sig_S_out = sig_sum_out + p.M;
   }
   at::parallel_for(0, blocks_m, 1, [&](int64_t begin, int64_t end) {
-    const int th = at::get_thread_num();
-    at::Tensor F_mine;
-    if (with_grads) {
-      if (th == 0) {
-        F_mine = F;
-      } else {
-        F_th[th] = at::zeros({p.K, p.D}, anchors.options());
-        F_mine = F_th[th];
-      }
-    }
+    const at::Tensor F_mine = with_grads ? thread_sum(at::get_thread_num(), F, F_th) : F;
     std::vector<T> S_buf(BLOCK * BLOCK), L(BLOCK * BLOCK);
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t j = 0; j < blocks_k; ++j) {
-        const Tile t = make_tile(p, i, j);
-        const T* anchors_r = anchors.data_ptr<T>() + t.r0 * p.D;
-        const T* candidates_k = candidates.data_ptr<T>() + t.k0 * p.D;
-        const T* S = tile_similarity(anchors.data_ptr<T>(), candidates.data_ptr<T>(), t, p.D,
-                                     S_buf);
-        softplus_logits(p, t, S, inv_temp, row_bias, L.data());
+        const auto [t, anchors_r, candidates_k, S] = softplus_tile(
+            p, i, j, anchors_data, candidates_data, inv_temp, row_bias, S_buf, L);
         for (int64_t r = 0; r < t.bm; ++r) {
           const int64_t a = t.r0 + r;
           T* l = L.data() + r * t.bn;
@@ -955,8 +978,7 @@ std::tuple<at::Tensor, at::Tensor> softplus_forward_impl(const Problem& p,
     }
   });
   if (!with_grads) return {sp_neg, at::Tensor()};
-  for (int th = 1; th < num_threads; ++th)  // in thread order: deterministic
-    if (F_th[th].defined()) F.add_(F_th[th]);
+  merge_thread_sums(F, F_th);
   return {sp_neg, aux};
 }
 
@@ -977,26 +999,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_backward_imp
   T* d_inv_temp_out = need_d_inv_temp ? d_inv_temp.data_ptr<T>() : nullptr;
   T* d_row_bias_out = need_d_row_bias ? d_row_bias.data_ptr<T>() : nullptr;
   std::vector<at::Tensor> d_candidates_th(num_threads);
+  const T* anchors_data = anchors.data_ptr<T>();
+  const T* candidates_data = candidates.data_ptr<T>();
   at::parallel_for(0, blocks_m, 1, [&](int64_t begin, int64_t end) {
-    const int th = at::get_thread_num();
-    at::Tensor d_candidates_mine;
-    if (need_d_candidates) {
-      if (th == 0) {
-        d_candidates_mine = d_candidates;
-      } else {
-        d_candidates_th[th] = at::zeros({p.K, p.D}, anchors.options());
-        d_candidates_mine = d_candidates_th[th];
-      }
-    }
+    const at::Tensor d_candidates_mine =
+        need_d_candidates ? thread_sum(at::get_thread_num(), d_candidates, d_candidates_th)
+                          : d_candidates;
     std::vector<T> S_buf(BLOCK * BLOCK), L(BLOCK * BLOCK);
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t j = 0; j < blocks_k; ++j) {
-        const Tile t = make_tile(p, i, j);
-        const T* anchors_r = anchors.data_ptr<T>() + t.r0 * p.D;
-        const T* candidates_k = candidates.data_ptr<T>() + t.k0 * p.D;
-        const T* S = tile_similarity(anchors.data_ptr<T>(), candidates.data_ptr<T>(), t, p.D,
-                                     S_buf);
-        softplus_logits(p, t, S, inv_temp, row_bias, L.data());
+        const auto [t, anchors_r, candidates_k, S] = softplus_tile(
+            p, i, j, anchors_data, candidates_data, inv_temp, row_bias, S_buf, L);
         // L becomes dL_dS = g_a sigmoid(l) inv_temp[a] in place, row by row.
         for (int64_t r = 0; r < t.bm; ++r) {
           const int64_t a = t.r0 + r;
@@ -1029,8 +1042,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_backward_imp
       }
     }
   });
-  for (int th = 1; th < num_threads; ++th)  // in thread order: deterministic
-    if (d_candidates_th[th].defined()) d_candidates.add_(d_candidates_th[th]);
+  if (need_d_candidates) merge_thread_sums(d_candidates, d_candidates_th);
   return {d_anchors, d_candidates, d_inv_temp, d_row_bias};
 }
 

@@ -18,14 +18,9 @@ DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 OUT="${1:?usage: gpu_first_contact.sh [--dry-run] OUTDIR}"
 BUDGET_S="${MACL_FIRST_CONTACT_BUDGET_S:-420}"  # 7 minutes
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT" || exit 2
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
-PY="${PYTHON:-python}"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=gpu_script_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_script_env.sh"
 export MACL_TRITON_AUTOTUNE=0          # one default shape per specialisation: no tuning runs
-export TRITON_CACHE_DIR="$OUT/.triton_cache"  # shared by every step: compile once
 export TRITON_DEFAULT_FP_FUSION=1
 export OMP_NUM_THREADS=4
 START=$(date +%s)

@@ -14,13 +14,8 @@ DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 OUT="${1:?usage: gpu_staged_checks.sh [--dry-run] OUTDIR [STAGE]}"
 STAGE="${2:-}"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT" || exit 2
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
-PY="${PYTHON:-python}"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export TRITON_CACHE_DIR="$OUT/.triton_cache"
+# shellcheck source=gpu_script_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_script_env.sh"
 export TRITON_DEFAULT_FP_FUSION=1
 export OMP_NUM_THREADS=4
 PYTEST="$PY -m pytest -q -rfE -p no:cacheprovider --maxfail=20"

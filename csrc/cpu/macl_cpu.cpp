@@ -319,6 +319,17 @@ inline int32_t tile_position(int64_t index, int64_t first, int64_t n) {
   return (r >= 0 && r < n) ? static_cast<int32_t>(r) : -1;
 }
 
+// Anchor a's excluded columns within a tile: its positive's and its self's position (-1 when
+// outside the tile or absent).
+struct ExcludedColumns {
+  int32_t pos, self;
+};
+
+inline ExcludedColumns excluded_columns(const Problem& p, const Tile& t, int64_t a) {
+  return {tile_position(p.pos_index[a], t.k0, t.bn),
+          p.self_index ? tile_position(p.self_index[a], t.k0, t.bn) : -1};
+}
+
 // The columns' excluded rows of one tile (their positive and self among the anchors), relative
 // to the tile.
 struct ColumnExclusions {
@@ -355,8 +366,7 @@ void row_statistics(const Problem& p, const Tile& t, const T* S, const T* A, con
   const int64_t* col_label = labels.col.data();
   for (int64_t r = 0; r < t.bm; ++r) {
     const int64_t a = t.r0 + r;
-    const int32_t kp = tile_position(p.pos_index[a], t.k0, t.bn);
-    const int32_t ks = p.self_index ? tile_position(p.self_index[a], t.k0, t.bn) : -1;
+    const auto [kp, ks] = excluded_columns(p, t, a);
     const int64_t label_a = LABELS ? labels.row[r] : 0;
     const T* s_row = S + r * t.bn;
     const T* x = (SCALED ? S : A) + r * t.bn;
@@ -457,8 +467,7 @@ void row_gradient(const Problem& p, const Tile& t, const T* S, const T* A, const
   const int64_t* col_label = labels.col.data();
   for (int64_t r = 0; r < t.bm; ++r) {
     const int64_t a = t.r0 + r;
-    const int32_t kp = tile_position(p.pos_index[a], t.k0, t.bn);
-    const int32_t ks = p.self_index ? tile_position(p.self_index[a], t.k0, t.bn) : -1;
+    const auto [kp, ks] = excluded_columns(p, t, a);
     const int64_t label_a = LABELS ? labels.row[r] : 0;
     const T* s = S + r * t.bn;
     const T* x = (SCALED ? S : A) + r * t.bn;
@@ -854,8 +863,7 @@ void softplus_logits(const Problem& p, const Tile& t, const T* S, const T* inv_t
   const int32_t bn = static_cast<int32_t>(t.bn);
   for (int64_t r = 0; r < t.bm; ++r) {
     const int64_t a = t.r0 + r;
-    const int32_t kp = tile_position(p.pos_index[a], t.k0, t.bn);
-    const int32_t ks = p.self_index ? tile_position(p.self_index[a], t.k0, t.bn) : -1;
+    const auto [kp, ks] = excluded_columns(p, t, a);
     const T* s = S + r * t.bn;
     T* l = L + r * t.bn;
     const T inv_temp_a = inv_temp[a], bias = row_bias ? row_bias[a] : T(0);

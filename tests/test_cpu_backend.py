@@ -195,3 +195,58 @@ def test_one_exponential_both_directions_path_and_its_fallback(logit_map):
     assert_rel_close(got, want, 1e-12, "lse_neg")
     for name, x, y in zip(["d anchors", "d candidates", "d inv_temp"], got_grads, want_grads):
         assert_rel_close(x, y, 1e-11, name)
+
+
+@pytest.mark.parametrize("logit_map", list(LogitMap), ids=["scaled", "artanh"])
+def test_one_exponential_symmetric_path_and_its_fallback(logit_map):
+    """Layout 2n on one process with one temperature (a symmetric problem whose excluded pairs,
+    self and positive, are symmetric) takes one exponential per pair for the two anchors that an
+    off-diagonal tile serves, when the tile's statistics lie within SHARED_EXP_SPAN (60) of each
+    other, and the two-exponential passes otherwise. The first block's rows are made far from the
+    rest (scaled: norm 30; artanh: near-duplicate negatives), so that some off-diagonal tiles
+    exceed the span and others do not; both are checked against the same rows as a cross problem
+    (candidates a copy: no symmetry, row passes only) in float64: lse_neg, the gradient of the one
+    tensor (d anchors + d candidates of the copy) and d inv_temp."""
+    n = TILE + 20
+    m = 2 * n  # three 256-blocks: off-diagonal tiles (0, 1), (0, 2), (1, 2)
+    g = torch.Generator().manual_seed(12)
+    z1 = torch.nn.functional.normalize(torch.randn(n, 16, generator=g, dtype=torch.float64), dim=1)
+    z2 = torch.nn.functional.normalize(z1 + 0.7 * torch.randn(n, 16, generator=g,
+                                                              dtype=torch.float64), dim=1)
+    z = torch.cat([z1, z2])
+    artanh = logit_map is LogitMap.ARTANH
+    if artanh:  # in the first block, row r's negative r + 1 (r even) nearly equals it
+        kw = dict(logit_map=logit_map, artanh_scale=40.0, artanh_eps=1e-6)
+        z[1:TILE:2] = torch.nn.functional.normalize(z[0:TILE:2] + 1e-4 * torch.randn(
+            TILE // 2, 16, generator=g, dtype=torch.float64), dim=1)
+    else:
+        kw = dict(logit_map=logit_map, artanh_scale=0.0, artanh_eps=0.0)
+        z[:TILE] *= 30.0
+    inv_temp = None if artanh else torch.full((m,), 2.5, dtype=torch.float64)
+    pos_index = (torch.arange(m) + n) % m
+    self_index = torch.arange(m)
+    up = torch.rand(m, generator=g, dtype=torch.float64)
+
+    def run(symmetric):
+        x = z.clone().requires_grad_(True)
+        y = None if symmetric else z.clone().requires_grad_(True)
+        b = None if inv_temp is None else inv_temp.clone().requires_grad_(True)
+        out = _ops.negative_lse("cpu", x, y, b, pos_index, self_index, **kw)
+        leaves = [t for t in (x, y, b) if t is not None]
+        grads = torch.autograd.grad(out, leaves, up)
+        if not symmetric:  # the one tensor's gradient: both roles
+            grads = (grads[0] + grads[1],) + grads[2:]
+        return out, grads
+
+    got, got_grads = run(True)
+    got = got.detach()
+    want, want_grads = run(False)
+    spans = []
+    for i in range(0, m, TILE):
+        for j in range(i + TILE, m, TILE):
+            block = torch.cat([got[i:i + TILE], got[j:j + TILE]])
+            spans.append(float(block.max() - block.min()))
+    assert max(spans) > 60 and min(spans) <= 60, spans  # both paths taken
+    assert_rel_close(got, want, 1e-12, "lse_neg")
+    for name, x, y in zip(["d z", "d inv_temp"], got_grads, want_grads):
+        assert_rel_close(x, y, 1e-11, name)

@@ -553,13 +553,18 @@ void gradient_tile(const Problem& p, const Tile& t, const T* S, const T* A, cons
 // ---------------------------------------------------------------------------------------------
 // One exponential per pair for both directions (docs/math.md#one-exponential-for-both-directions).
 // When the row logit and the column logit of every pair are the same number (one shared inv_temp,
-// or the artanh map), the positives are the diagonal and nothing else is excluded (CLIP on one
-// process), a tile's row sums and column sums can come from the same exp(l - C) with one constant
-// C per tile, instead of exp(l - row max) and exp(l - column max): half the exponentials. Exact
-// algebra; the only risk is range, so each tile checks it and falls back to the two-exponential
-// passes above when a row or column statistic lies more than SHARED_EXP_SPAN below C: then every
-// kept term exp(l - C) that flushes to 0 (l - C < -87.3) is below e^(-87.3 + 60) = 2e-12 of its
-// row's or column's largest term. NaN anywhere in the tile fails the check (falls back).
+// or the artanh map) and a pair excluded for its row is excluded for its column too, a mirrored
+// tile's row sums and column sums can come from the same exp(l - C) with one constant C per tile,
+// instead of exp(l - row max) and exp(l - column max): half the exponentials and half the sweeps
+// over the tile. Two problems qualify: CLIP on one process (both_directions, the positives are the
+// diagonal and nothing else is excluded) and layout 2n on one process with one temperature
+// (symmetric: NT-Xent, MACL's batch temperature; the self pair is the diagonal and the positive of
+// a's positive is a, so the excluded set is symmetric). Exact algebra; the only risk is range, so
+// each tile checks it and falls back to the two-exponential passes above when a row or column
+// statistic lies more than SHARED_EXP_SPAN below C: then every kept term exp(l - C) that flushes
+// to 0 (l - C < -87.3) is below e^(-87.3 + 60) = 2e-12 of its row's or column's largest term. NaN
+// anywhere in the tile fails the check (falls back). Diagonal tiles of a symmetric problem are not
+// mirrored (every pair is one of their rows) and keep the row passes.
 // ---------------------------------------------------------------------------------------------
 
 constexpr double SHARED_EXP_SPAN = 60.0;
@@ -567,10 +572,18 @@ constexpr double SHARED_EXP_SPAN = 60.0;
 // Whether a problem qualifies (checked once per call).
 template <typename T>
 bool shared_exp_problem(const Problem& p, const T* inv_temp) {
-  if (!p.both_directions || p.anchor_labels || p.self_index || p.M != p.K || p.M == 0)
-    return false;
-  for (int64_t a = 0; a < p.M; ++a)
-    if (p.pos_index[a] != a || p.pos_index[p.M + a] != a) return false;
+  if (!(p.both_directions || p.symmetric) || p.anchor_labels || p.M == 0) return false;
+  if (p.both_directions) {
+    if (p.self_index || p.M != p.K) return false;
+    for (int64_t a = 0; a < p.M; ++a)
+      if (p.pos_index[a] != a || p.pos_index[p.M + a] != a) return false;
+  } else {  // symmetric: excluded(a, k) must equal excluded(k, a)
+    for (int64_t a = 0; a < p.M; ++a) {
+      const int64_t pos = p.pos_index[a];
+      if (pos < 0 || pos >= p.M || p.pos_index[pos] != a) return false;
+      if (p.self_index && p.self_index[a] != a) return false;
+    }
+  }
   if (p.scaled()) {
     const T first = inv_temp[0];
     for (int64_t a = 1; a < p.num_lse(); ++a)
@@ -586,18 +599,17 @@ bool shared_forward_tile(const Problem& p, const Tile& t, const T* S, const T* A
                          std::vector<T>& col_max, std::vector<T>& col_sum,
                          std::vector<T>& row_max, OnlineLse<T>& state) {
   const int32_t bn = static_cast<int32_t>(t.bn);
-  const bool diagonal = t.r0 == t.k0;  // the positives (excluded) lie in this tile
   T* cm = col_max.data();
   T* cs = col_sum.data();
   T* rm = row_max.data();
   std::fill(cm, cm + t.bn, neg_inf<T>());
   for (int32_t r = 0; r < static_cast<int32_t>(t.bm); ++r) {
     const T* x = (SCALED ? S : A) + r * t.bn;
-    const int32_t kp = diagonal ? r : -1;
+    const auto [kp, ks] = excluded_columns(p, t, t.r0 + r);  // the columns' exclusions too
     T m = neg_inf<T>();
 #pragma omp simd reduction(max : m)
     for (int32_t k = 0; k < bn; ++k) {
-      const T l = k == kp ? neg_inf<T>() : (SCALED ? scale * x[k] : x[k]);
+      const T l = (k == kp || k == ks) ? neg_inf<T>() : (SCALED ? scale * x[k] : x[k]);
       m = l > m ? l : m;
       cm[k] = l > cm[k] ? l : cm[k];
     }
@@ -615,11 +627,12 @@ bool shared_forward_tile(const Problem& p, const Tile& t, const T* S, const T* A
   std::fill(cs, cs + t.bn, T(0));
   for (int32_t r = 0; r < static_cast<int32_t>(t.bm); ++r) {
     const T* x = (SCALED ? S : A) + r * t.bn;
-    const int32_t kp = diagonal ? r : -1;
+    const auto [kp, ks] = excluded_columns(p, t, t.r0 + r);
     T sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int32_t k = 0; k < bn; ++k) {
-      const T e = exp_approx((k == kp ? neg_inf<T>() : (SCALED ? scale * x[k] : x[k])) - C);
+      const T e =
+          exp_approx(((k == kp || k == ks) ? neg_inf<T>() : (SCALED ? scale * x[k] : x[k])) - C);
       sum += e;
       cs[k] += e;
     }
@@ -652,20 +665,19 @@ bool shared_gradient_tile(const Problem& p, const Tile& t, const T* S, const T* 
   for (int64_t k = 0; k < t.bn; ++k) v[k] = g[c0 + k] * std::exp(C - lse_c[k]);
   const T artanh_scale = T(p.artanh_scale), artanh_eps = T(p.artanh_eps);
   const int32_t bn = static_cast<int32_t>(t.bn);
-  const bool diagonal = t.r0 == t.k0;
   const T* vk = v.data();
   T* d_inv_temp_c = (SCALED && d_inv_temp) ? d_inv_temp + c0 : nullptr;
   for (int32_t r = 0; r < static_cast<int32_t>(t.bm); ++r) {
     const T* s = S + r * t.bn;
     const T* x = (SCALED ? S : A) + r * t.bn;
     T* out = dL_dS + r * t.bn;
-    const int32_t kp = diagonal ? r : -1;
+    const auto [kp, ks] = excluded_columns(p, t, t.r0 + r);  // the columns' exclusions too
     const T u_r = u[r];
     if (d_inv_temp_c) {
       T row_scale_sum = 0;
 #pragma omp simd reduction(+ : row_scale_sum)
       for (int32_t k = 0; k < bn; ++k) {
-        const T e = k == kp ? T(0) : exp_approx(scale * x[k] - C);
+        const T e = (k == kp || k == ks) ? T(0) : exp_approx(scale * x[k] - C);
         const T q_row = u_r * e, q_col = vk[k] * e;
         row_scale_sum += q_row * s[k];
         d_inv_temp_c[k] += q_col * s[k];
@@ -675,7 +687,8 @@ bool shared_gradient_tile(const Problem& p, const Tile& t, const T* S, const T* 
     } else {
 #pragma omp simd
       for (int32_t k = 0; k < bn; ++k) {
-        const T e = k == kp ? T(0) : exp_approx((SCALED ? scale * x[k] : x[k]) - C);
+        const T e =
+            (k == kp || k == ks) ? T(0) : exp_approx((SCALED ? scale * x[k] : x[k]) - C);
         out[k] = (u_r + vk[k]) * e *
                  (SCALED ? scale : artanh_slope(s[k], artanh_scale, artanh_eps));
       }
@@ -706,7 +719,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tens
       if (!p.scaled()) artanh_logits(p, S, t.bm * t.bn, artanh_S.data());
 
       const T* A = artanh_S.data();
-      if (shared) {  // one exponential per pair for both directions, when the range allows
+      if (shared && t.mirrored) {  // one exponential per pair for both directions, in range
         const bool done =
             p.scaled() ? shared_forward_tile<T, true>(p, t, S, A, inv_temp[0], col_max, col_sum,
                                                       row_max, state)
@@ -795,7 +808,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       // dl_dS, both in S's layout.
       const T* A = artanh_S.data();
       const bool done =
-          shared &&
+          shared && t.mirrored &&
           (p.scaled() ? shared_gradient_tile<T, true>(p, t, S, A, inv_temp[0], lse_neg, g, u, v,
                                                        dL_dS_data, d_inv_temp)
                       : shared_gradient_tile<T, false>(p, t, S, A, T(1), lse_neg, g, u, v,

@@ -8,8 +8,11 @@ against, so it keeps its own, naive implementations and the fast path imports no
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 NORMALIZE_EPS = 1e-12  # u = z / max(||z||, eps), F.normalize's default
 # MACL's tau(A) is clamped at min(MACL_TEMPERATURE_FLOOR, temperature): never zero, never a sign
@@ -22,10 +25,56 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class _RowNormalize(torch.autograd.Function):
+    """``F.normalize(z, dim=1, eps=NORMALIZE_EPS)`` with a fused backward (docs/math.md,
+    #l2-normalisation-and-its-gradient). The forward is F.normalize's own operations (the same
+    bits); the backward is its closed form, ``dz = (du - u (u . du)) / max(||z||, eps)`` with the
+    ``u (u . du)`` term dropped on rows where the clamp is active (``||z|| < eps``), in three
+    operations on ``[N, D]`` where autograd's chain through the division, the expand and the norm
+    takes about ten; measured on the CPU at N = 4096, D = 128 that was ~14 of a CLIP step's
+    ~185 ms. Saves the output ``u`` (which the loss keeps alive anyway) and the ``[N, 1]`` norms."""
+
+    @staticmethod
+    def forward(z):
+        norm = torch.linalg.vector_norm(z, ord=2, dim=1, keepdim=True)
+        denom = norm.clamp_min(NORMALIZE_EPS)
+        return z / denom, norm, denom
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, norm, denom = output
+        ctx.mark_non_differentiable(norm, denom)
+        ctx.save_for_backward(u, norm, denom)
+
+    @staticmethod
+    @once_differentiable  # like the primitive's backward: a second derivative raises, clearly
+    def backward(ctx, du, _norm_grad, _denom_grad):
+        u, norm, denom = ctx.saved_tensors
+        if du is None:
+            return None
+        # Autograd runs this under whatever autocast region backward() was called in (autocast
+        # would round vecdot to half precision); autograd's own nodes for F.normalize are not
+        # autocast, so neither is this.
+        device_type = u.device.type
+        with torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") \
+                else contextlib.nullcontext():
+            du = du.to(u.dtype)
+            # u . du per row; 0 where the clamp holds the denominator constant (no norm gradient)
+            along = torch.where(norm >= NORMALIZE_EPS,
+                                torch.linalg.vecdot(u, du, dim=1).unsqueeze(1),
+                                torch.zeros_like(norm))
+            return torch.addcmul(du, u, along, value=-1.0).div_(denom)
+
+
 def normalize(z: torch.Tensor, enabled: bool = True) -> torch.Tensor:
-    """Rows in the compute dtype, L2-normalised when ``enabled``."""
+    """Rows in the compute dtype, L2-normalised when ``enabled`` (``F.normalize(z, dim=1)``'s
+    values, with a fused backward: ``_RowNormalize``)."""
     z = z.to(compute_dtype(z.dtype))
-    return F.normalize(z, p=2.0, dim=1, eps=NORMALIZE_EPS) if enabled else z
+    if not enabled:
+        return z
+    if z.dim() != 2 or not torch.is_grad_enabled() or not z.requires_grad:
+        return F.normalize(z, p=2.0, dim=1, eps=NORMALIZE_EPS)
+    return _RowNormalize.apply(z)[0]
 
 
 def softplus(x: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ Shapes: ``z1, z2`` are ``[N, D]``; anchors ``M`` = ``2N`` (layout ``"2n"``), ``N
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -59,6 +59,9 @@ class _Block(NamedTuple):
     # The positives' rows, candidates[pos_index], built from views and slices rather than by a
     # gather (an index copy and an index_put in backward); None: gather them.
     pos_rows: Optional[torch.Tensor] = None
+    # Layout 2n on one process: the anchors are [u1; u2] and their positives [u2; u1], so the
+    # positive similarities are u1 . u2 twice; (u1, u2) here computes them once.
+    pos_halves: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
 
 def _with_labels(blocks, labels, layout: str, prep_dist=None):
@@ -101,6 +104,9 @@ def _blocks(u1: torch.Tensor, u2: torch.Tensor, layout: str, prep_dist=None, gat
         # tensor for both, S = U U^T is symmetric and a backend may exploit that.
         U = torch.cat([u1, u2])
         U_all = U if prep_dist is None else torch.cat([u1_all, u2_all])
+        if prep_dist is None:
+            return [_Block(U, with_negatives(U), torch.cat([rows + total, rows]),
+                           torch.cat([rows, rows + total]), pos_halves=(u1, u2))]
         return [_Block(U, with_negatives(U_all), torch.cat([rows + total, rows]),
                        torch.cat([rows, rows + total]),
                        pos_rows=torch.cat([local(u2_all), local(u1_all)]))]
@@ -134,8 +140,23 @@ def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _positive_similarity(blocks) -> torch.Tensor:
-    return torch.cat([_row_dot(b.anchors, b.candidates[b.pos_index] if b.pos_rows is None
-                               else b.pos_rows) for b in blocks])
+    """``S_a,p(a)`` of every block's anchors. The pairs that occur twice on one process are
+    computed once: layout 2n's ``u1 . u2`` (anchors ``a`` and ``a + N``) and, for two blocks that
+    are each other's transpose (cross_sym), the second block's ``u2 . u1``."""
+    if (len(blocks) == 2 and blocks[0].pos_rows is not None
+            and blocks[1].anchors is blocks[0].pos_rows
+            and blocks[1].pos_rows is blocks[0].anchors):
+        s = _row_dot(blocks[0].anchors, blocks[0].pos_rows)
+        return torch.cat([s, s])
+    parts = []
+    for b in blocks:
+        if b.pos_halves is not None:
+            s = _row_dot(*b.pos_halves)
+            parts += [s, s]
+        else:
+            parts.append(_row_dot(b.anchors, b.candidates[b.pos_index] if b.pos_rows is None
+                                  else b.pos_rows))
+    return torch.cat(parts)
 
 
 def _negative_lse(prep, inv_temp: Optional[torch.Tensor],

@@ -339,3 +339,39 @@ def test_macl_when_p_positive_rounds_to_one(backend, dtype):
     fp32_ref = loss_and_grads(mk.macl_loss, z1, z2, backend="reference", reduction="none", **kw)
     for name, a, r, b in zip(("loss", "dz1", "dz2"), got, fp32_ref, want):
         assert_rel_close(a, b, max(F32_RTOL, 2 * rel_err(r, b)), name)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)],
+                         ids=["float64", "float32"])
+def test_fused_normalisation_backward_matches_autograd(dtype, tol):
+    """The fast path's L2 normalisation (_math._RowNormalize, docs/math.md#reductions-and-
+    normalisation): F.normalize's forward bit for bit, and autograd's gradient of it - rows of
+    zeros, below the 1e-12 clamp, exactly at it, huge, and with a NaN (which stays NaN) - while
+    a second derivative raises instead of returning a wrong one."""
+    from macl_kernels import _math
+
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(64, 9, generator=g, dtype=dtype)
+    z[1] = 0.0
+    z[2] *= 1e-14
+    z[3] = 0.0
+    z[3, 0] = 1e-12  # ||z|| == eps: PyTorch's clamp_min passes the gradient at equality
+    z[4] *= 1e20
+    z[5, 3] = float("nan")
+    up = torch.randn(z.shape, generator=g, dtype=dtype)
+    x, y = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    u_fast = _math.normalize(x)
+    u_ref = torch.nn.functional.normalize(y, p=2.0, dim=1, eps=_math.NORMALIZE_EPS)
+    assert torch.equal(u_fast.nan_to_num(3.0), u_ref.nan_to_num(3.0))
+    (grad_fast,) = torch.autograd.grad(u_fast, x, up)
+    (grad_ref,) = torch.autograd.grad(u_ref, y, up)
+    assert torch.equal(grad_fast.isnan(), grad_ref.isnan())
+    assert grad_fast[5].isnan().all()
+    rows = ~grad_ref.isnan().any(1)  # each row against its own scale (1e-14 ... 1e20)
+    err = ((grad_fast - grad_ref)[rows].abs().amax(1)
+           / grad_ref[rows].abs().amax(1).clamp_min(torch.finfo(dtype).tiny)).max()
+    assert float(err) <= tol, float(err)
+    x2 = z[6:].clone().requires_grad_(True)
+    (d,) = torch.autograd.grad(_math.normalize(x2), x2, up[6:], create_graph=True)
+    with pytest.raises(RuntimeError):
+        d.sum().backward()

@@ -21,6 +21,37 @@ from macl_kernels.backends import cpu as CPU
 TILE = 256  # the kernel's BLOCK
 
 
+def _spread_first_tile(logit_map, g, rows, partners=None):
+    """Make the first tile's logits far from the rest (for the one-exponential range check):
+    scaled map, rows (and partners) 0..TILE scaled to norm 30; artanh map (S stays in [-1, 1]),
+    partner r + 1 of row r (r even) made a near-duplicate of it: a negative with logit ~ 200.
+    Returns the logit map's keyword arguments."""
+    if logit_map is LogitMap.ARTANH:
+        target = rows if partners is None else partners
+        target[1:TILE:2] = torch.nn.functional.normalize(rows[0:TILE:2] + 1e-4 * torch.randn(
+            TILE // 2, rows.shape[1], generator=g, dtype=rows.dtype), dim=1)
+        return dict(logit_map=logit_map, artanh_scale=40.0, artanh_eps=1e-6)
+    for t in (rows, partners):
+        if t is not None:
+            t[:TILE] *= 30.0
+    return dict(logit_map=logit_map, artanh_scale=0.0, artanh_eps=0.0)
+
+
+def _one_tensor_problem(z, inv_temp, pos_index, self_index, up, symmetric, **kw):
+    """lse_neg of the rows of ``z`` against themselves and the gradients (of ``z``, then of
+    ``inv_temp`` when given): symmetric (``candidates=None``: the kernel's symmetric tiling), or
+    as a cross problem against a copy (no symmetry, row passes only) whose two gradients are
+    folded into the one tensor's, as the symmetric call returns it."""
+    x = z.clone().requires_grad_(True)
+    y = None if symmetric else z.clone().requires_grad_(True)
+    b = None if inv_temp is None else inv_temp.clone().requires_grad_(True)
+    out = _ops.negative_lse("cpu", x, y, b, pos_index, self_index, **kw)
+    grads = torch.autograd.grad(out, [t for t in (x, y, b) if t is not None], up)
+    if not symmetric:
+        grads = (grads[0] + grads[1],) + grads[2:]
+    return out, grads
+
+
 def test_extension_is_built():
     reason = CPU.BACKEND.unavailable_reason(torch.device("cpu"))
     assert reason is None, reason
@@ -88,21 +119,12 @@ def test_symmetric_tiling_equals_full_tiling_across_tiles(logit_map):
               artanh_eps=1e-6 if artanh else 0.0)
     up = torch.randn(m, generator=g, dtype=torch.float64)
 
-    def run(symmetric):
-        a = U.clone().requires_grad_(True)
-        c = None if symmetric else U.clone().requires_grad_(True)
-        b = None if inv_temp is None else inv_temp.clone().requires_grad_(True)
-        out = _ops.negative_lse("cpu", a, c, b, pos_index, self_index, **kw)
-        leaves = [t for t in (a, c, b) if t is not None]
-        return out, dict(zip(["a", "c", "b"] if c is not None else ["a", "b"],
-                             torch.autograd.grad(out, leaves, up)))
-
-    sym, sym_grads = run(True)
-    full, full_grads = run(False)
+    sym, sym_grads = _one_tensor_problem(U, inv_temp, pos_index, self_index, up, True, **kw)
+    full, full_grads = _one_tensor_problem(U, inv_temp, pos_index, self_index, up, False, **kw)
     assert_rel_close(sym, full, 1e-13, "lse_neg")
-    assert_rel_close(sym_grads["a"], full_grads["a"] + full_grads["c"], 1e-13, "d U")
+    assert_rel_close(sym_grads[0], full_grads[0], 1e-13, "d U")
     if not artanh:
-        assert_rel_close(sym_grads["b"], full_grads["b"], 1e-13, "d inv_temp")
+        assert_rel_close(sym_grads[1], full_grads[1], 1e-13, "d inv_temp")
 
 
 @pytest.mark.parametrize("loss", ["macl_2n", "clip"])
@@ -157,15 +179,7 @@ def test_one_exponential_both_directions_path_and_its_fallback(logit_map):
     c = torch.nn.functional.normalize(a + 0.7 * torch.randn(m, 16, generator=g,
                                                             dtype=torch.float64), dim=1)
     artanh = logit_map is LogitMap.ARTANH
-    if artanh:  # S stays in [-1, 1]: the span comes from negatives with S near 1
-        kw = dict(logit_map=logit_map, artanh_scale=40.0, artanh_eps=1e-6)
-        # in the first tile, row r's negative r + 1 (r even) nearly equals it: logit ~ 200
-        c[1:TILE:2] = torch.nn.functional.normalize(a[0:TILE:2] + 1e-4 * torch.randn(
-            TILE // 2, 16, generator=g, dtype=torch.float64), dim=1)
-    else:
-        kw = dict(logit_map=logit_map, artanh_scale=0.0, artanh_eps=0.0)
-        a[:TILE] *= 30.0
-        c[:TILE] *= 30.0
+    kw = _spread_first_tile(logit_map, g, a, c)
     inv_temp = None if artanh else torch.full((2 * m,), 2.5, dtype=torch.float64)
     pos_index = torch.cat([torch.arange(m), torch.arange(m)])
     up = torch.rand(2 * m, generator=g, dtype=torch.float64)
@@ -215,32 +229,15 @@ def test_one_exponential_symmetric_path_and_its_fallback(logit_map):
                                                               dtype=torch.float64), dim=1)
     z = torch.cat([z1, z2])
     artanh = logit_map is LogitMap.ARTANH
-    if artanh:  # in the first block, row r's negative r + 1 (r even) nearly equals it
-        kw = dict(logit_map=logit_map, artanh_scale=40.0, artanh_eps=1e-6)
-        z[1:TILE:2] = torch.nn.functional.normalize(z[0:TILE:2] + 1e-4 * torch.randn(
-            TILE // 2, 16, generator=g, dtype=torch.float64), dim=1)
-    else:
-        kw = dict(logit_map=logit_map, artanh_scale=0.0, artanh_eps=0.0)
-        z[:TILE] *= 30.0
+    kw = _spread_first_tile(logit_map, g, z)
     inv_temp = None if artanh else torch.full((m,), 2.5, dtype=torch.float64)
     pos_index = (torch.arange(m) + n) % m
     self_index = torch.arange(m)
     up = torch.rand(m, generator=g, dtype=torch.float64)
 
-    def run(symmetric):
-        x = z.clone().requires_grad_(True)
-        y = None if symmetric else z.clone().requires_grad_(True)
-        b = None if inv_temp is None else inv_temp.clone().requires_grad_(True)
-        out = _ops.negative_lse("cpu", x, y, b, pos_index, self_index, **kw)
-        leaves = [t for t in (x, y, b) if t is not None]
-        grads = torch.autograd.grad(out, leaves, up)
-        if not symmetric:  # the one tensor's gradient: both roles
-            grads = (grads[0] + grads[1],) + grads[2:]
-        return out, grads
-
-    got, got_grads = run(True)
+    got, got_grads = _one_tensor_problem(z, inv_temp, pos_index, self_index, up, True, **kw)
     got = got.detach()
-    want, want_grads = run(False)
+    want, want_grads = _one_tensor_problem(z, inv_temp, pos_index, self_index, up, False, **kw)
     spans = []
     for i in range(0, m, TILE):
         for j in range(i + TILE, m, TILE):

@@ -308,10 +308,10 @@ struct OnlineLse {
 // MASK_AFTER_LOAD: in every vectorised loop below, a masked pair's value is computed (loaded,
 // exponentiated) like any other and replaced afterwards by a select. Written as `excluded ? 0 :
 // exp(x[k] ...)` (or with a load on the right of `||`), the load happens only on one side of
-// the condition, and GCC keeps that C++ meaning with AVX masked loads (vmaskmovps: slow on AMD Zen); measured on one 256 x 256
-// tile, the masked-load forms took 1.4x (exp sweep) to 2x (max sweep) the time of these.
-// The selected value is the same: exp(-inf) = 0 before, 0 now; an excluded NaN is dropped either
-// way.
+// the condition, and GCC keeps that C++ meaning with AVX masked loads (vmaskmovps, slow on AMD
+// Zen): measured on one 256 x 256 tile, the masked-load forms took 1.4x (exp sweep) to 2x (max
+// sweep) the time of these. The selected value is the same (exp(-inf) = 0 before, 0 now), an
+// excluded pair's NaN or overflow is dropped either way.
 //
 // The tile passes. Each reads S (and, for the artanh map, its logits A = artanh_scale
 // artanh(clamp(S))) and never stores a logits tile: the logit of a pair is recomputed where it is

@@ -20,15 +20,23 @@ NORMALIZE_EPS = 1e-12  # u = z / max(||z||, eps), F.normalize's default
 MACL_TEMPERATURE_FLOOR = 1e-3
 
 
+def autocast_off(device_type: str):
+    """A context with autocast disabled on ``device_type`` (``cpu`` and ``cuda``: the device types
+    autocast knows; any other runs as it is)."""
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Losses compute in float32, or float64 for float64 inputs (half inputs are upcast)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _RowNormalize(torch.autograd.Function):
-    """``F.normalize(z, dim=1, eps=NORMALIZE_EPS)`` with a fused backward (docs/math.md,
-    #l2-normalisation-and-its-gradient). The forward is F.normalize's own operations (the same
-    bits); the backward is its closed form, ``dz = (du - u (u . du)) / max(||z||, eps)`` with the
+    """``F.normalize(z, dim=1, eps=NORMALIZE_EPS)`` with a fused backward
+    (docs/math.md#reductions-and-normalisation). The forward is F.normalize's own operations (the
+    same bits); the backward is its closed form, ``dz = (du - u (u . du)) / max(||z||, eps)`` with the
     ``u (u . du)`` term dropped on rows where the clamp is active (``||z|| < eps``), in three
     operations on ``[N, D]`` where autograd's chain through the division, the expand and the norm
     takes about ten; measured on the CPU at N = 4096, D = 128 that was ~14 of a CLIP step's
@@ -55,9 +63,7 @@ class _RowNormalize(torch.autograd.Function):
         # Autograd runs this under whatever autocast region backward() was called in (autocast
         # would round vecdot to half precision); autograd's own nodes for F.normalize are not
         # autocast, so neither is this.
-        device_type = u.device.type
-        with torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") \
-                else contextlib.nullcontext():
+        with autocast_off(u.device.type):
             du = du.to(u.dtype)
             # u . du per row; 0 where the clamp holds the denominator constant (no norm gradient)
             along = torch.where(norm >= NORMALIZE_EPS,

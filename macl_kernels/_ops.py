@@ -37,12 +37,12 @@ back from the op as empty tensors (ops return tensors only).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from ._math import autocast_off
 from ._primitive import Grads, LogitMap, Needs, Problem, RowReduction
 from .backends import kernel_backend
 
@@ -179,9 +179,7 @@ def negative_lse_backward_op(backend: str, anchors: Tensor, candidates: Optional
     # The losses run their forward with autocast off (docs/math.md#numerical-hazards); autograd
     # runs this backward under whatever autocast region ``loss.backward()`` was called in, which
     # would round the backward's GEMMs (and mix dtypes): turn it off here too.
-    device_type = anchors.device.type
-    with torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else \
-            contextlib.nullcontext():
+    with autocast_off(anchors.device.type):
         impl = kernel_backend(backend)
         args = (problem, lse_neg, aux if aux.numel() else None, g.to(lse_neg.dtype).contiguous(),
                 needs)

@@ -133,8 +133,7 @@ def _supcon(feats, labels, mask, temperature, base_temperature, contrast_mode, n
             reduction, ctx, name):
     out_dtype = feats.dtype
     wide = compute_dtype(feats.dtype)
-    with torch.autocast(feats.device.type, enabled=False) if feats.device.type in (
-            "cpu", "cuda") else _nullcontext():
+    with _math.autocast_off(feats.device.type):
         bsz, views = feats.shape[0], feats.shape[1]
         rows = feats.to(wide)
         if normalize:
@@ -199,14 +198,6 @@ def _supcon(feats, labels, mask, temperature, base_temperature, contrast_mode, n
         return _math.reduce(per_anchor, reduction, out_dtype)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _supcon_pml(embeddings, labels, ref_emb, ref_labels, temperature, backend, validate):
     """pytorch-metric-learning's ``SupConLoss`` (``CosineSimilarity``, ``AvgNonZeroReducer``):
     rows normalised; without ``ref_emb`` every row is an anchor against every other row, with it
@@ -240,8 +231,7 @@ def _supcon_pml(embeddings, labels, ref_emb, ref_labels, temperature, backend, v
     name = resolve_backend(backend, embeddings.device, embeddings.shape[1], embeddings.dtype)
     out_dtype = embeddings.dtype
     wide = compute_dtype(out_dtype)
-    with torch.autocast(embeddings.device.type, enabled=False) if embeddings.device.type in (
-            "cpu", "cuda") else _nullcontext():
+    with _math.autocast_off(embeddings.device.type):
         U = _math.normalize(embeddings.to(wide))
         m = U.shape[0]
         y = labels.to(torch.int64)
@@ -325,8 +315,7 @@ def supcon_macl_loss(features, labels, *, temperature=0.1, alpha=0.5, a0=0.0,
     name = resolve_backend(backend, features.device, feats.shape[2], feats.dtype)
     out_dtype = feats.dtype
     wide = compute_dtype(out_dtype)
-    with torch.autocast(feats.device.type, enabled=False) if feats.device.type in (
-            "cpu", "cuda") else _nullcontext():
+    with _math.autocast_off(feats.device.type):
         rows = feats.to(wide)
         if normalize:
             rows = torch.nn.functional.normalize(rows, dim=2, eps=_math.NORMALIZE_EPS)

@@ -247,3 +247,71 @@ def test_one_exponential_symmetric_path_and_its_fallback(logit_map):
     assert_rel_close(got, want, 1e-12, "lse_neg")
     for name, x, y in zip(["d z", "d inv_temp"], got_grads, want_grads):
         assert_rel_close(x, y, 1e-11, name)
+
+
+def _opposed_rows(g, m, d, opposed, dtype):
+    """Rows ``u [m, d]`` and columns ``v [m, d]`` (normalised): the columns ``opposed`` lie near
+    ``-e`` and every row near ``e``, the other columns are random. The opposed columns'
+    similarities to every row are ~ -1: with inverse temperature 100, every logit of those
+    columns (as anchors) sits ~ 200 below the forward's Cauchy-Schwarz bound (the bound shift
+    underflows), while the rows and the other columns keep logits within reach of it."""
+    e = torch.nn.functional.normalize(torch.randn(d, generator=g, dtype=dtype), dim=0)
+    u = e + 0.02 * torch.randn(m, d, generator=g, dtype=dtype)
+    v = torch.randn(m, d, generator=g, dtype=dtype)
+    v[opposed] = -e + 0.02 * v[opposed]
+    return (torch.nn.functional.normalize(u, dim=1), torch.nn.functional.normalize(v, dim=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("problem", ["cross", "cross_eqs", "both_shared", "both_per_entry"])
+def test_forward_bound_shift_falls_back_where_it_would_underflow(problem, dtype):
+    """The forward shifts each tile's sums by the Cauchy-Schwarz bound of its logits instead of
+    their max (docs/math.md#the-forwards-bound-shift) and redoes a row or column whose sum falls
+    below e^-60 with its exact max. Here anchors whose logits all lie ~200 below the bound
+    (inverse temperature ~100, similarities ~ -1) sit next to anchors that keep the shift:
+    without the fallback their float32 sums flush to 0 and lse_neg is -inf. Rows (cross, with
+    and without eqs), columns (both directions, per-entry temperatures: the column passes) and
+    the shared one-exponential tile (one temperature) are checked against float64 logsumexp."""
+    g = torch.Generator().manual_seed(11)
+    m, d = 2 * TILE + 40, 16
+    both = problem.startswith("both")
+    opposed = torch.arange(TILE // 2, TILE + TILE // 2)  # straddles two tiles
+    v, u = _opposed_rows(g, m, d, opposed, dtype)
+    if both:  # the opposed anchors are columns
+        u, v = v, u
+    entries = 2 * m if both else m
+    inv_temp = torch.full((entries,), 100.0, dtype=dtype)
+    if problem == "both_per_entry":
+        inv_temp -= torch.rand(entries, generator=g, dtype=dtype)
+    pos_index = torch.arange(m).repeat(2 if both else 1)
+    kw = dict(both_directions=True) if both else {}
+    if problem == "cross_eqs":
+        kw = dict(return_eqs=True)
+    got = _ops.negative_lse("cpu", u, v, inv_temp, pos_index, None, **kw)
+
+    def oracle(s, scale):  # float64 lse_neg and eqs of the rows of s (positive on the diagonal)
+        logits = (scale[:, None] * s).masked_fill(torch.eye(m, dtype=torch.bool), -torch.inf)
+        lse = torch.logsumexp(logits, 1)
+        return lse, ((logits - lse[:, None]).exp() * s).sum(1)
+
+    s64 = u.double() @ v.double().T
+    want, want_eqs = oracle(s64, inv_temp.double()[:m])
+    if both:
+        want = torch.cat([want, oracle(s64.T, inv_temp.double()[m:])[0]])
+    if problem == "cross_eqs":
+        got, got_eqs = got
+        assert_rel_close(got_eqs, want_eqs.to(dtype), 1e-5 if dtype == torch.float32 else 1e-12,
+                         "eqs")
+    want = want.to(dtype)
+    # Some anchors take the fallback (their logits all lie far below the bound), others not.
+    s_rows = (s64 * inv_temp.double()[:m, None]).masked_fill(torch.eye(m, dtype=torch.bool),
+                                                              -torch.inf)
+    gaps = [s_rows.max(1).values - inv_temp.double()[:m]]  # |u| = |v| = 1: the bound is inv_temp
+    if both:
+        s_cols = (s64.T * inv_temp.double()[m:, None]).masked_fill(
+            torch.eye(m, dtype=torch.bool), -torch.inf)
+        gaps.append(s_cols.max(1).values - inv_temp.double()[m:])
+    far = torch.cat(gaps) < -150
+    assert far.any() and not far.all()
+    assert torch.isfinite(got).all()
+    assert_rel_close(got, want, 1e-5 if dtype == torch.float32 else 1e-12, "lse_neg")

@@ -68,6 +68,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -294,16 +295,65 @@ struct OnlineLse {
   std::vector<T> max, sum, sum_s;
   OnlineLse(int64_t m, bool need_eqs)
       : max(m, neg_inf<T>()), sum(m, T(0)), sum_s(need_eqs ? m : 0, T(0)) {}
-  // a partial (m, s, ts) with terms exp(l - m) and exp(l - m) S
+  // a partial (m, s, ts) with terms exp(l - m) and exp(l - m) S. One exponential per merge, none
+  // when m equals the running max (the forward's bound shift makes that the common case: every
+  // tile of a row has the same shift); the values are those of rescaling both sides by
+  // exp(. - max(max[a], m)), bit for bit (the other side's factor is exp(0) = 1).
   void merge(int64_t a, T m, T s, T ts = T(0)) {
     if (m == neg_inf<T>()) return;
-    const T new_max = std::max(max[a], m);
-    const T old_scale = std::exp(max[a] - new_max), new_scale = std::exp(m - new_max);
-    sum[a] = sum[a] * old_scale + s * new_scale;
-    if (!sum_s.empty()) sum_s[a] = sum_s[a] * old_scale + ts * new_scale;
-    max[a] = new_max;
+    if (m <= max[a]) {
+      const T scale = m == max[a] ? T(1) : std::exp(m - max[a]);
+      sum[a] += s * scale;
+      if (!sum_s.empty()) sum_s[a] += ts * scale;
+    } else {
+      const T scale = std::exp(max[a] - m);  // 0 for the first partial (max[a] = -inf)
+      sum[a] = sum[a] * scale + s;
+      if (!sum_s.empty()) sum_s[a] = sum_s[a] * scale + ts;
+      max[a] = m;
+    }
   }
 };
+
+// ---------------------------------------------------------------------------------------------
+// The forward's bound shift (docs/math.md#the-forwards-bound-shift). A row's partial (m, sum of
+// exp(l - m)) is exact algebra for any finite shift m; the max of the row's logits in the tile
+// is only the safe choice. With the scaled map, Cauchy-Schwarz bounds every logit of anchor a
+// against the tile's columns: l_ak = inv_temp[a] S_ak <= |inv_temp[a]| |u_a| max_k |v_k|, so
+// that bound serves as m with no overflow (terms <= 1 up to rounding) and the max sweep over the
+// tile is skipped: one pass over S instead of two. The risk is underflow (the row's logits far
+// below the bound: CLIP's scale 100 against a row of S near -1), so a partial is kept only when
+// its sum is at least SHIFT_MIN_SUM = e^-60; then its largest term is at least e^-60 / 256 and a
+// term flushed to 0 (below e^-87.3 in float32) is below e^-21.8 (3e-10) of it. A row (column)
+// that fails, NaN and a row without negatives in the tile included, is redone with its exact
+// max. The artanh map keeps the max sweep.
+// ---------------------------------------------------------------------------------------------
+
+constexpr double SHIFT_MIN_SUM = 8.75651076269652e-27;  // e^-60
+
+// |x_r| of every row of a contiguous [rows, D] matrix.
+template <typename T>
+std::vector<T> row_norms(const T* x, int64_t rows, int64_t D) {
+  std::vector<T> out(rows);
+  at::parallel_for(0, rows, 1024, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * D;
+      T sq = 0;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t d = 0; d < D; ++d) sq += xr[d] * xr[d];
+      out[r] = std::sqrt(sq);
+    }
+  });
+  return out;
+}
+
+// The largest of norms[first .. first + n) (NaN-tolerant either way: a NaN norm that is dropped
+// here still makes its logits, and so the partial's sum, NaN, which fails the check).
+template <typename T>
+T max_norm(const std::vector<T>& norms, int64_t first, int64_t n) {
+  T m = 0;
+  for (int64_t q = first; q < first + n; ++q) m = std::max(m, norms[q]);
+  return m;
+}
 
 // MASK_AFTER_LOAD: in every vectorised loop below, a masked pair's value is computed (loaded,
 // exponentiated) like any other and replaced afterwards by a select. Written as `excluded ? 0 :
@@ -365,11 +415,13 @@ struct TileLabels {
   }
 };
 
-// Forward, row side: each row's partial (max, sum of exp(l - max)) over the tile, merged into
-// the thread's online state; with need_eqs also sum exp(l - max) S (E4).
+// Forward, row side: each row's partial (m, sum of exp(l - m)) over the tile, merged into the
+// thread's online state; with need_eqs also sum exp(l - m) S (E4). m is row_bound[r] (the bound
+// shift, SCALED only) when given and its sum passes the check, else the row's max in the tile.
 template <typename T, bool SCALED, bool LABELS>
 void row_statistics(const Problem& p, const Tile& t, const T* S, const T* A, const T* inv_temp,
-                    const TileLabels& labels, bool need_eqs, OnlineLse<T>& state) {
+                    const T* row_bound, const TileLabels& labels, bool need_eqs,
+                    OnlineLse<T>& state) {
   const int32_t bn = static_cast<int32_t>(t.bn);
   const int64_t* col_label = labels.col.data();
   for (int64_t r = 0; r < t.bm; ++r) {
@@ -379,6 +431,35 @@ void row_statistics(const Problem& p, const Tile& t, const T* S, const T* A, con
     const T* s_row = S + r * t.bn;
     const T* x = (SCALED ? S : A) + r * t.bn;
     const T scale = SCALED ? inv_temp[a] : T(1);
+    // sums of exp(l - m) (and of exp(l - m) S) over the row's negatives in the tile
+    const auto sums = [&](T m) {
+      T sum = 0, sum_s = 0;
+      if (need_eqs) {
+#pragma omp simd reduction(+ : sum, sum_s)
+        for (int32_t k = 0; k < bn; ++k) {
+          const bool out = (k == kp) | (k == ks) | (LABELS && col_label[k] == label_a);
+          const T e_all = exp_approx(scale * x[k] - m);  // see MASK_AFTER_LOAD
+          const T e = out ? T(0) : e_all;
+          sum += e;
+          sum_s += e * s_row[k];
+        }
+      } else {
+#pragma omp simd reduction(+ : sum)
+        for (int32_t k = 0; k < bn; ++k) {
+          const bool out = (k == kp) | (k == ks) | (LABELS && col_label[k] == label_a);
+          const T e = exp_approx(scale * x[k] - m);
+          sum += out ? T(0) : e;
+        }
+      }
+      return std::pair<T, T>{sum, sum_s};
+    };
+    if (SCALED && row_bound) {
+      const auto [sum, sum_s] = sums(row_bound[r]);
+      if (sum >= T(SHIFT_MIN_SUM)) {  // false for NaN and for a row without negatives here
+        state.merge(a, row_bound[r], sum, sum_s);
+        continue;
+      }
+    }
     T m = neg_inf<T>();
 #pragma omp simd reduction(max : m)
     for (int32_t k = 0; k < bn; ++k) {
@@ -388,34 +469,19 @@ void row_statistics(const Problem& p, const Tile& t, const T* S, const T* A, con
       m = l > m ? l : m;
     }
     if (m == neg_inf<T>()) continue;  // every candidate of this tile excluded
-    T sum = 0, sum_s = 0;
-    if (need_eqs) {
-#pragma omp simd reduction(+ : sum, sum_s)
-      for (int32_t k = 0; k < bn; ++k) {
-        const bool out = (k == kp) | (k == ks) | (LABELS && col_label[k] == label_a);
-        const T e_all = exp_approx(scale * x[k] - m);
-        const T e = out ? T(0) : e_all;
-        sum += e;
-        sum_s += e * s_row[k];
-      }
-    } else {
-#pragma omp simd reduction(+ : sum)
-      for (int32_t k = 0; k < bn; ++k) {
-        const bool out = (k == kp) | (k == ks) | (LABELS && col_label[k] == label_a);
-        const T e = exp_approx(scale * x[k] - m);
-        sum += out ? T(0) : e;
-      }
-    }
+    const auto [sum, sum_s] = sums(m);
     state.merge(a, m, sum, sum_s);
   }
 }
 
-// Forward, column side: each column's partial (max, sum) over the tile's rows (and the E4 sum).
+// Forward, column side: each column's partial (m, sum) over the tile's rows (and the E4 sum),
+// m the column's col_bound[k] (the bound shift, SCALED only) where given and its sum passes the
+// check, else its max over the tile's rows (a second pass for the columns that failed).
 template <typename T, bool SCALED, bool LABELS>
 void column_statistics(const Problem& p, const Tile& t, const T* S, const T* A,
-                       const T* inv_temp, ColumnExclusions& ex, const TileLabels& labels,
-                       bool need_eqs, std::vector<T>& col_max, std::vector<T>& col_sum,
-                       std::vector<T>& col_sum_s, OnlineLse<T>& state) {
+                       const T* inv_temp, const T* col_bound, ColumnExclusions& ex,
+                       const TileLabels& labels, bool need_eqs, std::vector<T>& col_max,
+                       std::vector<T>& col_sum, std::vector<T>& col_sum_s, OnlineLse<T>& state) {
   const int64_t c0 = p.column_offset() + t.k0;
   const int32_t bn = static_cast<int32_t>(t.bn);
   ex.fill(p, t);
@@ -425,6 +491,50 @@ void column_statistics(const Problem& p, const Tile& t, const T* S, const T* A,
   const T* scale = SCALED ? inv_temp + c0 : nullptr;
   T* cm = col_max.data();
   T* cs = col_sum.data();
+  T* cts = need_eqs ? col_sum_s.data() : nullptr;
+  // cs (and cts) = the columns' sums of exp(l - cm[k]) over the tile's rows
+  const auto sums = [&] {
+    std::fill(cs, cs + t.bn, T(0));
+    if (cts) std::fill(cts, cts + t.bn, T(0));
+    for (int32_t r = 0; r < static_cast<int32_t>(t.bm); ++r) {
+      const T* s_row = S + r * t.bn;
+      const T* x = (SCALED ? S : A) + r * t.bn;
+      const int64_t label_r = LABELS ? labels.row[r] : 0;
+      if (cts) {
+#pragma omp simd
+        for (int32_t k = 0; k < bn; ++k) {
+          const bool out =
+              (pos[k] == r) | (self[k] == r) | (LABELS && col_label[k] == label_r);
+          const T e_all = exp_approx((SCALED ? scale[k] * x[k] : x[k]) - cm[k]);
+          const T e = out ? T(0) : e_all;
+          cs[k] += e;
+          cts[k] += e * s_row[k];
+        }
+      } else {
+#pragma omp simd
+        for (int32_t k = 0; k < bn; ++k) {
+          const bool out =
+              (pos[k] == r) | (self[k] == r) | (LABELS && col_label[k] == label_r);
+          const T e = exp_approx((SCALED ? scale[k] * x[k] : x[k]) - cm[k]);
+          cs[k] += out ? T(0) : e;
+        }
+      }
+    }
+  };
+  // Columns still to do: all of them, or those whose bound-shift sum failed the check.
+  std::array<bool, BLOCK> redo;
+  std::fill(redo.begin(), redo.begin() + t.bn, true);
+  if (SCALED && col_bound) {
+    std::copy(col_bound, col_bound + t.bn, cm);
+    sums();
+    bool any_redo = false;
+    for (int64_t k = 0; k < t.bn; ++k) {
+      redo[k] = !(cs[k] >= T(SHIFT_MIN_SUM));  // NaN and an empty column fail
+      if (!redo[k]) state.merge(c0 + k, cm[k], cs[k], cts ? cts[k] : T(0));
+      any_redo = any_redo || redo[k];
+    }
+    if (!any_redo) return;
+  }
   std::fill(cm, cm + t.bn, neg_inf<T>());
   for (int32_t r = 0; r < static_cast<int32_t>(t.bm); ++r) {
     const T* x = (SCALED ? S : A) + r * t.bn;
@@ -440,33 +550,10 @@ void column_statistics(const Problem& p, const Tile& t, const T* S, const T* A,
   // A column whose candidates are all excluded has max -inf: shift by 0 there (its terms are
   // exp(-inf) = 0 either way), never by -inf (which would give NaN).
   for (int64_t k = 0; k < t.bn; ++k) cm[k] = cm[k] == neg_inf<T>() ? T(0) : cm[k];
-  std::fill(cs, cs + t.bn, T(0));
-  T* cts = need_eqs ? col_sum_s.data() : nullptr;
-  if (cts) std::fill(cts, cts + t.bn, T(0));
-  for (int32_t r = 0; r < static_cast<int32_t>(t.bm); ++r) {
-    const T* s_row = S + r * t.bn;
-    const T* x = (SCALED ? S : A) + r * t.bn;
-    const int64_t label_r = LABELS ? labels.row[r] : 0;
-    if (cts) {
-#pragma omp simd
-      for (int32_t k = 0; k < bn; ++k) {
-        const bool out = (pos[k] == r) | (self[k] == r) | (LABELS && col_label[k] == label_r);
-        const T e_all = exp_approx((SCALED ? scale[k] * x[k] : x[k]) - cm[k]);
-        const T e = out ? T(0) : e_all;
-        cs[k] += e;
-        cts[k] += e * s_row[k];
-      }
-    } else {
-#pragma omp simd
-      for (int32_t k = 0; k < bn; ++k) {
-        const bool out = (pos[k] == r) | (self[k] == r) | (LABELS && col_label[k] == label_r);
-        const T e = exp_approx((SCALED ? scale[k] * x[k] : x[k]) - cm[k]);
-        cs[k] += out ? T(0) : e;
-      }
-    }
-  }
+  sums();
+  // cs = 0: no negatives in the tile; a NaN sum is merged (it makes the column's lse NaN)
   for (int64_t k = 0; k < t.bn; ++k)
-    if (cs[k] > T(0)) state.merge(c0 + k, cm[k], cs[k], cts ? cts[k] : T(0));
+    if (redo[k] && !(cs[k] == T(0))) state.merge(c0 + k, cm[k], cs[k], cts ? cts[k] : T(0));
 }
 
 // Backward, row side: dL_dS = g_a Q_ak dl_dS_ak (written), d_inv_temp[a] += sum_k g_a Q_ak S_ak
@@ -547,13 +634,13 @@ void column_gradient(const Problem& p, const Tile& t, const T* S, const T* A, co
 // Both sides of one tile (the column side only for a mirrored tile), forward and backward.
 template <typename T, bool SCALED, bool LABELS>
 void forward_tile(const Problem& p, const Tile& t, const T* S, const T* A, const T* inv_temp,
-                  ColumnExclusions& ex, const TileLabels& labels, bool need_eqs,
-                  std::vector<T>& col_max, std::vector<T>& col_sum, std::vector<T>& col_sum_s,
-                  OnlineLse<T>& state) {
-  row_statistics<T, SCALED, LABELS>(p, t, S, A, inv_temp, labels, need_eqs, state);
+                  const T* row_bound, const T* col_bound, ColumnExclusions& ex,
+                  const TileLabels& labels, bool need_eqs, std::vector<T>& col_max,
+                  std::vector<T>& col_sum, std::vector<T>& col_sum_s, OnlineLse<T>& state) {
+  row_statistics<T, SCALED, LABELS>(p, t, S, A, inv_temp, row_bound, labels, need_eqs, state);
   if (t.mirrored)
-    column_statistics<T, SCALED, LABELS>(p, t, S, A, inv_temp, ex, labels, need_eqs, col_max,
-                                         col_sum, col_sum_s, state);
+    column_statistics<T, SCALED, LABELS>(p, t, S, A, inv_temp, col_bound, ex, labels, need_eqs,
+                                         col_max, col_sum, col_sum_s, state);
 }
 
 template <typename T, bool SCALED, bool LABELS>
@@ -605,6 +692,41 @@ bool shared_exp_problem(const Problem& p, const T* inv_temp) {
     for (int64_t a = 1; a < p.num_lse(); ++a)
       if (!(inv_temp[a] == first)) return false;
   }
+  return true;
+}
+
+// Forward of one tile with the bound shift (scaled map): C = |scale| max_r |u_r| max_k |v_k|
+// bounds every logit of the tile, so one exponential pass gives the rows' and the columns' sums
+// with no max sweep. Kept only when every row's and column's sum passes the SHIFT_MIN_SUM check;
+// otherwise nothing is merged and the caller takes the max-shifted pass below.
+template <typename T>
+bool shared_forward_tile_bound(const Problem& p, const Tile& t, const T* S, T scale, T C,
+                               std::vector<T>& col_sum, std::vector<T>& row_sum,
+                               OnlineLse<T>& state) {
+  const int32_t bn = static_cast<int32_t>(t.bn);
+  T* cs = col_sum.data();
+  T* rs = row_sum.data();
+  std::fill(cs, cs + t.bn, T(0));
+  for (int32_t r = 0; r < static_cast<int32_t>(t.bm); ++r) {
+    const T* x = S + r * t.bn;
+    const auto [kp, ks] = excluded_columns(p, t, t.r0 + r);  // the columns' exclusions too
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int32_t k = 0; k < bn; ++k) {
+      const T e_all = exp_approx(scale * x[k] - C);
+      const T e = ((k == kp) | (k == ks)) ? T(0) : e_all;
+      sum += e;
+      cs[k] += e;
+    }
+    rs[r] = sum;
+  }
+  for (int64_t r = 0; r < t.bm; ++r)
+    if (!(rs[r] >= T(SHIFT_MIN_SUM))) return false;  // NaN, an empty row or underflow
+  for (int64_t k = 0; k < t.bn; ++k)
+    if (!(cs[k] >= T(SHIFT_MIN_SUM))) return false;
+  for (int64_t r = 0; r < t.bm; ++r) state.merge(t.r0 + r, C, rs[r]);
+  const int64_t c0 = p.column_offset() + t.k0;
+  for (int64_t k = 0; k < t.bn; ++k) state.merge(c0 + k, C, cs[k]);
   return true;
 }
 
@@ -723,12 +845,21 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tens
   const bool shared = !need_eqs && shared_exp_problem(p, inv_temp);
   const T* anchors_data = anchors.data_ptr<T>();
   const T* candidates_data = candidates.data_ptr<T>();
+  // The bound shift (see SHIFT_MIN_SUM; scaled map only): the norms of the anchors and of the
+  // candidates, once per call (O((M + K) D)).
+  const bool bound_shift = p.scaled();
+  const std::vector<T> anchor_norm =
+      bound_shift ? row_norms(anchors_data, p.M, p.D) : std::vector<T>();
+  const std::vector<T> candidate_norm = !bound_shift   ? std::vector<T>()
+                                        : p.symmetric ? anchor_norm
+                                                      : row_norms(candidates_data, p.K, p.D);
   std::vector<OnlineLse<T>> states(at::get_num_threads(), OnlineLse<T>(p.num_lse(), need_eqs));
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     OnlineLse<T>& state = states[at::get_thread_num()];
     std::vector<T> S_buf(BLOCK * BLOCK), artanh_S(p.scaled() ? 0 : BLOCK * BLOCK);
     std::vector<T> col_max(BLOCK), col_sum(BLOCK), col_sum_s(need_eqs ? BLOCK : 0);
     std::vector<T> row_max(shared ? BLOCK : 0);
+    std::vector<T> row_bound(bound_shift ? BLOCK : 0), col_bound(bound_shift ? BLOCK : 0);
     ColumnExclusions exclusions;
     TileLabels labels;
     for (int64_t q = begin; q < end; ++q) {
@@ -736,8 +867,29 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tens
       const T* S = tile_similarity(anchors_data, candidates_data, t, p.D, S_buf);
       if (!p.scaled()) artanh_logits(p, S, t.bm * t.bn, artanh_S.data());
 
+      // The tile's bounds: row r's logits are at most |inv_temp[a]| |u_a| max_k |v_k|, column
+      // k's (as an anchor) at most |inv_temp[c]| |v_k| max_r |u_r|.
+      T tile_bound = 0;
+      if (bound_shift) {
+        const T row_norm_max = max_norm(anchor_norm, t.r0, t.bm);
+        const T col_norm_max = max_norm(candidate_norm, t.k0, t.bn);
+        for (int64_t r = 0; r < t.bm; ++r)
+          row_bound[r] = std::abs(inv_temp[t.r0 + r]) * anchor_norm[t.r0 + r] * col_norm_max;
+        if (t.mirrored) {
+          const int64_t c0 = p.column_offset() + t.k0;
+          for (int64_t k = 0; k < t.bn; ++k)
+            col_bound[k] = std::abs(inv_temp[c0 + k]) * candidate_norm[t.k0 + k] * row_norm_max;
+        }
+        tile_bound = std::abs(inv_temp[0]) * row_norm_max * col_norm_max;  // shared: one inv_temp
+      }
+      const T* rb = bound_shift ? row_bound.data() : nullptr;
+      const T* cb = bound_shift ? col_bound.data() : nullptr;
+
       const T* A = artanh_S.data();
       if (shared && t.mirrored) {  // one exponential per pair for both directions, in range
+        if (bound_shift && shared_forward_tile_bound(p, t, S, inv_temp[0], tile_bound, col_sum,
+                                                     row_max, state))
+          continue;
         const bool done =
             p.scaled() ? shared_forward_tile<T, true>(p, t, S, A, inv_temp[0], col_max, col_sum,
                                                       row_max, state)
@@ -750,17 +902,17 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tens
       // the vector loops carry no branch for them.
       if (p.scaled()) {
         if (p.anchor_labels)
-          forward_tile<T, true, true>(p, t, S, A, inv_temp, exclusions, labels, need_eqs, col_max,
+          forward_tile<T, true, true>(p, t, S, A, inv_temp, rb, cb, exclusions, labels, need_eqs, col_max,
                                       col_sum, col_sum_s, state);
         else
-          forward_tile<T, true, false>(p, t, S, A, inv_temp, exclusions, labels, need_eqs,
+          forward_tile<T, true, false>(p, t, S, A, inv_temp, rb, cb, exclusions, labels, need_eqs,
                                        col_max, col_sum, col_sum_s, state);
       } else {
         if (p.anchor_labels)
-          forward_tile<T, false, true>(p, t, S, A, inv_temp, exclusions, labels, need_eqs,
+          forward_tile<T, false, true>(p, t, S, A, inv_temp, nullptr, nullptr, exclusions, labels, need_eqs,
                                        col_max, col_sum, col_sum_s, state);
         else
-          forward_tile<T, false, false>(p, t, S, A, inv_temp, exclusions, labels, need_eqs,
+          forward_tile<T, false, false>(p, t, S, A, inv_temp, nullptr, nullptr, exclusions, labels, need_eqs,
                                         col_max, col_sum, col_sum_s, state);
       }
     }

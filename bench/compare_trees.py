@@ -34,12 +34,11 @@ import platform
 import statistics
 import subprocess
 import sys
-from typing import Dict, List, Tuple
+import time
+from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # this tree's macl_kernels._roofline (torch only)
-
-from macl_kernels import _roofline  # noqa: E402
+_roofline = None  # this tree's macl_kernels._roofline, imported by the parent only (main)
 
 DEFAULT_CASES = "macl:2n,clip:cross_sym"
 
@@ -67,6 +66,92 @@ def run_worker(tree: str, loss: str, layout: str, backend: str, n: int, dim: int
     return {"ok": False, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
 
 
+def run_paired_worker(tree: str, loss: str, layout: str, backend: str, n: int, dim: int,
+                      dtype: str, args) -> Dict:
+    """One fresh worker of ``tree`` that runs the tree's own benchmark measurement (``_bench.measure``:
+    peak memory and step times) and then the paired loop (``paired_worker``, this script run with
+    the tree on ``PYTHONPATH``)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--paired-worker",
+           json.dumps(dict(loss=loss, layout=layout, backend=backend, n=n, dim=dim, dtype=dtype,
+                           repeats=args.repeats, threads=args.threads))]
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                              cwd=os.path.abspath(tree), timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {args.timeout} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"ok": False, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+
+
+def paired_worker(spec: Dict) -> Dict:
+    """Worker side of ``--paired``: the machine's matmul rate measured next to every step.
+
+    On a shared machine the matmul rate itself drifts by tens of per cent within minutes (on the
+    2-core development VM: 76 to 127 GFLOP/s for ``4096 x 128 @ 128 x 4096`` in consecutive
+    runs), so a fraction taken against a rate measured once, minutes apart, carries that drift.
+    Here each timed step sits between two timed whole-matrix products (``torch.mm`` into a
+    preallocated output, the shape and dtype of ``_roofline``'s whole-matrix rate) in the same
+    process and threads; the step's fraction is its useful rate over the faster of the two
+    products' rates (the conservative choice: a momentarily slow product must not flatter the
+    step), and the worker reports every pair. The tree's own ``_bench.measure`` runs first, so
+    its time and memory columns are the tree's usual ones."""
+    import torch
+    from macl_kernels import _bench  # the tree under test (PYTHONPATH)
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    result = _bench.measure(spec["loss"], spec["layout"], spec["backend"], spec["n"],
+                            spec["dim"], spec["dtype"], "cpu", spec["repeats"], 0)
+    torch_dtype = getattr(torch, spec["dtype"])
+    side = 2 * spec["n"] if spec["layout"] == "2n" else spec["n"]
+    p = min(side, 4096)  # _roofline.WHOLE_CAP
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(p, spec["dim"], generator=gen).to(torch_dtype)
+    bt = torch.randn(p, spec["dim"], generator=gen).to(torch_dtype).t()
+    out = torch.empty(p, p, dtype=torch_dtype)
+    z1, z2 = _bench.make_inputs(spec["n"], spec["dim"], torch_dtype, torch.device("cpu"), 0)
+    step = _bench.make_step(spec["loss"], spec["layout"], spec["backend"], z1, z2)
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def product() -> None:
+        torch.mm(a, bt, out=out)
+
+    step()
+    t_end = time.perf_counter() + 0.5  # untimed products: see _roofline.WARMUP_S
+    while time.perf_counter() < t_end:
+        product()
+    before = timed(product)
+    steps, products = [], []
+    for _ in range(spec["repeats"]):
+        t_step = timed(step)
+        after = timed(product)
+        steps.append(t_step)
+        products.append(min(before, after))
+        before = after
+    result.update(paired_step_s=steps, paired_matmul_s=products,
+                  paired_matmul_shape=f"{p}x{spec['dim']} @ {spec['dim']}x{p}")
+    return result
+
+
+def paired_fraction(layout: str, n: int, dim: int, res: Dict) -> Optional[float]:
+    """Median over a paired worker's steps of (useful GFLOP/s of the step) / (matmul GFLOP/s of
+    its neighbouring product)."""
+    steps, products = res.get("paired_step_s"), res.get("paired_matmul_s")
+    if not steps or not products:
+        return None
+    p = min(2 * n if layout == "2n" else n, 4096)
+    mm_flops = 2.0 * p * p * dim
+    useful = _roofline.useful_flops(layout, n, dim)
+    return statistics.median((useful / t) / (mm_flops / m) for t, m in zip(steps, products))
+
+
 def matmul_rate(layout: str, n_max: int, dim: int, dtype: str, threads) -> Dict:
     """This machine's matmul rate in a fresh worker (``_roofline.py`` run as a script)."""
     cmd = [sys.executable, os.path.abspath(_roofline.__file__), "--layout", layout,
@@ -90,6 +175,17 @@ def _fmt(x, spec: str) -> str:
 
 
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--paired-worker":
+        try:
+            print(json.dumps(paired_worker(json.loads(sys.argv[2]))), flush=True)
+        except Exception as exc:  # reported as data, like the benchmark workers
+            print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+            return 1
+        return 0
+    global _roofline
+    sys.path.insert(0, os.path.dirname(HERE))  # this tree's macl_kernels._roofline (torch only)
+    from macl_kernels import _roofline
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tree", action="append", required=True, help="LABEL=PATH (two or more)")
     p.add_argument("--cases", default=DEFAULT_CASES,
@@ -103,6 +199,10 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed steps per worker")
     p.add_argument("--rounds", type=int, default=3, help="workers per (tree, cell)")
     p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--paired", action="store_true",
+                   help="also time a whole-matrix matmul next to every step in each worker and "
+                        "report the median per-step fraction ('paired of matmul'; see "
+                        "paired_worker)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     trees: List[Tuple[str, str]] = [tuple(t.split("=", 1)) for t in args.tree]
@@ -132,12 +232,16 @@ def main() -> int:
                         for r in range(args.rounds):
                             order = trees if r % 2 == 0 else trees[::-1]
                             for label, tree in order:
-                                res = run_worker(tree, loss, layout, backend, n, dim, dtype, args)
+                                worker = run_paired_worker if args.paired else run_worker
+                                res = worker(tree, loss, layout, backend, n, dim, dtype, args)
                                 rows.append(dict(
                                     tree=label, loss=loss, layout=layout, backend=backend, N=n,
                                     D=dim, dtype=dtype, round=r, ok=res.get("ok"),
                                     median_s=res.get("median_s"),
                                     peak_extra_bytes=res.get("peak_extra_bytes"),
+                                    paired_fraction=paired_fraction(layout, n, dim, res),
+                                    paired_step_s=res.get("paired_step_s"),
+                                    paired_matmul_s=res.get("paired_matmul_s"),
                                     error=res.get("error", "")))
                                 print(json.dumps(rows[-1]), flush=True)
     with open(os.path.join(args.out, "compare.csv"), "w", newline="") as f:
@@ -147,7 +251,9 @@ def main() -> int:
 
     header = (["loss", "layout", "backend", "N", "D", "dtype"]
               + [f"{lb} ms" for lb in labels] + [f"{lb} GFLOP/s" for lb in labels]
-              + [f"{lb} of matmul" for lb in labels] + [f"{lb} MiB" for lb in labels]
+              + [f"{lb} of matmul" for lb in labels]
+              + ([f"{lb} paired of matmul" for lb in labels] if args.paired else [])
+              + [f"{lb} MiB" for lb in labels]
               + [f"{labels[-1]}/{labels[0]}"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for loss, layout in cases:
@@ -161,6 +267,8 @@ def main() -> int:
                                      and x["N"] == n and x["D"] == dim and x["dtype"] == dtype
                                      and x["ok"]] for lb in labels}
                         sec = {lb: _median(x["median_s"] for x in cell[lb]) for lb in labels}
+                        paired = {lb: _median(x["paired_fraction"] for x in cell[lb])
+                                  for lb in labels}
                         mib = {lb: _median(x["peak_extra_bytes"] for x in cell[lb])
                                for lb in labels}
                         flops = _roofline.useful_flops(layout, n, dim)
@@ -172,12 +280,17 @@ def main() -> int:
                             + [_fmt(sec[lb] and sec[lb] * 1e3, ".0f") for lb in labels]
                             + [_fmt(gfs[lb], ".1f") for lb in labels]
                             + [_fmt(_roofline.fraction(gfs[lb], rate), ".2f") for lb in labels]
+                            + ([_fmt(paired[lb], ".2f") for lb in labels] if args.paired else [])
                             + [_fmt(mib[lb] and mib[lb] / 2**20, ".0f") for lb in labels]
                             + [_fmt(ratio, ".2f")]) + " |")
     summary = (f"forward+backward, {args.rounds} workers x {args.repeats} steps per cell, "
                f"threads {args.threads or 'default'}; "
                f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. "
-               f"'of matmul': useful GFLOP/s over the matmul rate of rates.json.")
+               f"'of matmul': useful GFLOP/s over the matmul rate of rates.json."
+               + (" 'paired of matmul': per worker the median over its steps of the step's "
+                  "useful GFLOP/s over the rate of the faster of the two whole-matrix products "
+                  "timed around it in the same process; the median over the workers."
+                  if args.paired else ""))
     table = "\n".join([summary, ""] + lines)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")

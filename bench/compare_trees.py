@@ -11,7 +11,10 @@ The roofline: for every (D, dtype) this machine's matmul rate is measured once i
 (``macl_kernels/_roofline.py`` of this script's tree: ``torch.mm`` into a preallocated output, the
 whole-matrix shape of the largest N, the same thread count), and every row reports its useful
 GFLOP/s (the minimum multiply-adds of a forward+backward step, ``_roofline.useful_flops``) and
-their fraction of that rate (docs/math.md, roofline section).
+their fraction of that rate (docs/math.md, roofline section). With ``--paired`` each worker
+also times a whole-matrix product before and after every step in its own process and the table
+adds "paired of matmul", the median per-step fraction against those neighbouring products, which
+a drifting machine rate does not skew (``paired_worker``; docs/math.md, "Paired fractions").
 
     python bench/compare_trees.py --tree before=/tmp/before --tree after=. \\
         --cases macl:2n,infonce:cross,clip:cross_sym --backends cpu \\

@@ -57,12 +57,17 @@ def run_worker(tree: str, loss: str, layout: str, backend: str, n: int, dim: int
            "--device", "cpu", "--repeats", str(args.repeats), "--seed", "0"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    return _json_worker(cmd, tree, args.timeout)
+
+
+def _json_worker(cmd: List[str], tree: str, timeout: float) -> Dict:
+    """Run ``cmd`` in ``tree`` with the tree first on ``PYTHONPATH``; its last JSON line."""
     env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                              cwd=os.path.abspath(tree), timeout=args.timeout)
+                              cwd=os.path.abspath(tree), timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {args.timeout} s"}
+        return {"ok": False, "error": f"timed out after {timeout} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
@@ -77,16 +82,7 @@ def run_paired_worker(tree: str, loss: str, layout: str, backend: str, n: int, d
     cmd = [sys.executable, os.path.abspath(__file__), "--paired-worker",
            json.dumps(dict(loss=loss, layout=layout, backend=backend, n=n, dim=dim, dtype=dtype,
                            repeats=args.repeats, threads=args.threads))]
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                              cwd=os.path.abspath(tree), timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {args.timeout} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    return {"ok": False, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+    return _json_worker(cmd, tree, args.timeout)
 
 
 def paired_worker(spec: Dict) -> Dict:

@@ -7,7 +7,7 @@ matmul rate, measured in the same run (``docs/math.md#roofline-useful-work-and-t
   logits, the logit map) are left out.
 * ``measure_matmul_rates``: ``torch.mm`` (CPU) or ``torch.matmul`` (CUDA) in the benchmark's
   dtype, ``A @ B^T`` into a preallocated output (``out=``), for a tile-sized shape (the ``cpu``
-  backend's 256 x 256 tile of ``S`` in layout 2n; its cross tiles have 512 rows) and a whole-matrix shape (``S`` itself, each side capped at
+  backend's 256 x 256 tile of ``S``) and a whole-matrix shape (``S`` itself, each side capped at
   4096), warm-up then the median of several timed samples. Run as a script (``python
   .../_roofline.py``, or ``python -m macl_kernels._roofline``) it measures in a fresh worker
   process (started by ``_bench.run_matmul_worker``) with the same thread count as the benchmark's

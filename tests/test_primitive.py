@@ -5,8 +5,8 @@ autograd oracle ``conftest.dense_negative_lse``:
     lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak),  Neg(a) = all k but pos_index[a], self_index[a]
 
 Both logit maps (SCALED, ARTANH), symmetric (``candidates=None``, layout 2n) and cross problems,
-with and without ``self_index``; shapes straddling the kernels' tiles (cpu: 256 x 256, and
-512 anchor rows x 256 when not symmetric; Triton's interpreter: 32); float64 and float32 (docs/math.md#tolerances); the gradients wrt anchors,
+with and without ``self_index``; shapes straddling the kernels' tiles (cpu: 256, Triton's
+interpreter: 32); float64 and float32 (docs/math.md#tolerances); the gradients wrt anchors,
 candidates and ``inv_temp`` under a random upstream gradient, and every subset of inputs requiring
 a gradient; the sentinels (an empty Neg(a): ``-inf`` and a zero gradient; S = +-1 under the artanh
 map: finite), the argument checks, ``torch.library.opcheck`` and ``torch.compile(fullgraph=True)``.
@@ -148,19 +148,16 @@ def check_against_oracle(backend, tensors, logit_map, dtype_name, dtype, grad=(T
 
 
 # Shapes (M, K, D): tiny, one tile with a ragged edge (33), several ragged tiles each way ("L"),
-# rectangular both ways; D = 1 (every normalised S is +-1), D = 5, D = 40. "L" is 600 for the cpu
-# kernel (its tiles are 256 columns by 512 anchor rows, 256 x 256 when symmetric: 600 straddles
-# both), 300 for the cuda kernel (tiles of 64) and the torch backend, and 70 under Triton's
-# interpreter, whose tiles are 32 (and whose every tile costs a Python-level dispatch).
+# rectangular both ways; D = 1 (every normalised S is +-1), D = 5, D = 40. "L" is 300 (the cpu
+# kernel's tiles are 256; the cuda kernel's 64) except under Triton's interpreter, whose tiles
+# are 32 (and whose every tile costs a Python-level dispatch): 70 there.
 CROSS_SHAPES = [(2, 2, 1), (2, 2, 5), (33, 33, 5), (33, 33, 40), (2, 33, 40), (33, 2, 1),
                 ("L", "L", 5), (33, "L", 40), ("L", 33, 1)]
 SYMMETRIC_SHAPES = [(2, 5), (2, 1), (33, 1), (33, 40), ("L", 5), ("L", 40)]
 
 
 def large(backend: str) -> int:
-    if backend == "triton" and not HAS_CUDA:
-        return 70
-    return 600 if backend == "cpu" else 300
+    return 70 if (backend == "triton" and not HAS_CUDA) else 300
 
 
 def _shape_cases():

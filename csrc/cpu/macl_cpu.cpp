@@ -17,7 +17,7 @@
 //             d_anchors = dL_dS candidates,   d_candidates = dL_dS^T anchors,
 //             d_inv_temp[a] = sum_k dL_dl_ak S_ak                                 (Scaled only)
 //
-// The M x K matrix is never formed: the work is a list of tiles (tile_rows x BLOCK) spread over
+// The M x K matrix is never formed: the work is a list of BLOCK x BLOCK tiles spread over
 // threads with at::parallel_for (OpenMP in PyTorch's CPU build). Each tile's S comes from one
 // BLAS GEMM (at::mm), its exponentials from a branch-free polynomial exp that the compiler
 // vectorises, and the gradient GEMMs of backward accumulate into per-thread buffers summed at
@@ -88,17 +88,9 @@ enum class LogitMap : int64_t { Scaled = 0, Artanh = 1 };
 // ROW_REDUCTION, CUDA's MACL_ROW_REDUCTION_*).
 enum class RowReduction : int64_t { Lse = 0, Softplus = 1 };
 
-// Tiles of BLOCK = 256 candidate columns by Problem::tile_rows anchor rows: 256 where the
-// symmetric tiling (j >= i) needs square tiles, MAX_TILE_ROWS = 512 otherwise (cross and
-// both-directions problems of the LSE passes, lse_tile_rows). One GEMM per tile keeps the BLAS
-// call overhead small; 512 rows make MKL's tile GEMMs faster (measured per thread, side by
-// side: S 256 x 256 x 128 63-70 GFLOP/s, 512 x 256 x 128 66-82; dL_dS^T anchors, whose inner
-// dimension is the tile's rows, 58-74 -> 65-75) and a CLIP or InfoNCE cross step ~8 % faster
-// (paired fraction of the matmul rate 0.94 -> 1.06, bench/results/clip_both_directions). A
-// 512 x 256 tile's S (512 KiB in fp32) then fills this machine's 512 KiB L2; the tile passes
-// are bound by their exponentials, not by L2.
+// 256 x 256 tiles: one GEMM of 256 x 256 x D per tile keeps at::mm's call overhead small, and
+// a tile's S plus its logits (2 x 256 KiB in fp32) stay in this machine's 512 KiB L2.
 constexpr int64_t BLOCK = 256;
-constexpr int64_t MAX_TILE_ROWS = 2 * BLOCK;
 
 // exp for float: 2^(x log2 e) = 2^n 2^f with |f| <= 1/2, 2^f by a degree-6 polynomial
 // (relative error ~2 ulp, far inside the tolerance of docs/math.md, section "Tolerances").
@@ -178,7 +170,6 @@ struct Problem {
   const int64_t* self_index;  // nullptr: no self among the candidates
   const int64_t* anchor_labels;     // nullptr: no label mask
   const int64_t* candidate_labels;  // the anchors' labels when symmetric
-  int64_t tile_rows = BLOCK;  // anchor rows per tile (columns: BLOCK); see MAX_TILE_ROWS
 
   bool scaled() const { return logit_map == LogitMap::Scaled; }
   // Entries of lse_neg and of the per-anchor arrays.
@@ -186,7 +177,7 @@ struct Problem {
   // Where a column's entries start in the per-anchor arrays: symmetric, the column k is anchor
   // k; both_directions, anchor M + k.
   int64_t column_offset() const { return both_directions ? M : 0; }
-  int64_t blocks_m() const { return (M + tile_rows - 1) / tile_rows; }
+  int64_t blocks_m() const { return (M + BLOCK - 1) / BLOCK; }
   int64_t blocks_k() const { return (K + BLOCK - 1) / BLOCK; }
 
   // The tiles to compute: every (i, j), or j >= i when symmetric.
@@ -206,8 +197,8 @@ struct Tile {
 };
 
 Tile make_tile(const Problem& p, int64_t i, int64_t j) {
-  const int64_t r0 = i * p.tile_rows, k0 = j * BLOCK;
-  return {i, j, r0, k0, std::min(p.tile_rows, p.M - r0), std::min(BLOCK, p.K - k0),
+  const int64_t r0 = i * BLOCK, k0 = j * BLOCK;
+  return {i, j, r0, k0, std::min(BLOCK, p.M - r0), std::min(BLOCK, p.K - k0),
           (p.symmetric && j != i) || p.both_directions};
 }
 
@@ -416,7 +407,7 @@ struct ColumnExclusions {
 // serves the row side and the column side). Only filled when the problem has labels.
 struct TileLabels {
   std::vector<int64_t> row, col;
-  TileLabels() : row(MAX_TILE_ROWS), col(BLOCK) {}
+  TileLabels() : row(BLOCK), col(BLOCK) {}
   void fill(const Problem& p, const Tile& t) {
     if (!p.anchor_labels) return;
     std::copy(p.anchor_labels + t.r0, p.anchor_labels + t.r0 + t.bm, row.begin());
@@ -865,10 +856,10 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tens
   std::vector<OnlineLse<T>> states(at::get_num_threads(), OnlineLse<T>(p.num_lse(), need_eqs));
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     OnlineLse<T>& state = states[at::get_thread_num()];
-    std::vector<T> S_buf(MAX_TILE_ROWS * BLOCK), artanh_S(p.scaled() ? 0 : MAX_TILE_ROWS * BLOCK);
+    std::vector<T> S_buf(BLOCK * BLOCK), artanh_S(p.scaled() ? 0 : BLOCK * BLOCK);
     std::vector<T> col_max(BLOCK), col_sum(BLOCK), col_sum_s(need_eqs ? BLOCK : 0);
-    std::vector<T> row_max(shared ? MAX_TILE_ROWS : 0);
-    std::vector<T> row_bound(bound_shift ? MAX_TILE_ROWS : 0), col_bound(bound_shift ? BLOCK : 0);
+    std::vector<T> row_max(shared ? BLOCK : 0);
+    std::vector<T> row_bound(bound_shift ? BLOCK : 0), col_bound(bound_shift ? BLOCK : 0);
     ColumnExclusions exclusions;
     TileLabels labels;
     for (int64_t q = begin; q < end; ++q) {
@@ -971,9 +962,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const T* candidates_data = candidates.data_ptr<T>();
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     const int th = at::get_thread_num();
-    std::vector<T> S_buf(MAX_TILE_ROWS * BLOCK), dL_dS_buf(MAX_TILE_ROWS * BLOCK),
-        artanh_S(p.scaled() ? 0 : MAX_TILE_ROWS * BLOCK);
-    std::vector<T> u(shared ? MAX_TILE_ROWS : 0), v(shared ? BLOCK : 0);
+    std::vector<T> S_buf(BLOCK * BLOCK), dL_dS_buf(BLOCK * BLOCK),
+        artanh_S(p.scaled() ? 0 : BLOCK * BLOCK);
+    std::vector<T> u(shared ? BLOCK : 0), v(shared ? BLOCK : 0);
     ColumnExclusions exclusions;
     TileLabels labels;
     T* d_inv_temp = need_d_inv_temp ? d_inv_temp_th[th].data() : nullptr;
@@ -1260,11 +1251,6 @@ void check_softplus(const Problem& p, const at::Tensor& anchors,
   }
 }
 
-// Anchor rows per tile of the LSE passes: 512 x 256 tiles where the problem is not symmetric
-// (MKL runs the tile GEMMs faster with 512 rows, and the anchor rows' operand is packed once for
-// twice the work), 256 x 256 where the symmetric tiling needs square tiles.
-int64_t lse_tile_rows(const Problem& p) { return p.symmetric ? BLOCK : MAX_TILE_ROWS; }
-
 LogitMap to_logit_map(int64_t logit_map) {
   TORCH_CHECK(logit_map == static_cast<int64_t>(LogitMap::Scaled) ||
                   logit_map == static_cast<int64_t>(LogitMap::Artanh),
@@ -1345,10 +1331,9 @@ std::tuple<at::Tensor, at::Tensor> forward(
     double artanh_eps, bool symmetric, bool both_directions,
     const c10::optional<at::Tensor>& anchor_labels,
     const c10::optional<at::Tensor>& candidate_labels, bool need_eqs) {
-  Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                           artanh_scale, artanh_eps, symmetric, both_directions, anchor_labels,
-                           candidate_labels);
-  p.tile_rows = lse_tile_rows(p);
+  const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
+                                 artanh_scale, artanh_eps, symmetric, both_directions,
+                                 anchor_labels, candidate_labels);
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_forward", [&] {
     // detach: the kernels read raw pointers (autograd is the caller's business: the custom
@@ -1387,10 +1372,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     bool both_directions, bool need_d_anchors, bool need_d_candidates, bool need_d_inv_temp,
     const c10::optional<at::Tensor>& anchor_labels,
     const c10::optional<at::Tensor>& candidate_labels) {
-  Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                           artanh_scale, artanh_eps, symmetric, both_directions, anchor_labels,
-                           candidate_labels);
-  p.tile_rows = lse_tile_rows(p);
+  const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
+                                 artanh_scale, artanh_eps, symmetric, both_directions,
+                                 anchor_labels, candidate_labels);
   TORCH_CHECK(lse_neg.is_contiguous() && g.is_contiguous() &&
                   lse_neg.scalar_type() == anchors.scalar_type() &&
                   g.scalar_type() == anchors.scalar_type(),

@@ -249,36 +249,40 @@ def test_one_exponential_symmetric_path_and_its_fallback(logit_map):
         assert_rel_close(x, y, 1e-11, name)
 
 
-def _opposed_rows(g, m, d, opposed, dtype):
-    """Rows ``u [m, d]`` and columns ``v [m, d]`` (normalised): the columns ``opposed`` lie near
-    ``-e`` and every row near ``e``, the other columns are random. The opposed columns'
-    similarities to every row are ~ -1: with inverse temperature 100, every logit of those
-    columns (as anchors) sits ~ 200 below the forward's Cauchy-Schwarz bound (the bound shift
-    underflows), while the rows and the other columns keep logits within reach of it."""
-    e = torch.nn.functional.normalize(torch.randn(d, generator=g, dtype=dtype), dim=0)
-    u = e + 0.02 * torch.randn(m, d, generator=g, dtype=dtype)
-    v = torch.randn(m, d, generator=g, dtype=dtype)
-    v[opposed] = -e + 0.02 * v[opposed]
-    return (torch.nn.functional.normalize(u, dim=1), torch.nn.functional.normalize(v, dim=1))
+def _shift_stress(g, m, d, dtype):
+    """``(anchors, others)`` [m, d], normalised, that stress the forward's known shift at inverse
+    temperature 100: the others' first tile lies near ``-e1`` and the rest near ``e1``; anchors
+    ``[0, 64)`` lie near ``e1`` ("rising": logits ~ -100 in the first tile, ~ +100 after it, so
+    the running max after the first tile is ~ 200 below the next tiles' logits: overflow), anchors
+    ``[64, 128)`` near ``e2``, orthogonal to ``e1`` ("flat": every logit ~ 0, ~ 100 below the
+    Cauchy-Schwarz bound: the first tile underflows in float32), the rest random (in range)."""
+    e = torch.linalg.qr(torch.randn(d, 2, generator=g, dtype=torch.float64))[0].T.to(dtype)
+    noise = lambda n, size=0.02: size * torch.randn(n, d, generator=g, dtype=dtype)  # noqa: E731
+    others = torch.cat([-e[0] + noise(TILE, 0.005), e[0] + noise(m - TILE, 0.005)])
+    anchors = torch.cat([e[0] + noise(64), e[1] + noise(64, 0.002),
+                         torch.randn(m - 128, d, generator=g, dtype=dtype)])
+    return (torch.nn.functional.normalize(anchors, dim=1),
+            torch.nn.functional.normalize(others, dim=1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("problem", ["cross", "cross_eqs", "both_shared", "both_per_entry"])
-def test_forward_bound_shift_falls_back_where_it_would_underflow(problem, dtype):
-    """The forward shifts each tile's sums by the Cauchy-Schwarz bound of its logits instead of
-    their max (docs/math.md#the-forwards-bound-shift) and redoes a row or column whose sum falls
-    below e^-60 with its exact max. Here anchors whose logits all lie ~200 below the bound
-    (inverse temperature ~100, similarities ~ -1) sit next to anchors that keep the shift:
-    without the fallback their float32 sums flush to 0 and lse_neg is -inf. Rows (cross, with
-    and without eqs), columns (both directions, per-entry temperatures: the column passes) and
-    the shared one-exponential tile (one temperature) are checked against float64 logsumexp."""
+def test_forward_known_shift_falls_back_out_of_range(problem, dtype):
+    """The forward shifts each tile's sums by a shift it already knows - the anchor's running max
+    over its earlier tiles, capped by the Cauchy-Schwarz bound of the tile's logits - instead of
+    their max (docs/math.md#the-forwards-known-shift), and redoes a row or column whose sum falls
+    outside [e^-60, e^60] with its exact max. Anchors whose logits jump ~200 above the running
+    max (without the upper check float32 overflows: inf) and anchors ~100 below the bound
+    everywhere (without the lower check float32 flushes to 0: -inf) sit next to anchors that keep
+    the shift. Rows (cross, with and without eqs), columns (both directions, per-entry
+    temperatures: the column passes) and the shared one-exponential tile (one temperature), each
+    against float64 logsumexp."""
     g = torch.Generator().manual_seed(11)
     m, d = 2 * TILE + 40, 16
     both = problem.startswith("both")
-    opposed = torch.arange(TILE // 2, TILE + TILE // 2)  # straddles two tiles
-    v, u = _opposed_rows(g, m, d, opposed, dtype)
-    if both:  # the opposed anchors are columns
-        u, v = v, u
+    anchors, others = _shift_stress(g, m, d, dtype)
+    # cross: the stressed anchors are the rows; both directions: the columns
+    u, v = (others, anchors) if both else (anchors, others)
     entries = 2 * m if both else m
     inv_temp = torch.full((entries,), 100.0, dtype=dtype)
     if problem == "both_per_entry":
@@ -289,8 +293,11 @@ def test_forward_bound_shift_falls_back_where_it_would_underflow(problem, dtype)
         kw = dict(return_eqs=True)
     got = _ops.negative_lse("cpu", u, v, inv_temp, pos_index, None, **kw)
 
-    def oracle(s, scale):  # float64 lse_neg and eqs of the rows of s (positive on the diagonal)
-        logits = (scale[:, None] * s).masked_fill(torch.eye(m, dtype=torch.bool), -torch.inf)
+    def logits_of(s, scale):  # float64, positive (the diagonal) excluded
+        return (scale[:, None] * s).masked_fill(torch.eye(m, dtype=torch.bool), -torch.inf)
+
+    def oracle(s, scale):  # float64 lse_neg and eqs of the rows of s
+        logits = logits_of(s, scale)
         lse = torch.logsumexp(logits, 1)
         return lse, ((logits - lse[:, None]).exp() * s).sum(1)
 
@@ -302,16 +309,14 @@ def test_forward_bound_shift_falls_back_where_it_would_underflow(problem, dtype)
         got, got_eqs = got
         assert_rel_close(got_eqs, want_eqs.to(dtype), 1e-5 if dtype == torch.float32 else 1e-12,
                          "eqs")
-    want = want.to(dtype)
-    # Some anchors take the fallback (their logits all lie far below the bound), others not.
-    s_rows = (s64 * inv_temp.double()[:m, None]).masked_fill(torch.eye(m, dtype=torch.bool),
-                                                              -torch.inf)
-    gaps = [s_rows.max(1).values - inv_temp.double()[:m]]  # |u| = |v| = 1: the bound is inv_temp
-    if both:
-        s_cols = (s64.T * inv_temp.double()[m:, None]).masked_fill(
-            torch.eye(m, dtype=torch.bool), -torch.inf)
-        gaps.append(s_cols.max(1).values - inv_temp.double()[m:])
-    far = torch.cat(gaps) < -150
-    assert far.any() and not far.all()
+    # The construction: the stressed anchors' logits (as rows of `stressed`) rise by > 150 after
+    # their first tile ("rising") or stay > 95 below the bound, inv_temp ("flat": every float32
+    # term of a tile flushes to 0 there, 256 e^-95 < e^-87.3).
+    stressed = (logits_of(s64.T, inv_temp.double()[m:]) if both
+                else logits_of(s64, inv_temp.double()[:m]))
+    bound = inv_temp.double()[m:] if both else inv_temp.double()[:m]  # |u| = |v| = 1
+    rise = stressed[:, TILE:].max(1).values - stressed[:, :TILE].max(1).values
+    assert (rise[:64] > 150).all() and (bound - stressed.max(1).values)[64:128].min() > 95
+    assert (rise[128:].abs() < 40).any()  # anchors whose later tiles keep the known shift
     assert torch.isfinite(got).all()
-    assert_rel_close(got, want, 1e-5 if dtype == torch.float32 else 1e-12, "lse_neg")
+    assert_rel_close(got, want.to(dtype), 1e-5 if dtype == torch.float32 else 1e-12, "lse_neg")

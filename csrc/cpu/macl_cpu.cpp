@@ -296,7 +296,7 @@ struct OnlineLse {
   OnlineLse(int64_t m, bool need_eqs)
       : max(m, neg_inf<T>()), sum(m, T(0)), sum_s(need_eqs ? m : 0, T(0)) {}
   // a partial (m, s, ts) with terms exp(l - m) and exp(l - m) S. One exponential per merge, none
-  // when m equals the running max (the forward's bound shift makes that the common case: every
+  // when m equals the running max (the forward's known shift makes that the common case: every
   // tile of a row has the same shift); the values are those of rescaling both sides by
   // exp(. - max(max[a], m)), bit for bit (the other side's factor is exp(0) = 1).
   void merge(int64_t a, T m, T s, T ts = T(0)) {
@@ -315,20 +315,36 @@ struct OnlineLse {
 };
 
 // ---------------------------------------------------------------------------------------------
-// The forward's bound shift (docs/math.md#the-forwards-bound-shift). A row's partial (m, sum of
-// exp(l - m)) is exact algebra for any finite shift m; the max of the row's logits in the tile
-// is only the safe choice. With the scaled map, Cauchy-Schwarz bounds every logit of anchor a
-// against the tile's columns: l_ak = inv_temp[a] S_ak <= |inv_temp[a]| |u_a| max_k |v_k|, so
-// that bound serves as m with no overflow (terms <= 1 up to rounding) and the max sweep over the
-// tile is skipped: one pass over S instead of two. The risk is underflow (the row's logits far
-// below the bound: CLIP's scale 100 against a row of S near -1), so a partial is kept only when
-// its sum is at least SHIFT_MIN_SUM = e^-60; then its largest term is at least e^-60 / 256 and a
-// term flushed to 0 (below e^-87.3 in float32) is below e^-21.8 (3e-10) of it. A row (column)
-// that fails, NaN and a row without negatives in the tile included, is redone with its exact
-// max. The artanh map keeps the max sweep.
+// The forward's known shift (docs/math.md#the-forwards-known-shift). A row's partial (m, sum of
+// exp(l - m)) over a tile is exact algebra for any finite shift m; the max of the row's logits in
+// the tile is only the choice that needs no check, and it costs a sweep over the tile before the
+// exponentials. The forward instead shifts by a value it already knows: the row's running max
+// over its earlier tiles in this thread's online state, capped by the Cauchy-Schwarz bound of
+// the tile's logits (scaled map: l_ak = inv_temp[a] S_ak <= |inv_temp[a]| |u_a| max_k |v_k|),
+// or that bound alone for a row's first tile. One pass over S instead of two. The risk is range
+// in both directions (logits far below the shift underflow, far above it overflow), so a partial
+// is kept only when its sum lies in [SHIFT_MIN_SUM, SHIFT_MAX_SUM] = [e^-60, e^60]: then no term
+// exceeds e^60 (no overflow, and exp_approx's clamp at 88.7 never acts), the largest term is at
+// least e^-60 / 256, and a term flushed to 0 (below e^-87.3 in float32) is below e^-21.8 (3e-10)
+// of it. A row (column) that fails - NaN, no negative in the tile, out of range - is redone
+// with its exact max. The artanh map keeps the max sweep.
 // ---------------------------------------------------------------------------------------------
 
 constexpr double SHIFT_MIN_SUM = 8.75651076269652e-27;  // e^-60
+constexpr double SHIFT_MAX_SUM = 1.1420073898156842e26;  // e^60
+
+// Whether a partial's sum with a known shift may be kept (false for NaN).
+template <typename T>
+inline bool shift_in_range(T sum) {
+  return sum >= T(SHIFT_MIN_SUM) && sum <= T(SHIFT_MAX_SUM);
+}
+
+// The known shift of one anchor: its running max so far (finite: it has had negatives in an
+// earlier tile of this thread), capped by this tile's bound; the bound alone otherwise.
+template <typename T>
+inline T known_shift(T running_max, T bound) {
+  return std::isfinite(running_max) ? std::min(running_max, bound) : bound;
+}
 
 // |x_r| of every row of a contiguous [rows, D] matrix.
 template <typename T>
@@ -416,8 +432,8 @@ struct TileLabels {
 };
 
 // Forward, row side: each row's partial (m, sum of exp(l - m)) over the tile, merged into the
-// thread's online state; with need_eqs also sum exp(l - m) S (E4). m is row_bound[r] (the bound
-// shift, SCALED only) when given and its sum passes the check, else the row's max in the tile.
+// thread's online state; with need_eqs also sum exp(l - m) S (E4). m is the row's known shift
+// (SCALED only, row_bound given) when its sum passes the check, else the row's max in the tile.
 template <typename T, bool SCALED, bool LABELS>
 void row_statistics(const Problem& p, const Tile& t, const T* S, const T* A, const T* inv_temp,
                     const T* row_bound, const TileLabels& labels, bool need_eqs,
@@ -454,9 +470,10 @@ void row_statistics(const Problem& p, const Tile& t, const T* S, const T* A, con
       return std::pair<T, T>{sum, sum_s};
     };
     if (SCALED && row_bound) {
-      const auto [sum, sum_s] = sums(row_bound[r]);
-      if (sum >= T(SHIFT_MIN_SUM)) {  // false for NaN and for a row without negatives here
-        state.merge(a, row_bound[r], sum, sum_s);
+      const T shift = known_shift(state.max[a], row_bound[r]);
+      const auto [sum, sum_s] = sums(shift);
+      if (shift_in_range(sum)) {  // false for NaN and for a row without negatives here
+        state.merge(a, shift, sum, sum_s);
         continue;
       }
     }
@@ -475,8 +492,8 @@ void row_statistics(const Problem& p, const Tile& t, const T* S, const T* A, con
 }
 
 // Forward, column side: each column's partial (m, sum) over the tile's rows (and the E4 sum),
-// m the column's col_bound[k] (the bound shift, SCALED only) where given and its sum passes the
-// check, else its max over the tile's rows (a second pass for the columns that failed).
+// m the column's known shift (SCALED only, col_bound given) where its sum passes the check,
+// else its max over the tile's rows (a second pass for the columns that failed).
 template <typename T, bool SCALED, bool LABELS>
 void column_statistics(const Problem& p, const Tile& t, const T* S, const T* A,
                        const T* inv_temp, const T* col_bound, ColumnExclusions& ex,
@@ -521,15 +538,15 @@ void column_statistics(const Problem& p, const Tile& t, const T* S, const T* A,
       }
     }
   };
-  // Columns still to do: all of them, or those whose bound-shift sum failed the check.
+  // Columns still to do: all of them, or those whose known-shift sum failed the check.
   std::array<bool, BLOCK> redo;
   std::fill(redo.begin(), redo.begin() + t.bn, true);
   if (SCALED && col_bound) {
-    std::copy(col_bound, col_bound + t.bn, cm);
+    for (int64_t k = 0; k < t.bn; ++k) cm[k] = known_shift(state.max[c0 + k], col_bound[k]);
     sums();
     bool any_redo = false;
     for (int64_t k = 0; k < t.bn; ++k) {
-      redo[k] = !(cs[k] >= T(SHIFT_MIN_SUM));  // NaN and an empty column fail
+      redo[k] = !shift_in_range(cs[k]);  // NaN and an empty column fail
       if (!redo[k]) state.merge(c0 + k, cm[k], cs[k], cts ? cts[k] : T(0));
       any_redo = any_redo || redo[k];
     }
@@ -695,14 +712,20 @@ bool shared_exp_problem(const Problem& p, const T* inv_temp) {
   return true;
 }
 
-// Forward of one tile with the bound shift (scaled map): C = |scale| max_r |u_r| max_k |v_k|
-// bounds every logit of the tile, so one exponential pass gives the rows' and the columns' sums
-// with no max sweep. Kept only when every row's and column's sum passes the SHIFT_MIN_SUM check;
-// otherwise nothing is merged and the caller takes the max-shifted pass below.
+// Forward of one tile with a known shift (scaled map): C = the largest of the known shifts of the
+// tile's rows and columns (each at most its Cauchy-Schwarz bound) serves both directions, so one
+// exponential pass gives the rows' and the columns' sums with no max sweep. Kept only when every
+// row's and column's sum passes the range check; otherwise nothing is merged and the caller takes
+// the max-shifted pass below.
 template <typename T>
-bool shared_forward_tile_bound(const Problem& p, const Tile& t, const T* S, T scale, T C,
-                               std::vector<T>& col_sum, std::vector<T>& row_sum,
-                               OnlineLse<T>& state) {
+bool shared_forward_tile_known(const Problem& p, const Tile& t, const T* S, T scale,
+                               const T* row_bound, const T* col_bound, std::vector<T>& col_sum,
+                               std::vector<T>& row_sum, OnlineLse<T>& state) {
+  const int64_t c0 = p.column_offset() + t.k0;
+  T C = neg_inf<T>();
+  for (int64_t r = 0; r < t.bm; ++r) C = std::max(C, known_shift(state.max[t.r0 + r], row_bound[r]));
+  for (int64_t k = 0; k < t.bn; ++k) C = std::max(C, known_shift(state.max[c0 + k], col_bound[k]));
+  if (!std::isfinite(C)) return false;
   const int32_t bn = static_cast<int32_t>(t.bn);
   T* cs = col_sum.data();
   T* rs = row_sum.data();
@@ -721,11 +744,10 @@ bool shared_forward_tile_bound(const Problem& p, const Tile& t, const T* S, T sc
     rs[r] = sum;
   }
   for (int64_t r = 0; r < t.bm; ++r)
-    if (!(rs[r] >= T(SHIFT_MIN_SUM))) return false;  // NaN, an empty row or underflow
+    if (!shift_in_range(rs[r])) return false;  // NaN, an empty row, or out of range
   for (int64_t k = 0; k < t.bn; ++k)
-    if (!(cs[k] >= T(SHIFT_MIN_SUM))) return false;
+    if (!shift_in_range(cs[k])) return false;
   for (int64_t r = 0; r < t.bm; ++r) state.merge(t.r0 + r, C, rs[r]);
-  const int64_t c0 = p.column_offset() + t.k0;
   for (int64_t k = 0; k < t.bn; ++k) state.merge(c0 + k, C, cs[k]);
   return true;
 }
@@ -845,12 +867,12 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tens
   const bool shared = !need_eqs && shared_exp_problem(p, inv_temp);
   const T* anchors_data = anchors.data_ptr<T>();
   const T* candidates_data = candidates.data_ptr<T>();
-  // The bound shift (see SHIFT_MIN_SUM; scaled map only): the norms of the anchors and of the
-  // candidates, once per call (O((M + K) D)).
-  const bool bound_shift = p.scaled();
+  // The known shift's bounds (see SHIFT_MIN_SUM; scaled map only): the norms of the anchors and
+  // of the candidates, once per call (O((M + K) D)).
+  const bool use_known_shift = p.scaled();
   const std::vector<T> anchor_norm =
-      bound_shift ? row_norms(anchors_data, p.M, p.D) : std::vector<T>();
-  const std::vector<T> candidate_norm = !bound_shift   ? std::vector<T>()
+      use_known_shift ? row_norms(anchors_data, p.M, p.D) : std::vector<T>();
+  const std::vector<T> candidate_norm = !use_known_shift   ? std::vector<T>()
                                         : p.symmetric ? anchor_norm
                                                       : row_norms(candidates_data, p.K, p.D);
   std::vector<OnlineLse<T>> states(at::get_num_threads(), OnlineLse<T>(p.num_lse(), need_eqs));
@@ -859,7 +881,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tens
     std::vector<T> S_buf(BLOCK * BLOCK), artanh_S(p.scaled() ? 0 : BLOCK * BLOCK);
     std::vector<T> col_max(BLOCK), col_sum(BLOCK), col_sum_s(need_eqs ? BLOCK : 0);
     std::vector<T> row_max(shared ? BLOCK : 0);
-    std::vector<T> row_bound(bound_shift ? BLOCK : 0), col_bound(bound_shift ? BLOCK : 0);
+    std::vector<T> row_bound(use_known_shift ? BLOCK : 0), col_bound(use_known_shift ? BLOCK : 0);
     ColumnExclusions exclusions;
     TileLabels labels;
     for (int64_t q = begin; q < end; ++q) {
@@ -869,8 +891,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tens
 
       // The tile's bounds: row r's logits are at most |inv_temp[a]| |u_a| max_k |v_k|, column
       // k's (as an anchor) at most |inv_temp[c]| |v_k| max_r |u_r|.
-      T tile_bound = 0;
-      if (bound_shift) {
+      if (use_known_shift) {
         const T row_norm_max = max_norm(anchor_norm, t.r0, t.bm);
         const T col_norm_max = max_norm(candidate_norm, t.k0, t.bn);
         for (int64_t r = 0; r < t.bm; ++r)
@@ -880,14 +901,13 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tens
           for (int64_t k = 0; k < t.bn; ++k)
             col_bound[k] = std::abs(inv_temp[c0 + k]) * candidate_norm[t.k0 + k] * row_norm_max;
         }
-        tile_bound = std::abs(inv_temp[0]) * row_norm_max * col_norm_max;  // shared: one inv_temp
       }
-      const T* rb = bound_shift ? row_bound.data() : nullptr;
-      const T* cb = bound_shift ? col_bound.data() : nullptr;
+      const T* rb = use_known_shift ? row_bound.data() : nullptr;
+      const T* cb = use_known_shift ? col_bound.data() : nullptr;
 
       const T* A = artanh_S.data();
       if (shared && t.mirrored) {  // one exponential per pair for both directions, in range
-        if (bound_shift && shared_forward_tile_bound(p, t, S, inv_temp[0], tile_bound, col_sum,
+        if (use_known_shift && shared_forward_tile_known(p, t, S, inv_temp[0], rb, cb, col_sum,
                                                      row_max, state))
           continue;
         const bool done =

@@ -76,9 +76,9 @@ def _json_worker(cmd: List[str], tree: str, timeout: float) -> Dict:
 
 def run_paired_worker(tree: str, loss: str, layout: str, backend: str, n: int, dim: int,
                       dtype: str, args) -> Dict:
-    """One fresh worker of ``tree`` that runs the tree's own benchmark measurement (``_bench.measure``:
-    peak memory and step times) and then the paired loop (``paired_worker``, this script run with
-    the tree on ``PYTHONPATH``)."""
+    """One fresh worker of ``tree`` that runs the tree's own benchmark measurement
+    (``_bench.measure``: peak memory and step times) and then the paired loop (``paired_worker``,
+    this script run with the tree on ``PYTHONPATH``)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--paired-worker",
            json.dumps(dict(loss=loss, layout=layout, backend=backend, n=n, dim=dim, dtype=dtype,
                            repeats=args.repeats, threads=args.threads))]

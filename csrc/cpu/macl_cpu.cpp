@@ -327,7 +327,9 @@ struct OnlineLse {
 // exceeds e^60 (no overflow, and exp_approx's clamp at 88.7 never acts), the largest term is at
 // least e^-60 / 256, and a term flushed to 0 (below e^-87.3 in float32) is below e^-21.8 (3e-10)
 // of it. A row (column) that fails - NaN, no negative in the tile, out of range - is redone
-// with its exact max. The artanh map keeps the max sweep.
+// with its exact max. The artanh map keeps the max sweep. OnlineLse::max is then the shift in
+// use, not always a logit maximum; a kept partial is at most 256 e^60, so a running sum stays
+// below e^60 times the anchor's candidate count (e^81 at 1e9 candidates < float32's e^88.7).
 // ---------------------------------------------------------------------------------------------
 
 constexpr double SHIFT_MIN_SUM = 8.75651076269652e-27;  // e^-60
@@ -723,8 +725,10 @@ bool shared_forward_tile_known(const Problem& p, const Tile& t, const T* S, T sc
                                std::vector<T>& row_sum, OnlineLse<T>& state) {
   const int64_t c0 = p.column_offset() + t.k0;
   T C = neg_inf<T>();
-  for (int64_t r = 0; r < t.bm; ++r) C = std::max(C, known_shift(state.max[t.r0 + r], row_bound[r]));
-  for (int64_t k = 0; k < t.bn; ++k) C = std::max(C, known_shift(state.max[c0 + k], col_bound[k]));
+  for (int64_t r = 0; r < t.bm; ++r)
+    C = std::max(C, known_shift(state.max[t.r0 + r], row_bound[r]));
+  for (int64_t k = 0; k < t.bn; ++k)
+    C = std::max(C, known_shift(state.max[c0 + k], col_bound[k]));
   if (!std::isfinite(C)) return false;
   const int32_t bn = static_cast<int32_t>(t.bn);
   T* cs = col_sum.data();
@@ -922,18 +926,18 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tens
       // the vector loops carry no branch for them.
       if (p.scaled()) {
         if (p.anchor_labels)
-          forward_tile<T, true, true>(p, t, S, A, inv_temp, rb, cb, exclusions, labels, need_eqs, col_max,
-                                      col_sum, col_sum_s, state);
+          forward_tile<T, true, true>(p, t, S, A, inv_temp, rb, cb, exclusions, labels, need_eqs,
+                                      col_max, col_sum, col_sum_s, state);
         else
           forward_tile<T, true, false>(p, t, S, A, inv_temp, rb, cb, exclusions, labels, need_eqs,
                                        col_max, col_sum, col_sum_s, state);
       } else {
         if (p.anchor_labels)
-          forward_tile<T, false, true>(p, t, S, A, inv_temp, nullptr, nullptr, exclusions, labels, need_eqs,
-                                       col_max, col_sum, col_sum_s, state);
+          forward_tile<T, false, true>(p, t, S, A, inv_temp, nullptr, nullptr, exclusions,
+                                       labels, need_eqs, col_max, col_sum, col_sum_s, state);
         else
-          forward_tile<T, false, false>(p, t, S, A, inv_temp, nullptr, nullptr, exclusions, labels, need_eqs,
-                                        col_max, col_sum, col_sum_s, state);
+          forward_tile<T, false, false>(p, t, S, A, inv_temp, nullptr, nullptr, exclusions,
+                                        labels, need_eqs, col_max, col_sum, col_sum_s, state);
       }
     }
   });

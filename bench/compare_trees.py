@@ -81,8 +81,15 @@ def run_paired_worker(tree: str, loss: str, layout: str, backend: str, n: int, d
     this script run with the tree on ``PYTHONPATH``)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--paired-worker",
            json.dumps(dict(loss=loss, layout=layout, backend=backend, n=n, dim=dim, dtype=dtype,
-                           repeats=args.repeats, threads=args.threads))]
+                           repeats=args.repeats, threads=args.threads,
+                           matmul_side=_whole_matrix_side(layout, n, dim),
+                           warmup_s=_roofline.WARMUP_S))]
     return _json_worker(cmd, tree, args.timeout)
+
+
+def _whole_matrix_side(layout: str, n: int, dim: int) -> int:
+    """Side of the whole-matrix product of ``_roofline`` (``S``'s side, capped)."""
+    return _roofline.matmul_shapes(layout, n, dim)[1][0]
 
 
 def paired_worker(spec: Dict) -> Dict:
@@ -105,8 +112,7 @@ def paired_worker(spec: Dict) -> Dict:
     result = _bench.measure(spec["loss"], spec["layout"], spec["backend"], spec["n"],
                             spec["dim"], spec["dtype"], "cpu", spec["repeats"], 0)
     torch_dtype = getattr(torch, spec["dtype"])
-    side = 2 * spec["n"] if spec["layout"] == "2n" else spec["n"]
-    p = min(side, 4096)  # _roofline.WHOLE_CAP
+    p = spec["matmul_side"]  # computed by the parent with _roofline (this tree's)
     gen = torch.Generator().manual_seed(1)
     a = torch.randn(p, spec["dim"], generator=gen).to(torch_dtype)
     bt = torch.randn(p, spec["dim"], generator=gen).to(torch_dtype).t()
@@ -123,7 +129,7 @@ def paired_worker(spec: Dict) -> Dict:
         torch.mm(a, bt, out=out)
 
     step()
-    t_end = time.perf_counter() + 0.5  # untimed products: see _roofline.WARMUP_S
+    t_end = time.perf_counter() + spec["warmup_s"]  # untimed products: _roofline.WARMUP_S
     while time.perf_counter() < t_end:
         product()
     before = timed(product)
@@ -145,7 +151,7 @@ def paired_fraction(layout: str, n: int, dim: int, res: Dict) -> Optional[float]
     steps, products = res.get("paired_step_s"), res.get("paired_matmul_s")
     if not steps or not products:
         return None
-    p = min(2 * n if layout == "2n" else n, 4096)
+    p = _whole_matrix_side(layout, n, dim)
     mm_flops = 2.0 * p * p * dim
     useful = _roofline.useful_flops(layout, n, dim)
     return statistics.median((useful / t) / (mm_flops / m) for t, m in zip(steps, products))

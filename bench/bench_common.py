@@ -32,7 +32,7 @@ except ImportError:  # a source checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import macl_kernels as mk
 
-from macl_kernels._cases import CLIP_SCALE, LOSS_CASES
+from macl_kernels.tools.cases import CLIP_SCALE, LOSS_CASES
 
 
 def _env_list(name: str, default: str) -> List[str]:

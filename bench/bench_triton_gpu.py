@@ -132,7 +132,7 @@ def make_step(loss: str, backend: str, z1, z2, scale) -> Optional[Callable]:
         forward = lambda: mk.clip_loss(z1, z2, scale, backend=backend)  # noqa: E731
 
     def step():
-        from macl_kernels.backends import triton_fused
+        from macl_kernels.primitive.backends import triton_fused
 
         for t in (z1, z2, scale):
             t.grad = None

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from macl_kernels import functional as F  # noqa: E402
-from macl_kernels._cases import CLIP_SCALE, make_views, relative_error  # noqa: E402
+from macl_kernels.tools.cases import CLIP_SCALE, make_views, relative_error  # noqa: E402
 
 
 def clip_step(z1, z2, dtype, backend):

@@ -2,13 +2,13 @@
 change that must not slow anything down, or that should speed something up).
 
 Each measurement is one fresh worker process of that tree's own benchmark worker
-(``python -m macl_kernels._bench``, run with the tree first on ``PYTHONPATH``; each tree must have
+(``python -m macl_kernels.tools.bench``, run with the tree first on ``PYTHONPATH``; each tree must have
 its extension built in place, e.g. ``python setup.py build_ext --inplace``). The trees alternate
 within every cell (loss, layout, backend, N, D, dtype) and the order flips each round, so that
 machine noise (other processes, thermal state) falls on both alike.
 
 The roofline: for every (D, dtype) this machine's matmul rate is measured once in a fresh worker
-(``macl_kernels/_roofline.py`` of this script's tree: ``torch.mm`` into a preallocated output, the
+(``macl_kernels/tools/roofline.py`` of this script's tree: ``torch.mm`` into a preallocated output, the
 whole-matrix shape of the largest N, the same thread count), and every row reports its useful
 GFLOP/s (the minimum multiply-adds of a forward+backward step, ``_roofline.useful_flops``) and
 their fraction of that rate (docs/math.md, roofline section). With ``--paired`` each worker
@@ -41,7 +41,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_roofline = None  # this tree's macl_kernels._roofline, imported by the parent only (main)
+_roofline = None  # this tree's macl_kernels.tools.roofline, imported by the parent only (main)
 
 DEFAULT_CASES = "macl:2n,clip:cross_sym"
 
@@ -52,7 +52,7 @@ def _csv_list(text: str, kind=str) -> list:
 
 def run_worker(tree: str, loss: str, layout: str, backend: str, n: int, dim: int, dtype: str,
                args) -> Dict:
-    cmd = [sys.executable, "-m", "macl_kernels._bench", "--loss", loss, "--layout", layout,
+    cmd = [sys.executable, "-m", "macl_kernels.tools.bench", "--loss", loss, "--layout", layout,
            "--backend", backend, "--n", str(n), "--dim", str(dim), "--dtype", dtype,
            "--device", "cpu", "--repeats", str(args.repeats), "--seed", "0"]
     if args.threads:
@@ -188,8 +188,8 @@ def main() -> int:
             return 1
         return 0
     global _roofline
-    sys.path.insert(0, os.path.dirname(HERE))  # this tree's macl_kernels._roofline (torch only)
-    from macl_kernels import _roofline
+    sys.path.insert(0, os.path.dirname(HERE))  # this tree's macl_kernels.tools.roofline (torch only)
+    from macl_kernels.tools import roofline as _roofline
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tree", action="append", required=True, help="LABEL=PATH (two or more)")

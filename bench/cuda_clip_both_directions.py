@@ -3,7 +3,7 @@
 setting ``Backend.both_directions`` false), side by side in one process on one GPU.
 
 Reports per (N, D, dtype): the median forward+backward time of each path (CUDA events), their
-ratio, the one-tile path's useful GFLOP/s (``macl_kernels._roofline.useful_flops``: CLIP's
+ratio, the one-tile path's useful GFLOP/s (``macl_kernels.tools.roofline.useful_flops``: CLIP's
 4 N^2 D multiply-adds per step, docs/math.md#roofline-useful-work-and-the-matmul-rate) and the
 largest relative difference (norm-wise) of the loss and gradients between the two paths. Needs a
 CUDA GPU and the built extension.
@@ -20,8 +20,8 @@ import statistics
 import torch
 
 import macl_kernels as mk
-from macl_kernels._roofline import useful_flops
-from macl_kernels.backends import kernel_backend
+from macl_kernels.tools.roofline import useful_flops
+from macl_kernels.primitive.backends import kernel_backend
 
 
 def step(z1, z2, scale):

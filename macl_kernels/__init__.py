@@ -9,7 +9,7 @@ fused backends can run here and why the others cannot.
 """
 
 from ._version import __version__
-from .backends import available_backends
+from .primitive import available_backends
 from ._math import MACL_TEMPERATURE_FLOOR
 from .functional import (
     clip_loss,

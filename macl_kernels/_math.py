@@ -8,24 +8,17 @@ against, so it keeps its own, naive implementations and the fast path imports no
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .primitive import autocast_off  # noqa: F401  (the losses' guard; the primitive owns it)
+
 NORMALIZE_EPS = 1e-12  # u = z / max(||z||, eps), F.normalize's default
 # MACL's tau(A) is clamped at min(MACL_TEMPERATURE_FLOOR, temperature): never zero, never a sign
 # flip (docs/math.md#macl).
 MACL_TEMPERATURE_FLOOR = 1e-3
-
-
-def autocast_off(device_type: str):
-    """A context with autocast disabled on ``device_type`` (``cpu`` and ``cuda``: the device types
-    autocast knows; any other runs as it is)."""
-    if device_type in ("cpu", "cuda"):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

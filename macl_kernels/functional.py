@@ -32,12 +32,13 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import _math, _ops
+from . import _math, primitive
 from . import _validate as V
+from ._validate import LAYOUTS  # noqa: F401  (the layouts every loss accepts; the tools list them)
 from . import distributed, reference
 from ._math import MACL_TEMPERATURE_FLOOR, compute_dtype, softplus
-from ._primitive import LogitMap, RowReduction
-from .backends import available_backends, resolve_backend
+from .primitive import LogitMap, RowReduction
+from .primitive import available_backends, resolve_backend
 
 __all__ = [
     "macl_loss", "infonce_loss", "clip_loss", "dcl_loss", "tfree_loss", "moco_loss",
@@ -178,7 +179,7 @@ def _negative_lse(prep, inv_temp: Optional[torch.Tensor],
         rows, cols = blocks
         self_index = (None if rows.self_index is None and cols.self_index is None
                       else torch.cat([rows.self_index, cols.self_index]))
-        return _ops.negative_lse(prep.name, rows.anchors, rows.candidates, inv_temp,
+        return primitive.negative_lse(prep.name, rows.anchors, rows.candidates, inv_temp,
                                  torch.cat([rows.pos_index, cols.pos_index]), self_index,
                                  logit_map, artanh_scale, artanh_eps, prep.out_dtype,
                                  both_directions=True)
@@ -187,7 +188,7 @@ def _negative_lse(prep, inv_temp: Optional[torch.Tensor],
         m = b.anchors.shape[0]
         inv_temp_rows = inv_temp[r0:r0 + m] if inv_temp is not None else None
         candidates = None if b.candidates is b.anchors else b.candidates
-        out.append(_ops.negative_lse(prep.name, b.anchors, candidates, inv_temp_rows,
+        out.append(primitive.negative_lse(prep.name, b.anchors, candidates, inv_temp_rows,
                                      b.pos_index, b.self_index, logit_map, artanh_scale,
                                      artanh_eps, prep.out_dtype, anchor_labels=b.anchor_labels,
                                      candidate_labels=None if candidates is None
@@ -624,11 +625,11 @@ class _FixedCandidatesLse(torch.autograd.Function):
     def forward(ctx, backend, anchors, candidates, inv_temp, pos_index, operand_dtype):
         need_anchors, need_inv_temp = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
         scalars = (int(LogitMap.SCALED), 0.0, 0.0, operand_dtype)
-        lse_neg, aux, _ = _ops.negative_lse_op(backend, anchors, candidates, inv_temp, pos_index,
+        lse_neg, aux, _ = primitive.negative_lse_op(backend, anchors, candidates, inv_temp, pos_index,
                                                None, *scalars, need_anchors or need_inv_temp)
         d_anchors = d_inv_temp = None
         if need_anchors or need_inv_temp:
-            d_anchors, _, d_inv_temp, _ = _ops.negative_lse_backward_op(
+            d_anchors, _, d_inv_temp, _ = primitive.negative_lse_backward_op(
                 backend, anchors, candidates, inv_temp, pos_index, None, *scalars, lse_neg, aux,
                 torch.ones_like(lse_neg), need_anchors, False, need_inv_temp)
         ctx.save_for_backward(d_anchors if need_anchors else None,
@@ -719,7 +720,7 @@ def _moco(query, key, bank, *, temperature, loss, alpha, a0, schedule, temperatu
                                                                              n, u_q)
     if in_batch_negatives:
         rows = torch.arange(n, device=u_q.device)
-        lse_neg = _ops.negative_lse(name, u_q, torch.cat([u_k, bank_rows]), inv_temp, rows,
+        lse_neg = primitive.negative_lse(name, u_q, torch.cat([u_k, bank_rows]), inv_temp, rows,
                                     None, operand_dtype=query.dtype)
     else:
         no_positive = torch.full((n,), -1, dtype=torch.int64, device=u_q.device)
@@ -810,7 +811,7 @@ def _siglip(image_features, text_features, logit_scale, logit_bias, *, normalize
     inv_temp = _scalar_rows(logit_scale, B, s_pos)
     row_bias = None if logit_bias is None else _scalar_rows(logit_bias, B, s_pos)
     l_pos = inv_temp * s_pos + (0.0 if row_bias is None else row_bias)
-    sp_neg = _ops.negative_lse(name, u1, u2, inv_temp, pos_index, None, LogitMap.SCALED,
+    sp_neg = primitive.negative_lse(name, u1, u2, inv_temp, pos_index, None, LogitMap.SCALED,
                                operand_dtype=out_dtype, row_reduction=RowReduction.SOFTPLUS,
                                row_bias=row_bias)
     # softplus(-l_ap) split out: no cancellation at a large positive logit (docs/math.md#siglip).

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _math, _ops
+from . import _math, primitive
 from . import _validate as V
 from . import distributed
 from ._math import compute_dtype
-from .backends import resolve_backend
+from .primitive import resolve_backend
 
 __all__ = ["GCLoss_v1"]
 
@@ -177,7 +177,7 @@ class GCLoss_v1(nn.Module):
             eqs = (torch.softmax(logits, dim=1) * S).sum(dim=1).detach()
         else:
             candidates = None if block.candidates is block.anchors else block.candidates
-            lse_neg, eqs = _ops.negative_lse(name, block.anchors, candidates, inv_temp,
+            lse_neg, eqs = primitive.negative_lse(name, block.anchors, candidates, inv_temp,
                                              block.pos_index, block.self_index,
                                              operand_dtype=out_dtype, return_eqs=True)
         u_old = self.u[state_index, 0].to(device=u1.device, dtype=wide)

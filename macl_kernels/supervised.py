@@ -22,11 +22,11 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from . import _math, _ops
+from . import _math, primitive
 from . import _validate as V
 from . import distributed
 from ._math import compute_dtype
-from .backends import resolve_backend
+from .primitive import resolve_backend
 
 __all__ = ["supcon_loss", "supcon_macl_loss"]
 
@@ -169,7 +169,7 @@ def _supcon(feats, labels, mask, temperature, base_temperature, contrast_mode, n
             pos_logits = (W * logits).sum(1)
         else:
             no_positive = torch.full((m,), -1, dtype=torch.int64, device=U.device)
-            lse = _ops.negative_lse(name, anchors,
+            lse = primitive.negative_lse(name, anchors,
                                     None if (contrast_mode == "all" and ctx is None) else candidates,
                                     inv_temp, no_positive, self_index, operand_dtype=out_dtype)
             if labels is not None:
@@ -251,7 +251,7 @@ def _supcon_pml(embeddings, labels, ref_emb, ref_labels, temperature, backend, v
             pos_logits = (P * logits).sum(1)
         else:
             no_positive = torch.full((m,), -1, dtype=torch.int64, device=U.device)
-            lse = _ops.negative_lse(name, U, R, torch.full((m,), 1.0 / temperature, dtype=wide,
+            lse = primitive.negative_lse(name, U, R, torch.full((m,), 1.0 / temperature, dtype=wide,
                                                            device=U.device),
                                     no_positive, self_index, operand_dtype=out_dtype)
             ids = dense_class_ids(torch.cat([y_ref, y]))
@@ -343,7 +343,7 @@ def supcon_macl_loss(features, labels, *, temperature=0.1, alpha=0.5, a0=0.0,
             lse = torch.logsumexp((S * inv_temp[:, None]).masked_fill(~negative, float("-inf")),
                                   dim=1)
         else:
-            lse = _ops.negative_lse(name, U, None, inv_temp.contiguous(), no_positive, self_index,
+            lse = primitive.negative_lse(name, U, None, inv_temp.contiguous(), no_positive, self_index,
                                     operand_dtype=out_dtype, anchor_labels=y)
         valid = has_pos & torch.isfinite(lse)
         lse_safe = torch.where(valid, lse, torch.zeros_like(lse))
@@ -360,7 +360,7 @@ def supcon_macl_loss(features, labels, *, temperature=0.1, alpha=0.5, a0=0.0,
 def _supcon_macl_values(U, y, lse, inv_temp, npos):
     """``(1/|P(a)|) sum_p (1 + e^{-x_ap}) softplus(x_ap)`` by chunks of anchor rows (one more
     pass over the similarity tiles, ``O(chunk K)`` memory)."""
-    from .backends.torch_chunked import default_chunk
+    from .primitive.backends.torch_chunked import default_chunk
     m = U.shape[0]
     out = U.new_zeros(m)
     chunk = default_chunk(m, m)

@@ -409,7 +409,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if available[args.backend] is not None:
             parser.error(f"backend {args.backend!r} is not usable here: "
                          f"{available[args.backend]}")
-    from macl_kernels.backends import resolve_backend
+    from macl_kernels.primitive.backends import resolve_backend
 
     args.resolved_backend = resolve_backend(args.backend, torch.device("cpu"))
     if args.out is None:

@@ -4,7 +4,7 @@ Test modules import the plain helpers with ``from conftest import ...`` (pytest 
 ``sys.path``); the fixtures wrap the same helpers.
 
 The loss cases, layouts, dtypes and tolerances are NOT declared here: they come from the one
-registry ``macl_kernels/_cases.py`` (the tolerances and their reasons:
+registry ``macl_kernels/tools/cases.py`` (the tolerances and their reasons:
 docs/math.md#tolerances). This file adds the test-only pieces: seeded inputs, a fixed upstream
 gradient, the dense oracle of the primitive (docs/math.md#the-primitive) and the list of kernel
 backends usable on this machine.
@@ -25,11 +25,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import macl_kernels as mk  # noqa: E402
-from macl_kernels._cases import (  # noqa: E402
+from macl_kernels.tools.cases import (  # noqa: E402
     CLIP_SCALE, DTYPES, LOSS_CASES, LOSS_LAYOUTS, TOLERANCES, num_anchors, relative_error,
     tolerance,
 )
-from macl_kernels._primitive import LogitMap  # noqa: E402
+from macl_kernels.primitive.protocol import LogitMap  # noqa: E402
 from macl_kernels._validate import LAYOUTS, REDUCTIONS  # noqa: E402
 
 
@@ -147,7 +147,7 @@ def dense_negative_lse(anchors, candidates, inv_temp, pos_index, self_index,
                        logit_map=LogitMap.SCALED, artanh_scale=0.0, artanh_eps=0.0,
                        anchor_labels=None, candidate_labels=None):
     """The primitive every kernel backend implements (docs/math.md#the-primitive), as a full
-    matrix by autograd: the independent oracle of ``macl_kernels._ops.negative_lse``, with the
+    matrix by autograd: the independent oracle of ``macl_kernels.primitive.ops.negative_lse``, with the
     same arguments (``candidates=None``: the candidates are the anchors; labels: same-label
     candidates are not negatives)."""
     if candidates is None:
@@ -170,7 +170,7 @@ def dense_negative_lse(anchors, candidates, inv_temp, pos_index, self_index,
 
 
 def loss_case(name: str, layout: str = "2n"):
-    """``(fn, kwargs)`` of the registry's loss case ``name`` (``macl_kernels._cases``);
+    """``(fn, kwargs)`` of the registry's loss case ``name`` (``macl_kernels.tools.cases``);
     ``layout`` is added for every loss except CLIP, which gets the registry's logit scale."""
     case = LOSS_CASES[name]
     kw = dict(case.kwargs)

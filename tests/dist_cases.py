@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import macl_kernels as mk
 from macl_kernels import reference
-from macl_kernels._cases import LOSS_LAYOUTS, LOSS_CASES
+from macl_kernels.tools.cases import LOSS_LAYOUTS, LOSS_CASES
 
 N_GLOBAL = 12  # rows per view of the global batch: divisible by 1, 2, 3, 4 ranks
 DIM = 5
@@ -28,7 +28,7 @@ def global_batch():
 
 def run_case(case, layout, z1, z2, scale, **kwargs):
     """Loss and gradients wrt ``z1``, ``z2`` (and the scale for CLIP) of the registry's loss
-    ``case`` (``macl_kernels._cases``) on fresh leaves."""
+    ``case`` (``macl_kernels.tools.cases``) on fresh leaves."""
     leaves = [z1.detach().clone().requires_grad_(), z2.detach().clone().requires_grad_()]
     if case.uses_logit_scale:
         leaves.append(scale.detach().clone().requires_grad_())

@@ -17,7 +17,7 @@ import sys
 import pytest
 
 import macl_kernels as mk
-from macl_kernels import _bench, _cases, _profile, _roofline, _verify, cli
+from macl_kernels.tools import bench as _bench, cases as _cases, profile as _profile, roofline as _roofline, verify as _verify, cli
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

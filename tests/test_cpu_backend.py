@@ -13,10 +13,10 @@ import torch
 
 import macl_kernels as mk
 from conftest import assert_rel_close, assert_same_results, loss_and_grads, make_pair
-from macl_kernels import _ops
-from macl_kernels._primitive import LogitMap
-from macl_kernels.backends import _native
-from macl_kernels.backends import cpu as CPU
+from macl_kernels.primitive import ops as _ops
+from macl_kernels.primitive.protocol import LogitMap
+from macl_kernels.primitive.backends import _native
+from macl_kernels.primitive.backends import cpu as CPU
 
 TILE = 256  # the kernel's BLOCK
 
@@ -61,7 +61,7 @@ def test_extension_is_built():
 
 
 def test_auto_prefers_cpu_backend_on_cpu_tensors():
-    from macl_kernels.backends import resolve_backend
+    from macl_kernels.primitive.backends import resolve_backend
 
     assert resolve_backend("auto", torch.device("cpu")) == "cpu"
 
@@ -73,7 +73,7 @@ def test_extension_built_against_this_torch():
 def test_missing_extension_says_why_and_how_to_build(monkeypatch):
     """An extension that does not import: the reason names it, the import error and the build
     command; ``auto`` passes over it to "torch" with a warning, once."""
-    from macl_kernels import backends
+    from macl_kernels.primitive import backends
 
     missing = _native.Extension("macl_kernels._C_cpu_not_there")
     monkeypatch.setattr(CPU, "_EXTENSION", missing)
@@ -94,7 +94,7 @@ def test_auto_is_silent_about_native_backends_that_could_not_run_anyway(monkeypa
     with a CPU build of torch passes over ``cuda`` (never built here) without a warning."""
     import warnings
 
-    from macl_kernels import backends
+    from macl_kernels.primitive import backends
 
     monkeypatch.setattr(backends, "_WARNED", set())
     assert not backends.kernel_backend("cuda").missing_build(torch.device("cuda"))

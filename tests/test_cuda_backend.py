@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import macl_kernels as mk
-from macl_kernels import _ops
+from macl_kernels.primitive import ops as _ops
 from conftest import (
     F32_RTOL, F64_RTOL, HALF_RTOL, LOSS_LAYOUTS, REDUCTIONS,
     assert_rel_close, assert_same_results, dense_negative_lse, loss_and_grads, loss_case,
     make_pair,
 )
-from macl_kernels._primitive import LogitMap
+from macl_kernels.primitive.protocol import LogitMap
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (the cuda backend's kernels)")

@@ -20,10 +20,10 @@ import macl_kernels as mk  # noqa: E402
 from conftest import (  # noqa: E402
     assert_same_results, loss_and_grads, loss_case, make_pair,
 )
-from macl_kernels._cases import LABEL_CASES, TOLERANCES, tolerance  # noqa: E402
-from macl_kernels._primitive import LogitMap, Problem  # noqa: E402
-from macl_kernels.backends import resolve_backend  # noqa: E402
-from macl_kernels.backends import triton_fused as TF  # noqa: E402
+from macl_kernels.tools.cases import LABEL_CASES, TOLERANCES, tolerance  # noqa: E402
+from macl_kernels.primitive.protocol import LogitMap, Problem  # noqa: E402
+from macl_kernels.primitive.backends import resolve_backend  # noqa: E402
+from macl_kernels.primitive.backends import triton_fused as TF  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (compiled Triton kernels)")

@@ -15,9 +15,9 @@ from conftest import (
     F32_RTOL, F64_RTOL, HALF_RTOL, LOSS_CASES, heavy_on_interpreter, LOSS_LAYOUTS, assert_rel_close, rel_err,
     assert_same_results, loss_and_grads, loss_case, make_pair,
 )
-from macl_kernels import _ops
-from macl_kernels._primitive import Backend
-from macl_kernels.backends import kernel_backend
+from macl_kernels.primitive import ops as _ops
+from macl_kernels.primitive.protocol import Backend
+from macl_kernels.primitive.backends import kernel_backend
 
 # The kernel backends usable on CPU tensors here (Triton runs in its interpreter: keep its sizes
 # small).
@@ -214,7 +214,7 @@ def test_all_equal_embeddings_closed_forms(backend):
 @pytest.mark.parametrize("n,d", [(2, 1), (2, 3), (6, 1),
                                  pytest.param(4, 4096, marks=pytest.mark.slow)])  # ~5 s each
 def test_extreme_shapes(backend, n, d):
-    from macl_kernels.backends import resolve_backend
+    from macl_kernels.primitive.backends import resolve_backend
 
     max_d = kernel_backend(backend).max_d
     if max_d is not None and d > max_d:

@@ -102,12 +102,12 @@ def find_cycle(graph: Dict[str, Set[str]]) -> Optional[List[str]]:
 def test_the_graph_sees_the_package():
     """Guards against a vacuous pass: the parser finds the modules and their known imports."""
     graph = import_graph()
-    assert {"macl_kernels", "macl_kernels._ops", "macl_kernels.backends",
-            "macl_kernels.backends.cpu"} <= set(graph)
-    assert "macl_kernels._primitive" in graph["macl_kernels._ops"]  # from ._primitive import
-    assert "macl_kernels.backends" in graph["macl_kernels._ops"]  # from .backends import
-    assert "macl_kernels._primitive" in graph["macl_kernels.backends.cpu"]  # from .._primitive
-    assert "macl_kernels.functional" in graph["macl_kernels._cases"]  # from . import functional
+    assert {"macl_kernels", "macl_kernels.primitive.ops", "macl_kernels.primitive.backends",
+            "macl_kernels.primitive.backends.cpu"} <= set(graph)
+    assert "macl_kernels.primitive.protocol" in graph["macl_kernels.primitive.ops"]  # from ._primitive import
+    assert "macl_kernels.primitive.backends" in graph["macl_kernels.primitive.ops"]  # from .backends import
+    assert "macl_kernels.primitive.protocol" in graph["macl_kernels.primitive.backends.cpu"]  # from .._primitive
+    assert "macl_kernels.functional" in graph["macl_kernels.tools.cases"]  # from . import functional
 
 
 def test_find_cycle_finds_one():

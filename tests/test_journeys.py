@@ -128,7 +128,7 @@ def test_profile_tiny_with_budget(tmp_path):
 
 def test_profile_search_logic_without_subprocesses(monkeypatch):
     """Doubling then bisection on a fake memory model: peak = N^2 bytes, budget 1 MiB."""
-    from macl_kernels import _profile
+    from macl_kernels.tools import profile as _profile
 
     calls = []
 
@@ -151,7 +151,7 @@ def test_profile_search_logic_without_subprocesses(monkeypatch):
 
 
 def test_profile_help_and_existing_subcommands_still_parse():
-    from macl_kernels import cli
+    from macl_kernels.tools import cli
 
     for command in (["profile", "--help"], ["bench", "--help"], ["verify", "--help"]):
         with pytest.raises(SystemExit) as exc:

@@ -23,9 +23,9 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: no Triton kernels to inventory")
 
-from macl_kernels import backends as B  # noqa: E402
-from macl_kernels import cli  # noqa: E402
-from macl_kernels.backends import triton_fused as TF  # noqa: E402
+from macl_kernels.primitive import backends as B  # noqa: E402
+from macl_kernels.tools import cli  # noqa: E402
+from macl_kernels.primitive.backends import triton_fused as TF  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.device("cuda")
@@ -153,7 +153,7 @@ def test_kernel_table_lists_every_kernel():
 
 
 def test_label_pointers_are_int64_in_the_inventory_signature():
-    from macl_kernels import _inventory as I
+    from macl_kernels.tools import inventory as I
 
     spec = TF.KERNELS["forward"]
     signature, _ = I._signature(spec, "bf16", {"BLOCK_D": 64})
@@ -175,8 +175,8 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from macl_kernels import _inventory as I
-from macl_kernels.backends import triton_fused as TF
+from macl_kernels.tools import inventory as I
+from macl_kernels.primitive.backends import triton_fused as TF
 
 rows = []
 for precision in TF.PRECISIONS:

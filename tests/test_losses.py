@@ -3,7 +3,7 @@
 The loss assembly (docs/math.md#the-primitive, "Assembling a loss": the per-anchor terms, the
 layouts, the reductions and the normalisation's backward) is the same Python for every kernel
 backend, so it is tested ONCE against the float64 reference: every (loss, layout) of
-``macl_kernels._cases.LOSS_LAYOUTS``, every reduction, through the "torch" backend in float64.
+``macl_kernels.tools.cases.LOSS_LAYOUTS``, every reduction, through the "torch" backend in float64.
 The primitive itself is tested per backend in test_primitive.py; what remains per backend is a
 thin check that each one plugs into every loss and layout (a small shape, the dtypes of
 ``_cases.DTYPES`` the losses accept, the bound of ``_cases.tolerance``).
@@ -30,7 +30,7 @@ ASSEMBLY_SHAPES = [(2, 3), (9, 7)]
 def tiny_chunks(monkeypatch):
     """The torch backend in chunks of a few rows (80 elements per tile), so that the loss layer's
     inputs straddle chunk edges even at these sizes."""
-    from macl_kernels.backends import torch_chunked
+    from macl_kernels.primitive.backends import torch_chunked
 
     monkeypatch.setattr(torch_chunked, "TILE_ELEMENTS", 80)
 

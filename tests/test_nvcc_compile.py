@@ -84,7 +84,7 @@ def test_default_build_embeds_ptx_for_newer_gpus():
 
 
 def test_info_says_which_architectures_the_extension_carries():
-    from macl_kernels._report import info_lines
+    from macl_kernels.tools.report import info_lines
 
     assert any(line.startswith("cuda extension: ") for line in info_lines())
 
@@ -94,7 +94,7 @@ def test_info_says_which_architectures_the_extension_carries():
 def test_info_reads_the_architectures_of_a_binary(tmp_path):
     """A small shared library built with setup.py's default flags: ``binary_architectures``
     (what ``info`` reports for the extension) finds both cubins and the PTX."""
-    from macl_kernels._report import _cuobjdump, binary_architectures
+    from macl_kernels.tools.report import _cuobjdump, binary_architectures
 
     if _cuobjdump() is None:
         pytest.skip("no cuobjdump (Triton's bundled one, $CUDA_HOME/bin or PATH)")

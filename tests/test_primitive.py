@@ -1,5 +1,5 @@
 """The primitive (docs/math.md#the-primitive) on every kernel backend usable here, through the one
-entry point ``macl_kernels._ops.negative_lse`` (never a backend's internals), against the dense
+entry point ``macl_kernels.primitive.ops.negative_lse`` (never a backend's internals), against the dense
 autograd oracle ``conftest.dense_negative_lse``:
 
     lse_neg[a] = log sum_{k in Neg(a)} exp(l_ak),  Neg(a) = all k but pos_index[a], self_index[a]
@@ -25,8 +25,8 @@ import torch
 from conftest import (
     HAS_CUDA, KERNEL_BACKENDS, TOLERANCES, assert_rel_close, backend_device, dense_negative_lse,
 )
-from macl_kernels import _ops
-from macl_kernels._primitive import LogitMap
+from macl_kernels.primitive import ops as _ops
+from macl_kernels.primitive.protocol import LogitMap
 
 SCALED, ARTANH = LogitMap.SCALED, LogitMap.ARTANH
 ARTANH_SCALE, ARTANH_EPS = 2.0, 1e-6
@@ -599,7 +599,7 @@ def test_both_directions_fallback_for_backends_without_it(backend, logit_map, mo
     """A backend that does not implement ``both_directions`` (``Backend.both_directions``
     false) gets two plain problems from ``_ops``: the rows and the columns, their
     ``aux`` (Triton's ``E``) carried as one flat tensor and split again for backward."""
-    from macl_kernels.backends import kernel_backend
+    from macl_kernels.primitive.backends import kernel_backend
 
     monkeypatch.setattr(kernel_backend(backend), "both_directions", False)
     tensors = make_both_directions_problem(9, 12, 5, logit_map, seed=21, with_self=True)

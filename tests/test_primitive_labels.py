@@ -18,7 +18,7 @@ import torch
 
 from conftest import HAS_CUDA, KERNEL_BACKENDS, TOLERANCES, assert_rel_close, backend_device, \
     dense_negative_lse
-from macl_kernels import _ops
+from macl_kernels.primitive import ops as _ops
 
 
 @pytest.fixture(params=KERNEL_BACKENDS)
@@ -162,7 +162,7 @@ def test_argument_checks():
         _ops.negative_lse("torch", x, None, b, pos, None,
                           anchor_labels=torch.zeros(4, dtype=torch.int64),
                           candidate_labels=torch.zeros(4, dtype=torch.int64))
-    from macl_kernels._primitive import LogitMap
+    from macl_kernels.primitive.protocol import LogitMap
     with pytest.raises(ValueError, match="return_eqs"):
         _ops.negative_lse("torch", x, None, None, pos, None, logit_map=LogitMap.ARTANH,
                           artanh_scale=2.0, artanh_eps=1e-6, return_eqs=True)

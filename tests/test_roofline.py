@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from macl_kernels import _bench, _profile, _roofline
+from macl_kernels.tools import bench as _bench, profile as _profile, roofline as _roofline
 
 
 @pytest.mark.parametrize("layout, n, d, phase, macs", [

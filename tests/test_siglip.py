@@ -26,8 +26,9 @@ from conftest import (
     COMPUTE_BACKENDS, F32_RTOL, INTERPRETED, KERNEL_BACKENDS, assert_rel_close, backend_device,
     heavy_on_interpreter,
 )
-from macl_kernels import _ops, reference
-from macl_kernels._primitive import LogitMap, RowReduction
+from macl_kernels import reference
+from macl_kernels.primitive import ops as _ops
+from macl_kernels.primitive.protocol import LogitMap, RowReduction
 
 PEER_TOL = 1e-9  # float64 parity with OpenCLIP's semantics (the bar)
 F64_TOL = 1e-10
@@ -375,7 +376,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from macl_kernels.backends import triton_fused as TF
+from macl_kernels.primitive.backends import triton_fused as TF
 
 def build(kernel, op, consts, warps, stages):
     acc = "fp64" if op == "fp64" else "fp32"

@@ -13,9 +13,9 @@ from conftest import (
     F64_RTOL, LAYOUT_LOSSES, LAYOUTS, LOSS_LAYOUTS, assert_rel_close, dense_negative_lse,
     loss_and_grads, loss_case, make_pair, upstream_like,
 )
-from macl_kernels import _ops
-from macl_kernels._primitive import LogitMap
-from macl_kernels.backends import torch_chunked as TC
+from macl_kernels.primitive import ops as _ops
+from macl_kernels.primitive.protocol import LogitMap
+from macl_kernels.primitive.backends import torch_chunked as TC
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 5, 64])

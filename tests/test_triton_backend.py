@@ -19,9 +19,9 @@ from conftest import (  # noqa: E402
     F32_RTOL, F64_RTOL, HALF_RTOL, LOSS_LAYOUTS, assert_rel_close, assert_same_results,
     loss_and_grads, loss_case, make_pair, tolerance,
 )
-from macl_kernels import _ops  # noqa: E402
-from macl_kernels._primitive import LogitMap  # noqa: E402
-from macl_kernels.backends import triton_fused as TF  # noqa: E402
+from macl_kernels.primitive import ops as _ops  # noqa: E402
+from macl_kernels.primitive.protocol import LogitMap  # noqa: E402
+from macl_kernels.primitive.backends import triton_fused as TF  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 # Where the kernels run: the GPU if there is one, else the CPU under the interpreter.
@@ -218,8 +218,8 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from macl_kernels import _inventory as I
-from macl_kernels.backends import triton_fused as TF
+from macl_kernels.tools import inventory as I
+from macl_kernels.primitive.backends import triton_fused as TF
 
 def build(name, precision, block_d, shape, **flags):
     # Through the kernel table, with the inventory's signature (index pointers int32, label

@@ -1,6 +1,6 @@
 """The "before" side of the GPU-readiness inventory: the Triton kernels and shape rules as they
 were before the GPU-readiness changes (commit f521c71), compiled for sm_90 without a GPU with the
-same machinery as ``macl-kernels kernels`` (macl_kernels/_inventory.py).
+same machinery as ``macl-kernels kernels`` (macl_kernels/tools/inventory.py).
 
 Before: float32 at the default matmul precision ran ``input_precision="ieee"`` (FMA dots), the
 shape rule was ``_default_shape(BLOCK_D, element size, kernel)`` with AUTOTUNE off, the scalars
@@ -10,8 +10,8 @@ heaviest flag set of each kernel (as ``--flag-sets heaviest``), the default shap
 Usage, from the repository root (TRITON_INTERPRET unset; for Triton 3.6 put it first on
 PYTHONPATH, e.g. ``PYTHONPATH=/tmp/t36:.``):
 
-    git show f521c71:macl_kernels/backends/triton_fused.py \\
-        | sed 's/^from \\.\\._primitive import/from macl_kernels._primitive import/' \\
+    git show f521c71:macl_kernels/primitive/backends/triton_fused.py \\
+        | sed 's/^from \\.\\._primitive import/from macl_kernels.primitive.protocol import/' \\
         > /tmp/triton_fused_before.py
     python bench/results/gpu_readiness/inventory_before.py /tmp/triton_fused_before.py OUT.csv
 """
@@ -23,7 +23,7 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)
 
 from macl_kernels import _inventory  # noqa: E402
-from macl_kernels.backends import triton_fused as TF  # noqa: E402
+from macl_kernels.primitive.backends import triton_fused as TF  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("triton_fused_before", sys.argv[1])
 OLD = importlib.util.module_from_spec(spec)

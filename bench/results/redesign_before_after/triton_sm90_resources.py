@@ -3,7 +3,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from macl_kernels.backends import triton_fused as NEW
+from macl_kernels.primitive.backends import triton_fused as NEW
 spec = importlib.util.spec_from_file_location("tf_old", "/tmp/oldtf/triton_fused_old.py")
 OLD = importlib.util.module_from_spec(spec); spec.loader.exec_module(OLD)
 

@@ -45,10 +45,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import _roofline
-from ._cases import ALL_CASES as LOSS_CASES, CLIP_SCALE
-from ._report import device_name, format_table
-from ._version import __version__
+from . import roofline as _roofline
+from .cases import ALL_CASES as LOSS_CASES, CLIP_SCALE
+from .report import device_name, format_table
+from .. import __version__
 
 BENCH_LOSSES = ("macl", "infonce", "clip", "dcl", "tfree", "siglip", "infonce_labels",
                 "macl_labels", "supcon")

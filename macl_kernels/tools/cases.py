@@ -11,8 +11,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from . import functional as F
-from ._validate import LAYOUTS
+from .. import functional as F
+from ..functional import LAYOUTS
 
 DTYPES: Dict[str, torch.dtype] = {
     "float64": torch.float64,
@@ -88,7 +88,7 @@ def _with_case_labels(fn: Callable) -> Callable:
 def _supcon_two_views(z1, z2, *, layout="2n", normalize=True, **kwargs):
     """``supcon_loss`` on the two views as ``V = 2`` (rows view-major: the anchors of layout
     ``2n``), normalised inside unless ``normalize=False``, labels of ``case_labels``."""
-    from .supervised import supcon_loss
+    from ..supervised import supcon_loss
     return supcon_loss(torch.stack([z1, z2], dim=1), case_labels(z1.shape[0], z1.device),
                        normalize=normalize, **kwargs)
 

@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from .._primitive import Backend, Grads, LogitMap, Needs, Problem, RowReduction
+from ..protocol import Backend, Grads, LogitMap, Needs, Problem, RowReduction
 
 # Elements per chunk x K tile: 2M fp32 elements = 8 MiB per live tile. Measured on the 2-core
 # x86 CI machine, MACL 2n, 2N = 8192, D = 128, forward+backward: 2**20 / 2**21 / 2**23 took

@@ -42,7 +42,7 @@ COLUMNS = ("triton", "arch", "kernel", "precision", "block_d", "flags", "role", 
 
 
 def _shared_limit(arch: str) -> int:
-    from .backends import triton_fused as TF
+    from ..primitive.backends import triton_fused as TF
 
     return TF.SHARED_MEMORY_LIMIT[ARCHS[arch]]
 
@@ -52,7 +52,7 @@ def _signature(spec, precision: str, constexprs: dict):
     operand pointers of the operand dtype, the index pointers int32, the label pointers int64,
     every other pointer of the accumulator dtype, integers i32 (strides divisible by 16,
     pointers 16-byte aligned, as a real launch specialises them)."""
-    from .backends import triton_fused as TF
+    from ..primitive.backends import triton_fused as TF
 
     op, acc, _ = TF.PRECISIONS[precision]
     names = {"torch.float32": "fp32", "torch.float64": "fp64", "torch.bfloat16": "bf16",
@@ -93,7 +93,7 @@ def compile_config(spec, precision: str, block_d: int, flags: dict, shape, arch:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .backends import triton_fused as TF
+    from ..primitive.backends import triton_fused as TF
 
     bm, bn, warps, stages = shape
     constexprs = dict(HAS_SELF=True, DOT_PRECISION=dot_precision or TF.PRECISIONS[precision][2],
@@ -129,7 +129,7 @@ def plan(arch: str, precisions: Sequence[str], widths: Sequence[int],
     shape the shape rules can launch (``role`` default / candidate), and one ``refused`` row per
     kernel, precision and width without a shape. ``flag_sets="heaviest"`` keeps, per kernel,
     the first flag set that accumulates most (forward with E, the symmetric backward)."""
-    from .backends import triton_fused as TF
+    from ..primitive.backends import triton_fused as TF
 
     limit = _shared_limit(arch)
     rows = []
@@ -174,7 +174,7 @@ def _run_row(row: dict) -> dict:
     """Compile one planned row and judge it (a worker function: top level for the pool)."""
     import triton
 
-    from .backends import triton_fused as TF
+    from ..primitive.backends import triton_fused as TF
 
     row = dict(row)
     row["triton"] = triton.__version__

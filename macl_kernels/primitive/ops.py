@@ -42,8 +42,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._math import autocast_off
-from ._primitive import Grads, LogitMap, Needs, Problem, RowReduction
+from .protocol import Grads, LogitMap, Needs, Problem, RowReduction, autocast_off
 from .backends import kernel_backend
 
 

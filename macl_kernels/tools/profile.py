@@ -54,11 +54,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import _bench, _roofline
-from ._cases import ALL_CASES as LOSS_CASES, CLIP_SCALE
-from ._math import normalize
-from ._report import device_name, format_table
-from ._version import __version__
+from . import bench as _bench
+from . import roofline as _roofline
+from .cases import ALL_CASES as LOSS_CASES, CLIP_SCALE
+from .._math import normalize
+from .report import device_name, format_table
+from .. import __version__
 
 PROFILE_LOSSES = ("macl", "infonce", "clip", "dcl", "dclw", "tfree", "siglip", "infonce_labels",
                   "macl_labels", "supcon")

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .._primitive import Backend
+from ..protocol import Backend
 
 # The kernel backends and the module (in this package) whose ``BACKEND`` implements each.
 KERNEL_MODULES = {"torch": "torch_chunked", "triton": "triton_fused", "cpu": "cpu",

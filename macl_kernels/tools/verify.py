@@ -9,12 +9,12 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, TextIO
 
 import torch
 
-from ._cases import (
+from .cases import (
     CLIP_SCALE, DTYPES, LossCase, make_views, num_anchors, relative_error, select_cases,
     tolerance,
 )
-from ._report import default_device, device_name, format_table
-from .backends import available_backends
+from .report import default_device, device_name, format_table
+from ..primitive.backends import available_backends
 
 
 class VerifyResult(NamedTuple):

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .._primitive import Backend, Grads, Needs, Problem, RowReduction
+from ..protocol import Backend, Grads, Needs, Problem, RowReduction
 from ._native import Extension, cast_rows
 
 _EXTENSION = Extension("macl_kernels._C_cpu")

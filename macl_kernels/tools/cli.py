@@ -31,12 +31,14 @@ import subprocess
 import sys
 from typing import List, NoReturn, Optional, Sequence
 
-from . import _bench, _profile, _verify
-from ._cases import ALL_CASES as LOSS_CASES, DTYPES, select_cases
-from ._report import default_device, info_lines
-from ._validate import LAYOUTS
-from ._version import __version__
-from .backends import available_backends
+from . import bench as _bench
+from . import profile as _profile
+from . import verify as _verify
+from .cases import ALL_CASES as LOSS_CASES, DTYPES, select_cases
+from .report import default_device, info_lines
+from ..functional import LAYOUTS
+from .. import __version__
+from ..primitive.backends import available_backends
 
 # --------------------------------------------------------------------------------------------
 # Shared helpers
@@ -219,8 +221,8 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     except ImportError as exc:
         _usage_error(f"compiling the Triton kernels needs triton with its NVIDIA backend "
                      f"({type(exc).__name__}: {exc})")
-    from . import _inventory
-    from ._report import format_table
+    from . import inventory as _inventory
+    from .report import format_table
 
     rows = _inventory.plan(args.arch, args.precisions, args.widths, args.kernels,
                            candidates=not args.no_candidates, flag_sets=args.flag_sets)
@@ -356,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_profile)
 
-    from . import _inventory
-    from .backends.triton_fused import PRECISIONS
+    from . import inventory as _inventory
+    from ..primitive.backends.triton_fused import PRECISIONS
 
     p = sub.add_parser(
         "kernels", help="compile the Triton kernels for a GPU architecture (no GPU needed) and "
@@ -395,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _kernel_names() -> List[str]:
-    from .backends import triton_fused
+    from ..primitive.backends import triton_fused
 
     return list(triton_fused.KERNELS)
 

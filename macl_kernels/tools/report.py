@@ -10,8 +10,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._version import __version__
-from .backends import available_backends
+from .. import __version__
+from ..primitive.backends import available_backends
 
 
 def default_device() -> str:

@@ -95,7 +95,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .._primitive import Backend, Grads, LogitMap, Needs, Problem, RowReduction
+from ..protocol import Backend, Grads, LogitMap, Needs, Problem, RowReduction
 
 try:
     import triton

@@ -48,6 +48,7 @@ that ``macl_kernels/_ops.py`` wraps as custom operators. It imports nothing from
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple
@@ -265,3 +266,11 @@ class Backend:
         """``aux``'s shape and dtype (an empty-like tensor) for ``torch.compile``'s fake
         tensors; ``None`` when ``fwd`` returns no ``aux``."""
         return None
+
+
+def autocast_off(device_type: str):
+    """A context with autocast disabled on ``device_type`` (``cpu`` and ``cuda``: the device types
+    autocast knows; any other runs as it is)."""
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

@@ -91,7 +91,7 @@ def worker(impl: str, n: int, d: int, repeats: int, peer: str) -> dict:
     import numpy as np
     import torch
 
-    from macl_kernels.tools.bench import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+    from macl_kernels.tools.worker import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
     if impl == "matmul":
         from macl_kernels.tools.roofline import measure_matmul

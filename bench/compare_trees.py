@@ -1,16 +1,20 @@
 """Benchmark two source trees of macl-kernels side by side, in one run (e.g. before and after a
 change that must not slow anything down, or that should speed something up).
 
-Each measurement is one fresh worker process of that tree's own benchmark worker
-(``python -m macl_kernels.tools.bench``, run with the tree first on ``PYTHONPATH``; each tree must have
-its extension built in place, e.g. ``python setup.py build_ext --inplace``). The trees alternate
-within every cell (loss, layout, backend, N, D, dtype) and the order flips each round, so that
-machine noise (other processes, thermal state) falls on both alike.
+Each measurement is one fresh worker process of that tree's own benchmark worker, run with the
+tree first on ``PYTHONPATH`` (each tree must have its extension built in place, e.g. ``python
+setup.py build_ext --inplace``). Which worker a tree has is read from its files
+(``TREE_WORKERS``): ``python -m macl_kernels.tools.worker bench`` from issue #24 on, ``python -m
+macl_kernels.tools.bench`` at commit 8422e8f, ``python -m macl_kernels._bench`` before it; all
+three take the same arguments and print the same JSON line, so trees from either side of the
+move compare. The trees alternate within every cell (loss, layout, backend, N, D, dtype) and the
+order flips each round, so that machine noise (other processes, thermal state) falls on both
+alike.
 
 The roofline: for every (D, dtype) this machine's matmul rate is measured once in a fresh worker
-(``macl_kernels/tools/roofline.py`` of this script's tree: ``torch.mm`` into a preallocated output, the
-whole-matrix shape of the largest N, the same thread count), and every row reports its useful
-GFLOP/s (the minimum multiply-adds of a forward+backward step, ``_roofline.useful_flops``) and
+(``macl_kernels/tools/worker.py matmul`` of this script's tree: ``torch.mm`` into a preallocated
+output, the whole-matrix shape of the largest N, the same thread count), and every row reports its
+useful GFLOP/s (the minimum multiply-adds of a forward+backward step, ``roofline.useful_flops``) and
 their fraction of that rate (docs/math.md, roofline section). With ``--paired`` each worker
 also times a whole-matrix product before and after every step in its own process and the table
 adds "paired of matmul", the median per-step fraction against those neighbouring products, which
@@ -42,6 +46,16 @@ from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _roofline = None  # this tree's macl_kernels.tools.roofline, imported by the parent only (main)
+_worker = None  # this tree's macl_kernels.tools.worker (the matmul rate), likewise
+
+# The benchmark worker of a tree, newest first: (the file that marks it, its module, the arguments
+# before the measurement's). Every one of them has ``measure``, ``make_inputs`` and ``make_step``
+# with the same signatures (the paired worker calls them).
+TREE_WORKERS: Tuple[Tuple[str, str, Tuple[str, ...]], ...] = (
+    ("macl_kernels/tools/worker.py", "macl_kernels.tools.worker", ("bench",)),  # issue #24 on
+    ("macl_kernels/tools/bench.py", "macl_kernels.tools.bench", ()),  # commit 8422e8f
+    ("macl_kernels/_bench.py", "macl_kernels._bench", ()),  # before the three wings
+)
 
 DEFAULT_CASES = "macl:2n,clip:cross_sym"
 
@@ -50,9 +64,20 @@ def _csv_list(text: str, kind=str) -> list:
     return [kind(x.strip()) for x in text.split(",") if x.strip()]
 
 
+def tree_worker(tree: str) -> Tuple[str, Tuple[str, ...]]:
+    """The benchmark worker module of ``tree`` and the arguments that select its measurement
+    (``TREE_WORKERS``); ``ValueError`` for a tree with none of them."""
+    for marker, module, prefix in TREE_WORKERS:
+        if os.path.isfile(os.path.join(tree, marker)):
+            return module, prefix
+    raise ValueError(f"tree {tree!r}: no benchmark worker found (looked for "
+                     f"{', '.join(marker for marker, _, _ in TREE_WORKERS)})")
+
+
 def run_worker(tree: str, loss: str, layout: str, backend: str, n: int, dim: int, dtype: str,
                args) -> Dict:
-    cmd = [sys.executable, "-m", "macl_kernels.tools.bench", "--loss", loss, "--layout", layout,
+    module, prefix = tree_worker(tree)
+    cmd = [sys.executable, "-m", module, *prefix, "--loss", loss, "--layout", layout,
            "--backend", backend, "--n", str(n), "--dim", str(dim), "--dtype", dtype,
            "--device", "cpu", "--repeats", str(args.repeats), "--seed", "0"]
     if args.threads:
@@ -76,11 +101,12 @@ def _json_worker(cmd: List[str], tree: str, timeout: float) -> Dict:
 
 def run_paired_worker(tree: str, loss: str, layout: str, backend: str, n: int, dim: int,
                       dtype: str, args) -> Dict:
-    """One fresh worker of ``tree`` that runs the tree's own benchmark measurement
-    (``_bench.measure``: peak memory and step times) and then the paired loop (``paired_worker``,
-    this script run with the tree on ``PYTHONPATH``)."""
+    """One fresh worker of ``tree`` that runs the tree's own benchmark measurement (its worker
+    module's ``measure``: peak memory and step times) and then the paired loop
+    (``paired_worker``, this script run with the tree on ``PYTHONPATH``)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--paired-worker",
-           json.dumps(dict(loss=loss, layout=layout, backend=backend, n=n, dim=dim, dtype=dtype,
+           json.dumps(dict(module=tree_worker(tree)[0], loss=loss, layout=layout,
+                           backend=backend, n=n, dim=dim, dtype=dtype,
                            repeats=args.repeats, threads=args.threads,
                            matmul_side=_whole_matrix_side(layout, n, dim),
                            warmup_s=_roofline.WARMUP_S))]
@@ -102,14 +128,16 @@ def paired_worker(spec: Dict) -> Dict:
     preallocated output, the shape and dtype of ``_roofline``'s whole-matrix rate) in the same
     process and threads; the step's fraction is its useful rate over the faster of the two
     products' rates (the conservative choice: a momentarily slow product must not flatter the
-    step), and the worker reports every pair. The tree's own ``_bench.measure`` runs first, so
-    its time and memory columns are the tree's usual ones."""
-    import torch
-    from macl_kernels import _bench  # the tree under test (PYTHONPATH)
+    step), and the worker reports every pair. The tree's own ``measure`` (``spec["module"]``, its
+    worker module) runs first, so its time and memory columns are the tree's usual ones."""
+    import importlib
 
+    import torch
+
+    tree = importlib.import_module(spec["module"])  # the tree under test (PYTHONPATH)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    result = _bench.measure(spec["loss"], spec["layout"], spec["backend"], spec["n"],
+    result = tree.measure(spec["loss"], spec["layout"], spec["backend"], spec["n"],
                             spec["dim"], spec["dtype"], "cpu", spec["repeats"], 0)
     torch_dtype = getattr(torch, spec["dtype"])
     p = spec["matmul_side"]  # computed by the parent with _roofline (this tree's)
@@ -117,8 +145,8 @@ def paired_worker(spec: Dict) -> Dict:
     a = torch.randn(p, spec["dim"], generator=gen).to(torch_dtype)
     bt = torch.randn(p, spec["dim"], generator=gen).to(torch_dtype).t()
     out = torch.empty(p, p, dtype=torch_dtype)
-    z1, z2 = _bench.make_inputs(spec["n"], spec["dim"], torch_dtype, torch.device("cpu"), 0)
-    step = _bench.make_step(spec["loss"], spec["layout"], spec["backend"], z1, z2)
+    z1, z2 = tree.make_inputs(spec["n"], spec["dim"], torch_dtype, torch.device("cpu"), 0)
+    step = tree.make_step(spec["loss"], spec["layout"], spec["backend"], z1, z2)
 
     def timed(fn) -> float:
         t0 = time.perf_counter()
@@ -158,11 +186,11 @@ def paired_fraction(layout: str, n: int, dim: int, res: Dict) -> Optional[float]
 
 
 def matmul_rate(layout: str, n_max: int, dim: int, dtype: str, threads) -> Dict:
-    """This machine's matmul rate in a fresh worker (``_roofline.py`` run as a script)."""
-    cmd = [sys.executable, os.path.abspath(_roofline.__file__), "--layout", layout,
-           "--n-max", str(n_max), "--dim", str(dim), "--dtype", dtype]
+    """This machine's matmul rate in a fresh worker (this tree's ``worker.py matmul``)."""
+    options = ["--layout", layout, "--n-max", str(n_max), "--dim", str(dim), "--dtype", dtype]
     if threads:
-        cmd += ["--threads", str(threads)]
+        options += ["--threads", str(threads)]
+    cmd = _worker.command("matmul", options)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
@@ -187,9 +215,9 @@ def main() -> int:
             print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
             return 1
         return 0
-    global _roofline
-    sys.path.insert(0, os.path.dirname(HERE))  # this tree's macl_kernels.tools.roofline (torch only)
-    from macl_kernels.tools import roofline as _roofline
+    global _roofline, _worker
+    sys.path.insert(0, os.path.dirname(HERE))  # this tree's macl_kernels.tools
+    from macl_kernels.tools import roofline as _roofline, worker as _worker
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tree", action="append", required=True, help="LABEL=PATH (two or more)")
@@ -211,6 +239,11 @@ def main() -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     trees: List[Tuple[str, str]] = [tuple(t.split("=", 1)) for t in args.tree]
+    for label, tree in trees:
+        try:
+            tree_worker(tree)  # before any measurement: a tree without a worker is a usage error
+        except ValueError as exc:
+            p.error(str(exc))
     labels = [label for label, _ in trees]
     cases = [tuple(c.split(":", 1)) for c in _csv_list(args.cases)]
     backends = _csv_list(args.backends)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import macl_kernels as mk
 from macl_kernels.tools import bench as _bench, cases as _cases, profile as _profile, roofline as _roofline, verify as _verify, cli
@@ -168,3 +170,66 @@ def test_bench_records_worker_failures_and_continues():
     assert rows[0]["error"] == "timed out after 0.01 s"
     assert rows[0]["median_s"] is None and rows[0]["speedup_vs_reference"] is None
     assert "timed out" in _bench.format_results(rows)
+
+
+def test_worker_entry_point_measures_one_cell_and_prints_json(capsys):
+    """The one worker entry point: each kind prints one JSON line; an error is data."""
+    from macl_kernels.tools import worker as _worker
+
+    assert _worker.main(["bench", "--loss", "clip", "--layout", "cross_sym", "--backend", "torch",
+                         "--n", "16", "--dim", "4", "--dtype", "float32", "--repeats", "2",
+                         "--threads", "1"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["ok"] and r["loss"] == "clip" and len(r["times_s"]) == 2
+    assert r["p20_s"] <= r["median_s"] <= r["p80_s"] and r["peak_extra_bytes"] >= 0
+    assert _worker.main(["profile", "--loss", "macl", "--layout", "2n", "--backend", "torch",
+                         "--n", "16", "--dim", "4", "--dtype", "float32", "--no-op-profile"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["ok"] and r["anchors"] == 32 and r["repeats"] == 1
+    assert all(r[f"{phase}_ms"] >= 0 for phase in _profile.PHASES) and r["step_ms"] > 0
+    assert _worker.main(["bench", "--loss", "nope", "--layout", "2n", "--backend", "torch",
+                         "--n", "16", "--dim", "4", "--dtype", "float32", "--repeats", "1"]) == 1
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r == {"ok": False, "error": r["error"]} and "ValueError: loss:" in r["error"]
+    with pytest.raises(ValueError, match="kind"):
+        _worker.command("nope", [])
+
+
+@pytest.mark.parametrize("loss,layout", [("clip", "cross_sym"), ("siglip", "cross"),
+                                         ("macl", "2n")])
+def test_loss_step_trains_the_logit_scale_where_the_case_has_one(loss, layout):
+    from macl_kernels.tools import worker as _worker
+
+    z1, z2 = _worker.make_inputs(8, 4, torch.float64, torch.device("cpu"), 0)
+    step = _worker.make_step(loss, layout, "torch", z1, z2)
+    step()
+    has_scale = _cases.ALL_CASES[loss].uses_logit_scale
+    assert len(step.leaves) == 2 + has_scale
+    assert all(leaf.grad is not None and torch.isfinite(leaf.grad).all() for leaf in step.leaves)
+    if has_scale:
+        assert step.logit_scale.dtype == torch.float64 and step.logit_scale.requires_grad
+    # The phases of the profile give the same loss as the whole step.
+    whole = step.loss(z1, z2)
+    phased = step.forward(step.normalise())
+    torch.testing.assert_close(phased, whole)
+
+
+@pytest.mark.slow  # fresh interpreters
+def test_matmul_worker_runs_as_a_file_without_the_package(tmp_path):
+    from macl_kernels.tools import worker as _worker
+
+    cmd = _worker.command("matmul", ["--layout", "cross", "--n-max", "32", "--dim", "8",
+                                     "--dtype", "float32", "--threads", "1"])
+    assert cmd[1].endswith(os.path.join("tools", "worker.py"))
+    r = _worker.run_worker_process(cmd, 120)
+    assert r["ok"] and r["matmul_shape"] == "32x8 @ 8x32" and r["matmul_gflops"] > 0
+    # Run as a file, the worker imports roofline.py alone, not the package (its backends).
+    code = ("import runpy, sys\n"
+            "sys.argv = sys.argv[1:]\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
+            "print('package imported:', 'macl_kernels' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code, *cmd[1:]], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert '"ok": true' in proc.stdout and "package imported: False" in proc.stdout

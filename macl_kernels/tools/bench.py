@@ -1,52 +1,36 @@
 """``macl-kernels bench``: forward+backward time and peak memory per backend and batch size.
 
-Why one subprocess per (backend, N): on the CPU the only honest memory counter is the process's
-resident set, and a process's peak never goes down. Measuring several configurations in one
-process would report the largest earlier peak for every later one, and even the import of torch
-leaves a transient peak far above the steady state. So the parent (``run_bench``) starts
-``python -m macl_kernels._bench`` (``worker_main``) once per measurement. The worker
+The parent side: ``run_bench`` starts one fresh worker process per (backend, N)
+(``python -m macl_kernels.tools.worker bench``: ``worker.measure``; why fresh processes and how
+the memory is read: ``worker.py``'s docstring), collects their JSON lines, and prints the table,
+writes ``bench.csv`` and ``bench.png``. The worker
 
 1. builds ``z1, z2 = randn(N, D)`` (fixed seed, requiring grad);
 2. runs one small warm-up at ``N = 64`` to page in code and kernels;
-3. resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), records the current RSS,
-   runs one forward+backward and reports the peak RSS minus that baseline as the peak extra
-   memory (on CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus the memory
-   allocated before);
-4. times ``repeats`` further forward+backward runs with ``time.perf_counter`` (synchronising the
-   device around each on CUDA) and prints one JSON line.
+3. measures the peak extra memory of one forward+backward;
+4. times ``repeats`` further forward+backward runs and prints one JSON line.
 
-The peak RSS is read from ``VmHWM`` in ``/proc/self/status``, not ``ru_maxrss``: after
-``vfork``+``exec`` (how ``subprocess`` starts the worker) Linux seeds the child's ``ru_maxrss``
-with the *parent's* peak RSS, and resetting the high-water mark does not clear that, so
-``ru_maxrss`` would report the parent's memory. ``ru_maxrss`` is the fallback where ``/proc``
-is missing, and the method used is recorded with every result.
-
-The roofline: before the sweep, one more fresh worker (``python -m macl_kernels._roofline``, same
-thread count) measures this machine's matmul rate in the benchmark's dtype, for a tile-sized and a
-whole-matrix shape; every row then reports its useful GFLOP/s (``_roofline.useful_flops`` of a
+The roofline: before the sweep, one more fresh worker (``worker.py matmul``, same thread count)
+measures this machine's matmul rate in the benchmark's dtype, for a tile-sized and a
+whole-matrix shape; every row then reports its useful GFLOP/s (``roofline.useful_flops`` of a
 forward+backward step over the median time) and that as a fraction of the whole-matrix rate
 (``fraction_of_matmul``) and of the tile rate (``fraction_of_matmul_tile``).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import gc
-import json
 import os
-import re
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from . import roofline as _roofline
-from .cases import ALL_CASES as LOSS_CASES, CLIP_SCALE
+from . import worker as _worker
+from .cases import ALL_CASES as LOSS_CASES
 from .report import device_name, format_table
 from .. import __version__
 
@@ -56,7 +40,6 @@ FULL_SIZES = (1024, 2048, 4096, 8192)
 QUICK_SIZES = (512, 1024, 2048)
 FULL_REPEATS = 5
 QUICK_REPEATS = 3
-WARMUP_N = 64
 DEFAULT_TIMEOUT_S = 900.0
 
 CSV_COLUMNS = (
@@ -94,167 +77,6 @@ class BenchConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Worker side: one measurement in this (fresh) process
-# --------------------------------------------------------------------------------------------
-
-
-def make_step(loss: str, layout: str, backend: str, z1: torch.Tensor,
-              z2: torch.Tensor) -> Callable[[], None]:
-    """One forward+backward of ``loss`` (mean reduction) on fixed leaves.
-
-    ``validate=False``, as in a training loop: the finiteness check is a host synchronisation
-    and would be timed as well. Gradients are dropped before each step so that every step
-    allocates them afresh, like ``optimizer.zero_grad(set_to_none=True)``.
-    """
-    case = LOSS_CASES[loss]
-    leaves = [z1, z2]
-    scale = CLIP_SCALE
-    if case.uses_logit_scale:
-        scale_dtype = z1.dtype if z1.dtype in (torch.float32, torch.float64) else torch.float32
-        scale = torch.tensor(CLIP_SCALE, dtype=scale_dtype, device=z1.device, requires_grad=True)
-        leaves.append(scale)
-
-    def forward():
-        return case.call(z1, z2, layout, logit_scale=scale, backend=backend, validate=False)
-
-    def step() -> None:
-        for leaf in leaves:
-            leaf.grad = None
-        forward().backward()
-
-    return step
-
-
-def make_inputs(n: int, dim: int, dtype: torch.dtype, device: torch.device,
-                seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    z1, z2 = (torch.randn(n, dim, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-              for _ in range(2))
-    return z1, z2
-
-
-def current_rss_bytes() -> int:
-    """Resident set size now: resident pages (``/proc/self/statm``) times the page size."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (Linux >= 4.0); ``False`` where not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> Tuple[int, str]:
-    """Peak RSS of this process and how it was read (see the module docstring for why
-    ``VmHWM`` comes first)."""
-    try:
-        with open("/proc/self/status") as f:
-            match = re.search(r"^VmHWM:\s+(\d+)\s+kB", f.read(), re.MULTILINE)
-        if match:
-            return int(match.group(1)) * 1024, "VmHWM"
-    except OSError:
-        pass
-    import resource  # Unix only, hence imported here
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(loss: str, layout: str, backend: str, n: int, dim: int, dtype: str, device: str,
-            repeats: int, seed: int = 0, warmup_n: int = WARMUP_N) -> Dict:
-    """Peak extra memory of one forward+backward and the times of ``repeats`` more."""
-    import numpy as np
-
-    dev = torch.device(device)
-    torch_dtype = getattr(torch, dtype)
-    z1, z2 = make_inputs(n, dim, torch_dtype, dev, seed)
-    step = make_step(loss, layout, backend, z1, z2)
-    make_step(loss, layout, backend, *make_inputs(warmup_n, dim, torch_dtype, dev, seed + 1))()
-    gc.collect()
-
-    if dev.type == "cuda":
-        _synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev)
-        step()
-        _synchronize(dev)
-        peak_extra, method = torch.cuda.max_memory_allocated(dev) - before, "cuda_max_allocated"
-    else:
-        was_reset = reset_peak_rss()
-        before = current_rss_bytes()
-        step()
-        peak, method = peak_rss_bytes()
-        peak_extra = peak - before
-        if not was_reset:
-            method += " (not reset: includes earlier peaks)"
-
-    times = []
-    for _ in range(repeats):
-        _synchronize(dev)
-        t0 = time.perf_counter()
-        step()
-        _synchronize(dev)
-        times.append(time.perf_counter() - t0)
-    p20, p50, p80 = (float(v) for v in np.percentile(times, [20, 50, 80]))
-    return {
-        "ok": True, "loss": loss, "layout": layout, "backend": backend, "N": n, "D": dim,
-        "dtype": dtype, "device": device, "repeats": repeats, "times_s": times,
-        "p20_s": p20, "median_s": p50, "p80_s": p80,
-        "peak_extra_bytes": int(max(0, peak_extra)), "baseline_bytes": int(before),
-        "memory_method": method, "torch_threads": torch.get_num_threads(),
-    }
-
-
-def add_worker_arguments(p: argparse.ArgumentParser, losses, repeats_required: bool) -> None:
-    """The measurement arguments shared by the bench and profile workers."""
-    p.add_argument("--loss", choices=losses, required=True)
-    p.add_argument("--layout", required=True)
-    p.add_argument("--backend", required=True)
-    p.add_argument("--n", type=int, required=True)
-    p.add_argument("--dim", type=int, required=True)
-    p.add_argument("--dtype", required=True)
-    p.add_argument("--device", default="cpu")
-    if repeats_required:
-        p.add_argument("--repeats", type=int, required=True)
-    else:
-        p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-
-
-def _worker_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m macl_kernels._bench",
-        description="One benchmark measurement (internal: started by `macl-kernels bench`); "
-                    "prints one JSON line.")
-    add_worker_arguments(p, BENCH_LOSSES, repeats_required=True)
-    return p
-
-
-def worker_main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _worker_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        result = measure(args.loss, args.layout, args.backend, args.n, args.dim, args.dtype,
-                         args.device, args.repeats, args.seed)
-    except Exception as exc:  # e.g. torch.OutOfMemoryError: report it as data, not a traceback
-        print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
-        return 1
-    print(json.dumps(result), flush=True)
-    return 0
-
-
-# --------------------------------------------------------------------------------------------
 # Parent side: the sweep, the table, the CSV and the plot
 # --------------------------------------------------------------------------------------------
 
@@ -270,67 +92,34 @@ class Measurement:
         return bool(self.result.get("ok"))
 
 
-def _package_root() -> str:
-    # The directory above this package (the worker must import this very package).
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def worker_command(module: str, config: "BenchConfig", backend: str, n: int) -> List[str]:
-    """The command line of one measurement by ``python -m module`` (bench or profile)."""
-    cmd = [sys.executable, "-m", module, "--loss", config.loss,
-           "--layout", config.layout, "--backend", backend, "--n", str(n),
-           "--dim", str(config.dim), "--dtype", config.dtype, "--device", config.device,
-           "--repeats", str(config.repeats), "--seed", str(config.seed)]
+def worker_command(kind: str, config: "BenchConfig", backend: str, n: int) -> List[str]:
+    """The command line of one ``kind`` (``bench`` or ``profile``) measurement by the worker."""
+    options = ["--loss", config.loss, "--layout", config.layout, "--backend", backend,
+               "--n", str(n), "--dim", str(config.dim), "--dtype", config.dtype,
+               "--device", config.device, "--repeats", str(config.repeats),
+               "--seed", str(config.seed)]
     if config.threads:
-        cmd += ["--threads", str(config.threads)]
-    return cmd
-
-
-def run_worker_process(cmd: Sequence[str], timeout_s: float,
-                       oom_signals: Sequence[str] = ("SIGKILL",)) -> Dict:
-    """Run a worker in a fresh interpreter and return the JSON line it prints; failures (time
-    out, a signal, an error exit) come back as ``{"ok": False, "error": ...}``."""
-    env = dict(os.environ)
-    # The worker must import this very package, installed or not.
-    env["PYTHONPATH"] = os.pathsep.join(
-        [_package_root()] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    try:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, env=env,
-                              timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {timeout_s:g} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                break
-    if proc.returncode < 0:
-        sig = signal.Signals(-proc.returncode).name
-        hint = " (likely out of memory)" if sig in oom_signals else ""
-        return {"ok": False, "error": f"worker killed by {sig}{hint}"}
-    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"ok": False, "error": f"worker exited with status {proc.returncode}: {last[:300]}"}
+        options += ["--threads", str(config.threads)]
+    return _worker.command(kind, options)
 
 
 def run_worker(config: BenchConfig, backend: str, n: int) -> Dict:
     """Run one measurement in a fresh interpreter; failures come back as ``{"ok": False}``."""
-    return run_worker_process(worker_command("macl_kernels._bench", config, backend, n),
-                              config.timeout_s)
+    return _worker.run_worker_process(worker_command("bench", config, backend, n),
+                                      config.timeout_s)
 
 
 def run_matmul_worker(config: BenchConfig) -> Dict:
     """This machine's matmul rate for ``config`` (its dtype, device and threads; the shapes of its
     largest N) in a fresh worker process, like every measurement; ``{"ok": False, "error"}`` on
     failure (the sweep goes on without the roofline columns)."""
-    # The file runs as a script, not ``-m macl_kernels._roofline``: it needs torch only, and
-    # skipping the package's import (its backends) saves seconds per run.
-    cmd = [sys.executable, os.path.abspath(_roofline.__file__), "--layout", config.layout,
-           "--n-max", str(max(config.sizes)), "--dim", str(config.dim), "--dtype", config.dtype,
-           "--device", config.device, "--seed", str(config.seed)]
+    options = ["--layout", config.layout, "--n-max", str(max(config.sizes)),
+               "--dim", str(config.dim), "--dtype", config.dtype, "--device", config.device,
+               "--seed", str(config.seed)]
     if config.threads:
-        cmd += ["--threads", str(config.threads)]
-    return run_worker_process(cmd, min(config.timeout_s, MATMUL_TIMEOUT_S))
+        options += ["--threads", str(config.threads)]
+    return _worker.run_worker_process(_worker.command("matmul", options),
+                                      min(config.timeout_s, MATMUL_TIMEOUT_S))
 
 
 def roofline_columns(layout: str, n: int, dim: int, seconds: Optional[float],
@@ -544,7 +333,3 @@ def run_bench(config: BenchConfig, out_dir: str, progress: bool = True) -> int:
           f"forward+backward step (docs/math.md#roofline-useful-work-and-the-matmul-rate) / "
           f"median time; of matmul / of tile = that / the whole-matrix / tile matmul rate")
     return 0 if failed < len(measurements) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main())

@@ -12,14 +12,14 @@ For a loss, a list of batch sizes and a list of backends it reports
   every temporary of the loss (``peak_bytes``); and the peak extra memory of the forward
   (normalise + forward) and of the backward phase over the memory at the start of each phase.
   On the CPU: the process's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``, see
-  ``_bench.py``); on CUDA: ``torch.cuda.max_memory_allocated``;
+  ``worker.py``); on CUDA: ``torch.cuda.max_memory_allocated``;
 * the **throughput**, pairs per second: ``N`` (rows per view, i.e. training samples whose two
   views are compared) divided by the median step time;
 * the **roofline**: the useful GFLOP/s of the forward, the backward and the whole step (the minimum
-  multiply-adds of ``_roofline.useful_flops`` per phase over the phase's median time; the
+  multiply-adds of ``roofline.useful_flops`` per phase over the phase's median time; the
   normalisation is not counted as work but its time is in the step's) and each as a fraction of
   this machine's matmul rate, measured in the same run by one more fresh worker
-  (``_bench.run_matmul_worker``: the profile's dtype, a whole-matrix and a tile-sized shape);
+  (``bench.run_matmul_worker``: the profile's dtype, a whole-matrix and a tile-sized shape);
 * the **top operators** of one step from ``torch.profiler`` (self time per operator, grouped by
   phase through ``record_function``), in ``ops.csv``;
 * the **largest batch that fits a memory budget** (``--budget-gb``) for each backend, found by
@@ -34,18 +34,18 @@ For a loss, a list of batch sizes and a list of backends it reports
   that process instead of pressing the machine; on CUDA the per-process memory fraction is capped
   the same way.
 
-Everything measured runs in fresh subprocesses (``python -m macl_kernels._profile``), one per
-(backend, N), as ``macl-kernels bench`` does. Outputs in ``--out``: ``profile.csv``, ``ops.csv``,
-``capacity.csv`` and ``profile.png`` (time per phase, memory against N with the budget and the
-search's probes, throughput).
+Everything measured runs in fresh subprocesses (``python -m macl_kernels.tools.worker profile``:
+``worker.measure_profile``, the step of ``worker.LossStep`` in its phases), one per (backend, N),
+as ``macl-kernels bench`` does. The normalise phase is ``torch.nn.functional.normalize`` in the
+compute dtype: the values of the losses' own normalisation (whose fused backward the loss step
+of ``bench`` uses; here the backward phase runs autograd's backward of ``normalize``). Outputs
+in ``--out``: ``profile.csv``, ``ops.csv``, ``capacity.csv`` and ``profile.png`` (time per
+phase, memory against N with the budget and the search's probes, throughput).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import gc
-import json
 import os
 import sys
 import time
@@ -56,14 +56,13 @@ import torch
 
 from . import bench as _bench
 from . import roofline as _roofline
-from .cases import ALL_CASES as LOSS_CASES, CLIP_SCALE
-from .._math import normalize
+from . import worker as _worker
 from .report import device_name, format_table
 from .. import __version__
 
 PROFILE_LOSSES = ("macl", "infonce", "clip", "dcl", "dclw", "tfree", "siglip", "infonce_labels",
                   "macl_labels", "supcon")
-PHASES = ("normalise", "forward", "backward")
+PHASES = _worker.PHASES
 DEFAULT_SIZES = (1024, 2048, 4096)
 DEFAULT_REPEATS = 3
 DEFAULT_TIMEOUT_S = 600.0
@@ -71,8 +70,7 @@ DEFAULT_SEARCH_START = 1024
 DEFAULT_SEARCH_MAX_N = 32768
 DEFAULT_SEARCH_TIME_S = 600.0
 DEFAULT_SEARCH_RESOLUTION = 0.0625  # bisect until (miss - fit) <= resolution * fit
-TOP_OPS = 8
-GIB = 2 ** 30
+GIB = _worker.GIB
 
 PROFILE_COLUMNS = (
     "device", "device_type", "torch_version", "macl_kernels_version", "torch_threads", "loss",
@@ -108,259 +106,7 @@ class ProfileConfig(_bench.BenchConfig):
     search_resolution: float = DEFAULT_SEARCH_RESOLUTION
 
 
-def anchors_of(layout: str, n: int) -> int:
-    """Anchor rows of one step: ``2N`` for ``2n`` and ``cross_sym``, ``N`` for ``cross``."""
-    return n if layout == "cross" else 2 * n
-
-
-# --------------------------------------------------------------------------------------------
-# Worker side
-# --------------------------------------------------------------------------------------------
-
-
-class PhasedStep:
-    """One training step of the loss split into its phases, on fixed leaves ``z1, z2``."""
-
-    def __init__(self, loss: str, layout: str, backend: str, z1: torch.Tensor,
-                 z2: torch.Tensor):
-        self.leaves = [z1, z2]
-        self.z1, self.z2 = z1, z2
-        self._normalize = normalize
-        case = LOSS_CASES[loss]
-        scale = CLIP_SCALE
-        if case.uses_logit_scale:
-            scale_dtype = z1.dtype if z1.dtype in (torch.float32, torch.float64) else torch.float32
-            scale = torch.tensor(CLIP_SCALE, dtype=scale_dtype, device=z1.device,
-                                 requires_grad=True)
-            self.leaves.append(scale)
-        self._loss = lambda u1, u2: case.call(u1, u2, layout, logit_scale=scale,
-                                              backend=backend, validate=False, normalize=False)
-
-    def zero_grad(self) -> None:
-        for leaf in self.leaves:
-            leaf.grad = None
-
-    def normalise(self):
-        return self._normalize(self.z1), self._normalize(self.z2)
-
-    def forward(self, units) -> torch.Tensor:
-        return self._loss(*units)
-
-    @staticmethod
-    def backward(loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def __call__(self) -> None:
-        self.zero_grad()
-        self.backward(self.forward(self.normalise()))
-
-
-class _Memory:
-    """Peak-memory probe of this process: RSS (CPU) or the caching allocator (CUDA)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.method = "cuda_max_allocated" if self.cuda else "VmHWM"
-        self.was_reset = True
-
-    def current(self) -> int:
-        if self.cuda:
-            return torch.cuda.memory_allocated(self.device)
-        return _bench.current_rss_bytes()
-
-    def reset_peak(self) -> None:
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.was_reset = _bench.reset_peak_rss() and self.was_reset
-
-    def peak(self) -> int:
-        if self.cuda:
-            return torch.cuda.max_memory_allocated(self.device)
-        value, method = _bench.peak_rss_bytes()
-        if method != "VmHWM":
-            self.method = method
-        return value
-
-    def describe(self) -> str:
-        return self.method + ("" if self.was_reset else " (not reset: includes earlier peaks)")
-
-
-def _sync(device: torch.device) -> None:
-    _bench._synchronize(device)
-
-
-def _limit_memory(device: torch.device, budget_bytes: Optional[int]) -> Optional[str]:
-    """Cap this process at its current footprint plus 1.25 x the budget, so that a probe far
-    beyond the budget fails with an allocation error here instead of pressing the machine."""
-    if not budget_bytes:
-        return None
-    slack = int(1.25 * budget_bytes) + 512 * 2 ** 20
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        fraction = min(1.0, (torch.cuda.memory_allocated(device) + slack) / total)
-        torch.cuda.set_per_process_memory_fraction(fraction, device)
-        return f"cuda memory fraction {fraction:.3f}"
-    try:
-        import resource
-
-        with open("/proc/self/status") as f:
-            vm_size = next(int(line.split()[1]) * 1024 for line in f
-                           if line.startswith("VmSize:"))
-        limit = vm_size + slack
-        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
-        return f"RLIMIT_AS {limit / GIB:.2f} GiB"
-    except (OSError, ValueError, StopIteration, ImportError):
-        return None
-
-
-def _op_table(prof, device: torch.device, top: int = TOP_OPS) -> List[Dict]:
-    """Top operators by self time, per phase (the ``record_function`` range they ran under)."""
-    use_cuda = device.type == "cuda"
-    rows = []
-    events = prof.events()
-    # Map each event to the phase whose range encloses it on the same thread (CPU time line).
-    ranges = [(e.name, e.time_range.start, e.time_range.end, e.thread) for e in events
-              if e.name in PHASES]
-    totals: Dict[Tuple[str, str], List[float]] = {}
-    for e in events:
-        if e.name in PHASES:
-            continue
-        phase = next((name for name, start, end, thread in ranges
-                      if start <= e.time_range.start <= end), "other")
-        self_us = (e.self_device_time_total if use_cuda else e.self_cpu_time_total)
-        if self_us <= 0:
-            continue
-        acc = totals.setdefault((phase, e.name), [0.0, 0])
-        acc[0] += self_us / 1e3
-        acc[1] += 1
-    for phase in PHASES + ("other",):
-        ops = sorted(((name, v) for (p, name), v in totals.items() if p == phase),
-                     key=lambda item: -item[1][0])[:top]
-        for rank, (name, (ms, calls)) in enumerate(ops, 1):
-            rows.append({"phase": phase, "rank": rank, "op": name, "self_ms": ms,
-                         "calls": calls})
-    return rows
-
-
-def measure_profile(loss: str, layout: str, backend: str, n: int, dim: int, dtype: str,
-                    device: str, repeats: int, seed: int = 0, op_profile: bool = True,
-                    budget_bytes: Optional[int] = None, probe: bool = False) -> Dict:
-    """One (backend, N) in this process: memory of one step, then (unless ``probe``) the
-    timed phases and a torch.profiler pass."""
-    import numpy as np
-
-    dev = torch.device(device)
-    torch_dtype = getattr(torch, dtype)
-    # Page in code and kernels on a small problem first.
-    PhasedStep(loss, layout, backend,
-               *_bench.make_inputs(_bench.WARMUP_N, dim, torch_dtype, dev, seed + 1))()
-    gc.collect()
-    limit = _limit_memory(dev, budget_bytes) if probe else None
-    mem = _Memory(dev)
-
-    _sync(dev)
-    mem.reset_peak()
-    base = mem.current()
-    z1, z2 = _bench.make_inputs(n, dim, torch_dtype, dev, seed)
-    step = PhasedStep(loss, layout, backend, z1, z2)
-    _sync(dev)
-    start_fwd = mem.current()
-    mem.reset_peak()
-    units = step.normalise()
-    out = step.forward(units)
-    _sync(dev)
-    fwd_peak = mem.peak()
-    start_bwd = mem.current()
-    mem.reset_peak()
-    step.backward(out)
-    _sync(dev)
-    bwd_peak = mem.peak()
-    del out, units
-    peak_bytes = max(fwd_peak, bwd_peak) - base
-    result = {
-        "ok": True, "loss": loss, "layout": layout, "backend": backend, "N": n,
-        "anchors": anchors_of(layout, n), "D": dim, "dtype": dtype, "device": device,
-        "peak_bytes": int(max(0, peak_bytes)),
-        "forward_peak_extra_bytes": int(max(0, fwd_peak - start_fwd)),
-        "backward_peak_extra_bytes": int(max(0, bwd_peak - start_bwd)),
-        "baseline_bytes": int(base), "memory_method": mem.describe(),
-        "torch_threads": torch.get_num_threads(), "memory_limit": limit,
-    }
-    if probe:
-        return result
-
-    phase_times = {p: [] for p in PHASES}
-    for _ in range(repeats):
-        step.zero_grad()
-        _sync(dev)
-        t0 = time.perf_counter()
-        units = step.normalise()
-        _sync(dev)
-        t1 = time.perf_counter()
-        out = step.forward(units)
-        _sync(dev)
-        t2 = time.perf_counter()
-        step.backward(out)
-        _sync(dev)
-        t3 = time.perf_counter()
-        for p, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2)):
-            phase_times[p].append(dt)
-        del out, units
-    med = {p: float(np.median(v)) for p, v in phase_times.items()}
-    step_times = [sum(v) for v in zip(*phase_times.values())]
-    step_s = float(np.median(step_times))
-    result.update({
-        "repeats": repeats, **{f"{p}_ms": 1e3 * med[p] for p in PHASES},
-        "step_ms": 1e3 * step_s, "pairs_per_s": n / step_s if step_s > 0 else None,
-        "step_times_s": step_times,
-    })
-    if op_profile:
-        from torch.profiler import ProfilerActivity, profile, record_function
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
-                                               if dev.type == "cuda" else [])
-        step.zero_grad()
-        with profile(activities=activities) as prof:
-            with record_function("normalise"):
-                units = step.normalise()
-            with record_function("forward"):
-                out = step.forward(units)
-            with record_function("backward"):
-                step.backward(out)
-            _sync(dev)
-        result["ops"] = _op_table(prof, dev)
-    return result
-
-
-def _worker_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m macl_kernels._profile",
-        description="One profile measurement (internal: started by `macl-kernels profile`); "
-                    "prints one JSON line.")
-    _bench.add_worker_arguments(p, PROFILE_LOSSES, repeats_required=False)
-    p.add_argument("--no-op-profile", action="store_true")
-    p.add_argument("--probe", action="store_true", help="memory of one step only")
-    p.add_argument("--budget-bytes", type=int, default=None)
-    return p
-
-
-def worker_main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _worker_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        result = measure_profile(args.loss, args.layout, args.backend, args.n, args.dim,
-                                 args.dtype, args.device, args.repeats, args.seed,
-                                 op_profile=not args.no_op_profile,
-                                 budget_bytes=args.budget_bytes, probe=args.probe)
-    except (Exception, MemoryError) as exc:  # out of memory is a result, not a traceback
-        print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}),
-              flush=True)
-        return 1
-    print(json.dumps(result), flush=True)
-    return 0
+anchors_of = _worker.anchors_of
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,15 +117,15 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
 def run_worker(config: ProfileConfig, backend: str, n: int, probe: bool = False,
                timeout_s: Optional[float] = None) -> Dict:
     """One measurement in a fresh interpreter; failures come back as ``{"ok": False}``."""
-    cmd = _bench.worker_command("macl_kernels._profile", config, backend, n)
+    cmd = _bench.worker_command("profile", config, backend, n)
     if not config.op_profile:
         cmd.append("--no-op-profile")
     if probe:
         cmd.append("--probe")
         if config.budget_gb:
             cmd += ["--budget-bytes", str(int(config.budget_gb * GIB))]
-    return _bench.run_worker_process(cmd, config.timeout_s if timeout_s is None else timeout_s,
-                                     oom_signals=("SIGKILL", "SIGSEGV", "SIGABRT"))
+    return _worker.run_worker_process(cmd, config.timeout_s if timeout_s is None else timeout_s,
+                                      oom_signals=("SIGKILL", "SIGSEGV", "SIGABRT"))
 
 
 @dataclass
@@ -734,7 +480,3 @@ def run_profile(config: ProfileConfig, out_dir: str, progress: bool = True) -> i
     print(f"{len(results) - failed}/{len(results)} measurements succeeded in "
           f"{time.perf_counter() - started:.1f} s")
     return 0 if failed < len(results) or (not results and caps) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main())

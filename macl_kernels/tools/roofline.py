@@ -8,20 +8,16 @@ matmul rate, measured in the same run (``docs/math.md#roofline-useful-work-and-t
 * ``measure_matmul_rates``: ``torch.mm`` (CPU) or ``torch.matmul`` (CUDA) in the benchmark's
   dtype, ``A @ B^T`` into a preallocated output (``out=``), for a tile-sized shape (the ``cpu``
   backend's 256 x 256 tile of ``S``) and a whole-matrix shape (``S`` itself, each side capped at
-  4096), warm-up then the median of several timed samples. Run as a script (``python
-  .../_roofline.py``, or ``python -m macl_kernels._roofline``) it measures in a fresh worker
-  process (started by ``_bench.run_matmul_worker``) with the same thread count as the benchmark's
-  workers and prints one JSON line. It imports nothing of the package, so the script starts
-  without the package's backends.
+  4096), warm-up then the median of several timed samples. ``bench.run_matmul_worker`` measures
+  it in a fresh worker process (``worker.py matmul``) with the same thread count as the
+  benchmark's workers. This module imports nothing of the package, so that worker starts without
+  the package's backends.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -176,37 +172,3 @@ def describe_rates(rates: Dict) -> str:
             f"threads): {rates['matmul_shape']}: {rates['matmul_gflops']:.1f} GFLOP/s (whole "
             f"matrix, the denominator of 'of matmul'); tile {rates['matmul_tile_shape']}: "
             f"{rates['matmul_tile_gflops']:.1f} GFLOP/s")
-
-
-def _worker_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m macl_kernels._roofline",
-        description="The matmul rate of this machine (internal: started by `macl-kernels bench` "
-                    "and `profile`); prints one JSON line.")
-    p.add_argument("--layout", required=True)
-    p.add_argument("--n-max", type=int, required=True)
-    p.add_argument("--dim", type=int, required=True)
-    p.add_argument("--dtype", required=True)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    return p
-
-
-def worker_main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _worker_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        result = measure_matmul_rates(args.layout, args.n_max, args.dim, args.dtype,
-                                      args.device, args.seed)
-    except Exception as exc:  # reported as data: the benchmark goes on without the roofline
-        print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}),
-              flush=True)
-        return 1
-    print(json.dumps(result), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main())

@@ -1,11 +1,11 @@
-"""Plot pytest-benchmark results of ``bench/bench_*.py``: time against N, one line per backend.
+"""Plot pytest-benchmark results of ``bench/bench_micro.py``: time against N, one line per backend.
 
-    python -m pytest bench/bench_{macl,infonce,clip,dcl,tfree}.py --benchmark-json=micro.json
+    python -m pytest bench/bench_micro.py --benchmark-json=micro.json
     python bench/plot_micro.py micro.json --out micro.png [--csv micro.csv]
 
 One panel per benchmark group (loss, layout, D, dtype, device), x = N (rows per view, log 2),
 y = median time of a forward+backward (log), error bars from the fastest to the slowest round.
-The parameters are read from each benchmark's ``extra_info`` (written by ``bench_common.run``),
+The parameters are read from each benchmark's ``extra_info`` (written by ``bench_micro.py``),
 falling back to its ``params`` (``backend``, ``n``, ``loss``, ``layout``). Several JSON files
 (e.g. one per machine) are merged; their machine names are appended to the backend labels when
 they differ.
@@ -109,7 +109,7 @@ def plot(path: str, records: Sequence[Dict], title: Optional[str] = None) -> Non
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description="Plot time vs N per backend from pytest-benchmark "
-                                            "JSON (--benchmark-json) of bench/bench_*.py.")
+                                            "JSON (--benchmark-json) of bench/bench_micro.py.")
     p.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s)")
     p.add_argument("--out", default="micro.png", help="PNG to write (default micro.png)")
     p.add_argument("--csv", default=None, help="also write the flat table as CSV")

@@ -409,9 +409,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if available[args.backend] is not None:
             parser.error(f"backend {args.backend!r} is not usable here: "
                          f"{available[args.backend]}")
-    from macl_kernels.primitive.backends import resolve_backend
-
-    args.resolved_backend = resolve_backend(args.backend, torch.device("cpu"))
+    # What runs (the README's `auto` order): an explicit backend itself; "auto" on the CPU takes the
+    # fused C++ backend "cpu" when it is usable here, otherwise "torch".
+    args.resolved_backend = (args.backend if args.backend != "auto" else
+                             next(b for b in ("cpu", "torch") if available[b] is None))
     if args.out is None:
         args.out = os.path.join("runs", "train_simclr",
                                 f"{args.loss}_{args.backend}_s{args.seed}")

@@ -13,8 +13,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MICRO_FILES = ["bench/bench_macl.py", "bench/bench_infonce.py", "bench/bench_clip.py",
-               "bench/bench_dcl.py", "bench/bench_tfree.py"]
+MICRO_FILES = ["bench/bench_micro.py"]
 
 
 def run(args, timeout=300, **env_extra):

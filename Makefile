@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= bench/results/demo
 
-.PHONY: install test test-fast demo bench bench-micro clean
+.PHONY: install test test-fast demo bench bench-micro dist clean
 
 $(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/cpu/*.cpp csrc/cuda/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,5 +43,11 @@ bench-micro: install
 	$(PY) -m pytest $(BENCH_MICRO) --benchmark-json=bench/results/micro/micro.json
 	$(PY) bench/plot_micro.py bench/results/micro/micro.json --out bench/results/micro/micro.png --csv bench/results/micro/micro.csv
 
+# The sdist and the pure-Python wheel (isolated build: no extension compiled ahead of time; the
+# wheel carries csrc/ and builds backend "cpu" on first use). `make install` is the in-place,
+# ahead-of-time build.
+dist: install
+	$(PY) -m build --outdir dist .
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache macl_kernels/_C_*.so
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache macl_kernels/_C_*.so

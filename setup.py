@@ -1,23 +1,29 @@
-"""Build the C++/CUDA extensions of macl-kernels (metadata lives in pyproject.toml).
+"""Build macl-kernels (metadata lives in pyproject.toml): the Python package, the C++/CUDA sources
+it ships, and, when built against an installed torch, the compiled extensions.
 
-Install into an environment that already has torch, WITHOUT build isolation:
+Two ways to install, both from this tree (or its sdist):
 
-    pip install torch==2.13.0                     # or any torch >= 2.4
-    pip install --no-build-isolation -e .         # (make install does this inside .venv)
-    pip install --no-build-isolation .            # non-editable
+    pip install .                                  # anywhere: isolated build, no compiler needed
+    pip install torch==2.13.0                      # or any torch >= 2.4, then ahead of time:
+    pip install --no-build-isolation -e .          # (make install does this inside .venv)
+    pip install --no-build-isolation .             # non-editable
 
-``--no-build-isolation`` matters: the extensions must be compiled against the torch that will
-import them. A plain ``pip install .`` (build isolation) builds in a throw-away environment that
-has no torch (torch is deliberately not a build requirement: pip would fetch an unpinned, multi-GB
-torch into it, and the extension would then be compiled against that one); this script detects it
-and stops with a message saying what to run instead.
+A plain ``pip install .`` (or ``python -m build``, or an sdist installed by pip) builds in a
+throw-away environment that has no torch (torch is deliberately not a build requirement: pip would
+fetch an unpinned, multi-GB torch into it, and an extension compiled against that one would not
+load under the user's torch). There this script builds the pure-Python package WITHOUT the
+ahead-of-time extensions and says so in one note; the wheel is ``py3-none-any``. It carries the
+C++ sources (``csrc/`` of this tree, installed as ``macl_kernels/csrc/``), from which backend
+"cpu" is compiled on first use against the torch that imports it (torch's cpp_extension, cached
+per torch version; ``macl-kernels info`` says whether it is built, buildable on first use, or
+missing and why). Backends "reference", "torch" and "triton" need no compiled code.
 
-Builds, as torch extensions:
+With torch importable and no build isolation (``--no-build-isolation``, ``make install``) it
+builds, as torch extensions, exactly as before:
 
-- ``macl_kernels._C_cpu`` (csrc/cpu, the fused C++/OpenMP kernels of backend "cpu"): ALWAYS. If
-  torch cannot be imported at build time, or the compile fails, the build fails (it never falls
-  back silently to a pure-Python install, where backend "auto" would quietly run the slower
-  "torch" backend).
+- ``macl_kernels._C_cpu`` (csrc/cpu/*.cpp, the fused C++/OpenMP kernels of backend "cpu"):
+  ALWAYS. If the compile fails, the build fails (it never falls back silently to a pure-Python
+  install: the user asked for the ahead-of-time build).
 - ``macl_kernels._C_cuda`` (csrc/cuda, backend "cuda"): when this torch is a CUDA build and nvcc is
   found (CUDA_HOME); otherwise skipped with a note, and ``available_backends()`` says why.
 
@@ -28,9 +34,9 @@ otherwise setuptools' serial compiler, with ``MAX_JOBS`` extensions built at onc
 Environment variables:
 
 ``MACL_SKIP_CPU_EXTENSION=1``
-    Explicit opt-out: install the pure-Python package without ``_C_cpu`` (backend "cpu"
-    unavailable; "auto" uses the "torch" backend). Also lets a build without torch (an sdist, an
-    isolated build) go through.
+    Explicit opt-out: build the pure-Python package without the ahead-of-time extensions even
+    where torch is importable (backend "cpu" is then compiled on first use, as in an isolated
+    build).
 ``MACL_SKIP_CUDA_EXTENSION=1``
     Do not build ``_C_cuda`` even when a CUDA torch and nvcc are present.
 ``MACL_CPU_ARCH_FLAGS``
@@ -50,23 +56,28 @@ Environment variables:
     Do not use ninja even when it is found (setuptools' serial compiler).
 """
 
+import glob
 import os
 import platform
 import shlex
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-CPU_SOURCES = ["csrc/cpu/macl_cpu.cpp"]
+# Every C++ file of csrc/cpu (kernels and binding), relative to this directory as setuptools wants.
+CPU_SOURCES = sorted(os.path.relpath(p, HERE)
+                     for p in glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
 CUDA_SOURCES = ["csrc/cuda/macl_cuda.cu", "csrc/cuda/binding.cpp"]
 
-INSTALL_HINT = """\
-    pip install torch==2.13.0          # or any torch >= 2.4 (a CUDA build to get _C_cuda too)
-    pip install --no-build-isolation .        # or: pip install --no-build-isolation -e .
-(`make install` does both inside .venv.) To install the pure-Python package without the fused
-CPU kernels instead, set MACL_SKIP_CPU_EXTENSION=1."""
+# The C++/CUDA sources travel in the wheel as package data: the top-level csrc/ is installed as
+# macl_kernels/csrc/ (backend "cpu" is compiled from it on first use where no extension was built
+# ahead of time). Globs, so that new source files are shipped without touching this list.
+SOURCE_PACKAGE = "macl_kernels.csrc"
+SOURCE_PATTERNS = ["cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh", "cuda/*.cpp", "cuda/*.h"]
+
+AHEAD_OF_TIME_HINT = "pip install --no-build-isolation .  (torch installed first; or make install)"
 
 
 def note(msg: str) -> None:
@@ -87,8 +98,9 @@ def in_isolated_build_env() -> bool:
     """True inside pip's (or build's / uv's) isolated build environment.
 
     pip puts its overlay at .../pip-build-env-XXXX/{overlay,normal} on sys.path; ``python -m build``
-    and uv build in a fresh temporary venv whose prefix names it. Both also lack torch, which is
-    what really matters; this check only makes the message exact.
+    and uv build in a fresh temporary venv whose prefix names it. Both normally lack torch; should
+    one have it, it is still not the torch that will import the extension, so no extension is
+    built there either.
     """
     markers = ("pip-build-env-", "build-env-", "builds-v")
     return any(m in p for p in sys.path + [sys.prefix] for m in markers if p)
@@ -134,23 +146,25 @@ def import_torch():
     return torch, cpp_extension, None
 
 
+def pure_python(why: str):
+    """No ahead-of-time extensions: one note saying why and what happens instead."""
+    note(f"{why}: building the pure-Python package WITHOUT the ahead-of-time extensions. "
+         "Backends 'reference', 'torch' and 'triton' need none; 'cpu' is compiled from the "
+         "shipped sources (macl_kernels/csrc) on first use, where a C++ compiler is found "
+         "(`macl-kernels info` says). To compile ahead of time instead: " + AHEAD_OF_TIME_HINT)
+    return [], {}
+
+
 def extensions():
     if env_flag("MACL_SKIP_CPU_EXTENSION"):
-        note("MACL_SKIP_CPU_EXTENSION=1: building the pure-Python package WITHOUT "
-             "macl_kernels._C_cpu (backend 'cpu' will be unavailable).")
-        return [], {}
-
-    isolated = in_isolated_build_env()
+        return pure_python("MACL_SKIP_CPU_EXTENSION=1")
+    # An isolated build (plain `pip install .`, `python -m build`, pip installing an sdist) has
+    # no torch, or at best one that is not the torch that will import the extension.
+    if in_isolated_build_env():
+        return pure_python("isolated build environment (no torch to compile against)")
     torch, cpp_extension, err = import_torch()
-    if isolated:
-        fail("this is an isolated build environment (plain `pip install .`, `python -m build`, "
-             "...), so macl_kernels._C_cpu would be compiled against a different torch than the "
-             "one installed, or not at all. Install torch first, then build without "
-             "isolation:\n" + INSTALL_HINT)
     if torch is None:
-        fail(f"torch cannot be imported at build time ({type(err).__name__}: {err}), so the "
-             "C++ extension macl_kernels._C_cpu cannot be compiled. Install torch into this "
-             "environment first, then build without isolation:\n" + INSTALL_HINT)
+        return pure_python(f"torch cannot be imported at build time ({type(err).__name__}: {err})")
 
     put_ninja_on_path()
     BuildExtension = cpp_extension.BuildExtension
@@ -180,7 +194,8 @@ def extensions():
                     "The compiler's own error is printed above. It needs a C++20 compiler "
                     "(g++ >= 10 or clang >= 12) with OpenMP and the headers of the installed "
                     f"torch {torch.__version__}. Check {which}. To install without "
-                    "the CPU kernels, set MACL_SKIP_CPU_EXTENSION=1.\n") from e
+                    "the ahead-of-time extensions (backend 'cpu' compiled on first use "
+                    "instead), set MACL_SKIP_CPU_EXTENSION=1.\n") from e
 
     torch_version = f'-DMACL_BUILT_WITH_TORCH="{torch.__version__}"'
     exts = [
@@ -246,4 +261,14 @@ ext_modules, cmdclass = extensions()
 
 # The license as a plain field (not a PEP 639 expression in pyproject.toml): every setuptools
 # >= 61 accepts it. The text is LICENSE (Apache-2.0).
-setup(license="Apache-2.0", license_files=["LICENSE"], ext_modules=ext_modules, cmdclass=cmdclass)
+# Packages: macl_kernels and its subpackages from this tree, plus csrc/ mapped to macl_kernels.csrc
+# (data only: no Python in it, nothing imports it as a module).
+setup(
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    packages=find_packages(include=["macl_kernels", "macl_kernels.*"]) + [SOURCE_PACKAGE],
+    package_dir={SOURCE_PACKAGE: "csrc"},
+    package_data={SOURCE_PACKAGE: SOURCE_PATTERNS},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,5 +1,5 @@
-"""The GPU session scripts cannot rot between GPU sessions: bench/gpu_first_contact.sh and
-bench/gpu_staged_checks.sh parse (``bash -n``), and their dry runs list every step with its
+"""The GPU session scripts cannot rot between GPU sessions: bench/gpu/gpu_first_contact.sh and
+bench/gpu/gpu_staged_checks.sh parse (``bash -n``), and their dry runs list every step with its
 timeout and estimate, keep first contact within its 7 minutes and every stage within 8, find
 every file they run, and lay out their output directory."""
 
@@ -14,8 +14,8 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIRST_CONTACT = os.path.join(ROOT, "bench", "gpu_first_contact.sh")
-STAGED = os.path.join(ROOT, "bench", "gpu_staged_checks.sh")
+FIRST_CONTACT = os.path.join(ROOT, "bench", "gpu", "gpu_first_contact.sh")
+STAGED = os.path.join(ROOT, "bench", "gpu", "gpu_staged_checks.sh")
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 

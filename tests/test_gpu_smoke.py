@@ -1,11 +1,11 @@
-"""The first-contact GPU smoke tests (bench/gpu_first_contact.sh runs this file first on a GPU):
-one case per precision class and kernel path of the Triton backend, the widths at the edge of
-the shape tables, the width refusal, a float64 case at the artanh clamp and a candidate bank
+"""The first-contact GPU smoke tests (bench/gpu/gpu_first_contact.sh runs this file first on a
+GPU): one case per precision class and kernel path of the Triton backend, the widths at the edge
+of the shape tables, the width refusal, a float64 case at the artanh clamp and a candidate bank
 whose row offsets pass 2^31. The grid is kept small on purpose: every distinct (kernel, flags,
 BLOCK_D, dtype) is one Triton compile on a machine where time is short, and
 ``test_smoke_grid_compiles_few_specialisations`` (runs everywhere) keeps the count under
 ``MAX_SMOKE_SPECIALISATIONS``. The full GPU grids live in test_triton_backend.py,
-test_primitive.py and test_cuda_backend.py (bench/gpu_staged_checks.sh).
+test_primitive.py and test_cuda_backend.py (bench/gpu/gpu_staged_checks.sh).
 """
 
 from __future__ import annotations

@@ -224,7 +224,7 @@ def test_chosen_configurations_compile_within_the_rules(tmp_path):
     """Per precision class, the default shape at its widest width, the heaviest flag set of
     each kernel (every flag set for float32): spill <= 1 KB, shared memory within the H100's
     and the table's figure, 64-bit row offsets. The full table (every width, flag set and autotune candidate,
-    Triton 3.9 and 3.6) is committed under bench/results/gpu_readiness/."""
+    Triton 3.9 and 3.6) is committed under bench/results/gpu_sm90_compiled_resources/."""
     try:
         import triton.backends.nvidia  # noqa: F401
     except ImportError:

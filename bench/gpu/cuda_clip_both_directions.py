@@ -8,7 +8,7 @@ ratio, the one-tile path's useful GFLOP/s (``macl_kernels.tools.roofline.useful_
 largest relative difference (norm-wise) of the loss and gradients between the two paths. Needs a
 CUDA GPU and the built extension.
 
-    python bench/cuda_clip_both_directions.py --n 2048,4096,8192 --dim 128,512 \
+    python bench/gpu/cuda_clip_both_directions.py --n 2048,4096,8192 --dim 128,512 \
         --dtype float32,bfloat16 --repeats 20
 """
 

@@ -1,6 +1,8 @@
-"""Before/after summary of the Triton kernel inventories in this folder (README.md's tables).
+"""Before/after summary of the Triton kernel inventories in
+bench/results/gpu_sm90_compiled_resources/ (the tables of its README.md; that folder is the
+default).
 
-    python bench/results/gpu_readiness/compare.py bench/results/gpu_readiness
+    python bench/gpu/triton_inventory_compare.py bench/results/gpu_sm90_compiled_resources
 
 Per Triton version, precision and D (D = 768 runs at BLOCK_D = 1024): the worst spill and shared
 memory over the configurations that could be launched - before: the old default shape; after:
@@ -14,7 +16,9 @@ import glob
 import os
 import sys
 
-folder = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+folder = (sys.argv[1] if len(sys.argv) > 1
+          else os.path.join(ROOT, "bench", "results", "gpu_sm90_compiled_resources"))
 
 
 def load(pattern):

@@ -7,13 +7,18 @@ shape rule was ``_default_shape(BLOCK_D, element size, kernel)`` with AUTOTUNE o
 were Python floats and the row offsets 32-bit. One row per kernel, precision and width, the
 heaviest flag set of each kernel (as ``--flag-sets heaviest``), the default shape only.
 
+A record of how ``before_*.csv`` in bench/results/gpu_sm90_compiled_resources/ was made: it
+imports the modules of the tree that made them (``macl_kernels._inventory`` and
+``macl_kernels.primitive.backends.triton_fused``, before the tools and the Triton backend moved
+to ``macl_kernels/tools/`` and ``backends/triton/``); check out such a tree to rerun it.
+
 Usage, from the repository root (TRITON_INTERPRET unset; for Triton 3.6 put it first on
 PYTHONPATH, e.g. ``PYTHONPATH=/tmp/t36:.``):
 
     git show f521c71:macl_kernels/primitive/backends/triton_fused.py \\
         | sed 's/^from \\.\\._primitive import/from macl_kernels.primitive.protocol import/' \\
         > /tmp/triton_fused_before.py
-    python bench/results/gpu_readiness/inventory_before.py /tmp/triton_fused_before.py OUT.csv
+    python bench/gpu/triton_inventory_before.py /tmp/triton_fused_before.py OUT.csv
 """
 
 import importlib.util

@@ -3,7 +3,7 @@
 # machine): build both extensions in place against the machine's torch (sm_90a only, to keep the
 # build short), then the label tests on the triton (compiled, not interpreted) and cuda backends,
 # then the primitive's triton/cuda tests for regressions. Logs go to ${OUT:-/tmp}/.
-#   bash bench/gpu_labels_check.sh
+#   bash bench/gpu/gpu_labels_check.sh
 set -uo pipefail
 out=${OUT:-/tmp}
 export PYTHONUNBUFFERED=1 MACL_TRITON_AUTOTUNE=0 PYTHONPATH=$PWD

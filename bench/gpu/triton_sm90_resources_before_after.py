@@ -1,3 +1,10 @@
+"""Registers, stack (spill) and shared memory of the Triton kernels compiled for sm_90 without a
+GPU, old and new ``triton_fused.py`` side by side: the tables of
+bench/results/cpu_step_and_triton_resources_before_after/triton_sm90_resources.md (how to run it
+and where the old module comes from: that file). A record of how those tables were made: it
+imports ``macl_kernels.primitive.backends.triton_fused`` of the tree that made them (the Triton
+backend is ``backends/triton/`` since); check out such a tree to rerun it.
+"""
 import os, sys, importlib.util, json
 os.environ.pop("TRITON_INTERPRET", None)
 import triton

@@ -24,8 +24,8 @@ up front when they clearly cannot fit), and a backend slower than ``--max-second
 is skipped at larger ones. Writes ``bench.csv`` and ``bench.md`` under ``--out``, with the device
 name and the torch / triton versions.
 
-    python bench/bench_triton_gpu.py --out bench/results/h100_triton
-    python bench/bench_triton_gpu.py --quick --out /tmp/quick
+    python bench/gpu/bench_triton_gpu.py --out bench/results/h100_triton
+    python bench/gpu/bench_triton_gpu.py --quick --out /tmp/quick
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-# Runnable from a source checkout without installing: the repository root on the path.
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Runnable from a source checkout without installing: the repository root (two folders up:
+# bench/gpu/) on the path.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 LOSSES = ("macl_2n", "clip")
 BACKENDS = ("reference", "torch", "triton", "triton_nosym", "cuda", "infcl")

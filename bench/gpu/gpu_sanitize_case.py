@@ -2,9 +2,9 @@
 """A small forward+backward of the GPU backends for compute-sanitizer (memcheck, racecheck):
 MACL (layout 2n, the symmetric paths), CLIP (cross blocks) and tfree (the artanh map) at N = 70,
 D = 64 (ragged tiles) in float32 and bfloat16, plus float64 for the cuda backend. Prints one line
-per call and "sanitize case: ok" at the end; run by bench/gpu_first_contact.sh as
+per call and "sanitize case: ok" at the end; run by bench/gpu/gpu_first_contact.sh as
 
-    compute-sanitizer --tool memcheck --error-exitcode 9 python bench/gpu_sanitize_case.py cuda
+    compute-sanitizer --tool memcheck --error-exitcode 9 python bench/gpu/gpu_sanitize_case.py cuda
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository root (two folders up: bench/gpu/) on the path: runnable from a source checkout.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import macl_kernels as mk  # noqa: E402
 

@@ -2,8 +2,8 @@
 # First contact with a GPU (H100/H200): one command, at most 7 minutes on a 16-core host with no
 # network, that returns as much as can be learnt in that time. Usage, from the repository root:
 #
-#   bash bench/gpu_first_contact.sh OUTDIR            # run it
-#   bash bench/gpu_first_contact.sh --dry-run OUTDIR  # list the steps, timeouts and estimates
+#   bash bench/gpu/gpu_first_contact.sh OUTDIR            # run it
+#   bash bench/gpu/gpu_first_contact.sh --dry-run OUTDIR  # list the steps, timeouts and estimates
 #
 # Every step is its own process with its own timeout (a crash or an illegal address poisons
 # only its own step); logs and CSVs land in OUTDIR as they come, steps.csv records each step's
@@ -11,7 +11,7 @@
 # tail of failing logs (a session often gets back only the last lines of stdout). The build of
 # the C++/CUDA extensions runs in the background while the Triton smoke tests (which need no
 # build) run. Steps that no longer fit the 7-minute budget are skipped and recorded as such.
-# Then bench/gpu_staged_checks.sh runs the full GPU tests and benchmarks in stages.
+# Then bench/gpu/gpu_staged_checks.sh runs the full GPU tests and benchmarks in stages.
 set -uo pipefail
 
 DRY=0
@@ -32,8 +32,8 @@ STEPS=(
   "triton_smoke|240|150|pytest tests/test_gpu_smoke.py (<= 40 Triton specialisations, AUTOTUNE off)"
   "build_wait|360|30|wait for the background build"
   "cuda_smoke|150|60|pytest tests/test_cuda_backend.py (parallel with the sanitizers)"
-  "memcheck|150|90|compute-sanitizer --tool memcheck python bench/gpu_sanitize_case.py cuda triton"
-  "racecheck|150|90|compute-sanitizer --tool racecheck python bench/gpu_sanitize_case.py cuda"
+  "memcheck|150|90|compute-sanitizer --tool memcheck python bench/gpu/gpu_sanitize_case.py cuda triton"
+  "racecheck|150|90|compute-sanitizer --tool racecheck python bench/gpu/gpu_sanitize_case.py cuda"
   "bench_bf16_torch|60|15|bench_triton_gpu.py bf16, N 4096 16384, D 128, backend torch"
   "bench_bf16_triton|60|20|same, backend triton"
   "bench_bf16_cuda|60|15|same, backend cuda"
@@ -65,8 +65,8 @@ if [ "$DRY" = 1 ]; then
   for b in bf16 fp32; do for k in torch triton cuda; do total=$(( total + $(est "bench_${b}_$k") )); done; done
   echo "estimated wall time: ${total} s (budget ${BUDGET_S} s)"
   missing=0
-  for f in tests/test_gpu_smoke.py tests/test_cuda_backend.py bench/gpu_sanitize_case.py \
-           bench/bench_triton_gpu.py setup.py; do
+  for f in tests/test_gpu_smoke.py tests/test_cuda_backend.py bench/gpu/gpu_sanitize_case.py \
+           bench/gpu/bench_triton_gpu.py setup.py; do
     [ -f "$f" ] || { echo "missing: $f"; missing=1; }
   done
   echo "output layout: $OUT/{steps.csv,<step>.log,bench_<dtype>_<backend>/bench.csv,summary.txt}"
@@ -160,17 +160,17 @@ SAN="compute-sanitizer --error-exitcode 9 --print-limit 30"
 run_step cuda_smoke "$PY" -m pytest -q -rfE -p no:cacheprovider --maxfail=5 \
     tests/test_cuda_backend.py &
 P1=$!
-run_step memcheck $SAN --tool memcheck "$PY" bench/gpu_sanitize_case.py cuda triton &
+run_step memcheck $SAN --tool memcheck "$PY" bench/gpu/gpu_sanitize_case.py cuda triton &
 P2=$!
 run_step racecheck $SAN --tool racecheck --racecheck-report analysis "$PY" \
-    bench/gpu_sanitize_case.py cuda &
+    bench/gpu/gpu_sanitize_case.py cuda &
 P3=$!
 wait $P1 $P2 $P3
 
 # Mini-benchmarks: one process per dtype and backend, one at a time (no other GPU work).
 for dtype in bf16 fp32; do
   for backend in torch triton cuda; do
-    run_step "bench_${dtype}_${backend}" "$PY" bench/bench_triton_gpu.py \
+    run_step "bench_${dtype}_${backend}" "$PY" bench/gpu/bench_triton_gpu.py \
         --out "$OUT/bench_${dtype}_${backend}" --n 4096 16384 --d 128 --dtypes "$dtype" \
         --losses macl_2n clip --backends "$backend" --warmup 1 --repeats 3 --max-seconds 10
   done

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The full GPU tests and benchmarks, after bench/gpu_first_contact.sh, in stages that each fit
+# The full GPU tests and benchmarks, after bench/gpu/gpu_first_contact.sh, in stages that each fit
 # one 8-minute window (a GPU session's commands are limited to 10). Usage, from the repository
 # root, one stage per call (the extension must be built: first contact does it in place):
 #
-#   bash bench/gpu_staged_checks.sh OUTDIR STAGE          # STAGE: one of the names below
-#   bash bench/gpu_staged_checks.sh --dry-run OUTDIR      # list the stages, steps, timeouts
+#   bash bench/gpu/gpu_staged_checks.sh OUTDIR STAGE          # STAGE: one of the names below
+#   bash bench/gpu/gpu_staged_checks.sh --dry-run OUTDIR      # list the stages, steps, timeouts
 #
 # Each step is its own process with its own timeout, logging into OUTDIR/STAGE/<step>.log;
 # OUTDIR/STAGE/steps.csv records status, exit code, time, timeout and estimate per step.
@@ -19,7 +19,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/gpu_script_env.sh"
 export TRITON_DEFAULT_FP_FUSION=1
 export OMP_NUM_THREADS=4
 PYTEST="$PY -m pytest -q -rfE -p no:cacheprovider --maxfail=20"
-BENCH="$PY bench/bench_triton_gpu.py"
+BENCH="$PY bench/gpu/bench_triton_gpu.py"
 
 # stage|step|timeout_s|estimate_s|command (AUTOTUNE off for tests, on for the benchmarks)
 STEPS=(
@@ -52,7 +52,7 @@ if [ "$DRY" = 1 ]; then
     [ "$total" -le 480 ] || { echo "  stage $stage exceeds 8 minutes"; bad=1; }
   done
   for f in tests/test_triton_backend.py tests/test_primitive.py tests/test_cuda_backend.py \
-           tests/test_hardening.py tests/test_losses.py bench/bench_triton_gpu.py; do
+           tests/test_hardening.py tests/test_losses.py bench/gpu/bench_triton_gpu.py; do
     [ -f "$f" ] || { echo "missing: $f"; bad=1; }
   done
   echo "output layout: $OUT/<stage>/{steps.csv,<step>.log,bench/bench.csv,inventory_sm90.csv}"

@@ -9,12 +9,13 @@ Five subcommands, each answering one question a user has before trusting the pac
     for every loss and layout, to the tolerances of docs/math.md#tolerances? Exit status 1 if
     not, so it can gate a CI job or an install script. (Code in ``_verify.py``.)
 ``bench``
-    How fast, and how much memory, is each backend across batch sizes? (Code in ``_bench.py``:
-    every measurement runs in a fresh process so that peak memory is honest on CPU.)
+    How fast, and how much memory, is each backend across batch sizes? (Code in ``bench.py``
+    and ``worker.py``: every measurement runs in a fresh process so that peak memory is honest
+    on CPU.)
 ``profile``
     Where do the time and memory of a step go (normalise, forward, backward; top operators from
     torch.profiler), what throughput does each backend reach, and what is the largest batch that
-    fits a memory budget? (Code in ``_profile.py``, fresh processes as well.)
+    fits a memory budget? (Code in ``profile.py``, fresh processes as well.)
 ``kernels``
     Would the Triton kernels run well on an H100/H200 (or an A100)? Compiles, without a GPU,
     every configuration the GPU shape rules can launch and reports registers, spill and shared
@@ -94,7 +95,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# bench (implementation in _bench.py)
+# bench (implementation in bench.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -160,7 +161,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# profile (implementation in _profile.py)
+# profile (implementation in profile.py)
 # --------------------------------------------------------------------------------------------
 
 

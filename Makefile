@@ -9,7 +9,7 @@ DEMO_OUT ?= bench/results/demo
 
 .PHONY: install test test-fast demo bench bench-micro dist clean
 
-$(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/cpu/*.cpp csrc/cuda/*)
+$(VENV)/.installed: setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/cpu/* csrc/cuda/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check $(TORCH_SPEC)
 	$(PIP) install --quiet --disable-pip-version-check -r requirements-dev.txt

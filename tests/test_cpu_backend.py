@@ -1,4 +1,4 @@
-"""The fused C++/OpenMP backend (``backend="cpu"``, csrc/cpu/macl_cpu.cpp): what is specific to
+"""The fused C++/OpenMP backend (``backend="cpu"``, csrc/cpu/): what is specific to
 it. Its primitive (shapes straddling its 256 x 256 tiles, both logit maps, float32 and float64) is
 tested with every other backend's in test_primitive.py and its losses in test_losses.py.
 

@@ -1,4 +1,4 @@
-"""The primitive's label mask (E3) and its per-row statistic ``eqs`` (E4), on every kernel backend
+"""The primitive's label mask and its per-row statistic ``eqs``, on every kernel backend
 usable here, against the dense autograd oracle ``conftest.dense_negative_lse``
 (docs/math.md#label-masked-negatives, #per-row-statistic-eqs):
 
@@ -128,7 +128,7 @@ def test_empty_label_set_gives_minus_inf_and_zero_gradient(backend):
     ("sym", False, False), ("sym", True, False), ("cross", False, True),
     ("cross", True, False)], ids=["sym", "sym-labels", "cross-nopos", "cross-labels"])
 def test_eqs_is_d_lse_d_inv_temp(backend, kind, labels, no_positive, dtype_name, dtype):
-    """E4 against the oracle's ``d lse_neg[a] / d inv_temp[a]`` (unit upstream gradient); the
+    """``eqs`` against the oracle's ``d lse_neg[a] / d inv_temp[a]`` (unit upstream gradient); the
     returned ``lse_neg`` is the plain one and still differentiable."""
     m = large(backend) if kind == "sym" else 33
     k = None if kind == "sym" else large(backend)

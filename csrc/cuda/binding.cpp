@@ -5,7 +5,10 @@
 // (the user's input precision: tensor cores for fp16 / bf16), allocates outputs and scratch,
 // and calls the plain-C launchers of macl_cuda.cu on the current CUDA stream. The math:
 // docs/math.md, section "The primitive" (names as there); the kernels: macl_cuda.cu; the
-// caller: macl_kernels/backends/cuda.py.
+// caller: macl_kernels/primitive/backends/cuda.py. Argument order, the same in both bindings
+// (csrc/cpu/binding.cpp): the tensors, the logit map and its parameters, then the layout flags
+// (cpu: symmetric; cuda: operand; then both_directions), then the need_* flags of Needs
+// (d_anchors, d_candidates, d_inv_temp[, d_row_bias]), then the optional label tensors.
 
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
@@ -161,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
     const c10::optional<at::Tensor>& self_index, const at::Tensor& lse_neg, const at::Tensor& g,
     int64_t logit_map, double artanh_scale, double artanh_eps, int64_t operand,
-    bool need_d_anchors, bool need_d_candidates, bool need_d_inv_temp, bool both_directions,
+    bool both_directions, bool need_d_anchors, bool need_d_candidates, bool need_d_inv_temp,
     const c10::optional<at::Tensor>& anchor_labels,
     const c10::optional<at::Tensor>& candidate_labels) {
   const MaclProblem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
@@ -283,8 +286,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("pos_index"),
         py::arg("self_index"), py::arg("lse_neg"), py::arg("g"), py::arg("logit_map"),
         py::arg("artanh_scale"), py::arg("artanh_eps"), py::arg("operand"),
-        py::arg("need_d_anchors"), py::arg("need_d_candidates"), py::arg("need_d_inv_temp"),
-        py::arg("both_directions") = false, py::arg("anchor_labels") = py::none(),
+        py::arg("both_directions"), py::arg("need_d_anchors"), py::arg("need_d_candidates"),
+        py::arg("need_d_inv_temp"), py::arg("anchor_labels") = py::none(),
         py::arg("candidate_labels") = py::none());
   m.def("softplus_forward", &softplus_forward,
         "sp_neg of every anchor row (sum of softplus over Neg(a), SigLIP)", py::arg("anchors"),

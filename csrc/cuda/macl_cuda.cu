@@ -653,10 +653,10 @@ softplus_backward_kernel(Args p, const T* __restrict__ anchors,
 
 // ---------------------------------------------------------------------------------------------
 // Both directions of one S (layout cross_sym on one process, MaclProblem.both_directions): the
-// rows of S are the anchors against the candidates (Args rows) and its columns the candidates
-// against the anchors (Args cols: M and K swapped, the per-anchor arrays from entry M on). Each
-// tile of S is computed once per pass and serves both directions (docs/math.md, "Both
-// directions of one S").
+// rows of S are the anchors against the candidates (Args rows) and, mirrored, its columns the
+// candidates against the anchors (Args mirrored: M and K swapped, the per-anchor arrays from
+// entry M on). Each tile of S is computed once per pass and serves both directions
+// (docs/math.md, "Both directions of one S"): every tile is mirrored (docs/design.md, glossary).
 // ---------------------------------------------------------------------------------------------
 
 // Forward: forward_kernel's row statistics, plus per column of the tile this anchor block's
@@ -666,7 +666,7 @@ softplus_backward_kernel(Args p, const T* __restrict__ anchors,
 // partials over the anchor blocks in block order: no atomics, deterministic.
 template <typename T, MaclLogitMap LOGIT_MAP>
 __global__ void __launch_bounds__(THREADS)
-both_forward_kernel(Args p, Args cols, const T* __restrict__ anchors,
+both_forward_kernel(Args p, Args mirrored, const T* __restrict__ anchors,
                     const T* __restrict__ candidates, float* __restrict__ part_max,
                     float* __restrict__ part_sum, float* __restrict__ col_max,
                     float* __restrict__ col_sum, int64_t tiles_per_split) {
@@ -703,12 +703,12 @@ both_forward_kernel(Args p, Args cols, const T* __restrict__ anchors,
     {  // Columns: the same mapping turned sideways, thread t serves column t / 4 of the tile
        // (candidate k as an anchor) and rows t % 4 + 4 j (its candidates among the anchors).
       const int64_t k = c0 + row;
-      const Row c = load_row(cols, k);  // c.ok: k < K
+      const Row c = load_row(mirrored, k);  // c.ok: k < K
       float l[16], mx = -INFINITY;
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
         const int i = part + 4 * j;
-        l[j] = in_neg(c, a0 + i, cols.K)
+        l[j] = in_neg(c, a0 + i, mirrored.K)
                    ? logit<LOGIT_MAP>(sm.S[i][row], c.inv_temp, p.artanh_scale, p.artanh_eps)
                    : -INFINITY;
         mx = fmaxf(mx, l[j]);
@@ -734,8 +734,9 @@ both_forward_kernel(Args p, Args cols, const T* __restrict__ anchors,
   }
 }
 
-// The streamed side's per-entry data of one tile (64 entries), staged once per tile.
-struct StreamedRows {
+// The other side's per-entry data of one tile (64 entries, each an anchor of the mirror of the
+// block's own direction), staged once per tile.
+struct OtherRows {
   float inv_temp[64];
   float lse_neg[64];
   float g[64];
@@ -746,30 +747,33 @@ struct StreamedRows {
 template <typename T>
 struct SmemBoth {
   Smem<T> tile;
-  StreamedRows streamed;
+  OtherRows other;
 };
 
 static_assert(sizeof(SmemBoth<float>) <= 48 * 1024, "static shared memory limit");
 static_assert(sizeof(SmemBoth<__half>) <= 48 * 1024, "static shared memory limit");
 
 // Backward, one side in both directions: a block owns 64 rows of one side (anchor blocks, !CAND:
-// anchors; candidate blocks, CAND: candidates) and streams the other side's tiles. From each
-// recomputed tile it forms dL_dS_ak = (the row direction's term) + (the column direction's term)
-// and accumulates its own rows' gradient, as backward_side does for one direction, and its own
-// rows' d_inv_temp entries. Thread t serves own row t / 4 and streamed entries t % 4 + 4 j, so
-// the own statistics sit in registers for the whole block and the d_inv_temp sum stays in a
-// quad; the streamed entries' statistics are staged in shared memory per tile.
+// anchors; candidate blocks, CAND: candidates) and loops over the other side's tiles. From each
+// recomputed tile it forms dL_dS_ak = (the row direction's term) + (the mirrored direction's
+// term) and accumulates its own rows' gradient, as backward_side does for one direction, and its
+// own rows' d_inv_temp entries. In the block's frame, `own` is the direction in which its rows
+// are the anchors (rows for anchor blocks, mirrored for candidate blocks) and `other` its mirror
+// (the other side's entries as anchors, the block's rows their candidates). Thread t serves own
+// row t / 4 and other entries t % 4 + 4 j, so the own statistics sit in registers for the whole
+// block and the d_inv_temp sum stays in a quad; the other entries' statistics are staged in
+// shared memory per tile.
 // lse_neg, g, d_inv_temp: [M + K] (rows, then columns); out: d_anchors (!CAND) or d_candidates
 // (CAND), or nullptr.
 template <bool CAND, typename T, MaclLogitMap LOGIT_MAP>
-__device__ void both_backward_side(SmemBoth<T>& sm, const Args& rows, const Args& cols,
+__device__ void both_backward_side(SmemBoth<T>& sm, const Args& rows, const Args& mirrored,
                                    const T* __restrict__ anchors, const T* __restrict__ candidates,
                                    const float* __restrict__ lse_neg, const float* __restrict__ g,
                                    float* __restrict__ out, float* __restrict__ d_inv_temp,
                                    int64_t block) {
-  const Args& own = CAND ? cols : rows;       // own rows as anchors, streamed side as candidates
-  const Args& streamed = CAND ? rows : cols;  // streamed entries as anchors, own rows as candidates
-  const int64_t own_offset = CAND ? rows.M : 0, streamed_offset = CAND ? 0 : rows.M;
+  const Args& own = CAND ? mirrored : rows;    // own rows as anchors, the other side candidates
+  const Args& other = CAND ? rows : mirrored;  // other entries as anchors, own rows candidates
+  const int64_t own_offset = CAND ? rows.M : 0, other_offset = CAND ? 0 : rows.M;
   const int tid = threadIdx.x, own_row = tid / 4, part = tid % 4;
   const int64_t o0 = block * 64, o = o0 + own_row;
   const Row r = load_row(own, o);
@@ -781,12 +785,12 @@ __device__ void both_backward_side(SmemBoth<T>& sm, const Args& rows, const Args
     const int64_t s0 = t * 64;
     const int64_t a0 = CAND ? s0 : o0, c0 = CAND ? o0 : s0;
     if (tid < 64) {  // visible after tile_S's barriers; the previous tile's readers are done
-      const Row e = load_row(streamed, s0 + tid);
-      sm.streamed.inv_temp[tid] = e.inv_temp;
-      sm.streamed.lse_neg[tid] = e.ok ? lse_neg[streamed_offset + s0 + tid] : 0.0f;
-      sm.streamed.g[tid] = e.ok ? g[streamed_offset + s0 + tid] : 0.0f;
-      sm.streamed.pos_index[tid] = e.pos_index;
-      sm.streamed.self_index[tid] = e.self_index;
+      const Row e = load_row(other, s0 + tid);
+      sm.other.inv_temp[tid] = e.inv_temp;
+      sm.other.lse_neg[tid] = e.ok ? lse_neg[other_offset + s0 + tid] : 0.0f;
+      sm.other.g[tid] = e.ok ? g[other_offset + s0 + tid] : 0.0f;
+      sm.other.pos_index[tid] = e.pos_index;
+      sm.other.self_index[tid] = e.self_index;
     }
     tile_S(sm.tile, anchors, candidates, a0, c0, rows);
     float dL_dS_max = 0.0f;
@@ -797,20 +801,20 @@ __device__ void both_backward_side(SmemBoth<T>& sm, const Args& rows, const Args
       float& S_ref = CAND ? sm.tile.S[s][own_row] : sm.tile.S[own_row][s];
       const float S_ak = S_ref;
       float dL_dS = 0.0f;
-      if (in_neg(r, e, own.K)) {  // own row o as the anchor, streamed entry e its candidate
+      if (in_neg(r, e, own.K)) {  // own row o as the anchor, other entry e its candidate
         const float dL_dl =
             g_o * __expf(logit<LOGIT_MAP>(S_ak, r.inv_temp, rows.artanh_scale,
                                           rows.artanh_eps) - lse_neg_o);
         d_inv_temp_o = fmaf(dL_dl, S_ak, d_inv_temp_o);
         dL_dS = dL_dl * dl_dS<LOGIT_MAP>(S_ak, r.inv_temp, rows.artanh_scale, rows.artanh_eps);
       }
-      // Streamed entry e as the anchor, own row o its candidate.
-      if (e < streamed.M && o < own.M && o != sm.streamed.pos_index[s] &&
-          o != sm.streamed.self_index[s]) {
-        const float inv_temp_e = sm.streamed.inv_temp[s];
-        dL_dS = fmaf(sm.streamed.g[s] *
+      // Other entry e as the anchor, own row o its candidate.
+      if (e < other.M && o < own.M && o != sm.other.pos_index[s] &&
+          o != sm.other.self_index[s]) {
+        const float inv_temp_e = sm.other.inv_temp[s];
+        dL_dS = fmaf(sm.other.g[s] *
                          __expf(logit<LOGIT_MAP>(S_ak, inv_temp_e, rows.artanh_scale,
-                                                 rows.artanh_eps) - sm.streamed.lse_neg[s]),
+                                                 rows.artanh_eps) - sm.other.lse_neg[s]),
                      dl_dS<LOGIT_MAP>(S_ak, inv_temp_e, rows.artanh_scale, rows.artanh_eps),
                      dL_dS);
       }
@@ -834,7 +838,7 @@ __device__ void both_backward_side(SmemBoth<T>& sm, const Args& rows, const Args
 // than spill them at its default register cap (the block is register-bound either way).
 template <typename T, MaclLogitMap LOGIT_MAP>
 __global__ void __launch_bounds__(THREADS, 1)
-both_backward_kernel(Args rows, Args cols, const T* __restrict__ anchors,
+both_backward_kernel(Args rows, Args mirrored, const T* __restrict__ anchors,
                      const T* __restrict__ candidates, const float* __restrict__ lse_neg,
                      const float* __restrict__ g, float* __restrict__ d_anchors,
                      float* __restrict__ d_candidates, float* __restrict__ d_inv_temp,
@@ -842,10 +846,10 @@ both_backward_kernel(Args rows, Args cols, const T* __restrict__ anchors,
   __shared__ SmemBoth<T> sm;
   const int64_t b = blockIdx.x;
   if (b < anchor_blocks)
-    both_backward_side<false, T, LOGIT_MAP>(sm, rows, cols, anchors, candidates, lse_neg, g,
+    both_backward_side<false, T, LOGIT_MAP>(sm, rows, mirrored, anchors, candidates, lse_neg, g,
                                             d_anchors, d_inv_temp, b);
   else
-    both_backward_side<true, T, LOGIT_MAP>(sm, rows, cols, anchors, candidates, lse_neg, g,
+    both_backward_side<true, T, LOGIT_MAP>(sm, rows, mirrored, anchors, candidates, lse_neg, g,
                                            d_candidates, d_inv_temp, b - anchor_blocks);
 }
 
@@ -1041,9 +1045,9 @@ ArgsF64 make_args64(const MaclProblem* p) {
                  p->self_index, p->anchor_labels, p->candidate_labels};
 }
 
-// both_directions: the columns as a problem of their own (candidates against anchors), read from
-// entry M on of the per-anchor arrays.
-Args make_column_args(const MaclProblem* p) {
+// both_directions: the mirrored direction, the columns of S as anchors (candidates against
+// anchors: M and K swapped), read from entry M on of the per-anchor arrays.
+Args make_mirrored_args(const MaclProblem* p) {
   Args a = make_args(p);
   a.M = p->K;
   a.K = p->M;
@@ -1053,7 +1057,7 @@ Args make_column_args(const MaclProblem* p) {
   return a;
 }
 
-ArgsF64 make_column_args64(const MaclProblem* p) {
+ArgsF64 make_mirrored_args64(const MaclProblem* p) {
   ArgsF64 a = make_args64(p);
   a.M = p->K;
   a.K = p->M;
@@ -1093,7 +1097,7 @@ cudaError_t launch_forward(const MaclProblem* p, const void* anchors, const void
 template <typename T, MaclLogitMap LOGIT_MAP>
 cudaError_t launch_both_forward(const MaclProblem* p, const void* anchors, const void* candidates,
                                 float* lse_neg, float* workspace, cudaStream_t stream) {
-  const Args args = make_args(p), cols = make_column_args(p);
+  const Args args = make_args(p), mirrored = make_mirrored_args(p);
   const int64_t splits = forward_splits(p->M, p->K);
   const int64_t tiles_per_split = cdiv(cdiv(p->K, BN), splits);
   const int64_t anchor_blocks = cdiv(p->M, BM);
@@ -1103,7 +1107,7 @@ cudaError_t launch_both_forward(const MaclProblem* p, const void* anchors, const
   float* col_sum = col_max + anchor_blocks * p->K;
   const dim3 grid(static_cast<unsigned>(anchor_blocks), static_cast<unsigned>(splits));
   both_forward_kernel<T, LOGIT_MAP><<<grid, THREADS, 0, stream>>>(
-      args, cols, static_cast<const T*>(anchors), static_cast<const T*>(candidates), part_max,
+      args, mirrored, static_cast<const T*>(anchors), static_cast<const T*>(candidates), part_max,
       part_sum, col_max, col_sum, tiles_per_split);
   combine_kernel<<<static_cast<unsigned>(cdiv(p->M, 256)), 256, 0, stream>>>(
       p->M, splits, part_max, part_sum, lse_neg);
@@ -1120,7 +1124,7 @@ cudaError_t launch_both_backward(const MaclProblem* p, const void* anchors,
                                  const void* candidates, const float* lse_neg, const float* g,
                                  float* d_anchors, float* d_candidates, float* d_inv_temp,
                                  cudaStream_t stream) {
-  const Args args = make_args(p), cols = make_column_args(p);
+  const Args args = make_args(p), mirrored = make_mirrored_args(p);
   const int64_t anchor_blocks =
       (d_anchors != nullptr || d_inv_temp != nullptr) ? cdiv(p->M, BM) : 0;
   const int64_t candidate_blocks =
@@ -1128,7 +1132,7 @@ cudaError_t launch_both_backward(const MaclProblem* p, const void* anchors,
   const int64_t blocks = anchor_blocks + candidate_blocks;
   if (blocks == 0) return cudaSuccess;
   both_backward_kernel<T, LOGIT_MAP><<<static_cast<unsigned>(blocks), THREADS, 0, stream>>>(
-      args, cols, static_cast<const T*>(anchors), static_cast<const T*>(candidates), lse_neg, g,
+      args, mirrored, static_cast<const T*>(anchors), static_cast<const T*>(candidates), lse_neg, g,
       d_anchors, d_candidates, d_inv_temp, anchor_blocks);
   return cudaGetLastError();
 }
@@ -1282,7 +1286,7 @@ extern "C" cudaError_t macl_cuda_forward(const MaclProblem* p, const void* ancho
     // both_directions on the plain float64 path: the columns as a second, transposed launch.
     if (p->both_directions && p->K > 0)
       forward_f64<<<static_cast<unsigned>(cdiv(p->K, 128)), 128, 0, stream>>>(
-          make_column_args64(p), static_cast<const double*>(candidates),
+          make_mirrored_args64(p), static_cast<const double*>(candidates),
           static_cast<const double*>(anchors), static_cast<double*>(lse_neg) + p->M);
     return cudaGetLastError();
   }
@@ -1313,7 +1317,7 @@ extern "C" cudaError_t macl_cuda_backward(const MaclProblem* p, const void* anch
     // both_directions on the plain float64 path: the columns as a second, transposed launch
     // that adds to the same zero-filled gradients after the first (stream order: deterministic).
     if (p->both_directions && p->K > 0)
-      launch_backward_f64(make_column_args64(p), C, A, lse + p->M, g64 + p->M, dC, dA,
+      launch_backward_f64(make_mirrored_args64(p), C, A, lse + p->M, g64 + p->M, dC, dA,
                           dT != nullptr ? dT + p->M : nullptr, stream);
     return cudaGetLastError();
   }

@@ -100,7 +100,7 @@ class Problem:
     # candidates and an optional additive bias row_bias [M] (compute dtype; None: no bias).
     row_reduction: RowReduction = RowReduction.LSE
     row_bias: Optional[Tensor] = None
-    # Label mask (E3): int64 [M] / [K]; a candidate of the anchor's label is not in Neg(a). Both
+    # Label mask: int64 [M] / [K]; a candidate of the anchor's label is not in Neg(a). Both
     # or neither; symmetric problems take candidate_labels = None (the anchors' labels serve).
     anchor_labels: Optional[Tensor] = None
     candidate_labels: Optional[Tensor] = None

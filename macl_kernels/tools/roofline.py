@@ -22,7 +22,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 ROOFLINE_PHASES = ("forward", "backward", "step")
-TILE = 256  # the cpu backend's tile of S (csrc/cpu/macl_cpu.cpp)
+TILE = 256  # the cpu backend's tile of S (BLOCK in csrc/cpu/macl_cpu_kernels.cpp)
 WHOLE_CAP = 4096  # each side of the whole-matrix shape is capped here
 SAMPLE_S = 0.02  # a timed sample lasts at least this long (the tile GEMM is repeated)
 BUDGET_S = 1.5  # timed samples per shape: as many as fit here, 3 to 25

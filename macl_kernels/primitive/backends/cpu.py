@@ -1,4 +1,4 @@
-"""Backend ``"cpu"``: the fused C++ kernels of ``csrc/cpu/macl_cpu.cpp`` (extension
+"""Backend ``"cpu"``: the fused C++ kernels of ``csrc/cpu/`` (extension
 ``macl_kernels._C_cpu``, built by ``setup.py``).
 
 The primitive of ``docs/math.md#the-primitive`` (per-row ``lse_neg``; recompute in backward),

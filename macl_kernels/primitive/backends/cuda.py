@@ -111,8 +111,8 @@ class CudaBackend(Backend):
         d_anchors, d_candidates, d_inv_temp = _EXTENSION.get().backward(
             p.anchors, p.candidate_rows.to(p.anchors.dtype), cast_rows(p.inv_temp, p.anchors),
             p.pos_index, p.self_index, lse_neg.contiguous(), g.to(lse_neg.dtype).contiguous(),
-            int(p.logit_map), p.artanh_scale, p.artanh_eps, _operand_code(p), needs.d_anchors,
-            needs.d_candidates, needs.d_inv_temp, p.both_directions, p.anchor_labels,
+            int(p.logit_map), p.artanh_scale, p.artanh_eps, _operand_code(p), p.both_directions,
+            needs.d_anchors, needs.d_candidates, needs.d_inv_temp, p.anchor_labels,
             p.candidate_label_rows)
         return Grads(d_anchors, d_candidates, d_inv_temp)
 

@@ -141,7 +141,7 @@ def _exclude_problem(logits, rows, problem: Problem):
 
 
 def forward_lse(problem: Problem, chunk: int, need_eqs: bool = False):
-    """``lse_neg``; with ``need_eqs`` also ``eqs[a] = sum_k Q_ak S_ak`` (the E4 statistic)."""
+    """``lse_neg``; with ``need_eqs`` also the per-row statistic ``eqs[a] = sum_k Q_ak S_ak``."""
     lse_neg = problem.anchors.new_empty(problem.M)
     eqs = problem.anchors.new_empty(problem.M) if need_eqs else None
     for r0 in range(0, problem.M, chunk):

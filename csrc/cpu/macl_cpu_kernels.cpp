@@ -1,5 +1,7 @@
 // Fused CPU kernels for the contrastive primitive (backend "cpu"); the math is docs/math.md,
 // section "The primitive", in the names of the glossary that Python, Triton and CUDA share.
+// The interface (raw pointers, a Problem) is macl_cpu.h; the torch binding, which checks and
+// converts tensors and allocates the outputs, is binding.cpp.
 //
 // Per anchor row a (anchors [M, D], candidates [K, D], both L2-normalised):
 //
@@ -19,9 +21,10 @@
 //
 // The M x K matrix is never formed: the work is a list of BLOCK x BLOCK tiles spread over
 // threads with at::parallel_for (OpenMP in PyTorch's CPU build). Each tile's S comes from one
-// BLAS GEMM (at::mm), its exponentials from a branch-free polynomial exp that the compiler
-// vectorises, and the gradient GEMMs of backward accumulate into per-thread buffers summed at
-// the end (no atomics; for a given thread count the result is bitwise reproducible).
+// BLAS GEMM (sgemm_ / dgemm_, see blas_gemm), its exponentials from a branch-free polynomial exp
+// that the compiler vectorises, and the gradient GEMMs of backward accumulate into per-thread
+// buffers summed at the end (no atomics; for a given thread count the result is bitwise
+// reproducible).
 //
 // symmetric (layout 2n on one process: the candidates are the anchors): S is symmetric, so only
 // the tiles (i, j) with j >= i are computed. An off-diagonal tile serves the anchors of block i
@@ -64,7 +67,9 @@
 // (M + K) D per thread in 0.2). Any other g recomputes the candidate side
 // (softplus_backward: 2 M K D more). Without gradients the forward is M K D.
 
-#include <torch/extension.h>
+#include "macl_cpu.h"
+
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -78,17 +83,10 @@
 #include <type_traits>
 #include <vector>
 
+namespace macl_cpu {
 namespace {
 
-// How a similarity S_ak becomes a logit l_ak; the values are macl_kernels.LogitMap's (and
-// Triton's LOGIT_MAP, CUDA's MACL_LOGIT_MAP_*).
-enum class LogitMap : int64_t { Scaled = 0, Artanh = 1 };
-
-// What a row's negatives reduce to; the values are macl_kernels.RowReduction's (and Triton's
-// ROW_REDUCTION, CUDA's MACL_ROW_REDUCTION_*).
-enum class RowReduction : int64_t { Lse = 0, Softplus = 1 };
-
-// 256 x 256 tiles: one GEMM of 256 x 256 x D per tile keeps at::mm's call overhead small, and
+// 256 x 256 tiles: one GEMM of 256 x 256 x D per tile keeps the BLAS call overhead small, and
 // a tile's S plus its logits (2 x 256 KiB in fp32) stay in this machine's 512 KiB L2.
 constexpr int64_t BLOCK = 256;
 
@@ -160,40 +158,22 @@ constexpr T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
-struct Problem {
-  int64_t M, K, D;
-  LogitMap logit_map;
-  double artanh_scale, artanh_eps;  // LogitMap::Artanh's scale and clamp
-  bool symmetric;
-  bool both_directions;  // the columns are anchors too (entries M..M+K of the per-anchor arrays)
-  const int64_t* pos_index;
-  const int64_t* self_index;  // nullptr: no self among the candidates
-  const int64_t* anchor_labels;     // nullptr: no label mask
-  const int64_t* candidate_labels;  // the anchors' labels when symmetric
+int64_t row_blocks(const Problem& p) { return (p.M + BLOCK - 1) / BLOCK; }
+int64_t column_blocks(const Problem& p) { return (p.K + BLOCK - 1) / BLOCK; }
 
-  bool scaled() const { return logit_map == LogitMap::Scaled; }
-  // Entries of lse_neg and of the per-anchor arrays.
-  int64_t num_lse() const { return both_directions ? M + K : M; }
-  // Where a column's entries start in the per-anchor arrays: symmetric, the column k is anchor
-  // k; both_directions, anchor M + k.
-  int64_t column_offset() const { return both_directions ? M : 0; }
-  int64_t blocks_m() const { return (M + BLOCK - 1) / BLOCK; }
-  int64_t blocks_k() const { return (K + BLOCK - 1) / BLOCK; }
-
-  // The tiles to compute: every (i, j), or j >= i when symmetric.
-  std::vector<std::pair<int64_t, int64_t>> tiles() const {
-    std::vector<std::pair<int64_t, int64_t>> out;
-    for (int64_t i = 0; i < blocks_m(); ++i)
-      for (int64_t j = symmetric ? i : 0; j < blocks_k(); ++j) out.emplace_back(i, j);
-    return out;
-  }
-};
+// The tiles to compute: every (i, j), or j >= i when symmetric.
+std::vector<std::pair<int64_t, int64_t>> tiles_of(const Problem& p) {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (int64_t i = 0; i < row_blocks(p); ++i)
+    for (int64_t j = p.symmetric ? i : 0; j < column_blocks(p); ++j) out.emplace_back(i, j);
+  return out;
+}
 
 // A tile: anchor rows r0..r0+bm against candidate rows k0..k0+bn, with
 // S = anchors_r candidates_k^T.
 struct Tile {
   int64_t i, j, r0, k0, bm, bn;
-  bool mirrored;  // symmetric off-diagonal: the columns are anchors too
+  bool mirrored;  // the columns are anchors too: symmetric off-diagonal, or both_directions
 };
 
 Tile make_tile(const Problem& p, int64_t i, int64_t j) {
@@ -276,16 +256,18 @@ const T* tile_similarity(const T* anchors, const T* candidates, const Tile& t, i
   return buf.data();
 }
 
-// out[rows r0..r0+bm] += G [bm, bn] x X[rows k0..k0+bn]   (G row-major, leading dimension bn)
+// The gradient GEMMs of one tile, dL_dS [bm, bn] row-major (leading dimension bn); the softplus
+// forward passes its W, the dL_dS of a unit g.
+// out[rows r0..r0+bm] += dL_dS [bm, bn] x X[rows k0..k0+bn]
 template <typename T>
-void gemm_rows(const T* G, int64_t bm, int64_t bn, const T* X_k, int64_t D, T* out_r) {
-  blas_gemm<T>(false, false, D, bm, bn, X_k, D, G, bn, T(1), out_r, D);
+void gemm_rows(const T* dL_dS, int64_t bm, int64_t bn, const T* X_k, int64_t D, T* out_r) {
+  blas_gemm<T>(false, false, D, bm, bn, X_k, D, dL_dS, bn, T(1), out_r, D);
 }
 
-// out[rows k0..k0+bn] += G^T [bn, bm] x X[rows r0..r0+bm]
+// out[rows k0..k0+bn] += dL_dS^T [bn, bm] x X[rows r0..r0+bm]
 template <typename T>
-void gemm_columns(const T* G, int64_t bm, int64_t bn, const T* X_r, int64_t D, T* out_k) {
-  blas_gemm<T>(false, true, D, bn, bm, X_r, D, G, bn, T(1), out_k, D);
+void gemm_columns(const T* dL_dS, int64_t bm, int64_t bn, const T* X_r, int64_t D, T* out_k) {
+  blas_gemm<T>(false, true, D, bn, bm, X_r, D, dL_dS, bn, T(1), out_k, D);
 }
 
 // Per-thread online log-sum-exp state for every anchor: running max, the sum of exp(l - max)
@@ -385,9 +367,9 @@ T max_norm(const std::vector<T>& norms, int64_t first, int64_t n) {
 // artanh(clamp(S))) and never stores a logits tile: the logit of a pair is recomputed where it is
 // used (one multiply), and an excluded pair (pos_index, self_index) is masked by comparing
 // indices inside the vectorised loop. Row side: anchor r0 + r against column k0 + k, logit
-// inv_temp[r0 + r] S. Column side: column k0 + k as an anchor (entry c = column_offset + k0 + k)
-// against row r0 + r, logit inv_temp[c] S. Indices relative to the tile are int32 so that the
-// masks run at the float lanes' width.
+// inv_temp[r0 + r] S. Mirrored side (a mirrored tile only): column k0 + k as an anchor (entry
+// c = column_offset + k0 + k) against row r0 + r, logit inv_temp[c] S. Indices relative to the
+// tile are int32 so that the masks run at the float lanes' width.
 
 // index - first if it falls in [0, n), else -1 (no position of the tile matches it).
 inline int32_t tile_position(int64_t index, int64_t first, int64_t n) {
@@ -406,11 +388,11 @@ inline ExcludedColumns excluded_columns(const Problem& p, const Tile& t, int64_t
           p.self_index ? tile_position(p.self_index[a], t.k0, t.bn) : -1};
 }
 
-// The columns' excluded rows of one tile (their positive and self among the anchors), relative
-// to the tile.
-struct ColumnExclusions {
+// The mirrored side's excluded rows of one tile (each column's positive and self among the
+// anchors), relative to the tile.
+struct MirroredExclusions {
   std::vector<int32_t> pos, self;
-  ColumnExclusions() : pos(BLOCK), self(BLOCK) {}
+  MirroredExclusions() : pos(BLOCK), self(BLOCK) {}
   void fill(const Problem& p, const Tile& t) {
     const int64_t c0 = p.column_offset() + t.k0;
     for (int64_t k = 0; k < t.bn; ++k) {
@@ -420,9 +402,9 @@ struct ColumnExclusions {
   }
 };
 
-// The labels of one tile's rows and columns (label mask, E3): a pair whose row and column carry
+// The labels of one tile's rows and columns (the label mask): a pair whose row and column carry
 // the same label is not a negative of either (the condition is symmetric, so one comparison
-// serves the row side and the column side). Only filled when the problem has labels.
+// serves the row side and the mirrored side). Only filled when the problem has labels.
 struct TileLabels {
   std::vector<int64_t> row, col;
   TileLabels() : row(BLOCK), col(BLOCK) {}
@@ -434,8 +416,9 @@ struct TileLabels {
 };
 
 // Forward, row side: each row's partial (m, sum of exp(l - m)) over the tile, merged into the
-// thread's online state; with need_eqs also sum exp(l - m) S (E4). m is the row's known shift
-// (SCALED only, row_bound given) when its sum passes the check, else the row's max in the tile.
+// thread's online state; with need_eqs also sum exp(l - m) S (for eqs). m is the row's known
+// shift (SCALED only, row_bound given) when its sum passes the check, else the row's max in the
+// tile.
 template <typename T, bool SCALED, bool LABELS>
 void row_statistics(const Problem& p, const Tile& t, const T* S, const T* A, const T* inv_temp,
                     const T* row_bound, const TileLabels& labels, bool need_eqs,
@@ -493,14 +476,15 @@ void row_statistics(const Problem& p, const Tile& t, const T* S, const T* A, con
   }
 }
 
-// Forward, column side: each column's partial (m, sum) over the tile's rows (and the E4 sum),
+// Forward, mirrored side: each column's partial (m, sum) over the tile's rows (and eqs' sum),
 // m the column's known shift (SCALED only, col_bound given) where its sum passes the check,
 // else its max over the tile's rows (a second pass for the columns that failed).
 template <typename T, bool SCALED, bool LABELS>
-void column_statistics(const Problem& p, const Tile& t, const T* S, const T* A,
-                       const T* inv_temp, const T* col_bound, ColumnExclusions& ex,
-                       const TileLabels& labels, bool need_eqs, std::vector<T>& col_max,
-                       std::vector<T>& col_sum, std::vector<T>& col_sum_s, OnlineLse<T>& state) {
+void mirrored_statistics(const Problem& p, const Tile& t, const T* S, const T* A,
+                         const T* inv_temp, const T* col_bound, MirroredExclusions& ex,
+                         const TileLabels& labels, bool need_eqs, std::vector<T>& col_max,
+                         std::vector<T>& col_sum, std::vector<T>& col_sum_s,
+                         OnlineLse<T>& state) {
   const int64_t c0 = p.column_offset() + t.k0;
   const int32_t bn = static_cast<int32_t>(t.bn);
   ex.fill(p, t);
@@ -606,12 +590,12 @@ void row_gradient(const Problem& p, const Tile& t, const T* S, const T* A, const
   }
 }
 
-// Backward, column side: dL_dS_ak += g_c Q_ca dl_dS (c the column's entry), and
+// Backward, mirrored side: dL_dS_ak += g_c Q_ca dl_dS (c the column's entry), and
 // d_inv_temp[c] += sum_a g_c Q_ca S_ak.
 template <typename T, bool SCALED, bool LABELS>
-void column_gradient(const Problem& p, const Tile& t, const T* S, const T* A, const T* inv_temp,
-                     const T* lse_neg, const T* g, ColumnExclusions& ex,
-                     const TileLabels& labels, T* dL_dS, T* d_inv_temp) {
+void mirrored_gradient(const Problem& p, const Tile& t, const T* S, const T* A,
+                       const T* inv_temp, const T* lse_neg, const T* g, MirroredExclusions& ex,
+                       const TileLabels& labels, T* dL_dS, T* d_inv_temp) {
   const int64_t c0 = p.column_offset() + t.k0;
   const int32_t bn = static_cast<int32_t>(t.bn);
   const T artanh_scale = T(p.artanh_scale), artanh_eps = T(p.artanh_eps);
@@ -650,26 +634,26 @@ void column_gradient(const Problem& p, const Tile& t, const T* S, const T* A, co
   }
 }
 
-// Both sides of one tile (the column side only for a mirrored tile), forward and backward.
+// Both sides of one tile (the mirrored side only for a mirrored tile), forward and backward.
 template <typename T, bool SCALED, bool LABELS>
 void forward_tile(const Problem& p, const Tile& t, const T* S, const T* A, const T* inv_temp,
-                  const T* row_bound, const T* col_bound, ColumnExclusions& ex,
+                  const T* row_bound, const T* col_bound, MirroredExclusions& ex,
                   const TileLabels& labels, bool need_eqs, std::vector<T>& col_max,
                   std::vector<T>& col_sum, std::vector<T>& col_sum_s, OnlineLse<T>& state) {
   row_statistics<T, SCALED, LABELS>(p, t, S, A, inv_temp, row_bound, labels, need_eqs, state);
   if (t.mirrored)
-    column_statistics<T, SCALED, LABELS>(p, t, S, A, inv_temp, col_bound, ex, labels, need_eqs,
-                                         col_max, col_sum, col_sum_s, state);
+    mirrored_statistics<T, SCALED, LABELS>(p, t, S, A, inv_temp, col_bound, ex, labels,
+                                           need_eqs, col_max, col_sum, col_sum_s, state);
 }
 
 template <typename T, bool SCALED, bool LABELS>
 void gradient_tile(const Problem& p, const Tile& t, const T* S, const T* A, const T* inv_temp,
-                   const T* lse_neg, const T* g, ColumnExclusions& ex, const TileLabels& labels,
+                   const T* lse_neg, const T* g, MirroredExclusions& ex, const TileLabels& labels,
                    T* dL_dS, T* d_inv_temp) {
   row_gradient<T, SCALED, LABELS>(p, t, S, A, inv_temp, lse_neg, g, labels, dL_dS, d_inv_temp);
   if (t.mirrored)
-    column_gradient<T, SCALED, LABELS>(p, t, S, A, inv_temp, lse_neg, g, ex, labels, dL_dS,
-                                       d_inv_temp);
+    mirrored_gradient<T, SCALED, LABELS>(p, t, S, A, inv_temp, lse_neg, g, ex, labels, dL_dS,
+                                         d_inv_temp);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -811,7 +795,7 @@ bool shared_forward_tile(const Problem& p, const Tile& t, const T* S, const T* A
 
 // Backward of one tile: with C the largest lse_neg of the tile's rows and columns, u_r =
 // g_a exp(C - lse_neg[a]) and v_k = g_c exp(C - lse_neg[c]), one e = exp(l - C) per pair gives
-// the row side's g_a Q_ak = u_r e and the column side's g_c Q_ca = v_k e (e <= 1, since every
+// the row side's g_a Q_ak = u_r e and the mirrored side's g_c Q_ca = v_k e (e <= 1, since every
 // negative's logit is at most its lse). Writes dL_dS and adds the d_inv_temp sums; returns false
 // (nothing written) when the lse_neg of the tile span more than SHARED_EXP_SPAN.
 template <typename T, bool SCALED>
@@ -864,13 +848,11 @@ bool shared_gradient_tile(const Problem& p, const Tile& t, const T* S, const T* 
 }
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tensor& anchors,
-                                                const at::Tensor& candidates, const T* inv_temp,
-                                                bool need_eqs) {
-  const auto tiles = p.tiles();
+void forward_impl(const Problem& p, const T* anchors_data, const T* candidates_data,
+                  const T* inv_temp, T* out, T* out_eqs) {
+  const bool need_eqs = out_eqs != nullptr;
+  const auto tiles = tiles_of(p);
   const bool shared = !need_eqs && shared_exp_problem(p, inv_temp);
-  const T* anchors_data = anchors.data_ptr<T>();
-  const T* candidates_data = candidates.data_ptr<T>();
   // The known shift's bounds (see SHIFT_MIN_SUM; scaled map only): the norms of the anchors and
   // of the candidates, once per call (O((M + K) D)).
   const bool use_known_shift = p.scaled();
@@ -886,7 +868,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tens
     std::vector<T> col_max(BLOCK), col_sum(BLOCK), col_sum_s(need_eqs ? BLOCK : 0);
     std::vector<T> row_max(shared ? BLOCK : 0);
     std::vector<T> row_bound(use_known_shift ? BLOCK : 0), col_bound(use_known_shift ? BLOCK : 0);
-    ColumnExclusions exclusions;
+    MirroredExclusions exclusions;
     TileLabels labels;
     for (int64_t q = begin; q < end; ++q) {
       const Tile t = make_tile(p, tiles[q].first, tiles[q].second);
@@ -941,10 +923,6 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tens
       }
     }
   });
-  at::Tensor lse_neg = at::empty({p.num_lse()}, anchors.options());
-  at::Tensor eqs = need_eqs ? at::empty({p.num_lse()}, anchors.options()) : at::Tensor();
-  T* out = lse_neg.data_ptr<T>();
-  T* out_eqs = need_eqs ? eqs.data_ptr<T>() : nullptr;
   at::parallel_for(0, p.num_lse(), 2048, [&](int64_t a0, int64_t a1) {
     for (int64_t a = a0; a < a1; ++a) {
       T m = neg_inf<T>();
@@ -960,36 +938,66 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const Problem& p, const at::Tens
       if (out_eqs) out_eqs[a] = s > T(0) ? ts / s : T(0);  // 0 for an empty Neg(a)
     }
   });
-  return {lse_neg, eqs};
 }
 
+// Per-thread partial sums of one output of n entries, merged in thread order at the end (no
+// atomics; for a given thread count the same bits): thread 0 accumulates into the output itself
+// (zero-filled by the caller), every other thread that gets work into a zeroed buffer of its own.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
-    const Problem& p, const at::Tensor& anchors, const at::Tensor& candidates,
-    const T* inv_temp, const T* lse_neg, const T* g, bool need_d_anchors,
-    bool need_d_candidates, bool need_d_inv_temp) {
-  const auto tiles = p.tiles();
-  const int num_threads = at::get_num_threads();
-  // Per-thread accumulators of d_anchors (symmetric: the whole gradient), d_candidates and
-  // d_inv_temp, summed over threads at the end.
-  std::vector<at::Tensor> d_anchors_th(num_threads), d_candidates_th(num_threads);
-  std::vector<std::vector<T>> d_inv_temp_th(num_threads);
-  for (int th = 0; th < num_threads; ++th) {
-    d_anchors_th[th] = at::zeros({p.M, p.D}, anchors.options());
-    // Only when wanted: K x D per thread (a 65536-row memory bank: 32 MiB per thread).
-    if (!p.symmetric && need_d_candidates)
-      d_candidates_th[th] = at::zeros({p.K, p.D}, anchors.options());
-    if (need_d_inv_temp) d_inv_temp_th[th].assign(p.num_lse(), T(0));
+class ThreadSums {
+ public:
+  ThreadSums(T* output, int64_t n, int num_threads)
+      : output_(output), n_(n), buffers_(num_threads) {}
+  // Where thread th accumulates; called once per thread, at the start of its share of the work.
+  T* mine(int th) {
+    if (th == 0) return output_;
+    buffers_[th].assign(n_, T(0));
+    return buffers_[th].data();
   }
+  void merge() {
+    for (size_t th = 1; th < buffers_.size(); ++th) {
+      if (buffers_[th].empty()) continue;
+      const T* in = buffers_[th].data();
+      at::parallel_for(0, n_, 32768, [&](int64_t q0, int64_t q1) {
+#pragma omp simd
+        for (int64_t q = q0; q < q1; ++q) output_[q] += in[q];
+      });
+    }
+  }
+
+ private:
+  T* output_;
+  int64_t n_;
+  std::vector<std::vector<T>> buffers_;
+};
+
+template <typename T>
+void backward_impl(const Problem& p, const T* anchors_data, const T* candidates_data,
+                   const T* inv_temp, const T* lse_neg, const T* g, T* d_anchors_out,
+                   T* d_candidates_out, T* d_inv_temp_out) {
+  const bool need_d_anchors = p.symmetric || d_anchors_out != nullptr;
+  const bool need_d_candidates = !p.symmetric && d_candidates_out != nullptr;
+  const bool need_d_inv_temp = p.scaled() && d_inv_temp_out != nullptr;
+  const auto tiles = tiles_of(p);
+  const int num_threads = at::get_num_threads();
+  // Per-thread accumulators of d_anchors (symmetric: the whole gradient), d_candidates (only
+  // when wanted: K x D per thread, a 65536-row memory bank is 32 MiB per thread) and
+  // d_inv_temp, summed over threads in thread order at the end.
+  ThreadSums<T> d_anchors_th(d_anchors_out, need_d_anchors ? p.M * p.D : 0, num_threads);
+  ThreadSums<T> d_candidates_th(d_candidates_out, need_d_candidates ? p.K * p.D : 0,
+                                num_threads);
+  std::vector<std::vector<T>> d_inv_temp_th(num_threads);
+  for (int th = 0; th < num_threads; ++th)
+    if (need_d_inv_temp) d_inv_temp_th[th].assign(p.num_lse(), T(0));
   const bool shared = shared_exp_problem(p, inv_temp);
-  const T* anchors_data = anchors.data_ptr<T>();
-  const T* candidates_data = candidates.data_ptr<T>();
   at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     const int th = at::get_thread_num();
+    T* d_anchors_mine = need_d_anchors ? d_anchors_th.mine(th) : nullptr;
+    T* d_candidates_mine = need_d_candidates ? d_candidates_th.mine(th) : nullptr;
     std::vector<T> S_buf(BLOCK * BLOCK), dL_dS_buf(BLOCK * BLOCK),
         artanh_S(p.scaled() ? 0 : BLOCK * BLOCK);
     std::vector<T> u(shared ? BLOCK : 0), v(shared ? BLOCK : 0);
-    ColumnExclusions exclusions;
+    MirroredExclusions exclusions;
     TileLabels labels;
     T* d_inv_temp = need_d_inv_temp ? d_inv_temp_th[th].data() : nullptr;
     for (int64_t q = begin; q < end; ++q) {
@@ -998,7 +1006,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       if (!p.scaled()) artanh_logits(p, S, t.bm * t.bn, artanh_S.data());
       T* dL_dS_data = dL_dS_buf.data();
 
-      // Row side: dL_dS = dL_dl_row * dl_dS; column side (mirrored tile): dL_dS += dL_dl_col *
+      // Row side: dL_dS = dL_dl_row * dl_dS; mirrored side (mirrored tile): dL_dS += dL_dl_col *
       // dl_dS, both in S's layout.
       const T* A = artanh_S.data();
       const bool done =
@@ -1029,34 +1037,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
       // both into d_anchors).
       const T* anchors_r = anchors_data + t.r0 * p.D;
       const T* candidates_k = candidates_data + t.k0 * p.D;
-      if (p.symmetric || need_d_anchors)
-        gemm_rows(dL_dS_data, t.bm, t.bn, candidates_k, p.D,
-                  d_anchors_th[th].data_ptr<T>() + t.r0 * p.D);
+      if (need_d_anchors)
+        gemm_rows(dL_dS_data, t.bm, t.bn, candidates_k, p.D, d_anchors_mine + t.r0 * p.D);
       if (p.symmetric) {
-        gemm_columns(dL_dS_data, t.bm, t.bn, anchors_r, p.D,
-                     d_anchors_th[th].data_ptr<T>() + t.k0 * p.D);
+        gemm_columns(dL_dS_data, t.bm, t.bn, anchors_r, p.D, d_anchors_mine + t.k0 * p.D);
       } else if (need_d_candidates) {
-        gemm_columns(dL_dS_data, t.bm, t.bn, anchors_r, p.D,
-                     d_candidates_th[th].data_ptr<T>() + t.k0 * p.D);
+        gemm_columns(dL_dS_data, t.bm, t.bn, anchors_r, p.D, d_candidates_mine + t.k0 * p.D);
       }
     }
   });
-  at::Tensor d_anchors, d_candidates, d_inv_temp;
-  if (p.symmetric || need_d_anchors) {
-    d_anchors = d_anchors_th[0];
-    for (int th = 1; th < num_threads; ++th) d_anchors.add_(d_anchors_th[th]);
-  }
-  if (!p.symmetric && need_d_candidates) {
-    d_candidates = d_candidates_th[0];
-    for (int th = 1; th < num_threads; ++th) d_candidates.add_(d_candidates_th[th]);
-  }
+  if (need_d_anchors) d_anchors_th.merge();
+  if (need_d_candidates) d_candidates_th.merge();
   if (need_d_inv_temp) {
-    d_inv_temp = at::zeros({p.num_lse()}, anchors.options());
-    T* out = d_inv_temp.data_ptr<T>();
     for (int th = 0; th < num_threads; ++th)
-      for (int64_t a = 0; a < p.num_lse(); ++a) out[a] += d_inv_temp_th[th][a];
+      for (int64_t a = 0; a < p.num_lse(); ++a) d_inv_temp_out[a] += d_inv_temp_th[th][a];
   }
-  return {d_anchors, d_candidates, d_inv_temp};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1102,57 +1097,32 @@ SoftplusTile<T> softplus_tile(const Problem& p, int64_t i, int64_t j, const T* a
   return {t, anchors + t.r0 * p.D, candidates + t.k0 * p.D, S};
 }
 
-// The K x D sum over rows that a thread owning row blocks accumulates the candidate side into:
-// the output itself for thread 0, a zeroed buffer of its own for every other thread;
-// merge_thread_sums adds the buffers in thread order (deterministic, no atomics).
-inline at::Tensor thread_sum(int th, const at::Tensor& output, std::vector<at::Tensor>& buffers) {
-  if (th == 0) return output;
-  buffers[th] = at::zeros_like(output);
-  return buffers[th];
-}
-
-inline void merge_thread_sums(at::Tensor& output, const std::vector<at::Tensor>& buffers) {
-  for (size_t th = 1; th < buffers.size(); ++th)
-    if (buffers[th].defined()) output.add_(buffers[th]);
-}
-
 // Forward; with_grads: also the gradients' tile sums, so that a backward with a uniform upstream
 // gradient (a mean or a sum) needs no second pass (3 GEMMs in all, the minimum). With
-// W_ak = inv_temp[a] sigmoid(l_ak) on Neg(a), 0 elsewhere, it returns, flat in one tensor,
+// W_ak = inv_temp[a] sigmoid(l_ak) on Neg(a), 0 elsewhere, it accumulates, flat in aux,
 //   E[a, :] = sum_k W_ak candidates[k]     (d_anchors = g_a E)                 [M, D]
 //   sigmoid_sum[a] = sum_k sigmoid(l_ak)   (d_row_bias = g_a sigmoid_sum)      [M]
 //   sigmoid_S[a] = sum_k sigmoid(l_ak) S_ak (d_inv_temp = g_a sigmoid_S)       [M]
 //   F[k, :] = sum_a W_ak anchors[a]        (d_candidates = c F when g = c)    [K, D]
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> softplus_forward_impl(const Problem& p,
-                                                         const at::Tensor& anchors,
-                                                         const at::Tensor& candidates,
-                                                         const T* inv_temp, const T* row_bias,
-                                                         bool with_grads) {
+void softplus_forward_impl(const Problem& p, const T* anchors_data, const T* candidates_data,
+                           const T* inv_temp, const T* row_bias, T* sp_out, T* aux) {
   // Each thread owns whole row blocks (all their tiles, in column order), so the row-side
   // results (sp_neg, E, the two sigmoid sums) are written straight into the outputs with a
   // summation order that does not depend on the thread count. Only F sums over rows: thread 0
   // accumulates into the output's F, every other thread that gets work into a K x D buffer of
   // its own, added in thread order at the end (no atomics, the same bits for a given thread
   // count). Extra memory beyond the outputs: (threads - 1) K D, plus two tiles per thread.
-  const int64_t blocks_m = p.blocks_m(), blocks_k = p.blocks_k();
+  const int64_t blocks_m = row_blocks(p), blocks_k = column_blocks(p);
   const int num_threads = at::get_num_threads();
-  at::Tensor sp_neg = at::zeros({p.M}, anchors.options());
-  T* sp_out = sp_neg.data_ptr<T>();
-  at::Tensor aux, E, F;
-  T *sig_sum_out = nullptr, *sig_S_out = nullptr;
-  std::vector<at::Tensor> F_th(num_threads);
-  const T* anchors_data = anchors.data_ptr<T>();
-  const T* candidates_data = candidates.data_ptr<T>();
-  if (with_grads) {
-    aux = at::zeros({p.M * p.D + 2 * p.M + p.K * p.D}, anchors.options());
-    E = aux.narrow(0, 0, p.M * p.D).view({p.M, p.D});
-    F = aux.narrow(0, p.M * p.D + 2 * p.M, p.K * p.D).view({p.K, p.D});
-    sig_sum_out = aux.data_ptr<T>() + p.M * p.D;
-    sig_S_out = sig_sum_out + p.M;
-  }
+  const bool with_grads = aux != nullptr;
+  T* E = with_grads ? aux : nullptr;
+  T* sig_sum_out = with_grads ? aux + p.M * p.D : nullptr;
+  T* sig_S_out = with_grads ? sig_sum_out + p.M : nullptr;
+  T* F = with_grads ? sig_S_out + p.M : nullptr;
+  ThreadSums<T> F_th(F, with_grads ? p.K * p.D : 0, num_threads);
   at::parallel_for(0, blocks_m, 1, [&](int64_t begin, int64_t end) {
-    const at::Tensor F_mine = with_grads ? thread_sum(at::get_thread_num(), F, F_th) : F;
+    T* F_mine = with_grads ? F_th.mine(at::get_thread_num()) : nullptr;
     std::vector<T> S_buf(BLOCK * BLOCK), L(BLOCK * BLOCK);
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t j = 0; j < blocks_k; ++j) {
@@ -1189,39 +1159,29 @@ std::tuple<at::Tensor, at::Tensor> softplus_forward_impl(const Problem& p,
           sig_S_out[a] += sig_S;
         }
         if (!with_grads) continue;
-        gemm_rows(L.data(), t.bm, t.bn, candidates_k, p.D, E.data_ptr<T>() + t.r0 * p.D);
-        gemm_columns(L.data(), t.bm, t.bn, anchors_r, p.D, F_mine.data_ptr<T>() + t.k0 * p.D);
+        gemm_rows(L.data(), t.bm, t.bn, candidates_k, p.D, E + t.r0 * p.D);
+        gemm_columns(L.data(), t.bm, t.bn, anchors_r, p.D, F_mine + t.k0 * p.D);
       }
     }
   });
-  if (!with_grads) return {sp_neg, at::Tensor()};
-  merge_thread_sums(F, F_th);
-  return {sp_neg, aux};
+  if (with_grads) F_th.merge();
 }
 
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_backward_impl(
-    const Problem& p, const at::Tensor& anchors, const at::Tensor& candidates,
-    const T* inv_temp, const T* row_bias, const T* g, bool need_d_anchors,
-    bool need_d_candidates, bool need_d_inv_temp, bool need_d_row_bias) {
+void softplus_backward_impl(const Problem& p, const T* anchors_data, const T* candidates_data,
+                            const T* inv_temp, const T* row_bias, const T* g, T* d_anchors,
+                            T* d_candidates, T* d_inv_temp_out, T* d_row_bias_out) {
   // Row blocks owned by threads, as in softplus_forward_impl: the row-side gradients go straight
   // into the outputs; d_candidates into thread 0's output and the other threads' K x D buffers.
-  const int64_t blocks_m = p.blocks_m(), blocks_k = p.blocks_k();
+  const int64_t blocks_m = row_blocks(p), blocks_k = column_blocks(p);
   const int num_threads = at::get_num_threads();
-  at::Tensor d_anchors, d_candidates, d_inv_temp, d_row_bias;
-  if (need_d_anchors) d_anchors = at::zeros({p.M, p.D}, anchors.options());
-  if (need_d_candidates) d_candidates = at::zeros({p.K, p.D}, anchors.options());
-  if (need_d_inv_temp) d_inv_temp = at::zeros({p.M}, anchors.options());
-  if (need_d_row_bias) d_row_bias = at::zeros({p.M}, anchors.options());
-  T* d_inv_temp_out = need_d_inv_temp ? d_inv_temp.data_ptr<T>() : nullptr;
-  T* d_row_bias_out = need_d_row_bias ? d_row_bias.data_ptr<T>() : nullptr;
-  std::vector<at::Tensor> d_candidates_th(num_threads);
-  const T* anchors_data = anchors.data_ptr<T>();
-  const T* candidates_data = candidates.data_ptr<T>();
+  const bool need_d_anchors = d_anchors != nullptr, need_d_candidates = d_candidates != nullptr,
+             need_d_inv_temp = d_inv_temp_out != nullptr,
+             need_d_row_bias = d_row_bias_out != nullptr;
+  ThreadSums<T> d_candidates_th(d_candidates, need_d_candidates ? p.K * p.D : 0, num_threads);
   at::parallel_for(0, blocks_m, 1, [&](int64_t begin, int64_t end) {
-    const at::Tensor d_candidates_mine =
-        need_d_candidates ? thread_sum(at::get_thread_num(), d_candidates, d_candidates_th)
-                          : d_candidates;
+    T* d_candidates_mine =
+        need_d_candidates ? d_candidates_th.mine(at::get_thread_num()) : nullptr;
     std::vector<T> S_buf(BLOCK * BLOCK), L(BLOCK * BLOCK);
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t j = 0; j < blocks_k; ++j) {
@@ -1252,226 +1212,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_backward_imp
           for (int64_t k = 0; k < t.bn; ++k) l[k] *= inv_temp_a;
         }
         if (need_d_anchors)
-          gemm_rows(L.data(), t.bm, t.bn, candidates_k, p.D, d_anchors.data_ptr<T>() + t.r0 * p.D);
+          gemm_rows(L.data(), t.bm, t.bn, candidates_k, p.D, d_anchors + t.r0 * p.D);
         if (need_d_candidates)
-          gemm_columns(L.data(), t.bm, t.bn, anchors_r, p.D,
-                       d_candidates_mine.data_ptr<T>() + t.k0 * p.D);
+          gemm_columns(L.data(), t.bm, t.bn, anchors_r, p.D, d_candidates_mine + t.k0 * p.D);
       }
     }
   });
-  if (need_d_candidates) merge_thread_sums(d_candidates, d_candidates_th);
-  return {d_anchors, d_candidates, d_inv_temp, d_row_bias};
-}
-
-// The softplus reduction's extra argument and restrictions (Python's _ops checks them first).
-void check_softplus(const Problem& p, const at::Tensor& anchors,
-                    const c10::optional<at::Tensor>& row_bias) {
-  TORCH_CHECK(p.scaled() && !p.symmetric,
-              "the softplus row reduction takes the scaled map and distinct candidates");
-  if (row_bias.has_value()) {
-    TORCH_CHECK(row_bias->numel() == p.M && row_bias->is_contiguous() &&
-                    row_bias->scalar_type() == anchors.scalar_type(),
-                "row_bias must be a contiguous [M] tensor of the anchors' dtype");
-  }
-}
-
-LogitMap to_logit_map(int64_t logit_map) {
-  TORCH_CHECK(logit_map == static_cast<int64_t>(LogitMap::Scaled) ||
-                  logit_map == static_cast<int64_t>(LogitMap::Artanh),
-              "logit_map must be 0 (scaled) or 1 (artanh), got ", logit_map);
-  return static_cast<LogitMap>(logit_map);
-}
-
-Problem make_problem(const at::Tensor& anchors, const at::Tensor& candidates,
-                     const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
-                     const c10::optional<at::Tensor>& self_index, int64_t logit_map_value,
-                     double artanh_scale, double artanh_eps, bool symmetric,
-                     bool both_directions, const c10::optional<at::Tensor>& anchor_labels,
-                     const c10::optional<at::Tensor>& candidate_labels) {
-  TORCH_CHECK(anchors.device().is_cpu() && candidates.device().is_cpu(),
-              "macl_kernels._C_cpu: CPU tensors only");
-  TORCH_CHECK(anchors.dim() == 2 && candidates.dim() == 2 &&
-                  anchors.size(1) == candidates.size(1),
-              "macl_kernels._C_cpu: anchors [M, D] and candidates [K, D] expected");
-  TORCH_CHECK(anchors.scalar_type() == candidates.scalar_type(),
-              "anchors and candidates differ in dtype");
-  TORCH_CHECK(anchors.is_contiguous() && candidates.is_contiguous(),
-              "contiguous anchors/candidates expected");
-  TORCH_CHECK(!(symmetric && both_directions), "symmetric and both_directions exclude each other");
-  // Per-anchor entries: M, or M + K with both_directions (rows, then columns).
-  const int64_t num_lse = anchors.size(0) + (both_directions ? candidates.size(0) : 0);
-  TORCH_CHECK(pos_index.scalar_type() == at::kLong && pos_index.is_contiguous() &&
-                  pos_index.numel() == num_lse,
-              "pos_index must be a contiguous int64 tensor of M (both_directions: M + K) entries");
-  const LogitMap logit_map = to_logit_map(logit_map_value);
-  if (logit_map == LogitMap::Scaled) {
-    TORCH_CHECK(inv_temp.has_value() && inv_temp->numel() == num_lse &&
-                    inv_temp->is_contiguous() && inv_temp->scalar_type() == anchors.scalar_type(),
-                "the scaled map needs a contiguous inv_temp of M (both_directions: M + K) "
-                "entries of the anchors' dtype");
-  } else {
-    TORCH_CHECK(artanh_scale > 0, "the artanh map needs artanh_scale > 0, got ", artanh_scale);
-    TORCH_CHECK(artanh_eps > 0 && artanh_eps < 1,
-                "the artanh map needs 0 < artanh_eps < 1, got ", artanh_eps);
-  }
-  if (self_index.has_value()) {
-    TORCH_CHECK(self_index->scalar_type() == at::kLong && self_index->is_contiguous() &&
-                    self_index->numel() == num_lse,
-                "self_index must be a contiguous int64 tensor of M (both_directions: M + K) "
-                "entries");
-  }
-  TORCH_CHECK(anchor_labels.has_value() == candidate_labels.has_value(),
-              "anchor_labels and candidate_labels go together");
-  if (anchor_labels.has_value()) {
-    TORCH_CHECK(anchor_labels->scalar_type() == at::kLong && anchor_labels->is_contiguous() &&
-                    anchor_labels->numel() == anchors.size(0),
-                "anchor_labels must be a contiguous int64 [M] tensor");
-    TORCH_CHECK(candidate_labels->scalar_type() == at::kLong &&
-                    candidate_labels->is_contiguous() &&
-                    candidate_labels->numel() == candidates.size(0),
-                "candidate_labels must be a contiguous int64 [K] tensor");
-  }
-  TORCH_CHECK(!symmetric || (anchors.data_ptr() == candidates.data_ptr() &&
-                             anchors.size(0) == candidates.size(0)),
-              "symmetric mode needs the anchors to be the candidates");
-  return {anchors.size(0),
-          candidates.size(0),
-          anchors.size(1),
-          logit_map,
-          artanh_scale,
-          artanh_eps,
-          symmetric,
-          both_directions,
-          pos_index.data_ptr<int64_t>(),
-          self_index.has_value() ? self_index->data_ptr<int64_t>() : nullptr,
-          anchor_labels.has_value() ? anchor_labels->data_ptr<int64_t>() : nullptr,
-          candidate_labels.has_value() ? candidate_labels->data_ptr<int64_t>() : nullptr};
-}
-
-std::tuple<at::Tensor, at::Tensor> forward(
-    const at::Tensor& anchors, const at::Tensor& candidates,
-    const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
-    const c10::optional<at::Tensor>& self_index, int64_t logit_map, double artanh_scale,
-    double artanh_eps, bool symmetric, bool both_directions,
-    const c10::optional<at::Tensor>& anchor_labels,
-    const c10::optional<at::Tensor>& candidate_labels, bool need_eqs) {
-  const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                                 artanh_scale, artanh_eps, symmetric, both_directions,
-                                 anchor_labels, candidate_labels);
-  std::tuple<at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_forward", [&] {
-    // detach: the kernels read raw pointers (autograd is the caller's business: the custom
-    // op's registered backward).
-    out = forward_impl<scalar_t>(p, anchors.detach(), candidates.detach(),
-                                 p.scaled() ? inv_temp->data_ptr<scalar_t>() : nullptr,
-                                 need_eqs);
-  });
-  return out;
-}
-
-// The softplus reduction's forward: (sp_neg, aux), aux the gradients' tile sums when with_grads
-// (see softplus_forward_impl), else undefined.
-std::tuple<at::Tensor, at::Tensor> softplus_forward(
-    const at::Tensor& anchors, const at::Tensor& candidates, const at::Tensor& inv_temp,
-    const c10::optional<at::Tensor>& row_bias, const at::Tensor& pos_index,
-    const c10::optional<at::Tensor>& self_index, bool with_grads) {
-  const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
-                                 static_cast<int64_t>(LogitMap::Scaled), 0.0, 0.0, false, false,
-                                 c10::nullopt, c10::nullopt);
-  check_softplus(p, anchors, row_bias);
-  std::tuple<at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_softplus_forward", [&] {
-    out = softplus_forward_impl<scalar_t>(
-        p, anchors.detach(), candidates.detach(), inv_temp.data_ptr<scalar_t>(),
-        row_bias.has_value() ? row_bias->data_ptr<scalar_t>() : nullptr, with_grads);
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& anchors, const at::Tensor& candidates,
-    const c10::optional<at::Tensor>& inv_temp, const at::Tensor& pos_index,
-    const c10::optional<at::Tensor>& self_index, const at::Tensor& lse_neg, const at::Tensor& g,
-    int64_t logit_map, double artanh_scale, double artanh_eps, bool symmetric,
-    bool both_directions, bool need_d_anchors, bool need_d_candidates, bool need_d_inv_temp,
-    const c10::optional<at::Tensor>& anchor_labels,
-    const c10::optional<at::Tensor>& candidate_labels) {
-  const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map,
-                                 artanh_scale, artanh_eps, symmetric, both_directions,
-                                 anchor_labels, candidate_labels);
-  TORCH_CHECK(lse_neg.is_contiguous() && g.is_contiguous() &&
-                  lse_neg.scalar_type() == anchors.scalar_type() &&
-                  g.scalar_type() == anchors.scalar_type(),
-              "lse_neg and g must be contiguous, of the anchors' dtype");
-  TORCH_CHECK(lse_neg.numel() == p.num_lse() && g.numel() == p.num_lse(),
-              "lse_neg and g must have M (both_directions: M + K) entries");
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_backward", [&] {
-    out = backward_impl<scalar_t>(p, anchors.detach(), candidates.detach(),
-                                  p.scaled() ? inv_temp->data_ptr<scalar_t>() : nullptr,
-                                  lse_neg.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
-                                  need_d_anchors, need_d_candidates,
-                                  need_d_inv_temp && p.scaled());
-  });
-  return out;
-}
-
-// The softplus reduction's recompute backward (needs no forward statistic): the gradients of
-// sum_a g[a] sp_neg[a], (d_anchors, d_candidates, d_inv_temp, d_row_bias), undefined where not
-// needed.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softplus_backward(
-    const at::Tensor& anchors, const at::Tensor& candidates, const at::Tensor& inv_temp,
-    const c10::optional<at::Tensor>& row_bias, const at::Tensor& pos_index,
-    const c10::optional<at::Tensor>& self_index, const at::Tensor& g, bool need_d_anchors,
-    bool need_d_candidates, bool need_d_inv_temp, bool need_d_row_bias) {
-  const Problem p = make_problem(anchors, candidates, inv_temp, pos_index, self_index,
-                                 static_cast<int64_t>(LogitMap::Scaled), 0.0, 0.0, false, false,
-                                 c10::nullopt, c10::nullopt);
-  check_softplus(p, anchors, row_bias);
-  TORCH_CHECK(g.is_contiguous() && g.numel() == p.M && g.scalar_type() == anchors.scalar_type(),
-              "g must be a contiguous [M] tensor of the anchors' dtype");
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(anchors.scalar_type(), "macl_cpu_softplus_backward", [&] {
-    out = softplus_backward_impl<scalar_t>(
-        p, anchors.detach(), candidates.detach(), inv_temp.data_ptr<scalar_t>(),
-        row_bias.has_value() ? row_bias->data_ptr<scalar_t>() : nullptr, g.data_ptr<scalar_t>(),
-        need_d_anchors, need_d_candidates, need_d_inv_temp,
-        need_d_row_bias && row_bias.has_value());
-  });
-  return out;
+  if (need_d_candidates) d_candidates_th.merge();
 }
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "macl-kernels fused CPU kernels (tiled, OpenMP via at::parallel_for)";
-#ifdef MACL_BUILT_WITH_TORCH
-  m.attr("built_with_torch") = MACL_BUILT_WITH_TORCH;  // so a mismatch can be named on load
-#endif
-  m.def("forward", &forward,
-        "(lse_neg, eqs) of every anchor row; eqs is None unless need_eqs",
-        py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("pos_index"),
-        py::arg("self_index"), py::arg("logit_map"), py::arg("artanh_scale"),
-        py::arg("artanh_eps"), py::arg("symmetric"), py::arg("both_directions") = false,
-        py::arg("anchor_labels") = py::none(), py::arg("candidate_labels") = py::none(),
-        py::arg("need_eqs") = false);
-  m.def("softplus_forward", &softplus_forward,
-        "sp_neg of every anchor row (sum of softplus over Neg(a)) and, with_grads, the "
-        "gradients' tile sums [E (M x D) | sum sigmoid (M) | sum sigmoid S (M) | F (K x D)]",
-        py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("row_bias"),
-        py::arg("pos_index"), py::arg("self_index"), py::arg("with_grads"));
-  m.def("backward", &backward,
-        "gradients of sum_a g[a] lse_neg[a]: (d_anchors, d_candidates, d_inv_temp); "
-        "symmetric: d_anchors is the whole gradient and d_candidates is None",
-        py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("pos_index"),
-        py::arg("self_index"), py::arg("lse_neg"), py::arg("g"), py::arg("logit_map"),
-        py::arg("artanh_scale"), py::arg("artanh_eps"), py::arg("symmetric"),
-        py::arg("both_directions"), py::arg("need_d_anchors"), py::arg("need_d_candidates"),
-        py::arg("need_d_inv_temp"), py::arg("anchor_labels") = py::none(),
-        py::arg("candidate_labels") = py::none());
-  m.def("softplus_backward", &softplus_backward,
-        "gradients of sum_a g[a] sp_neg[a]: (d_anchors, d_candidates, d_inv_temp, d_row_bias)",
-        py::arg("anchors"), py::arg("candidates"), py::arg("inv_temp"), py::arg("row_bias"),
-        py::arg("pos_index"), py::arg("self_index"), py::arg("g"), py::arg("need_d_anchors"),
-        py::arg("need_d_candidates"), py::arg("need_d_inv_temp"), py::arg("need_d_row_bias"));
+// The interface of macl_cpu.h, for float and double.
+template <typename T>
+void forward(const Problem& p, const T* anchors, const T* candidates, const T* inv_temp,
+             T* lse_neg, T* eqs) {
+  forward_impl<T>(p, anchors, candidates, inv_temp, lse_neg, eqs);
 }
+
+template <typename T>
+void backward(const Problem& p, const T* anchors, const T* candidates, const T* inv_temp,
+              const T* lse_neg, const T* g, T* d_anchors, T* d_candidates, T* d_inv_temp) {
+  backward_impl<T>(p, anchors, candidates, inv_temp, lse_neg, g, d_anchors, d_candidates,
+                   d_inv_temp);
+}
+
+template <typename T>
+void softplus_forward(const Problem& p, const T* anchors, const T* candidates, const T* inv_temp,
+                      const T* row_bias, T* sp_neg, T* aux) {
+  softplus_forward_impl<T>(p, anchors, candidates, inv_temp, row_bias, sp_neg, aux);
+}
+
+template <typename T>
+void softplus_backward(const Problem& p, const T* anchors, const T* candidates,
+                       const T* inv_temp, const T* row_bias, const T* g, T* d_anchors,
+                       T* d_candidates, T* d_inv_temp, T* d_row_bias) {
+  softplus_backward_impl<T>(p, anchors, candidates, inv_temp, row_bias, g, d_anchors,
+                            d_candidates, d_inv_temp, d_row_bias);
+}
+
+#define MACL_CPU_INSTANTIATE(T)                                                                 \
+  template void forward<T>(const Problem&, const T*, const T*, const T*, T*, T*);               \
+  template void backward<T>(const Problem&, const T*, const T*, const T*, const T*, const T*,   \
+                            T*, T*, T*);                                                        \
+  template void softplus_forward<T>(const Problem&, const T*, const T*, const T*, const T*, T*, \
+                                    T*);                                                        \
+  template void softplus_backward<T>(const Problem&, const T*, const T*, const T*, const T*,    \
+                                     const T*, T*, T*, T*, T*);
+MACL_CPU_INSTANTIATE(float)
+MACL_CPU_INSTANTIATE(double)
+#undef MACL_CPU_INSTANTIATE
+
+}  // namespace macl_cpu
+

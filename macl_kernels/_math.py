@@ -1,9 +1,10 @@
-"""The loss math of the fast path (``functional.py``): the per-row formulas around the primitive.
+"""The loss math of the fast path (``functional.py``, ``supervised.py``, ``sogclr.py`` and their
+shared ``_assembly.py``): the per-row formulas around the primitive.
 
 Kept apart from ``reference.py`` on purpose: the reference is the oracle every backend is tested
-against, so it keeps its own, naive implementations and the fast path imports nothing from it
-(a bug in a shared helper would pass every backend-vs-reference test). Formulas:
-``docs/math.md``.
+against, so it keeps its own, naive implementations, imports nothing from the package, and the
+fast path uses none of its helpers (only its losses, as ``backend="reference"``): a bug in a
+shared helper would pass every backend-vs-reference test. Formulas: ``docs/math.md``.
 """
 
 from __future__ import annotations

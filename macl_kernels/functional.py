@@ -23,12 +23,17 @@ softplus(-l_ap)``, the positive's term computed here in ``O(M D)``.
 Shapes: ``z1, z2`` are ``[N, D]``; anchors ``M`` = ``2N`` (layout ``"2n"``), ``N``
 (``"cross"``) or ``2N`` (``"cross_sym"``: the N row-anchors, then the N column-anchors).
 ``reduction="none"`` returns the ``M`` per-anchor losses in that order.
+
+One function per loss, as ``torch.nn.functional``: the set-up they share (validation, the
+layouts' blocks, the primitive's call, the distributed reference path) is ``_assembly.py``; the
+drop-in modules call these same functions, with their peers' edge behaviour set by
+``_assembly.peer_semantics`` (no extra argument, docs/design.md#module-map).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -36,6 +41,9 @@ from . import _math, primitive
 from . import _validate as V
 from ._validate import LAYOUTS  # noqa: F401  (the layouts every loss accepts; the tools list them)
 from . import distributed, reference
+from ._assembly import (check_temperature, constant_rows, finish, negative_lse,
+                        outside_autocast, peer, positive_similarity, prepare, record_stats,
+                        reference_loss, row_dot, scalar_rows, zero_if_no_negative)
 from ._math import MACL_TEMPERATURE_FLOOR, compute_dtype, softplus
 from .primitive import LogitMap, RowReduction
 from .primitive import available_backends, resolve_backend
@@ -46,307 +54,7 @@ __all__ = [
 ]
 
 
-class _Block(NamedTuple):
-    """Anchors against candidates; row ``a``'s positive is ``candidates[pos_index[a]]`` and,
-    when ``self_index`` is given, ``candidates[self_index[a]]`` is the anchor itself (skipped)."""
-
-    anchors: torch.Tensor
-    candidates: torch.Tensor
-    pos_index: torch.Tensor
-    self_index: Optional[torch.Tensor]
-    # False-negative masking: the anchors' and candidates' labels (docs/math.md#label-masked-negatives)
-    anchor_labels: Optional[torch.Tensor] = None
-    candidate_labels: Optional[torch.Tensor] = None
-    # The positives' rows, candidates[pos_index], built from views and slices rather than by a
-    # gather (an index copy and an index_put in backward); None: gather them.
-    pos_rows: Optional[torch.Tensor] = None
-    # Layout 2n on one process: the anchors are [u1; u2] and their positives [u2; u1], so the
-    # positive similarities are u1 . u2 twice; (u1, u2) here computes them once.
-    pos_halves: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-
-
-def _with_labels(blocks, labels, layout: str, prep_dist=None):
-    """Attach the rows' labels to the blocks of ``layout`` (gathered like the candidates)."""
-    if labels is None:
-        return blocks
-    y = labels.to(torch.int64)
-    y_all = y if prep_dist is None else distributed.gather_no_grad(y, prep_dist)
-    if layout == "2n":
-        (b,) = blocks
-        return [b._replace(anchor_labels=torch.cat([y, y]),
-                           candidate_labels=torch.cat([y_all, y_all]))]
-    return [b._replace(anchor_labels=y, candidate_labels=y_all) for b in blocks]
-
-
-def _blocks(u1: torch.Tensor, u2: torch.Tensor, layout: str, prep_dist=None, gather=None,
-            negatives: Optional[torch.Tensor] = None):
-    """The anchor/candidate blocks of ``layout``. Distributed: the anchors are the local rows,
-    the candidates every rank's rows (``gather``), positives and self offset by ``rank * n``.
-
-    ``negatives`` (extra candidate rows, already in the compute dtype and gathered) are appended
-    after the layout's own candidates, so no index moves: every anchor of ``2n`` and ``cross``
-    sees them, in ``cross_sym`` only the row direction (the ``u1`` anchors) does."""
-    n = u1.shape[0]
-    if prep_dist is None:
-        offset, total, u1_all, u2_all = 0, n, u1, u2
-    else:
-        offset, total = prep_dist.rank * n, prep_dist.world_size * n
-        u1_all, u2_all = gather(u1), gather(u2)
-    rows = torch.arange(n, device=u1.device) + offset
-
-    def with_negatives(candidates):
-        return candidates if negatives is None else torch.cat([candidates, negatives])
-
-    def local(rows_all):  # this rank's rows of a gathered tensor: the positives of its anchors
-        return rows_all if prep_dist is None else rows_all.narrow(0, offset, n)
-
-    if layout == "2n":
-        # Local anchors [u1; u2] against all candidates [u1_all; u2_all]. Single process: one
-        # tensor for both, S = U U^T is symmetric and a backend may exploit that.
-        U = torch.cat([u1, u2])
-        U_all = U if prep_dist is None else torch.cat([u1_all, u2_all])
-        if prep_dist is None:
-            return [_Block(U, with_negatives(U), torch.cat([rows + total, rows]),
-                           torch.cat([rows, rows + total]), pos_halves=(u1, u2))]
-        return [_Block(U, with_negatives(U_all), torch.cat([rows + total, rows]),
-                       torch.cat([rows, rows + total]),
-                       pos_rows=torch.cat([local(u2_all), local(u1_all)]))]
-    if layout == "cross":
-        return [_Block(u1, with_negatives(u2_all), rows, None, pos_rows=local(u2_all))]
-    return [_Block(u1, with_negatives(u2_all), rows, None, pos_rows=local(u2_all)),
-            _Block(u2, u1_all, rows, None, pos_rows=local(u1_all))]
-
-
-def _negatives_per_anchor(layout: str, total_rows: int, extra: int) -> int:
-    """The fewest negatives any anchor of ``layout`` has (shapes only: no data, no sync)."""
-    if layout == "2n":
-        return 2 * total_rows - 2 + extra
-    if layout == "cross":
-        return total_rows - 1 + extra
-    return total_rows - 1  # cross_sym: the column direction sees no extra negatives
-
-
-def _local_anchor_rows(layout: str, n: int, ctx) -> torch.Tensor:
-    """Where this rank's anchors sit among the global batch's anchors (in ``"none"`` order)."""
-    rows = torch.arange(n) + ctx.rank * n
-    if layout == "cross":
-        return rows
-    return torch.cat([rows, rows + ctx.world_size * n])
-
-
-def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``(x * y).sum(1)`` (``linalg.vecdot``: fastest of the forms measured on the CPU; a batched
-    ``bmm`` was 3-4x slower); its ``[M, D]`` temporary lives only inside the forward call."""
-    return torch.linalg.vecdot(x, y, dim=1)
-
-
-def _positive_similarity(blocks) -> torch.Tensor:
-    """``S_a,p(a)`` of every block's anchors. The pairs that occur twice on one process are
-    computed once: layout 2n's ``u1 . u2`` (anchors ``a`` and ``a + N``) and, for two blocks that
-    are each other's transpose (cross_sym), the second block's ``u2 . u1``."""
-    if (len(blocks) == 2 and blocks[0].pos_rows is not None
-            and blocks[1].anchors is blocks[0].pos_rows
-            and blocks[1].pos_rows is blocks[0].anchors):
-        s = _row_dot(blocks[0].anchors, blocks[0].pos_rows)
-        return torch.cat([s, s])
-    parts = []
-    for b in blocks:
-        if b.pos_halves is not None:
-            s = _row_dot(*b.pos_halves)
-            parts += [s, s]
-        else:
-            parts.append(_row_dot(b.anchors, b.candidates[b.pos_index] if b.pos_rows is None
-                                  else b.pos_rows))
-    return torch.cat(parts)
-
-
-def _negative_lse(prep, inv_temp: Optional[torch.Tensor],
-                  logit_map: LogitMap = LogitMap.SCALED, artanh_scale: float = 0.0,
-                  artanh_eps: float = 0.0):
-    """``lse_neg`` of every block's anchor rows by the backend's primitive, through the custom
-    op of ``_ops.py`` (opaque to ``torch.compile``). ``operand_dtype`` (the inputs' dtype) tells a
-    kernel which precision its GEMM operands may be rounded to (the tensor cores for half inputs);
-    statistics and gradients stay in the compute dtype. A block whose anchors are its candidates
-    (layout 2n, one process) passes them once: ``S`` is symmetric. Two blocks that are each
-    other's transpose (layout cross_sym, one process: ``u1`` against ``u2`` and ``u2`` against
-    ``u1``) are one call in both directions: each tile of ``S`` serves the rows and the columns.
-    Distributed, the two blocks' candidates are every rank's rows, not the other block's anchors,
-    so they stay two calls; so do blocks with a label mask (false-negative masking)."""
-    blocks = prep.blocks
-    if (len(blocks) == 2 and blocks[0].anchors is blocks[1].candidates
-            and blocks[0].candidates is blocks[1].anchors
-            and all(b.anchor_labels is None for b in blocks)):  # labels: two calls
-        rows, cols = blocks
-        self_index = (None if rows.self_index is None and cols.self_index is None
-                      else torch.cat([rows.self_index, cols.self_index]))
-        return primitive.negative_lse(prep.name, rows.anchors, rows.candidates, inv_temp,
-                                 torch.cat([rows.pos_index, cols.pos_index]), self_index,
-                                 logit_map, artanh_scale, artanh_eps, prep.out_dtype,
-                                 both_directions=True)
-    out, r0 = [], 0
-    for b in blocks:
-        m = b.anchors.shape[0]
-        inv_temp_rows = inv_temp[r0:r0 + m] if inv_temp is not None else None
-        candidates = None if b.candidates is b.anchors else b.candidates
-        out.append(primitive.negative_lse(prep.name, b.anchors, candidates, inv_temp_rows,
-                                     b.pos_index, b.self_index, logit_map, artanh_scale,
-                                     artanh_eps, prep.out_dtype, anchor_labels=b.anchor_labels,
-                                     candidate_labels=None if candidates is None
-                                     else b.candidate_labels))
-        r0 += m
-    return torch.cat(out)
-
-
-class _Prepared(NamedTuple):
-    u1: Optional[torch.Tensor]  # local rows, normalised (None for the reference backend)
-    u2: Optional[torch.Tensor]
-    blocks: Optional[list]
-    name: str  # the resolved backend's name
-    out_dtype: torch.dtype
-    dist: Optional[distributed.DistContext]  # None: the local loss
-    gather: Optional[Callable]  # rows of every rank, with the gradient semantics asked for
-    negatives: Optional[torch.Tensor] = None  # extra candidates as given (reference backend)
-
-    @property
-    def is_reference(self) -> bool:
-        return self.name == "reference"
-
-
-_GATHERS = {"with_grad": distributed.gather_with_grad,
-            "local_grad": distributed.gather_local_grad,
-            "no_grad": distributed.gather_no_grad}
-
-
-def _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
-             names=("z1", "z2"), gather_kind="with_grad", negatives=None, allow_empty=False,
-             labels=None):
-    """Shared validation and set-up of every loss. ``validate`` (True, False or "full", see
-    ``_validate.py``): only ``"full"`` reads tensor data. ``allow_empty``: the drop-ins' peers
-    accept a batch whose anchors have no negative (``lse_neg = -inf``, the peers' value)."""
-    mode = V.check_validate(validate)
-    V.check_embedding_pair(names[0], z1, names[1], z2, validate=mode)
-    V.check_choice("layout", layout, V.LAYOUTS)
-    V.check_choice("reduction", reduction, V.REDUCTIONS)
-    V.check_bool("normalize", normalize)
-    V.check_bool("gather_distributed", gather_distributed)
-    V.check_backend(backend)
-    negatives = V.check_negatives("negatives", negatives, z1, mode)
-    if labels is not None:
-        labels = V.check_labels("labels", labels, z1.shape[0], z1, mode)
-        if negatives is not None:
-            raise ValueError("labels cannot be combined with negatives (the extra candidates "
-                             "carry no labels)")
-    name = resolve_backend(backend, z1.device, z1.shape[1], z1.dtype)
-    ctx = distributed.context(gather_distributed)
-    if mode != "none" and not allow_empty:
-        extra = 0 if negatives is None else negatives.shape[0]
-        V.check_has_negatives(
-            _negatives_per_anchor(layout, z1.shape[0] * (1 if ctx is None else ctx.world_size),
-                                  extra * (1 if ctx is None else ctx.world_size)),
-            f"a batch of {z1.shape[0]} row(s)" + ("" if ctx is None else
-                                                  f" on each of {ctx.world_size} ranks")
-            + f" in layout {layout!r}" + ("" if negatives is None else
-                                          f" with {negatives.shape[0]} extra negatives"))
-    gather = None
-    if ctx is not None:
-        distributed.check_equal_rows(z1.shape[0], z1.device, ctx)
-        if negatives is not None:
-            distributed.check_equal_rows(negatives.shape[0], z1.device, ctx, what="negatives")
-        gather = functools.partial(_GATHERS[gather_kind], ctx=ctx)
-    if name == "reference":
-        return _Prepared(None, None, None, name, z1.dtype, ctx, gather, negatives)
-    u1, u2 = (_math.normalize(z, normalize) for z in (z1, z2))
-    neg = None
-    if negatives is not None:
-        neg = _math.normalize(negatives.to(u1.dtype), normalize)
-        if ctx is not None:
-            neg = gather(neg)
-    blocks = _with_labels(_blocks(u1, u2, layout, ctx, gather, neg), labels, layout, ctx)
-    return _Prepared(u1, u2, blocks, name, z1.dtype, ctx, gather)
-
-
-def _reference_loss(prep: _Prepared, fn: Callable, z1, z2, layout: str, reduction: str,
-                    **kwargs):
-    """The full-matrix oracle. Distributed, it computes the global batch's per-anchor losses from
-    the gathered inputs and keeps this rank's anchors: the same semantics as the kernels' path
-    (local anchors, gathered candidates) at the oracle's ``O(M * K)`` cost."""
-    if prep.negatives is not None:
-        kwargs["negatives"] = prep.negatives
-    if kwargs.get("labels") is None:
-        kwargs.pop("labels", None)
-    elif prep.dist is not None:
-        kwargs["labels"] = distributed.gather_no_grad(kwargs["labels"].to(torch.int64), prep.dist)
-    if prep.dist is None:
-        return fn(z1, z2, layout=layout, reduction=reduction, **kwargs)
-    wide = compute_dtype(z1.dtype)  # the reference computes in this dtype anyway
-    z1_all, z2_all = (prep.gather(z.to(wide)) for z in (z1, z2))
-    if prep.negatives is not None:
-        kwargs["negatives"] = prep.gather(prep.negatives.to(wide))
-    if kwargs.get("weights") is not None:  # one per local anchor row, in local "none" order
-        halves = kwargs["weights"].to(wide).chunk(1 if layout == "cross" else 2)
-        kwargs["weights"] = torch.cat([prep.gather(h) for h in halves])
-    per_anchor = fn(z1_all, z2_all, layout=layout, reduction="none", **kwargs)
-    stats = None
-    if isinstance(per_anchor, tuple):  # MACL's (loss, tau, alignment)
-        per_anchor, tau, alignment = per_anchor
-        rows = _local_anchor_rows(layout, z1.shape[0], prep.dist).to(per_anchor.device)
-        stats = (tau[rows] if tau.dim() == 1 else tau, alignment[rows] if alignment.dim() == 1
-                 else alignment)
-    rows = _local_anchor_rows(layout, z1.shape[0], prep.dist).to(per_anchor.device)
-    out = _math.reduce(per_anchor.to(wide)[rows], reduction, z1.dtype)
-    return (out, *stats) if stats is not None else out
-
-
-def _constant_rows(value: float, m: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.full((m,), value, dtype=like.dtype, device=like.device)
-
-
-def _dclw_weights(prep: _Prepared, sigma: float) -> torch.Tensor:
-    """DCLW's ``w_i = 2 - N softmax_i(u1_i . u2_i / sigma)`` over the global batch (no gradient)."""
-    alignment = (prep.u1.detach() * prep.u2.detach()).sum(1)
-    if prep.dist is None:
-        return _math.dclw_weights(alignment, sigma)
-    n, ctx = prep.u1.shape[0], prep.dist
-    weights = _math.dclw_weights(distributed.gather_no_grad(alignment, ctx), sigma)
-    return weights[ctx.rank * n:(ctx.rank + 1) * n]
-
-
-def _finish(per_anchor: torch.Tensor, reduction: str, out_dtype: torch.dtype) -> torch.Tensor:
-    return _math.reduce(per_anchor, reduction, out_dtype)
-
-
-def _outside_autocast(fn: Callable) -> Callable:
-    """Run a loss with autocast off. Under ``torch.autocast`` the embeddings arrive in half
-    precision; the loss upcasts them itself (float32 logits, LSE and accumulators, docs/math.md#numerical-hazards)
-    and returns the loss and gradients in the inputs' dtype. Left on, autocast would silently
-    round the similarity GEMMs of the reference and torch backends to half precision."""
-
-    @functools.wraps(fn)
-    def wrapper(z1, *args, **kwargs):
-        device_type = z1.device.type if isinstance(z1, torch.Tensor) else "cpu"
-        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-            with torch.autocast(device_type, enabled=False):
-                return fn(z1, *args, **kwargs)
-        return fn(z1, *args, **kwargs)
-
-    return wrapper
-
-
-# --------------------------------------------------------------------------------------------
-# Public losses
-# --------------------------------------------------------------------------------------------
-
-def _temperature(value, any_sign: bool) -> float:
-    """``> 0``; the drop-ins whose peer computes with a negative temperature pass ``any_sign``
-    (then only zero is refused: it divides)."""
-    if not any_sign:
-        return V.check_positive("temperature", value)
-    value = V.check_real("temperature", value)
-    if value == 0:
-        raise ValueError("temperature must be non-zero, got 0.0")
-    return value
-
-
+@outside_autocast
 def infonce_loss(z1, z2, *, temperature=0.1, layout="2n", normalize=True, reduction="mean",
                  gather_distributed=False, backend="auto", validate=True, negatives=None,
                  labels=None):
@@ -378,38 +86,21 @@ def infonce_loss(z1, z2, *, temperature=0.1, layout="2n", normalize=True, reduct
             gets loss 0 (and no gradient). Distributed, the labels are gathered too. Not with
             ``negatives``.
     """
-    return _infonce(z1, z2, temperature=temperature, layout=layout, normalize=normalize,
-                    reduction=reduction, gather_distributed=gather_distributed, backend=backend,
-                    validate=validate, negatives=negatives, labels=labels)
-
-
-@_outside_autocast
-def _infonce(z1, z2, *, temperature, layout, normalize, reduction, gather_distributed, backend,
-             validate, negatives=None, lenient=False, labels=None):
-    """``infonce_loss``; ``lenient`` (the drop-ins): any non-zero temperature, and anchors
-    without negatives give the peers' loss 0."""
-    temperature = _temperature(temperature, lenient)
-    prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
-                    negatives=negatives, allow_empty=lenient, labels=labels)
+    lenient = peer().lenient  # NTXentLoss: any non-zero temperature, a batch of one gives 0
+    temperature = check_temperature(temperature, lenient)
+    prep = prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
+                   negatives=negatives, allow_empty=lenient, labels=labels)
     if prep.is_reference:
-        return _reference_loss(prep, reference.infonce_loss, z1, z2, layout, reduction,
+        return reference_loss(prep, reference.infonce_loss, z1, z2, layout, reduction,
                                temperature=temperature, normalize=normalize, labels=labels)
-    s_pos = _positive_similarity(prep.blocks)
-    inv_temp = _constant_rows(1.0 / temperature, s_pos.shape[0], s_pos)
-    lse_neg = _negative_lse(prep, inv_temp)
+    s_pos = positive_similarity(prep.blocks)
+    inv_temp = constant_rows(1.0 / temperature, s_pos.shape[0], s_pos)
+    lse_neg = negative_lse(prep, inv_temp)
     per_anchor = softplus(lse_neg - inv_temp * s_pos)
-    return _finish(_zero_if_no_negative(per_anchor, lse_neg, labels), reduction, prep.out_dtype)
+    return finish(zero_if_no_negative(per_anchor, lse_neg, labels), reduction, prep.out_dtype)
 
 
-def _zero_if_no_negative(per_anchor, lse_neg, labels):
-    """With labels, an anchor whose every candidate shares its label has ``lse_neg = -inf``: its
-    loss is 0 with no gradient (docs/math.md#label-masked-negatives), not DCL's ``-inf`` or
-    MACL's 1."""
-    if labels is None:
-        return per_anchor
-    return torch.where(lse_neg == float("-inf"), torch.zeros_like(per_anchor), per_anchor)
-
-
+@outside_autocast
 def clip_loss(image_features, text_features, logit_scale, *, normalize=True, reduction="mean",
               gather_distributed=False, backend="auto", validate=True, negatives=None):
     """Symmetric CLIP loss: ``l_ij = s S_ij``, the mean of the row-wise and column-wise
@@ -419,23 +110,13 @@ def clip_loss(image_features, text_features, logit_scale, *, normalize=True, red
     requires grad, ``dL/ds = sum_ij G_ij S_ij`` is returned to it). ``negatives``: extra text
     candidates ``[K', D]`` (hard-negative captions) seen by the image anchors only.
     """
-    return _clip(image_features, text_features, logit_scale, normalize=normalize,
-                 reduction=reduction, gather_distributed=gather_distributed, backend=backend,
-                 validate=validate, negatives=negatives)
-
-
-@_outside_autocast
-def _clip(image_features, text_features, logit_scale, *, normalize, reduction,
-          gather_distributed, backend, validate, gather_kind="with_grad", negatives=None,
-          lenient=False):
-    """``clip_loss``. ``gather_kind``: ``"local_grad"`` is OpenCLIP's ``gather_with_grad=False``
-    with the local slice attached, ``"no_grad"`` all gathered rows detached (OpenCLIP's
-    ``local_loss=True, gather_with_grad=False``). ``lenient``: OpenCLIP's edge behaviour (a batch
-    of one gives 0, any finite float scale)."""
-    prep = _prepare(image_features, text_features, "cross_sym", normalize, reduction,
-                    gather_distributed, backend, validate,
-                    names=("image_features", "text_features"), gather_kind=gather_kind,
-                    negatives=negatives, allow_empty=lenient)
+    # ClipLoss: OpenCLIP's edge behaviour (a batch of one gives 0, any finite float scale) and its
+    # gather semantics (``PeerSemantics.gather_kind``).
+    lenient, gather_kind = peer().lenient, peer().gather_kind
+    prep = prepare(image_features, text_features, "cross_sym", normalize, reduction,
+                   gather_distributed, backend, validate,
+                   names=("image_features", "text_features"), gather_kind=gather_kind,
+                   negatives=negatives, allow_empty=lenient)
     logit_scale = V.check_logit_scale(logit_scale, image_features,
                                       validate=V.check_validate(validate), any_sign=lenient)
     if prep.is_reference and prep.dist is not None and gather_kind == "no_grad":
@@ -458,17 +139,28 @@ def _clip(image_features, text_features, logit_scale, *, normalize, reduction,
         def reference_clip(z1, z2, layout, **kwargs):
             return reference.clip_loss(z1, z2, logit_scale, **kwargs)
 
-        return _reference_loss(prep, reference_clip, image_features, text_features, "cross_sym",
+        return reference_loss(prep, reference_clip, image_features, text_features, "cross_sym",
                                reduction, normalize=normalize)
-    s_pos = _positive_similarity(prep.blocks)
+    s_pos = positive_similarity(prep.blocks)
     if isinstance(logit_scale, torch.Tensor):
         inv_temp = logit_scale.to(device=s_pos.device, dtype=s_pos.dtype).expand(s_pos.shape[0])
     else:
-        inv_temp = _constant_rows(logit_scale, s_pos.shape[0], s_pos)
-    x = _negative_lse(prep, inv_temp) - inv_temp * s_pos
-    return _finish(softplus(x), reduction, prep.out_dtype)
+        inv_temp = constant_rows(logit_scale, s_pos.shape[0], s_pos)
+    x = negative_lse(prep, inv_temp) - inv_temp * s_pos
+    return finish(softplus(x), reduction, prep.out_dtype)
 
 
+def _dclw_weights(prep, sigma: float) -> torch.Tensor:
+    """DCLW's ``w_i = 2 - N softmax_i(u1_i . u2_i / sigma)`` over the global batch (no gradient)."""
+    alignment = (prep.u1.detach() * prep.u2.detach()).sum(1)
+    if prep.dist is None:
+        return _math.dclw_weights(alignment, sigma)
+    n, ctx = prep.u1.shape[0], prep.dist
+    weights = _math.dclw_weights(distributed.gather_no_grad(alignment, ctx), sigma)
+    return weights[ctx.rank * n:(ctx.rank + 1) * n]
+
+
+@outside_autocast
 def dcl_loss(z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, layout="2n", normalize=True,
              reduction="mean", gather_distributed=False, backend="auto", validate=True,
              weights: Optional[torch.Tensor] = None, negatives=None, labels=None):
@@ -479,41 +171,54 @@ def dcl_loss(z1, z2, *, temperature=0.1, weighted=False, sigma=0.5, layout="2n",
     may carry gradient) overrides both: it is how ``DCLLoss(weight_fn=...)`` reaches the kernels.
     ``negatives``: extra candidates, ``labels``: false-negative masking, as in ``infonce_loss``.
     """
-    return _dcl(z1, z2, temperature=temperature, weighted=weighted, sigma=sigma, layout=layout,
-                normalize=normalize, reduction=reduction, gather_distributed=gather_distributed,
-                backend=backend, validate=validate, weights=weights, negatives=negatives,
-                labels=labels)
-
-
-@_outside_autocast
-def _dcl(z1, z2, *, temperature, weighted, sigma, layout, normalize, reduction,
-         gather_distributed, backend, validate, weights=None, negatives=None, lenient=False,
-         labels=None):
-    """``dcl_loss``; ``lenient`` as lightly's DCL: any non-zero temperature, and a batch of one
-    gives ``-inf`` (the LSE over an empty set of negatives)."""
-    temperature = _temperature(temperature, lenient)
+    # DCLLoss / DCLWLoss: lightly's any non-zero temperature, and a batch of one gives ``-inf``
+    # (the LSE over an empty set of negatives).
+    lenient = peer().lenient
+    temperature = check_temperature(temperature, lenient)
     sigma = V.check_positive("sigma", sigma)
     V.check_bool("weighted", weighted)
-    prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
-                    negatives=negatives, allow_empty=lenient, labels=labels)
+    prep = prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
+                   negatives=negatives, allow_empty=lenient, labels=labels)
     m = z1.shape[0] * (1 if layout == "cross" else 2)
     weights = V.optional_tensor_arg("weights", weights, m, z1)
     if prep.is_reference:
-        return _reference_loss(prep, reference.dcl_loss, z1, z2, layout, reduction,
+        return reference_loss(prep, reference.dcl_loss, z1, z2, layout, reduction,
                                temperature=temperature, weighted=weighted, sigma=sigma,
                                normalize=normalize, weights=weights, labels=labels)
-    s_pos = _positive_similarity(prep.blocks)
-    inv_temp = _constant_rows(1.0 / temperature, m, s_pos)
+    s_pos = positive_similarity(prep.blocks)
+    inv_temp = constant_rows(1.0 / temperature, m, s_pos)
     if weights is None:
         weights = (
             _math.per_anchor_rows(_dclw_weights(prep, sigma), layout)
             if weighted else torch.ones_like(s_pos)
         )
-    lse_neg = _negative_lse(prep, inv_temp)
+    lse_neg = negative_lse(prep, inv_temp)
     per_anchor = lse_neg - weights * (inv_temp * s_pos)
-    return _finish(_zero_if_no_negative(per_anchor, lse_neg, labels), reduction, prep.out_dtype)
+    return finish(zero_if_no_negative(per_anchor, lse_neg, labels), reduction, prep.out_dtype)
 
 
+def _macl_options(temperature, alpha, a0, schedule, temperature_mode, reweight):
+    temperature = V.check_positive("temperature", temperature)
+    alpha = V.check_real("alpha", alpha)
+    a0 = V.check_real("a0", a0)
+    V.check_choice("schedule", schedule, V.SCHEDULES)
+    V.check_choice("temperature_mode", temperature_mode, V.TEMPERATURE_MODES)
+    V.check_bool("reweight", reweight)
+    if schedule == "exp" and alpha <= 0:
+        raise ValueError(f"alpha must be > 0 for schedule='exp' (tau = t0 * alpha ** A), got "
+                         f"{alpha}")
+    return temperature, alpha, a0
+
+
+def _macl_rows(x: torch.Tensor, reweight: bool) -> torch.Tensor:
+    """MACL's per-anchor loss from ``x_a``: value ``(1 + e^-x) softplus(x)``, gradient in ``x``
+    exactly ``sg(V) sigmoid(x) = 1``."""
+    if reweight:
+        return _math.macl_value(x).detach() + (x - x.detach())
+    return softplus(x)
+
+
+@outside_autocast
 def macl_loss(z1, z2, *, temperature=0.1, alpha=0.5, a0=0.0, schedule="linear",
               temperature_mode="batch", reweight=True, layout="2n", normalize=True,
               reduction="mean", gather_distributed=False, backend="auto", validate=True,
@@ -529,64 +234,35 @@ def macl_loss(z1, z2, *, temperature=0.1, alpha=0.5, a0=0.0, schedule="linear",
     enter ``A``). With a MoCo queue: ``moco_loss(..., loss="macl")``. ``labels``: false-negative
     masking as in ``infonce_loss`` (``A`` stays over the augmentation pairs).
     """
-    loss, _, _ = _macl(z1, z2, temperature=temperature, alpha=alpha, a0=a0, schedule=schedule,
-                       temperature_mode=temperature_mode, reweight=reweight, layout=layout,
-                       normalize=normalize, reduction=reduction,
-                       gather_distributed=gather_distributed, backend=backend, validate=validate,
-                       negatives=negatives, labels=labels)
-    return loss
-
-
-def _macl_options(temperature, alpha, a0, schedule, temperature_mode, reweight):
-    temperature = V.check_positive("temperature", temperature)
-    alpha = V.check_real("alpha", alpha)
-    a0 = V.check_real("a0", a0)
-    V.check_choice("schedule", schedule, V.SCHEDULES)
-    V.check_choice("temperature_mode", temperature_mode, V.TEMPERATURE_MODES)
-    V.check_bool("reweight", reweight)
-    if schedule == "exp" and alpha <= 0:
-        raise ValueError(f"alpha must be > 0 for schedule='exp' (tau = t0 * alpha ** A), got {alpha}")
-    return temperature, alpha, a0
-
-
-def _macl_rows(x: torch.Tensor, reweight: bool) -> torch.Tensor:
-    """MACL's per-anchor loss from ``x_a``: value ``(1 + e^-x) softplus(x)``, gradient in ``x``
-    exactly ``sg(V) sigmoid(x) = 1``."""
-    if reweight:
-        return _math.macl_value(x).detach() + (x - x.detach())
-    return softplus(x)
-
-
-@_outside_autocast
-def _macl(z1, z2, *, temperature, alpha, a0, schedule, temperature_mode, reweight, layout,
-          normalize, reduction, gather_distributed, backend, validate, negatives=None,
-          labels=None):
-    """``macl_loss`` plus the temperature and alignment it used (detached, for logging)."""
     temperature, alpha, a0 = _macl_options(temperature, alpha, a0, schedule, temperature_mode,
                                            reweight)
-    prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
-                    negatives=negatives, labels=labels)
+    prep = prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
+                   negatives=negatives, labels=labels)
     if prep.is_reference:
-        return _reference_loss(prep, reference.macl_loss, z1, z2, layout, reduction, labels=labels,
-                               temperature=temperature, alpha=alpha, a0=a0, schedule=schedule,
-                               temperature_mode=temperature_mode, reweight=reweight,
-                               normalize=normalize, return_stats=True)
-    s_pos = _positive_similarity(prep.blocks)
+        loss, tau, alignment = reference_loss(
+            prep, reference.macl_loss, z1, z2, layout, reduction, labels=labels,
+            temperature=temperature, alpha=alpha, a0=a0, schedule=schedule,
+            temperature_mode=temperature_mode, reweight=reweight, normalize=normalize,
+            return_stats=True)
+        record_stats(tau, alignment)
+        return loss
+    s_pos = positive_similarity(prep.blocks)
     alignment = s_pos.detach()
     if temperature_mode == "batch":  # the global batch's mean: one all-reduce of a scalar
         alignment = alignment.mean() if prep.dist is None else distributed.global_mean(
             alignment, prep.dist)
     tau = _math.macl_temperature(alignment, temperature, alpha, a0, schedule)
     inv_temp = (1.0 / tau).expand(s_pos.shape[0])
-    lse_neg = _negative_lse(prep, inv_temp)
+    lse_neg = negative_lse(prep, inv_temp)
     x = lse_neg - inv_temp * s_pos
     if labels is not None:  # an empty Neg(a) (x = -inf): a harmless x there, the row is zeroed
         x = torch.where(lse_neg == float("-inf"), torch.zeros_like(x), x)
-    per_anchor = _zero_if_no_negative(_macl_rows(x, reweight), lse_neg, labels)
-    return _finish(per_anchor, reduction, prep.out_dtype), tau, alignment
+    per_anchor = zero_if_no_negative(_macl_rows(x, reweight), lse_neg, labels)
+    record_stats(tau, alignment.detach())  # MACLLoss logs them (last_temperature, ...)
+    return finish(per_anchor, reduction, prep.out_dtype)
 
 
-@_outside_autocast
+@outside_autocast
 def tfree_loss(z1, z2, *, scale=2.0, eps=1e-6, layout="2n", normalize=True, reduction="mean",
                gather_distributed=False, backend="auto", validate=True, negatives=None):
     """Temperature-free InfoNCE: ``l_ak = scale * artanh(clamp(S_ak, -1 + eps, 1 - eps))``,
@@ -594,15 +270,15 @@ def tfree_loss(z1, z2, *, scale=2.0, eps=1e-6, layout="2n", normalize=True, redu
     ``negatives``: extra candidates, as in ``infonce_loss``."""
     scale = V.check_positive("scale", scale)
     eps = V.check_open_unit("eps", eps)
-    prep = _prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
-                    negatives=negatives)
+    prep = prepare(z1, z2, layout, normalize, reduction, gather_distributed, backend, validate,
+                   negatives=negatives)
     if prep.is_reference:
-        return _reference_loss(prep, reference.tfree_loss, z1, z2, layout, reduction,
+        return reference_loss(prep, reference.tfree_loss, z1, z2, layout, reduction,
                                scale=scale, eps=eps, normalize=normalize)
-    s_pos = _positive_similarity(prep.blocks)
+    s_pos = positive_similarity(prep.blocks)
     l_pos = scale * torch.atanh(s_pos.clamp(-1 + eps, 1 - eps))
-    x = _negative_lse(prep, None, LogitMap.ARTANH, scale, eps) - l_pos
-    return _finish(softplus(x), reduction, prep.out_dtype)
+    x = negative_lse(prep, None, LogitMap.ARTANH, scale, eps) - l_pos
+    return finish(softplus(x), reduction, prep.out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -625,8 +301,9 @@ class _FixedCandidatesLse(torch.autograd.Function):
     def forward(ctx, backend, anchors, candidates, inv_temp, pos_index, operand_dtype):
         need_anchors, need_inv_temp = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
         scalars = (int(LogitMap.SCALED), 0.0, 0.0, operand_dtype)
-        lse_neg, aux, _ = primitive.negative_lse_op(backend, anchors, candidates, inv_temp, pos_index,
-                                               None, *scalars, need_anchors or need_inv_temp)
+        lse_neg, aux, _ = primitive.negative_lse_op(backend, anchors, candidates, inv_temp,
+                                                    pos_index, None, *scalars,
+                                                    need_anchors or need_inv_temp)
         d_anchors = d_inv_temp = None
         if need_anchors or need_inv_temp:
             d_anchors, _, d_inv_temp, _ = primitive.negative_lse_backward_op(
@@ -643,6 +320,7 @@ class _FixedCandidatesLse(torch.autograd.Function):
                 None if d_inv_temp is None else g * d_inv_temp, None, None)
 
 
+@outside_autocast
 def moco_loss(query, key, bank, *, temperature=0.1, loss="infonce", alpha=0.5, a0=0.0,
               schedule="linear", temperature_mode="batch", in_batch_negatives=False,
               normalize=True, reduction="mean", gather_distributed=False, backend="auto",
@@ -667,25 +345,13 @@ def moco_loss(query, key, bank, *, temperature=0.1, loss="infonce", alpha=0.5, a
     ``query`` and (through its positive logit, and the in-batch negatives) ``key``; never the
     bank. The bank's rows are not saved for backward: it may be updated in place after the call.
     """
-    return _moco(query, key, bank, temperature=temperature, loss=loss, alpha=alpha, a0=a0,
-                 schedule=schedule, temperature_mode=temperature_mode,
-                 in_batch_negatives=in_batch_negatives, normalize=normalize,
-                 reduction=reduction, gather_distributed=gather_distributed, backend=backend,
-                 validate=validate)
-
-
-@_outside_autocast
-def _moco(query, key, bank, *, temperature, loss, alpha, a0, schedule, temperature_mode,
-          in_batch_negatives, normalize, reduction, gather_distributed, backend, validate,
-          lenient=False):
-    """``moco_loss``; ``lenient`` (lightly's NTXentLoss): any non-zero temperature."""
     mode = V.check_validate(validate)
     V.check_choice("loss", loss, V.MOCO_LOSSES)
     if loss == "macl":
         temperature, alpha, a0 = _macl_options(temperature, alpha, a0, schedule,
                                                temperature_mode, True)
     else:
-        temperature = _temperature(temperature, lenient)
+        temperature = check_temperature(temperature, peer().lenient)  # lightly: any sign
     V.check_embedding_pair("query", query, "key", key, validate=mode)
     V.check_bool("in_batch_negatives", in_batch_negatives)
     V.check_bool("normalize", normalize)
@@ -716,12 +382,12 @@ def _moco(query, key, bank, *, temperature, loss, alpha, a0, schedule, temperatu
                                          normalize=normalize, reduction="none")
         return _math.reduce(per_anchor.to(wide), reduction, query.dtype)
     n = u_q.shape[0]
-    inv_temp = (1.0 / tau).expand(n) if tau is not None else _constant_rows(1.0 / temperature,
-                                                                             n, u_q)
+    inv_temp = (1.0 / tau).expand(n) if tau is not None else constant_rows(1.0 / temperature,
+                                                                            n, u_q)
     if in_batch_negatives:
         rows = torch.arange(n, device=u_q.device)
         lse_neg = primitive.negative_lse(name, u_q, torch.cat([u_k, bank_rows]), inv_temp, rows,
-                                    None, operand_dtype=query.dtype)
+                                         None, operand_dtype=query.dtype)
     else:
         no_positive = torch.full((n,), -1, dtype=torch.int64, device=u_q.device)
         lse_neg = _FixedCandidatesLse.apply(name, u_q.contiguous(), bank_rows.contiguous(),
@@ -733,9 +399,10 @@ def _moco(query, key, bank, *, temperature, loss, alpha, a0, schedule, temperatu
         per_anchor = x
     else:
         per_anchor = _macl_rows(x, True)
-    return _finish(per_anchor, reduction, query.dtype)
+    return finish(per_anchor, reduction, query.dtype)
 
 
+@outside_autocast
 def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, normalize=True,
                 reduction="mean", gather_distributed=False, backend="auto", validate=True):
     """SigLIP's pairwise sigmoid loss (OpenCLIP's ``SigLipLoss``): ``l_ij = t S_ij + b``, labels
@@ -757,22 +424,6 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, 
             gradient) the candidates, the positive at ``rank * K + i``.
         backend, validate: as for ``clip_loss``.
     """
-    return _siglip(image_features, text_features, logit_scale, logit_bias, normalize=normalize,
-                   reduction=reduction, gather_distributed=gather_distributed, backend=backend,
-                   validate=validate)
-
-
-def _scalar_rows(value, m: int, like: torch.Tensor) -> torch.Tensor:
-    """A float or a 0-d tensor as ``m`` rows of ``like``'s dtype and device (a tensor keeps its
-    autograd graph: the rows' gradients sum back into it)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device=like.device, dtype=like.dtype).expand(m)
-    return _constant_rows(value, m, like)
-
-
-@_outside_autocast
-def _siglip(image_features, text_features, logit_scale, logit_bias, *, normalize, reduction,
-            gather_distributed, backend, validate):
     mode = V.check_validate(validate)
     B, K = V.check_image_text(image_features, text_features, validate=mode)
     V.check_choice("reduction", reduction, V.REDUCTIONS)
@@ -807,12 +458,12 @@ def _siglip(image_features, text_features, logit_scale, logit_bias, *, normalize
     # O(B D): the positive pair, out of the tile loop. The positives are the rows
     # offset .. offset + B of u2: a view, not a gathered copy (memory: docs/math.md#siglip).
     u2_pos = u2 if (offset == 0 and u2.shape[0] == B) else u2.narrow(0, offset, B)
-    s_pos = _row_dot(u1, u2_pos)
-    inv_temp = _scalar_rows(logit_scale, B, s_pos)
-    row_bias = None if logit_bias is None else _scalar_rows(logit_bias, B, s_pos)
+    s_pos = row_dot(u1, u2_pos)
+    inv_temp = scalar_rows(logit_scale, B, s_pos)
+    row_bias = None if logit_bias is None else scalar_rows(logit_bias, B, s_pos)
     l_pos = inv_temp * s_pos + (0.0 if row_bias is None else row_bias)
     sp_neg = primitive.negative_lse(name, u1, u2, inv_temp, pos_index, None, LogitMap.SCALED,
-                               operand_dtype=out_dtype, row_reduction=RowReduction.SOFTPLUS,
-                               row_bias=row_bias)
+                                    operand_dtype=out_dtype, row_reduction=RowReduction.SOFTPLUS,
+                                    row_bias=row_bias)
     # softplus(-l_ap) split out: no cancellation at a large positive logit (docs/math.md#siglip).
-    return _finish(sp_neg + softplus(-l_pos), reduction, out_dtype)
+    return finish(sp_neg + softplus(-l_pos), reduction, out_dtype)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from . import _validate as V
 from . import distributed as MD
 from . import functional as MF
+from ._assembly import peer_semantics
 from ._math import normalize
 
 _LIGHTLY_EPS = 1e-8
@@ -102,14 +103,13 @@ class MACLLoss(nn.Module):
             V.check_embedding_pair("z0", z0, "z1", z1)
             self.last_temperature = self.last_alignment = None
             return _zero_connected(z0, z1)
-        loss, tau, alignment = MF._macl(
-            z0, z1, temperature=self.temperature, alpha=self.alpha, a0=self.A_0,
-            schedule="linear", temperature_mode="batch", reweight=True, layout="2n",
-            normalize=True, reduction="mean", gather_distributed=self.gather_distributed,
-            backend=self.backend,
-            validate=True,
-        )
-        self.last_temperature, self.last_alignment = tau, alignment
+        with peer_semantics() as call:  # strict options; it hands back (tau, A)
+            loss = MF.macl_loss(
+                z0, z1, temperature=self.temperature, alpha=self.alpha, a0=self.A_0,
+                schedule="linear", temperature_mode="batch", reweight=True, layout="2n",
+                normalize=True, reduction="mean", gather_distributed=self.gather_distributed,
+                backend=self.backend, validate=True)
+        self.last_temperature, self.last_alignment = call.stats
         return loss
 
     def extra_repr(self) -> str:
@@ -221,19 +221,21 @@ class NTXentLoss(nn.Module):
                             else 2, self.gather_distributed) == 1:
                 V.check_embedding_pair("out0", out0, "out1", out1)
                 return _zero_connected(out0, out1)  # lightly: the positive alone, loss 0
-            return MF._infonce(out0, out1, temperature=self.temperature, layout="2n",
-                               normalize=True, reduction="mean",
-                               gather_distributed=self.gather_distributed,
-                               backend=self.backend, validate=True, lenient=True)
+            with peer_semantics(lenient=True):
+                return MF.infonce_loss(out0, out1, temperature=self.temperature, layout="2n",
+                                       normalize=True, reduction="mean",
+                                       gather_distributed=self.gather_distributed,
+                                       backend=self.backend, validate=True)
         V.check_embedding_pair("out0", out0, "out1", out1)
         if self.bank.dim() == 1:  # a bare size: the width comes with the first batch
             self._init_bank((*self._bank_shape, *out0.shape[1:]))
         update = torch.is_grad_enabled() and out0.requires_grad
-        loss = MF._moco(out0, out1, self.bank, temperature=self.temperature, loss="infonce",
-                        alpha=0.0, a0=0.0, schedule="linear", temperature_mode="batch",
-                        in_batch_negatives=False, normalize=True, reduction="mean",
-                        gather_distributed=False, backend=self.backend, validate=True,
-                        lenient=True)
+        with peer_semantics(lenient=True):
+            loss = MF.moco_loss(out0, out1, self.bank, temperature=self.temperature,
+                                loss="infonce", alpha=0.0, a0=0.0, schedule="linear",
+                                temperature_mode="batch", in_batch_negatives=False,
+                                normalize=True, reduction="mean", gather_distributed=False,
+                                backend=self.backend, validate=True)
         if update:  # after the loss: it saw the bank before this step's keys
             self._enqueue(F.normalize(out1.detach(), dim=1))
         return loss
@@ -287,11 +289,12 @@ class DCLLoss(nn.Module):
         return torch.cat([as_rows(self.weight_fn(u0, u1)), as_rows(self.weight_fn(u1, u0))])
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
-        return MF._dcl(out0, out1, temperature=self.temperature, weighted=False, sigma=0.5,
-                       layout="2n", normalize=True, reduction="mean",
-                       weights=self._weights(out0, out1),
-                       gather_distributed=self.gather_distributed, backend=self.backend,
-                       validate=True, lenient=True)
+        weights = self._weights(out0, out1)
+        with peer_semantics(lenient=True):
+            return MF.dcl_loss(out0, out1, temperature=self.temperature, weighted=False,
+                               sigma=0.5, layout="2n", normalize=True, reduction="mean",
+                               weights=weights, gather_distributed=self.gather_distributed,
+                               backend=self.backend, validate=True)
 
 
 class DCLWLoss(DCLLoss):
@@ -305,10 +308,11 @@ class DCLWLoss(DCLLoss):
         self.sigma = sigma
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
-        return MF._dcl(out0, out1, temperature=self.temperature, weighted=True, sigma=self.sigma,
-                       layout="2n", normalize=True, reduction="mean",
-                       gather_distributed=self.gather_distributed, backend=self.backend,
-                       validate=True, lenient=True)
+        with peer_semantics(lenient=True):
+            return MF.dcl_loss(out0, out1, temperature=self.temperature, weighted=True,
+                               sigma=self.sigma, layout="2n", normalize=True, reduction="mean",
+                               gather_distributed=self.gather_distributed,
+                               backend=self.backend, validate=True)
 
 
 class ClipLoss(nn.Module):
@@ -423,20 +427,23 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _fused_loss(self, image_features, text_features, logit_scale) -> Tensor:
-        common = dict(normalize=False, reduction="mean", backend=self.backend, validate=True,
-                      lenient=True)
+        common = dict(normalize=False, reduction="mean", backend=self.backend, validate=True)
         if self.world_size == 1:
-            return MF._clip(image_features, text_features, logit_scale,
-                            gather_distributed=False, **common)
+            with peer_semantics(lenient=True):
+                return MF.clip_loss(image_features, text_features, logit_scale,
+                                    gather_distributed=False, **common)
         self._check_group()
         if self.local_loss:
             gather_kind = "with_grad" if self.gather_with_grad else "no_grad"
-            return MF._clip(image_features, text_features, logit_scale,
-                            gather_distributed=True, gather_kind=gather_kind, **common)
+            with peer_semantics(lenient=True, gather_kind=gather_kind):
+                return MF.clip_loss(image_features, text_features, logit_scale,
+                                    gather_distributed=True, **common)
         V.check_embedding_pair("image_features", image_features, "text_features",
                                text_features)
         all_image, all_text = self._gather(image_features, text_features)
-        return MF._clip(all_image, all_text, logit_scale, gather_distributed=False, **common)
+        with peer_semantics(lenient=True):
+            return MF.clip_loss(all_image, all_text, logit_scale, gather_distributed=False,
+                                **common)
 
 
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
@@ -481,10 +488,10 @@ class SigLipLoss(nn.Module):
                 output_dict: bool = False):
         if self.world_size > 1:
             self._check_group()
-        loss = MF._siglip(image_features, text_features, logit_scale, logit_bias,
-                          normalize=False, reduction="mean",
-                          gather_distributed=self.world_size > 1, backend=self.backend,
-                          validate=True)
+        loss = MF.siglip_loss(image_features, text_features, logit_scale, logit_bias,
+                              normalize=False, reduction="mean",
+                              gather_distributed=self.world_size > 1, backend=self.backend,
+                              validate=True)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self) -> str:

@@ -5,10 +5,15 @@ Written to read like the math, not to be fast: it materialises the full ``M x K`
 matrix, masks it, and lets autograd produce the gradients (including the stop-gradients the
 losses prescribe). It works in any floating dtype; half inputs are computed in float32.
 
-Notation (``docs/math.md#notation``, ``#layouts``): ``u = normalize(z)``; each layout turns ``(u1, u2)`` into a matrix
-``S`` whose row ``a`` holds anchor ``a``'s similarities to its candidates, a boolean mask of the
-candidate set ``C(a)`` (all but self) and the column ``p(a)`` of its positive.
-``Neg(a) = C(a)`` without ``p(a)``.
+It is the whole oracle: the pair losses, MoCo, SigLIP, the supervised losses (SupContrast's and
+pytorch-metric-learning's SupCon, supervised MACL) and SogCLR's step. It imports nothing from the
+package and shares no helper with the fast path, so a bug in a shared helper cannot pass the
+backend-vs-reference tests; ``backend="reference"`` of every loss calls the function here.
+
+Notation (``docs/math.md#notation``, ``#layouts``): ``u = normalize(z)``; each layout turns
+``(u1, u2)`` into a matrix ``S`` whose row ``a`` holds anchor ``a``'s similarities to its
+candidates, a boolean mask of the candidate set ``C(a)`` (all but self) and the column ``p(a)``
+of its positive. ``Neg(a) = C(a)`` without ``p(a)``.
 """
 
 from __future__ import annotations
@@ -350,3 +355,169 @@ def moco_loss(query, key, bank, *, temperature=0.1, loss="infonce", tau=None,
         raise ValueError(f"loss must be one of ['infonce', 'dcl', 'macl'], got {loss!r}")
     return reduce(per_anchor, reduction, query.dtype)
 
+
+
+# --------------------------------------------------------------------------------------------
+# Losses with label or view positives (docs/math.md#supervised-contrastive-supcon), SogCLR
+# --------------------------------------------------------------------------------------------
+
+
+def _view_major_rows(features: torch.Tensor, do_normalize: bool) -> torch.Tensor:
+    """``features [B, V, ...]`` as the ``V B`` rows ``[u^1; ...; u^V]`` (row ``v B + i``)."""
+    feats = features.reshape(features.shape[0], features.shape[1], -1)
+    rows = torch.cat(torch.unbind(feats, dim=1))
+    return normalize(rows, do_normalize)
+
+
+def _safe_candidates(candidates: torch.Tensor) -> torch.Tensor:
+    """A row whose candidate set is empty gets every column instead, so that its LSE (which its
+    zero weights then ignore) and that LSE's gradient stay finite."""
+    return candidates | ~candidates.any(dim=1, keepdim=True)
+
+
+def supcon_loss(features, labels=None, *, mask=None, temperature=0.07, base_temperature=0.07,
+                contrast_mode="all", normalize=False, reduction="mean", anchors=None):
+    """SupContrast's supervised contrastive loss. Rows view-major, ``l_ak = S_ak / T``,
+    ``C(a) = {k != a}``, positive weights ``W_ak`` (``[y_k = y_a]``, the tiled ``mask``, or, with
+    neither, ``[k is a view of a's sample]``; self removed)::
+
+        loss_a = (T / Tb) sum_k W_ak (LSE_{C(a)} l_a - l_ak) / d_a,   d_a = sum_k W_ak (1 if < 1e-6)
+
+    ``reduction``: ``"mean"``, ``"sum"``, ``"none"`` over the anchors, ``"mean_valid"`` over the
+    anchors with ``d_a > 0``. ``anchors`` (row indices, view-major): the anchor rows, in order;
+    default every row (``contrast_mode="all"``) or the first view's (``"one"``). The distributed
+    loss passes every rank's features and its own rows here."""
+    B, V = features.shape[0], features.shape[1]
+    U = _view_major_rows(features, normalize)
+    n = U.shape[0]
+    if anchors is None:
+        anchors = torch.arange(n if contrast_mode == "all" else B, device=U.device)
+    logits = U[anchors] @ U.T / temperature
+    m = logits.shape[0]
+    not_self = torch.ones(m, n, dtype=torch.bool, device=U.device)
+    not_self[torch.arange(m, device=U.device), anchors] = False
+    if mask is not None:
+        W = mask.to(U.dtype).repeat(V, V)[anchors]
+    else:
+        y = (labels if labels is not None else torch.arange(B, device=U.device)).repeat(V)
+        W = (y[anchors, None] == y[None, :]).to(U.dtype)
+    W = W * not_self
+    lse = masked_logsumexp(logits, _safe_candidates(not_self))
+    weight = W.sum(dim=1)
+    divisor = torch.where(weight < 1e-6, torch.ones_like(weight), weight)
+    per_anchor = (temperature / base_temperature) * (W * (lse[:, None] - logits)).sum(1) / divisor
+    if reduction == "mean_valid":
+        valid = (weight > 0).sum()
+        return (per_anchor.sum() / valid.clamp_min(1)).to(features.dtype)
+    return reduce(per_anchor, reduction, features.dtype)
+
+
+def supcon_pml_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.1):
+    """pytorch-metric-learning's ``SupConLoss`` (cosine similarity, ``AvgNonZeroReducer``).
+    ``l_ak = u_a . r_k / T`` against every reference row (``ref_emb``; default the embeddings
+    themselves, self left out); ``P(a)``: the candidates of ``a``'s label::
+
+        loss_a = (|P(a)| LSE_{C(a)} l_a - sum_{P(a)} l_ap) / (|P(a)| + tiny)
+
+    The loss is the mean of the ``loss_a > 0`` (0 if none), and exactly 0 when the batch has no
+    positive pair, no negative pair, or one of each at most."""
+    u = normalize(embeddings)
+    if ref_emb is None:
+        r, y_ref = u, labels
+    else:
+        r, y_ref = normalize(ref_emb.to(u.dtype)), ref_labels
+    logits = u @ r.T / temperature
+    candidates = torch.ones_like(logits, dtype=torch.bool)
+    if ref_emb is None:
+        candidates.fill_diagonal_(False)
+    positive = (labels[:, None] == y_ref[None, :]) & candidates
+    negative = candidates & ~positive
+    lse = masked_logsumexp(logits, _safe_candidates(candidates))
+    npos = positive.sum(dim=1).to(u.dtype)
+    pos_sum = torch.where(positive, logits, torch.zeros_like(logits)).sum(dim=1)
+    per_anchor = (npos * lse - pos_sum) / (npos + torch.finfo(u.dtype).tiny)
+    above = per_anchor > 0
+    loss = torch.where(above, per_anchor, torch.zeros_like(per_anchor)).sum() / \
+        above.sum().clamp_min(1).to(u.dtype)
+    pos_pairs, neg_pairs = positive.sum(), negative.sum()
+    some_pairs = (pos_pairs > 0) & (neg_pairs > 0) & ((pos_pairs > 1) | (neg_pairs > 1))
+    return torch.where(some_pairs, loss, torch.zeros_like(loss)).to(embeddings.dtype)
+
+
+def supcon_macl_loss(features, labels, *, temperature=0.1, alpha=0.5, a0=0.0,
+                     schedule="linear", alignment="label", normalize=True, reduction="mean"):
+    """Supervised MACL (docs/math.md#supervised-macl): every same-label pair ``(a, p)`` a
+    positive with a denominator of its own (``p`` and the label-negatives of ``a``)::
+
+        x_ap   = LSE_{k : y_k != y_a} l_ak - l_ap,        l = S / tau(A)
+        loss_a = (1/|P(a)|) sum_{p in P(a)} sg(V_ap) (-log P_ap),   V_ap = 1 / (1 - P_ap)
+
+    ``A = sg(mean over anchors with a positive of mean_{P(a)} S_ap)`` (``"label"``) or
+    ``sg(mean_i u^1_i . u^2_i)`` (``"instance"``). Anchors without a positive or without a
+    label-negative give 0."""
+    B, V = features.shape[0], features.shape[1]
+    U = _view_major_rows(features, normalize)
+    y = labels.repeat(V)
+    S = U @ U.T
+    same = y[:, None] == y[None, :]
+    positive = same & ~torch.eye(S.shape[0], dtype=torch.bool, device=S.device)
+    negative = ~same
+    npos = positive.sum(dim=1)
+    has_pos = npos > 0
+    if alignment == "label":
+        mean_pos = torch.where(positive, S, torch.zeros_like(S)).sum(1) / npos.clamp_min(1)
+        A = (mean_pos * has_pos).sum() / has_pos.sum().clamp_min(1)
+    else:
+        A = (U[:B] * U[B:2 * B]).sum(dim=1).mean()
+    tau = macl_temperature(A.detach(), temperature, alpha, a0, schedule)
+    logits = S / tau
+    lse = masked_logsumexp(logits, _safe_candidates(negative))
+    x = lse[:, None] - logits
+    pair = torch.where(positive, _macl_reweighted(torch.where(positive, x, torch.zeros_like(x))),
+                       torch.zeros_like(x))
+    valid = has_pos & negative.any(dim=1)
+    per_anchor = torch.where(valid, pair.sum(1) / npos.clamp_min(1), torch.zeros_like(lse))
+    return reduce(per_anchor, reduction, features.dtype)
+
+
+def gcl_loss(hidden1, hidden2, tau, u, gamma, *, eps, rho=0.0, offset=0):
+    """LibAUC's ``GCLoss_v1`` (SogCLR / iSogCLR, docs/math.md#sogclr-and-isogclr), one step,
+    written as LibAUC writes it. ``hidden1, hidden2 [N, D]``: the batch (every rank's rows when
+    distributed); the anchors are the ``B`` samples from ``offset`` on, both views (``2B``
+    rows: ``B`` first views, then ``B`` second views), each against the ``2N - 2`` rows that are
+    neither itself nor its other view. ``tau [B]``: the samples' temperatures; ``u [B]``: their
+    moving averages before the step; ``gamma``: the step's weight of the new estimate::
+
+        e_ak   = exp(S_ak / tau_a)            (k in Neg(a))
+        ubar_a = (1 - gamma) u_a + gamma mean_k e_ak
+        w_ak   = sg(e_ak / max(ubar_a, eps))
+        loss   = (1/B) sum_a ( mean_k w_ak S_ak - S_a,p(a) )
+        dtau_a = log ubar_a + rho - mean_k w_ak S_ak / tau_a
+
+    Returns ``(loss, ubar [2B], dtau [2B])`` (``ubar`` and ``dtau`` without gradient). The
+    exponentials are taken relative to the row's LSE (``e_ak / sum_k e_ak`` is a softmax), so
+    ``1 / tau > 88`` does not overflow where LibAUC's float32 would."""
+    U_all = torch.cat([normalize(hidden1), normalize(hidden2)])
+    N = hidden1.shape[0]
+    B = u.shape[0]
+    local = torch.arange(B, device=U_all.device) + offset
+    rows = torch.cat([local, local + N])  # the anchors among U_all
+    partner = torch.cat([local + N, local])
+    S = U_all[rows] @ U_all.T
+    M = S.shape[0]
+    negatives = torch.ones_like(S, dtype=torch.bool)
+    every = torch.arange(M, device=S.device)
+    negatives[every, rows] = False
+    negatives[every, partner] = False
+    n_neg = 2 * N - 2
+    b = 1.0 / torch.cat([tau, tau]).to(S.dtype).detach()
+    logits = S * b[:, None]
+    lse = masked_logsumexp(logits, negatives)
+    mean_e = torch.exp(lse - math.log(n_neg))  # mean_k e_ak
+    u_bar = ((1 - gamma) * torch.cat([u, u]).to(S.dtype) + gamma * mean_e).detach()
+    softmax = torch.exp(logits - lse[:, None]).masked_fill(~negatives, 0.0)
+    w_mean = (softmax * (mean_e / u_bar.clamp_min(eps))[:, None]).detach()  # w_ak / n_neg
+    weighted = (w_mean * S).sum(dim=1)
+    loss = (weighted - S[every, partner]).sum() / B
+    d_tau = (torch.log(u_bar) + rho - weighted.detach() * b).detach()
+    return loss, u_bar, d_tau

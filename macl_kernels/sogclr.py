@@ -4,7 +4,7 @@
 Per anchor row ``a`` of layout ``2n`` (``M = 2B`` rows, ``Neg(a)``: the ``2B - 2`` rows that are
 neither ``a`` nor its other view), with ``b_a = 1 / tau_a`` (detached: ``tau`` follows its own
 update rule, never autograd), one forward pass of the primitive gives ``lse_neg[a]`` and
-``eqs[a] = sum_k Q_ak S_ak`` (E4). Then
+``eqs[a] = sum_k Q_ak S_ak`` (docs/math.md#per-row-statistic-eqs). Then
 
     g_a     = exp(lse_neg[a]) / (2B - 2)             (the batch estimate of E_k exp(S_ak / tau_a))
     ubar_a  = (1 - gamma) u[index_a] + gamma g_a      (the moving average; u is per sample)
@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from . import _math, primitive
 from . import _validate as V
-from . import distributed
+from . import distributed, reference
+from ._assembly import layout_blocks
 from ._math import compute_dtype
 from .primitive import resolve_backend
 
@@ -145,50 +146,61 @@ class GCLoss_v1(nn.Module):
         return self._forward(hidden1, hidden2, index, ctx, name)
 
     def _forward(self, hidden1, hidden2, index, ctx, name):
-        from .functional import _blocks  # the layout-2n blocks every loss uses
-
         out_dtype = hidden1.dtype
         wide = compute_dtype(out_dtype)
-        u1, u2 = _math.normalize(hidden1), _math.normalize(hidden2)
-        B = u1.shape[0]
+        device = hidden1.device
+        B = hidden1.shape[0]
         state_index = index.to(self.u.device)
-        # b_a = 1 / tau_a on rows i and i + B (detached: tau follows iSogCLR's rule).
+        # tau_a of each sample (detached: tau follows iSogCLR's rule, never autograd).
         if self.enable_isogclr:
-            tau_rows = self.learnable_tau[state_index, 0].to(device=u1.device, dtype=wide)
+            tau = self.learnable_tau[state_index, 0].to(device=device, dtype=wide)
         else:
-            tau_rows = torch.full((B,), self.tau, dtype=wide, device=u1.device)
-        tau_rows = torch.cat([tau_rows, tau_rows])
-        inv_temp = 1.0 / tau_rows
-        gather = None
-        if ctx is not None:
-            gather = lambda x: distributed.gather_with_grad(x, ctx)  # noqa: E731
-        (block,) = _blocks(u1, u2, "2n", ctx, gather)
-        total = B * (1 if ctx is None else ctx.world_size)
-        n_neg = 2 * total - 2
-        s_pos = (block.anchors * block.candidates[block.pos_index]).sum(dim=1)
-        if name == "reference":
-            S = block.anchors @ block.candidates.T
-            rows = torch.arange(S.shape[0], device=S.device)
-            keep = torch.ones_like(S, dtype=torch.bool)
-            keep[rows, block.pos_index] = False
-            keep[rows, block.self_index] = False
-            logits = (S * inv_temp[:, None]).masked_fill(~keep, float("-inf"))
-            lse_neg = torch.logsumexp(logits, dim=1)
-            eqs = (torch.softmax(logits, dim=1) * S).sum(dim=1).detach()
-        else:
-            candidates = None if block.candidates is block.anchors else block.candidates
-            lse_neg, eqs = primitive.negative_lse(name, block.anchors, candidates, inv_temp,
-                                             block.pos_index, block.self_index,
-                                             operand_dtype=out_dtype, return_eqs=True)
-        u_old = self.u[state_index, 0].to(device=u1.device, dtype=wide)
+            tau = torch.full((B,), self.tau, dtype=wide, device=device)
+        u_old = self.u[state_index, 0].to(device=device, dtype=wide)
         if self.gamma_schedule == "constant" and self.gamma > self.gamma_min:
             # LibAUC: gamma = 1 while the batch's u rows are all zero (a first visit), decided
             # per batch; a device-side select instead of its host sync.
             first_visit = u_old.sum() == 0
-            gamma = torch.where(first_visit, torch.ones((), dtype=wide, device=u1.device),
-                                torch.full((), self.gamma_min, dtype=wide, device=u1.device))
+            gamma = torch.where(first_visit, torch.ones((), dtype=wide, device=device),
+                                torch.full((), self.gamma_min, dtype=wide, device=device))
         else:
-            gamma = torch.full((), self.gamma, dtype=wide, device=u1.device)
+            gamma = torch.full((), self.gamma, dtype=wide, device=device)
+        if name == "reference":
+            loss, u_bar, d_tau = self._reference(hidden1, hidden2, tau, u_old, gamma, ctx, wide)
+        else:
+            loss, u_bar, d_tau = self._fused(hidden1, hidden2, tau, u_old, gamma, ctx, name)
+        if self.update_state:
+            self._update_state(index, state_index, u_bar, d_tau, B, ctx)
+        return loss.to(out_dtype)
+
+    def _reference(self, hidden1, hidden2, tau, u_old, gamma, ctx, wide):
+        """``reference.gcl_loss``; distributed, over every rank's rows (gathered with their
+        gradient) with this rank's samples as the anchors."""
+        h1, h2, offset = hidden1.to(wide), hidden2.to(wide), 0
+        if ctx is not None:
+            h1, h2 = (distributed.gather_with_grad(h, ctx) for h in (h1, h2))
+            offset = ctx.rank * hidden1.shape[0]
+        return reference.gcl_loss(h1, h2, tau, u_old, gamma, eps=self.eps,
+                                  rho=self.rho if self.enable_isogclr else 0.0, offset=offset)
+
+    def _fused(self, hidden1, hidden2, tau, u_old, gamma, ctx, name):
+        """Loss, ``ubar`` and (iSogCLR) ``dtau`` from one pass of the primitive (``lse_neg``,
+        ``eqs``) over the layout-2n blocks every loss uses."""
+        u1, u2 = _math.normalize(hidden1), _math.normalize(hidden2)
+        B = u1.shape[0]
+        tau_rows = torch.cat([tau, tau])  # b_a = 1 / tau_a on rows i and i + B
+        inv_temp = 1.0 / tau_rows
+        gather = None
+        if ctx is not None:
+            gather = lambda x: distributed.gather_with_grad(x, ctx)  # noqa: E731
+        (block,) = layout_blocks(u1, u2, "2n", ctx, gather)
+        total = B * (1 if ctx is None else ctx.world_size)
+        n_neg = 2 * total - 2
+        s_pos = (block.anchors * block.candidates[block.pos_index]).sum(dim=1)
+        candidates = None if block.symmetric else block.candidates
+        lse_neg, eqs = primitive.negative_lse(name, block.anchors, candidates, inv_temp,
+                                              block.pos_index, block.self_index,
+                                              operand_dtype=hidden1.dtype, return_eqs=True)
         with torch.no_grad():
             g_est = torch.exp(lse_neg.detach() - math.log(n_neg))
             u_bar = (1 - gamma) * torch.cat([u_old, u_old]) + gamma * g_est
@@ -198,13 +210,14 @@ class GCLoss_v1(nn.Module):
         # and -1 on S_a,p(a); its value is replaced by LibAUC's (r eqs - S_ap).
         surrogate = (tau_rows * ratio) * lse_neg - s_pos
         per_anchor = value + (surrogate - surrogate.detach())
-        loss = per_anchor.sum() / B
-        if self.update_state:
-            self._update_state(index, state_index, u_bar, ratio, inv_temp, eqs, B, ctx)
-        return loss.to(out_dtype)
+        d_tau = None
+        if self.enable_isogclr:
+            with torch.no_grad():
+                d_tau = torch.log(u_bar) + self.rho - ratio * inv_temp * eqs
+        return per_anchor.sum() / B, u_bar, d_tau
 
     @torch.no_grad()
-    def _update_state(self, index, state_index, u_bar, ratio, inv_temp, eqs, B, ctx):
+    def _update_state(self, index, state_index, u_bar, d_tau, B, ctx):
         u_new = (u_bar[:B] + u_bar[B:]) / 2
         if ctx is not None:  # LibAUC: every rank writes every rank's rows of u
             all_u = distributed.gather_no_grad(u_new, ctx)
@@ -213,7 +226,6 @@ class GCLoss_v1(nn.Module):
         else:
             self.u[state_index, 0] = u_new.to(self.u.device, self.u.dtype)
         if self.enable_isogclr:
-            d_tau = torch.log(u_bar) + self.rho - ratio * inv_temp * eqs
             d_tau = ((d_tau[:B] + d_tau[B:]) / 2).to(self.grad_tau.device, self.grad_tau.dtype)
             self.grad_tau[state_index, 0] = ((1.0 - self.beta) * self.grad_tau[state_index, 0]
                                              + self.beta * d_tau)

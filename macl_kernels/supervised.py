@@ -1,14 +1,15 @@
 """Losses whose positives come from labels or views (docs/math.md#supervised-contrastive-supcon):
 SupCon (``supcon_loss``, SupContrast's semantics; the ``SupConLoss`` drop-in uses
-``_supcon_pml`` for pytorch-metric-learning's), and the helpers the label options of the other
-losses share.
+``_supcon_pml`` for pytorch-metric-learning's), supervised MACL (``supcon_macl_loss``), and the
+label renumbering and class sums they share. Their ``backend="reference"`` is the dense oracle
+of ``reference.py`` (which shares nothing with this file).
 
 Every one is the primitive plus per-class sums. With rows ``U`` (``V`` views of ``B`` samples,
 view-major: row ``v * B + i``), ``l_ak = S_ak / T`` and ``P(a)`` the other rows of ``a``'s
 label,
 
     lse_C[a]                = LSE_{k != a} l_ak                 (the primitive with no positive
-                                                                 excluded, pos_index = -1: E2)
+                                                                 excluded: pos_index = -1)
     sum_{p in P(a)} S_ap    = u_a . (C_{y_a} - u_a),  C_c = sum_{k : y_k = c} u_k
 
 so the positive term costs ``O(V B D)`` (an ``index_add``) and the ``M x K`` matrix is never
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from . import _math, primitive
 from . import _validate as V
-from . import distributed
+from . import distributed, reference
 from ._math import compute_dtype
 from .primitive import resolve_backend
 
@@ -125,16 +126,12 @@ def supcon_loss(features, labels=None, *, mask=None, temperature=0.07, base_temp
     if ctx is not None:
         distributed.check_equal_rows(bsz, features.device, ctx)
     name = resolve_backend(backend, features.device, feats.shape[2], feats.dtype)
-    return _supcon(feats, labels, mask, temperature, base_temperature, contrast_mode, normalize,
-                   reduction, ctx, name)
-
-
-def _supcon(feats, labels, mask, temperature, base_temperature, contrast_mode, normalize,
-            reduction, ctx, name):
     out_dtype = feats.dtype
     wide = compute_dtype(feats.dtype)
     with _math.autocast_off(feats.device.type):
-        bsz, views = feats.shape[0], feats.shape[1]
+        if name == "reference":
+            return _supcon_reference(feats.to(wide), labels, mask, temperature, base_temperature,
+                                     contrast_mode, normalize, reduction, ctx).to(out_dtype)
         rows = feats.to(wide)
         if normalize:
             rows = torch.nn.functional.normalize(rows, dim=2, eps=_math.NORMALIZE_EPS)
@@ -155,39 +152,27 @@ def _supcon(feats, labels, mask, temperature, base_temperature, contrast_mode, n
                 y_all = distributed.gather_no_grad(y, ctx)
         self_index = torch.arange(m, device=U.device) + offset
         inv_temp = torch.full((m,), 1.0 / temperature, dtype=wide, device=U.device)
-        if name == "reference":
-            S = anchors @ candidates.T
-            logits = S / temperature
-            not_self = torch.ones_like(S, dtype=torch.bool)
-            not_self[torch.arange(m, device=U.device), self_index] = False
-            lse = torch.logsumexp(logits.masked_fill(~not_self, float("-inf")), dim=1)
-            if labels is not None:
-                W = (y[:m, None] == y_all[None, :]).to(wide) * not_self
-            else:
-                W = mask.to(wide).repeat(1 if contrast_mode == "one" else views, views) * not_self
-            npos = W.sum(1)
-            pos_logits = (W * logits).sum(1)
+        no_positive = torch.full((m,), -1, dtype=torch.int64, device=U.device)
+        lse = primitive.negative_lse(name, anchors,
+                                     None if (contrast_mode == "all" and ctx is None)
+                                     else candidates,
+                                     inv_temp, no_positive, self_index, operand_dtype=out_dtype)
+        if labels is not None:
+            ids = dense_class_ids(y_all)
+            sums, counts = class_sums(candidates, ids)
+            ids_a = ids[self_index]
+            npos = counts[ids_a] - 1
+            pos_logits = (anchors * (sums[ids_a] - anchors)).sum(1) / temperature
         else:
-            no_positive = torch.full((m,), -1, dtype=torch.int64, device=U.device)
-            lse = primitive.negative_lse(name, anchors,
-                                    None if (contrast_mode == "all" and ctx is None) else candidates,
-                                    inv_temp, no_positive, self_index, operand_dtype=out_dtype)
-            if labels is not None:
-                ids = dense_class_ids(y_all)
-                sums, counts = class_sums(candidates, ids)
-                ids_a = ids[self_index]
-                npos = counts[ids_a] - 1
-                pos_logits = (anchors * (sums[ids_a] - anchors)).sum(1) / temperature
-            else:
-                # A general mask: sum_k W_ak u_k over the tiled mask is mask[i] @ (sum over views),
-                # minus the self term; a plain [B, B] x [B, D] GEMM, no softmax.
-                W = mask.to(wide)
-                view_sum = U.view(views, bsz, -1).sum(0)
-                diag = torch.diagonal(W)
-                i = torch.arange(m, device=U.device) % bsz
-                weighted = (W @ view_sum)[i] - diag[i, None] * anchors
-                npos = views * W.sum(1)[i] - diag[i]
-                pos_logits = (anchors * weighted).sum(1) / temperature
+            # A general mask: sum_k W_ak u_k over the tiled mask is mask[i] @ (sum over views),
+            # minus the self term; a plain [B, B] x [B, D] GEMM, no softmax.
+            W = mask.to(wide)
+            view_sum = U.view(views, bsz, -1).sum(0)
+            diag = torch.diagonal(W)
+            i = torch.arange(m, device=U.device) % bsz
+            weighted = (W @ view_sum)[i] - diag[i, None] * anchors
+            npos = views * W.sum(1)[i] - diag[i]
+            pos_logits = (anchors * weighted).sum(1) / temperature
         # SupContrast's divisor: |P|, replaced by 1 where it is (numerically) 0.
         divisor = torch.where(npos < 1e-6, torch.ones_like(npos), npos)
         lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # no candidate at all
@@ -196,6 +181,24 @@ def _supcon(feats, labels, mask, temperature, base_temperature, contrast_mode, n
             valid = (npos > 0).to(per_anchor.dtype)
             return (per_anchor.sum() / valid.sum().clamp_min(1)).to(out_dtype)
         return _math.reduce(per_anchor, reduction, out_dtype)
+
+
+def _supcon_reference(feats, labels, mask, temperature, base_temperature, contrast_mode,
+                      normalize, reduction, ctx):
+    """``reference.supcon_loss``; distributed, over every rank's features (gathered with their
+    gradient, as the fast path's candidates) with this rank's rows as the anchors."""
+    kwargs = dict(mask=mask, temperature=temperature, base_temperature=base_temperature,
+                  contrast_mode=contrast_mode, normalize=normalize, reduction=reduction)
+    if ctx is None:
+        return reference.supcon_loss(feats, labels, **kwargs)
+    bsz, views = feats.shape[0], feats.shape[1]
+    everyone = distributed.gather_with_grad(feats, ctx)
+    total = everyone.shape[0]
+    local = torch.arange(bsz, device=feats.device) + ctx.rank * bsz
+    anchor_views = views if contrast_mode == "all" else 1
+    anchors = torch.cat([local + v * total for v in range(anchor_views)])
+    return reference.supcon_loss(everyone, distributed.gather_no_grad(labels, ctx),
+                                 anchors=anchors, **kwargs)
 
 
 def _supcon_pml(embeddings, labels, ref_emb, ref_labels, temperature, backend, validate):
@@ -232,6 +235,12 @@ def _supcon_pml(embeddings, labels, ref_emb, ref_labels, temperature, backend, v
     out_dtype = embeddings.dtype
     wide = compute_dtype(out_dtype)
     with _math.autocast_off(embeddings.device.type):
+        if name == "reference":
+            return reference.supcon_pml_loss(
+                embeddings.to(wide), labels.to(torch.int64),
+                None if ref_emb is None else ref_emb.to(wide),
+                None if ref_labels is None else ref_labels.to(torch.int64),
+                temperature=temperature).to(out_dtype)
         U = _math.normalize(embeddings.to(wide))
         m = U.shape[0]
         y = labels.to(torch.int64)
@@ -240,26 +249,16 @@ def _supcon_pml(embeddings, labels, ref_emb, ref_labels, temperature, backend, v
         else:
             R, y_ref, self_index = _math.normalize(ref_emb.to(wide)), ref_labels.to(torch.int64), None
         candidates = U if R is None else R
-        if name == "reference":
-            logits = U @ candidates.T / temperature
-            keep = torch.ones_like(logits, dtype=torch.bool)
-            if self_index is not None:
-                keep[self_index, self_index] = False
-            lse = torch.logsumexp(logits.masked_fill(~keep, float("-inf")), dim=1)
-            P = (y[:, None] == y_ref[None, :]) & keep
-            npos = P.sum(1).to(wide)
-            pos_logits = (P * logits).sum(1)
-        else:
-            no_positive = torch.full((m,), -1, dtype=torch.int64, device=U.device)
-            lse = primitive.negative_lse(name, U, R, torch.full((m,), 1.0 / temperature, dtype=wide,
-                                                           device=U.device),
-                                    no_positive, self_index, operand_dtype=out_dtype)
-            ids = dense_class_ids(torch.cat([y_ref, y]))
-            ids_ref, ids_a = ids[:y_ref.shape[0]], ids[y_ref.shape[0]:]
-            sums, counts = class_sums(candidates, ids_ref)
-            own = 1 if R is None else 0  # the anchor itself among its class's rows
-            npos = counts[ids_a] - own
-            pos_logits = (U * (sums[ids_a] - own * U)).sum(1) / temperature
+        no_positive = torch.full((m,), -1, dtype=torch.int64, device=U.device)
+        inv_temp = torch.full((m,), 1.0 / temperature, dtype=wide, device=U.device)
+        lse = primitive.negative_lse(name, U, R, inv_temp, no_positive, self_index,
+                                     operand_dtype=out_dtype)
+        ids = dense_class_ids(torch.cat([y_ref, y]))
+        ids_ref, ids_a = ids[:y_ref.shape[0]], ids[y_ref.shape[0]:]
+        sums, counts = class_sums(candidates, ids_ref)
+        own = 1 if R is None else 0  # the anchor itself among its class's rows
+        npos = counts[ids_a] - own
+        pos_logits = (U * (sums[ids_a] - own * U)).sum(1) / temperature
         n_candidates = candidates.shape[0] - (1 if R is None else 0)
         nneg = n_candidates - npos
         lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
@@ -316,6 +315,11 @@ def supcon_macl_loss(features, labels, *, temperature=0.1, alpha=0.5, a0=0.0,
     out_dtype = feats.dtype
     wide = compute_dtype(out_dtype)
     with _math.autocast_off(feats.device.type):
+        if name == "reference":
+            return reference.supcon_macl_loss(
+                feats.to(wide), labels.to(torch.int64), temperature=temperature, alpha=alpha,
+                a0=a0, schedule=schedule, alignment=alignment, normalize=normalize,
+                reduction=reduction).to(out_dtype)
         rows = feats.to(wide)
         if normalize:
             rows = torch.nn.functional.normalize(rows, dim=2, eps=_math.NORMALIZE_EPS)
@@ -337,14 +341,8 @@ def supcon_macl_loss(features, labels, *, temperature=0.1, alpha=0.5, a0=0.0,
         inv_temp = (1.0 / tau).expand(m)
         self_index = torch.arange(m, device=U.device)
         no_positive = torch.full((m,), -1, dtype=torch.int64, device=U.device)
-        if name == "reference":
-            S = U @ U.T
-            negative = y[:, None] != y[None, :]
-            lse = torch.logsumexp((S * inv_temp[:, None]).masked_fill(~negative, float("-inf")),
-                                  dim=1)
-        else:
-            lse = primitive.negative_lse(name, U, None, inv_temp.contiguous(), no_positive, self_index,
-                                    operand_dtype=out_dtype, anchor_labels=y)
+        lse = primitive.negative_lse(name, U, None, inv_temp.contiguous(), no_positive,
+                                     self_index, operand_dtype=out_dtype, anchor_labels=y)
         valid = has_pos & torch.isfinite(lse)
         lse_safe = torch.where(valid, lse, torch.zeros_like(lse))
         with torch.no_grad():
@@ -357,13 +355,22 @@ def supcon_macl_loss(features, labels, *, temperature=0.1, alpha=0.5, a0=0.0,
         return _math.reduce(per_anchor, reduction, out_dtype)
 
 
+# The value pass's tile: at most this many logits at once (2M: 8 MiB in float32).
+VALUE_TILE_ELEMENTS = 1 << 21
+
+
+def value_chunk_rows(rows: int, columns: int) -> int:
+    """Anchor rows per chunk of the value pass: a ``chunk x columns`` tile of at most
+    ``VALUE_TILE_ELEMENTS`` logits, at least one row."""
+    return max(1, min(rows, VALUE_TILE_ELEMENTS // max(1, columns)))
+
+
 def _supcon_macl_values(U, y, lse, inv_temp, npos):
     """``(1/|P(a)|) sum_p (1 + e^{-x_ap}) softplus(x_ap)`` by chunks of anchor rows (one more
     pass over the similarity tiles, ``O(chunk K)`` memory)."""
-    from .primitive.backends.torch_chunked import default_chunk
     m = U.shape[0]
     out = U.new_zeros(m)
-    chunk = default_chunk(m, m)
+    chunk = value_chunk_rows(m, m)
     for r0 in range(0, m, chunk):
         r = slice(r0, min(m, r0 + chunk))
         logits = (U[r] @ U.T) * inv_temp[r, None]

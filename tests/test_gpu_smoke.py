@@ -23,7 +23,8 @@ from conftest import (  # noqa: E402
 from macl_kernels.tools.cases import LABEL_CASES, TOLERANCES, tolerance  # noqa: E402
 from macl_kernels.primitive.protocol import LogitMap, Problem  # noqa: E402
 from macl_kernels.primitive.backends import resolve_backend  # noqa: E402
-from macl_kernels.primitive.backends import triton_fused as TF  # noqa: E402
+from macl_kernels.primitive.backends import triton as TF  # noqa: E402
+from macl_kernels.primitive.backends.triton import backend as TB  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (compiled Triton kernels)")
@@ -155,7 +156,7 @@ def test_smoke_grid_compiles_few_specialisations(monkeypatch):
         flags.pop("shape", None)  # the both-directions forward's fixed shape: not a compile key
         seen.add((name, precision, tuple(sorted(flags.items()))))
 
-    monkeypatch.setattr(TF, "_launch", record)
+    monkeypatch.setattr(TB, "launch", record)
     monkeypatch.setattr(TF.TritonBackend, "_shape_refusal", staticmethod(lambda *a: None))
     device = torch.device("cuda" if HAS_CUDA else "cpu")
     if TF.unavailable_reason(device) is not None:

@@ -25,7 +25,10 @@ pytest.importorskip("triton", reason="triton is not installed: no Triton kernels
 
 from macl_kernels.primitive import backends as B  # noqa: E402
 from macl_kernels.tools import cli  # noqa: E402
-from macl_kernels.primitive.backends import triton_fused as TF  # noqa: E402
+from macl_kernels.primitive.backends import triton as TF  # noqa: E402
+# The layers whose switches and launcher the tests set or call.
+from macl_kernels.primitive.backends.triton import config as TC  # noqa: E402
+from macl_kernels.primitive.backends.triton import launch as TL  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.device("cuda")
@@ -35,7 +38,7 @@ WIDEST = {"fp32": 128, "fp32-tf32": 1024, "bf16": 1024, "fp16": 1024, "fp64": 51
 
 
 def test_shape_tables_are_well_formed():
-    for (precision, kind), widths in TF._SHAPES.items():
+    for (precision, kind), widths in TF.SHAPES.items():
         assert precision in TF.PRECISIONS and kind in ("forward", "candidates")
         largest = [w for w, _ in widths]
         assert largest == sorted(set(largest)), (precision, kind)
@@ -62,7 +65,7 @@ def test_each_precision_serves_its_widths(precision):
 @pytest.fixture
 def compiled_mode(monkeypatch):
     """The backend as on a GPU (the refusals are GPU-only: the interpreter has no limits)."""
-    monkeypatch.setattr(TF, "_INTERPRET", False)
+    monkeypatch.setattr(TC, "INTERPRET", False)
 
 
 def test_widths_without_a_shape_are_refused_on_a_gpu(compiled_mode):
@@ -101,14 +104,14 @@ class _RaisingKernel:
 
 
 def test_out_of_resources_at_launch_names_the_shape_and_dtype(compiled_mode, monkeypatch):
-    monkeypatch.setattr(TF, "AUTOTUNE", False)
+    monkeypatch.setattr(TC, "AUTOTUNE", False)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a test GPU")
     spec = TF.KERNELS["forward"]._replace(function=_RaisingKernel())
     monkeypatch.setitem(TF.KERNELS, "forward", spec)
     anchors = torch.zeros(10, 200)
     with pytest.raises(TF.TritonResourceError, match=r"bf16 operands at D = 200"):
-        TF._launch("forward", 10, (anchors,), "bf16", BLOCK_D=256)
+        TL.launch("forward", 10, (anchors,), "bf16", BLOCK_D=256)
     # Without autotuning the next shape of the list is tried before giving up.
     tried = []
 
@@ -123,10 +126,10 @@ def test_out_of_resources_at_launch_names_the_shape_and_dtype(compiled_mode, mon
             return launch
 
     monkeypatch.setitem(TF.KERNELS, "forward", spec._replace(function=FirstDoesNotFit()))
-    TF._launch("forward", 10, (anchors,), "bf16", BLOCK_D=256)
+    TL.launch("forward", 10, (anchors,), "bf16", BLOCK_D=256)
     assert tried == TF.shape_candidates("forward", "bf16", 256)[:2]
     with pytest.raises(TF.NoFittingShape, match=r"fp32 operands at D = 200"):
-        TF._launch("forward", 10, (anchors,), "fp32", BLOCK_D=512)
+        TL.launch("forward", 10, (anchors,), "fp32", BLOCK_D=512)
 
 
 def test_kernel_table_lists_every_kernel():
@@ -161,7 +164,8 @@ def test_label_pointers_are_int64_in_the_inventory_signature():
     assert signature["pos_index_ptr"] == "*i32" and signature["anchors_ptr"] == "*bf16"
     assert signature["logit_params_ptr"] == "*fp32"
     signature, _ = I._signature(TF.KERNELS["both_forward"], "fp64", {})
-    assert signature["col_pos_index_ptr"] == "*i32" and signature["logit_params_ptr"] == "*fp64"
+    assert signature["mirrored_pos_index_ptr"] == "*i32"
+    assert signature["logit_params_ptr"] == "*fp64"
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +180,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from macl_kernels.tools import inventory as I
-from macl_kernels.primitive.backends import triton_fused as TF
+from macl_kernels.primitive.backends import triton as TF
 
 rows = []
 for precision in TF.PRECISIONS:

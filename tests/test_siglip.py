@@ -376,7 +376,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from macl_kernels.primitive.backends import triton_fused as TF
+from macl_kernels.primitive.backends import triton as TF
 
 def build(kernel, op, consts, warps, stages):
     acc = "fp64" if op == "fp64" else "fp32"
@@ -400,9 +400,9 @@ for op, bd, (bm, bn, warps, stages) in [("bf16", 128, (64, 64, 4, 2)),
                                         ("fp32", 512, (32, 32, 8, 1))]:
     flags = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, HAS_SELF=False, HAS_BIAS=True,
                  DOT_PRECISION="ieee", UPCAST=False)
-    build(TF._softplus_forward_kernel, op, dict(ACC_E=True, **flags), warps, stages)
-    build(TF._softplus_candidates_kernel, op, dict(WIDE_WEIGHTS=op == "fp16", **flags), warps,
-          stages)
+    build(TF.KERNELS["softplus_forward"].function, op, dict(ACC_E=True, **flags), warps, stages)
+    build(TF.KERNELS["softplus_candidates"].function, op, dict(WIDE_WEIGHTS=op == "fp16", **flags),
+          warps, stages)
 print("compiled")
 """
 

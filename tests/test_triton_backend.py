@@ -21,7 +21,11 @@ from conftest import (  # noqa: E402
 )
 from macl_kernels.primitive import ops as _ops  # noqa: E402
 from macl_kernels.primitive.protocol import LogitMap  # noqa: E402
-from macl_kernels.primitive.backends import triton_fused as TF  # noqa: E402
+from macl_kernels.primitive.backends import triton as TF  # noqa: E402
+# The layers whose switches and functions the tests set or spy on.
+from macl_kernels.primitive.backends.triton import backend as TB  # noqa: E402
+from macl_kernels.primitive.backends.triton import config as TC  # noqa: E402
+from macl_kernels.primitive.backends.triton import launch as TL  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 # Where the kernels run: the GPU if there is one, else the CPU under the interpreter.
@@ -39,11 +43,11 @@ def small_tiles(monkeypatch):
     """On a GPU, one default tile shape per D instead of autotuning: otherwise the first call of
     every flag/dtype/D combination compiles and times every config (minutes over this file).
     ``test_gpu_autotuned_path`` turns autotuning back on."""
-    monkeypatch.setattr(TF, "AUTOTUNE", False)
+    monkeypatch.setattr(TC, "AUTOTUNE", False)
     # Under the interpreter: tl.dot's minimum tile, so that N = 13 spans two ragged tiles in both
     # directions (N = 40: three).
-    monkeypatch.setattr(TF, "INTERPRETER_BLOCK_M", 16)
-    monkeypatch.setattr(TF, "INTERPRETER_BLOCK_N", 16)
+    monkeypatch.setattr(TC, "INTERPRETER_BLOCK_M", 16)
+    monkeypatch.setattr(TC, "INTERPRETER_BLOCK_N", 16)
 
 
 def on_device(*tensors):
@@ -88,7 +92,7 @@ def triton_vs_reference(name, layout, n, d, dtype, tol, reduction="mean", seed=0
 def test_available_backends_reports_triton_usable():
     assert mk.available_backends(DEVICE)["triton"] is None
     if not HAS_CUDA:  # the CPU is usable exactly because the interpreter is on
-        assert TF._INTERPRET
+        assert TF.INTERPRET
         assert mk.available_backends()["triton"] is None
 
 
@@ -107,18 +111,18 @@ def _symmetric_problem(m=40, d=20, seed=5):
 
 @pytest.mark.parametrize("use_symmetry", [True, False])
 def test_symmetric_backward_is_taken_when_switched_on(use_symmetry, monkeypatch):
-    """``candidates=None`` takes the symmetric backward ((G + G^T) U in one pass, no anchor-side
-    accumulator E from forward) exactly when USE_SYMMETRY is on; both give the same numbers
-    (test_primitive.py compares either with a copy of the rows as candidates)."""
-    monkeypatch.setattr(TF, "USE_SYMMETRY", use_symmetry)
+    """``candidates=None`` takes the symmetric backward ((dL_dS + dL_dS^T) U in one pass, no
+    anchor-side accumulator E from forward) exactly when USE_SYMMETRY is on; both give the same
+    numbers (test_primitive.py compares either with a copy of the rows as candidates)."""
+    monkeypatch.setattr(TC, "USE_SYMMETRY", use_symmetry)
     seen = []
-    original = TF._run_backward
+    original = TB._run_backward
 
     def spy(problem, lse_neg, E, g, needs):
         seen.append((problem.symmetric, E is None))
         return original(problem, lse_neg, E, g, needs)
 
-    monkeypatch.setattr(TF, "_run_backward", spy)
+    monkeypatch.setattr(TB, "_run_backward", spy)
     U, inv_temp, pos_index, self_index = _symmetric_problem()
     U.requires_grad_(True)
     out = _ops.negative_lse("triton", U, None, inv_temp, pos_index, self_index)
@@ -153,7 +157,7 @@ def test_use_symmetry_switch_gives_the_same_losses(name, monkeypatch):
     z1, z2 = make_pair(40, 32, seed=12, dtype=torch.float32)
     fn, kw = loss_case(name, "2n")
     sym = to_cpu(loss_and_grads(fn, *on_device(z1, z2), reduction="none", backend="triton", **kw))
-    monkeypatch.setattr(TF, "USE_SYMMETRY", False)
+    monkeypatch.setattr(TC, "USE_SYMMETRY", False)
     general = to_cpu(loss_and_grads(fn, *on_device(z1, z2), reduction="none", backend="triton",
                                     **kw))
     assert_same_results(sym, general, 1e-6)
@@ -219,7 +223,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from macl_kernels.tools import inventory as I
-from macl_kernels.primitive.backends import triton_fused as TF
+from macl_kernels.primitive.backends import triton as TF
 
 def build(name, precision, block_d, shape, **flags):
     # Through the kernel table, with the inventory's signature (index pointers int32, label
@@ -329,7 +333,7 @@ def test_autotune_space_is_pruned_to_the_measured_shapes():
     test_kernel_inventory.py): the autotuner's space, pruned for a call, is exactly the shape
     table's list for that kernel kind, precision and width."""
     for name, kind in (("forward", "forward"), ("candidates", "candidates")):
-        tuned = TF._tuned(name)
+        tuned = TL.tuned_kernel(name)
         for dtype, dot, precision in ((torch.bfloat16, "ieee", "bf16"),
                                       (torch.float32, "tf32x3", "fp32"),
                                       (torch.float32, "tf32", "fp32-tf32"),
@@ -346,7 +350,7 @@ def test_autotune_space_is_pruned_to_the_measured_shapes():
 @gpu
 @pytest.mark.parametrize("name,layout", [("macl", "2n"), ("clip", "cross_sym")])
 def test_gpu_autotuned_path(name, layout, monkeypatch):
-    monkeypatch.setattr(TF, "AUTOTUNE", True)
+    monkeypatch.setattr(TC, "AUTOTUNE", True)
     triton_vs_reference(name, layout, 1000, 128, torch.bfloat16, HALF_RTOL, "none", seed=4)
 
 

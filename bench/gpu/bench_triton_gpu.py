@@ -133,15 +133,15 @@ def make_step(loss: str, backend: str, z1, z2, scale) -> Optional[Callable]:
         forward = lambda: mk.clip_loss(z1, z2, scale, backend=backend)  # noqa: E731
 
     def step():
-        from macl_kernels.primitive.backends import triton_fused
+        from macl_kernels.primitive.backends.triton import config as triton_config
 
         for t in (z1, z2, scale):
             t.grad = None
-        triton_fused.USE_SYMMETRY = backend != "triton_nosym"
+        triton_config.USE_SYMMETRY = backend != "triton_nosym"
         try:
             forward().backward()
         finally:
-            triton_fused.USE_SYMMETRY = True
+            triton_config.USE_SYMMETRY = True
 
     return step
 

@@ -19,7 +19,7 @@ Five subcommands, each answering one question a user has before trusting the pac
 ``kernels``
     Would the Triton kernels run well on an H100/H200 (or an A100)? Compiles, without a GPU,
     every configuration the GPU shape rules can launch and reports registers, spill and shared
-    memory per configuration; exit status 1 if one breaks the rules. (Code in ``_inventory.py``.)
+    memory per configuration; exit status 1 if one breaks the rules. (Code in ``inventory.py``.)
 
 Nothing here runs at import time; ``main()`` is the entry point declared in ``setup.py``.
 """
@@ -186,14 +186,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# kernels (implementation in _inventory.py)
+# kernels (implementation in inventory.py)
 # --------------------------------------------------------------------------------------------
 
 
 def _interpreted() -> bool:
     """Whether Triton kernels in this process are (or would be) decorated for the interpreter."""
-    module = sys.modules.get("macl_kernels.backends.triton_fused")
-    return os.environ.get("TRITON_INTERPRET") == "1" or bool(getattr(module, "_INTERPRET", False))
+    module = sys.modules.get("macl_kernels.primitive.backends.triton")  # imported: decorated
+    return os.environ.get("TRITON_INTERPRET") == "1" or bool(getattr(module, "INTERPRET", False))
 
 
 def _comma_list(choices: Sequence, convert=str):
@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile)
 
     from . import inventory as _inventory
-    from ..primitive.backends.triton_fused import PRECISIONS
+    from ..primitive.backends.triton import PRECISIONS
 
     p = sub.add_parser(
         "kernels", help="compile the Triton kernels for a GPU architecture (no GPU needed) and "
@@ -398,9 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _kernel_names() -> List[str]:
-    from ..primitive.backends import triton_fused
+    from ..primitive.backends import triton as triton_backend
 
-    return list(triton_fused.KERNELS)
+    return list(triton_backend.KERNELS)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,14 +1,15 @@
 """The Triton kernel inventory (``macl-kernels kernels``): compile, without a GPU, every
 configuration the GPU shape rules can launch, and report what the compiled kernels use.
 
-For each kernel of ``triton_fused.KERNELS`` (the one table of Triton kernels: a new kernel is
-inventoried once it is registered there), each precision class of ``triton_fused.PRECISIONS``,
-each ``BLOCK_D`` and each constexpr flag set the kernel is launched with, the default tile shape
-(``AUTOTUNE`` off) and the other autotune candidates that survive pruning are compiled for the
-target architecture with Triton's bundled ptxas (``triton.compile`` on an ``ASTSource``; no
-driver, no GPU). From the compiled kernel: registers per thread and spill (stack) bytes per
-thread from ``cuobjdump -res-usage``, shared memory from the kernel's metadata, and whether the
-TTIR multiplies row indices by strides in 64 bits (no ``arith.muli`` on an i32 tensor).
+For each kernel of the Triton backend's ``KERNELS`` (``macl_kernels.primitive.backends.triton``,
+its public names only: the one table of Triton kernels, a new kernel is inventoried once it is
+registered there), each precision class of its ``PRECISIONS``, each ``BLOCK_D`` and each
+constexpr flag set the kernel is launched with, the default tile shape (``AUTOTUNE`` off) and
+the other autotune candidates that survive pruning are compiled for the target architecture with
+Triton's bundled ptxas (``triton.compile`` on an ``ASTSource``; no driver, no GPU). From the
+compiled kernel: registers per thread and spill (stack) bytes per thread from ``cuobjdump
+-res-usage``, shared memory from the kernel's metadata, and whether the TTIR multiplies row
+indices by strides in 64 bits (no ``arith.muli`` on an i32 tensor).
 
 Each row is checked against the rules the shape tables promise: at most ``MAX_SPILL_BYTES`` of
 spill, shared memory within the architecture's limit and within the figure the shape table
@@ -42,17 +43,18 @@ COLUMNS = ("triton", "arch", "kernel", "precision", "block_d", "flags", "role", 
 
 
 def _shared_limit(arch: str) -> int:
-    from ..primitive.backends import triton_fused as TF
+    from ..primitive.backends import triton as TF
 
     return TF.SHARED_MEMORY_LIMIT[ARCHS[arch]]
 
 
 def _signature(spec, precision: str, constexprs: dict):
     """Triton signature and attributes of ``spec.function`` for ``precision`` operands: the
-    operand pointers of the operand dtype, the index pointers int32, the label pointers int64,
+    operand pointers of the operand dtype, the index pointers int32 (the Triton backend narrows
+    ``pos_index`` / ``self_index``; docs/design.md's glossary), the label pointers int64,
     every other pointer of the accumulator dtype, integers i32 (strides divisible by 16,
     pointers 16-byte aligned, as a real launch specialises them)."""
-    from ..primitive.backends import triton_fused as TF
+    from ..primitive.backends import triton as TF
 
     op, acc, _ = TF.PRECISIONS[precision]
     names = {"torch.float32": "fp32", "torch.float64": "fp64", "torch.bfloat16": "bf16",
@@ -93,7 +95,7 @@ def compile_config(spec, precision: str, block_d: int, flags: dict, shape, arch:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ..primitive.backends import triton_fused as TF
+    from ..primitive.backends import triton as TF
 
     bm, bn, warps, stages = shape
     constexprs = dict(HAS_SELF=True, DOT_PRECISION=dot_precision or TF.PRECISIONS[precision][2],
@@ -129,7 +131,7 @@ def plan(arch: str, precisions: Sequence[str], widths: Sequence[int],
     shape the shape rules can launch (``role`` default / candidate), and one ``refused`` row per
     kernel, precision and width without a shape. ``flag_sets="heaviest"`` keeps, per kernel,
     the first flag set that accumulates most (forward with E, the symmetric backward)."""
-    from ..primitive.backends import triton_fused as TF
+    from ..primitive.backends import triton as TF
 
     limit = _shared_limit(arch)
     rows = []
@@ -174,7 +176,7 @@ def _run_row(row: dict) -> dict:
     """Compile one planned row and judge it (a worker function: top level for the pool)."""
     import triton
 
-    from ..primitive.backends import triton_fused as TF
+    from ..primitive.backends import triton as TF
 
     row = dict(row)
     row["triton"] = triton.__version__

@@ -18,7 +18,7 @@ import torch
 from ..protocol import Backend
 
 # The kernel backends and the module (in this package) whose ``BACKEND`` implements each.
-KERNEL_MODULES = {"torch": "torch_chunked", "triton": "triton_fused", "cpu": "cpu",
+KERNEL_MODULES = {"torch": "torch_chunked", "triton": "triton", "cpu": "cpu",
                   "cuda": "cuda"}
 BACKEND_NAMES = ("reference", "torch", "triton", "cpu", "cuda")
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import macl_kernels as mk
-from macl_kernels.tools import bench as _bench, cases as _cases, profile as _profile, roofline as _roofline, verify as _verify, cli
+from macl_kernels.tools import bench as _bench, cases as _cases, cli, profile as _profile
+from macl_kernels.tools import roofline as _roofline, verify as _verify
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,8 +3,8 @@
 For a loss, a list of batch sizes and a list of backends it reports
 
 * the **per-phase breakdown** of one training step of the loss: *normalise* (the L2
-  normalisation of both views, as the functional layer does it), *forward* (the loss on the unit
-  rows, ``normalize=False``) and *backward* (``loss.backward()`` back to the raw embeddings, i.e.
+  normalisation of both views in the compute dtype: the values the functional layer computes),
+  *forward* (the loss on the unit rows, ``normalize=False``) and *backward* (``loss.backward()`` back to the raw embeddings, i.e.
   including normalisation's backward); medians over ``--repeats`` timed steps, the device
   synchronised around each phase;
 * the **peak memory** of the step: the peak of the process's memory during one step minus the

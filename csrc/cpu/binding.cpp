@@ -5,7 +5,10 @@
 // macl_cpu::Problem and raw pointers, allocates the outputs (zero-filled where the kernels
 // accumulate) and calls the kernels of macl_cpu_kernels.cpp for the tensors' dtype (float32 or
 // float64). The math: docs/math.md, section "The primitive" (names as there); the interface:
-// macl_cpu.h; the caller: macl_kernels/primitive/backends/cpu.py.
+// macl_cpu.h; the caller: macl_kernels/primitive/backends/cpu.py. Argument order, the same in
+// both bindings (csrc/cuda/binding.cpp; docs/design.md, glossary): the tensors, the logit map
+// and its parameters, the layout flags (symmetric, both_directions), backward's need_* flags in
+// the order of Needs, the optional label tensors, forward's need_eqs.
 
 #include <torch/extension.h>
 

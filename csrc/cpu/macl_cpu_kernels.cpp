@@ -32,7 +32,7 @@
 // S_ak); in backward both sides land in one dL_dS_ij = dL_dS_row + dL_dS_col^T, and
 // d_anchors_i += dL_dS_ij anchors_j, d_anchors_j += dL_dS_ij^T anchors_i: half the GEMM work of
 // the plain tiling. A diagonal tile already holds every pair of its block as a row. d_anchors is
-// then the whole gradient of the one tensor, and d_candidates is undefined.
+// then the whole gradient of the one tensor, and there is no d_candidates.
 //
 // both_directions (layout cross_sym on one process: CLIP's image->text and text->image): the
 // columns of S are anchors too, against the rows. Every tile is "mirrored" the same way: its rows

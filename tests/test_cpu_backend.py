@@ -14,7 +14,7 @@ import torch
 import macl_kernels as mk
 from conftest import assert_rel_close, assert_same_results, loss_and_grads, make_pair
 from macl_kernels.primitive import ops as _ops
-from macl_kernels.primitive.protocol import LogitMap
+from macl_kernels.primitive.protocol import LogitMap, missing_build
 from macl_kernels.primitive.backends import _native
 from macl_kernels.primitive.backends import cpu as CPU
 
@@ -53,9 +53,9 @@ def _one_tensor_problem(z, inv_temp, pos_index, self_index, up, symmetric, **kw)
 
 
 def test_extension_is_built():
-    reason = CPU.BACKEND.unavailable_reason(torch.device("cpu"))
-    assert reason is None, reason
-    assert CPU.BACKEND.built()
+    reasons = CPU.BACKEND.not_supported_reasons(torch.device("cpu"))
+    assert not reasons, reasons
+    assert CPU.BACKEND.extension.state().status == _native.BUILT
     assert mk.available_backends("cpu")["cpu"] is None
     assert mk.available_backends()["cpu"] is None
 
@@ -77,11 +77,11 @@ def test_missing_extension_says_why_and_how_to_build(monkeypatch):
 
     missing = _native.Extension("macl_kernels._C_cpu_not_there")
     monkeypatch.setattr(CPU, "_EXTENSION", missing)
-    reason = CPU.BACKEND.unavailable_reason(torch.device("cpu"))
+    reason = "; ".join(CPU.BACKEND.not_supported_reasons(torch.device("cpu")))
     assert "macl_kernels._C_cpu_not_there" in reason
     assert "could not be imported" in reason and "ModuleNotFoundError" in reason
     assert "pip install --no-build-isolation -e ." in reason
-    assert not CPU.BACKEND.built()
+    assert CPU.BACKEND.extension.state().status != _native.BUILT
     monkeypatch.setattr(backends, "_WARNED", set())
     with pytest.warns(RuntimeWarning, match="passed over the native backend 'cpu'"):
         assert backends.resolve_backend("auto", torch.device("cpu")) == "torch"
@@ -97,7 +97,7 @@ def test_auto_is_silent_about_native_backends_that_could_not_run_anyway(monkeypa
     from macl_kernels.primitive import backends
 
     monkeypatch.setattr(backends, "_WARNED", set())
-    assert not backends.kernel_backend("cuda").missing_build(torch.device("cuda"))
+    assert not missing_build(backends.not_supported_reasons("cuda", torch.device("cuda")))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         backends.resolve_backend("auto", torch.device("cuda"), 4096)
@@ -158,7 +158,8 @@ def test_thread_count_does_not_change_results():
 
 
 def test_rejects_non_cpu_tensors_clearly():
-    assert "CPU tensors only" in CPU.BACKEND.unavailable_reason(torch.device("meta"))
+    assert "CPU tensors only" in "; ".join(CPU.BACKEND.not_supported_reasons(
+        torch.device("meta")))
     with pytest.raises(RuntimeError, match="cpu"):
         mk.macl_loss(torch.randn(4, 3, device="meta"), torch.randn(4, 3, device="meta"),
                      backend="cpu", validate=False)

@@ -216,7 +216,7 @@ def test_all_equal_embeddings_closed_forms(backend):
 def test_extreme_shapes(backend, n, d):
     from macl_kernels.primitive.backends import resolve_backend
 
-    max_d = kernel_backend(backend).max_d
+    max_d = kernel_backend(backend).capabilities.max_d
     if max_d is not None and d > max_d:
         # A documented cap of the Triton kernels (whole rows live in a tile): an explicit request
         # fails clearly, and auto passes over the backend.

@@ -78,14 +78,14 @@ def test_widths_without_a_shape_are_refused_on_a_gpu(compiled_mode):
 
 
 def test_auto_passes_over_triton_per_dtype(compiled_mode):
-    assert B._width_reason("triton", 768, torch.float32, CUDA) is not None
-    assert B._width_reason("triton", 768, torch.bfloat16, CUDA) is None
-    assert B._width_reason("triton", 128, torch.float64, CUDA) is None
-    assert B._width_reason("triton", 2048, torch.bfloat16, CUDA) is not None  # MAX_D
+    assert B.not_supported_reasons("triton", CUDA, torch.float32, 768)
+    assert not B.not_supported_reasons("triton", CUDA, torch.bfloat16, 768)
+    assert not B.not_supported_reasons("triton", CUDA, torch.float64, 128)
+    assert B.not_supported_reasons("triton", CUDA, torch.bfloat16, 2048)  # MAX_D
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")  # tf32: served up to 1024
     try:
-        assert B._width_reason("triton", 768, torch.float32, CUDA) is None
+        assert not B.not_supported_reasons("triton", CUDA, torch.float32, 768)
     finally:
         torch.set_float32_matmul_precision(previous)
     # The interpreter (CPU) accepts every width up to MAX_D.

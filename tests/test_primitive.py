@@ -592,23 +592,3 @@ def test_both_directions_argument_checks(backend):
     with pytest.raises(ValueError, match="pos_index"):
         _ops.negative_lse(backend, anchors, candidates, inv_temp, pos_index[:4], None,
                           both_directions=True)
-
-
-@pytest.mark.parametrize("logit_map", MAPS, ids=MAP_IDS)
-def test_both_directions_fallback_for_backends_without_it(backend, logit_map, monkeypatch):
-    """A backend that does not implement ``both_directions`` (``Backend.both_directions``
-    false) gets two plain problems from ``_ops``: the rows and the columns, their
-    ``aux`` (Triton's ``E``) carried as one flat tensor and split again for backward."""
-    from macl_kernels.primitive.backends import kernel_backend
-
-    monkeypatch.setattr(kernel_backend(backend), "both_directions", False)
-    tensors = make_both_directions_problem(9, 12, 5, logit_map, seed=21, with_self=True)
-    got, got_grads = run(both_op(backend), tensors, logit_map, torch.float64,
-                         backend_device(backend))
-    want, want_grads = run(dense_both_directions, tensors, logit_map, torch.float64,
-                           torch.device("cpu"))
-    assert_rel_close(got, want, TOLERANCES["float64"], "lse_neg")
-    for name, a, b in zip(("d_anchors", "d_candidates", "d_inv_temp"), got_grads, want_grads):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            assert_rel_close(a, b, TOLERANCES["float64"], name)

@@ -7,14 +7,16 @@ from here or from a public module of this package (``protocol``, ``ops``, ``back
 private name (``tests/test_wings.py``).
 """
 
-from .protocol import (Backend, Grads, LogitMap, Needs, Problem, RowReduction,  # noqa: F401
-                       autocast_off)
+from .protocol import (Backend, Capabilities, Grads, LogitMap, Needs, Options,  # noqa: F401
+                       Problem, Reason, RowReduction, autocast_off)
 from .ops import negative_lse, negative_lse_backward_op, negative_lse_op  # noqa: F401
 from .backends import (AUTO_ORDER, BACKEND_NAMES, available_backends,  # noqa: F401
-                       kernel_backend, resolve_backend)
+                       kernel_backend, not_supported_reasons, resolve_backend)
 
 __all__ = [
-    "Backend", "Grads", "LogitMap", "Needs", "Problem", "RowReduction", "autocast_off",
+    "Backend", "Capabilities", "Grads", "LogitMap", "Needs", "Options", "Problem", "Reason",
+    "RowReduction", "autocast_off",
     "negative_lse", "negative_lse_op", "negative_lse_backward_op",
-    "AUTO_ORDER", "BACKEND_NAMES", "available_backends", "kernel_backend", "resolve_backend",
+    "AUTO_ORDER", "BACKEND_NAMES", "available_backends", "kernel_backend", "not_supported_reasons",
+    "resolve_backend",
 ]

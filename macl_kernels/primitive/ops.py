@@ -23,7 +23,7 @@ through it: it is ``d lse_neg[a] / d inv_temp[a]``, a statistic for SogCLR / iSo
 
 so that ``torch.compile(fullgraph=True)`` sees one opaque, shape-known op with a registered
 backward, and ``torch.library.opcheck`` can check it. Inside, the arguments become one
-``Problem`` (``_primitive.py``) handed to the backend's ``fwd`` / ``bwd`` / ``fake_aux``.
+``Problem`` (``protocol.py``) handed to the backend's ``fwd`` / ``bwd`` / ``fake_aux``.
 
 ``candidates=None`` means the candidates are the anchors (layout ``2n`` on one process): the
 tensor is passed once, as custom ops and Dynamo require, and ``S`` is symmetric. The gradient of
@@ -42,7 +42,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .protocol import Grads, LogitMap, Needs, Problem, RowReduction, autocast_off
+from .protocol import LogitMap, Needs, Problem, RowReduction, autocast_off
 from .backends import kernel_backend
 
 
@@ -59,50 +59,6 @@ def _problem(anchors, candidates, inv_temp, pos_index, self_index, logit_map, ar
                    both_directions)
 
 
-# A backend without its own both-directions kernels runs the two directions as two problems: the
-# rows (anchors against candidates) and the columns (candidates against anchors). Their aux
-# tensors travel as one flat tensor, split by the backend's fake_aux sizes.
-
-def _aux_numel(impl, problem: Problem, need_grad: bool) -> int:
-    fake = impl.fake_aux(problem, need_grad)
-    return 0 if fake is None else fake.numel()
-
-
-def _fwd_two_directions(impl, problem: Problem, need_grad: bool):
-    outs = [impl.fwd(problem.direction(columns), need_grad) for columns in (False, True)]
-    lse_neg = torch.cat([lse for lse, _ in outs])
-    auxes = [aux.reshape(-1) for _, aux in outs if aux is not None]
-    return lse_neg, (torch.cat(auxes) if auxes else None)
-
-
-def _fake_aux_two_directions(impl, problem: Problem, need_grad: bool):
-    numel = sum(_aux_numel(impl, problem.direction(c), need_grad) for c in (False, True))
-    return problem.anchors.new_empty((numel,)) if numel else None
-
-
-def _bwd_two_directions(impl, problem: Problem, lse_neg, aux, g, needs: Needs) -> Grads:
-    rows, cols = problem.direction(False), problem.direction(True)
-    M = problem.M
-    aux_rows = aux_cols = None
-    if aux is not None:
-        n_rows = _aux_numel(impl, rows, True)
-        shapes = [impl.fake_aux(d, True) for d in (rows, cols)]
-        aux_rows = aux[:n_rows].view(shapes[0].shape) if shapes[0] is not None else None
-        aux_cols = aux[n_rows:].view(shapes[1].shape) if shapes[1] is not None else None
-    grads_rows = impl.bwd(rows, lse_neg[:M].contiguous(), aux_rows, g[:M].contiguous(), needs)
-    # The columns' anchors are the candidates and their candidates the anchors.
-    grads_cols = impl.bwd(cols, lse_neg[M:].contiguous(), aux_cols, g[M:].contiguous(),
-                          Needs(needs.d_candidates, needs.d_anchors, needs.d_inv_temp))
-
-    def add(x, y):
-        return x if y is None else (y if x is None else x + y)
-
-    d_inv_temp = (torch.cat([grads_rows.d_inv_temp, grads_cols.d_inv_temp])
-                  if needs.d_inv_temp and grads_rows.d_inv_temp is not None else None)
-    return Grads(add(grads_rows.d_anchors, grads_cols.d_candidates),
-                 add(grads_rows.d_candidates, grads_cols.d_anchors), d_inv_temp)
-
-
 @torch.library.custom_op("macl_kernels::negative_lse", mutates_args=())
 def negative_lse_op(backend: str, anchors: Tensor, candidates: Optional[Tensor],
                     inv_temp: Optional[Tensor], pos_index: Tensor, self_index: Optional[Tensor],
@@ -115,10 +71,9 @@ def negative_lse_op(backend: str, anchors: Tensor, candidates: Optional[Tensor],
                        artanh_scale, artanh_eps, operand_dtype, row_reduction, row_bias,
                        anchor_labels, candidate_labels, both_directions)
     impl = kernel_backend(backend)
+    # The backend's capabilities (dtype, width, both_directions, ...): a clear error, not a
+    # kernel's crash.
     impl.check(problem)
-    if problem.both_directions and not impl.both_directions:
-        lse_neg, aux = _fwd_two_directions(impl, problem, need_grad)
-        return lse_neg, (aux if aux is not None else _empty(lse_neg)), _empty(lse_neg)
     if need_eqs:
         if problem.logit_map is not LogitMap.SCALED:
             raise ValueError("need_eqs (eqs = d lse_neg / d inv_temp) needs LogitMap.SCALED")
@@ -137,11 +92,7 @@ def _(backend, anchors, candidates, inv_temp, pos_index, self_index, logit_map, 
                        artanh_scale, artanh_eps, operand_dtype, row_reduction, row_bias,
                        anchor_labels, candidate_labels, both_directions)
     lse_neg = anchors.new_empty((problem.num_lse,))
-    impl = kernel_backend(backend)
-    if problem.both_directions and not impl.both_directions:
-        aux = _fake_aux_two_directions(impl, problem, need_grad)
-    else:
-        aux = impl.fake_aux(problem, need_grad)
+    aux = kernel_backend(backend).fake_aux(problem, need_grad)
     eqs = anchors.new_empty((anchors.shape[0],)) if need_eqs else _empty(lse_neg)
     return lse_neg, (aux if aux is not None else _empty(lse_neg)), eqs
 
@@ -179,13 +130,8 @@ def negative_lse_backward_op(backend: str, anchors: Tensor, candidates: Optional
     # runs this backward under whatever autocast region ``loss.backward()`` was called in, which
     # would round the backward's GEMMs (and mix dtypes): turn it off here too.
     with autocast_off(anchors.device.type):
-        impl = kernel_backend(backend)
-        args = (problem, lse_neg, aux if aux.numel() else None, g.to(lse_neg.dtype).contiguous(),
-                needs)
-        if problem.both_directions and not impl.both_directions:
-            grads = _bwd_two_directions(impl, *args)
-        else:
-            grads = impl.bwd(*args)
+        grads = kernel_backend(backend).bwd(problem, lse_neg, aux if aux.numel() else None,
+                                            g.to(lse_neg.dtype).contiguous(), needs)
     d_anchors, d_candidates, d_inv_temp, d_row_bias = grads
     if problem.symmetric:
         # The fold: the gradient of the one tensor is the sum of both sides (a kernel that

@@ -43,7 +43,8 @@ the candidates and its columns are anchors against the rows, from the same tiles
 
 This module holds no math of its own: it names the arguments (``Problem``), the logit map
 (``LogitMap``), what a backward must produce (``Needs``, ``Grads``) and the ``Backend`` protocol
-that ``macl_kernels/_ops.py`` wraps as custom operators. It imports nothing from the package.
+that ``ops.py`` wraps as custom operators, with what each backend can compute as data
+(``Capabilities``, ``Options``, ``Reason``). It imports nothing from the package.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from __future__ import annotations
 import contextlib
 import enum
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -132,21 +133,6 @@ class Problem:
         ``M``, or ``M + K`` with ``both_directions``."""
         return self.M + self.K if self.both_directions else self.M
 
-    def direction(self, columns: bool) -> "Problem":
-        """One direction of a ``both_directions`` problem as a plain cross problem: the rows
-        (``columns=False``: anchors against candidates) or the columns (candidates against
-        anchors)."""
-        rows = slice(self.M, None) if columns else slice(0, self.M)
-
-        def part(t):
-            return None if t is None else t[rows]
-
-        anchors, candidates = ((self.candidates, self.anchors) if columns
-                               else (self.anchors, self.candidates))
-        return Problem(anchors, candidates, part(self.inv_temp), part(self.pos_index),
-                       part(self.self_index), self.logit_map, self.artanh_scale, self.artanh_eps,
-                       self.operand_dtype)
-
     @property
     def candidate_rows(self) -> Tensor:
         """The candidates as a tensor (the anchors themselves when ``symmetric``)."""
@@ -192,52 +178,184 @@ class Grads(NamedTuple):
     d_row_bias: Optional[Tensor] = None
 
 
+# The kinds of a ``Reason``, and the exception a call raises for each: the environment (a
+# device type, a toolchain, a compiled extension) is a RuntimeError, as ``resolve_backend``
+# raised before any argument was looked at; the arguments' dtype a TypeError; their width or an
+# option a ValueError (docs/design.md, "Backend selection").
+DEVICE, ENVIRONMENT, BUILD, DTYPE, WIDTH, OPTION = (
+    "device", "environment", "build", "dtype", "width", "option")
+_ERRORS = {DEVICE: RuntimeError, ENVIRONMENT: RuntimeError, BUILD: RuntimeError,
+           DTYPE: TypeError, WIDTH: ValueError, OPTION: ValueError}
+
+
+class Reason(str):
+    """One sentence of ``not_supported_reasons``: why a backend cannot serve a call, and what to
+    do. A ``str`` (messages join them with ``"; "``) with its ``kind`` (one of ``DEVICE``,
+    ``ENVIRONMENT``, ``BUILD``, ``DTYPE``, ``WIDTH``, ``OPTION``)."""
+
+    kind: str
+
+    def __new__(cls, text: str, kind: str):
+        if kind not in _ERRORS:
+            raise ValueError(f"kind must be one of {sorted(_ERRORS)}, got {kind!r}")
+        self = super().__new__(cls, text)
+        self.kind = kind
+        return self
+
+    @property
+    def error(self) -> type:
+        """The exception type a call refused for this reason raises."""
+        return _ERRORS[self.kind]
+
+
+def missing_build(reasons: List[Reason]) -> bool:
+    """Whether the only thing keeping a backend from a call is its compiled extension (``auto``
+    then warns once that it runs something slower; a backend that could not run there anyway,
+    on another device type or a CPU build of torch, is passed over silently)."""
+    return bool(reasons) and all(r.kind == BUILD for r in reasons)
+
+
+_DEVICE_WORDS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a call asks of a backend besides its device, dtype and width: the ``Problem``'s
+    features (``Options.of``). ``None`` means not known (``auto`` chooses before the call's
+    options exist) and is not checked."""
+
+    logit_map: Optional[LogitMap] = None
+    row_reduction: Optional[RowReduction] = None
+    symmetric: Optional[bool] = None  # candidates=None: layout 2n on one process
+    both_directions: Optional[bool] = None  # layout cross_sym on one process
+    labels: Optional[bool] = None  # the label mask (anchor_labels / candidate_labels)
+    # The inputs' half dtype before the upcast (Problem.operand_dtype): what a kernel that
+    # rounds its GEMM operands reads (Triton's tile shapes depend on it).
+    operand_dtype: Optional[torch.dtype] = None
+
+    @classmethod
+    def of(cls, problem: "Problem") -> "Options":
+        return cls(problem.logit_map, problem.row_reduction, problem.symmetric,
+                   problem.both_directions, problem.has_labels, problem.operand_dtype)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a kernel backend computes, as data: the one declaration ``not_supported_reasons``
+    reads (``auto``, the explicit-backend error, ``Backend.check``, ``macl-kernels info``).
+
+    ``dtypes`` are compute dtypes: the anchors' dtype when they reach the kernels (the losses
+    upcast float16 / bfloat16 inputs to float32 and pass the half dtype as ``operand_dtype``).
+    """
+
+    devices: Tuple[str, ...]  # device types the kernels run on; () = wherever torch runs
+    dtypes: Tuple[torch.dtype, ...]  # compute dtypes; () = any dtype the matmul supports
+    max_d: Optional[int] = None  # widest embedding (None: no cap)
+    logit_maps: Tuple[LogitMap, ...] = tuple(LogitMap)
+    row_reductions: Tuple[RowReduction, ...] = tuple(RowReduction)
+    symmetric: bool = True  # layout 2n on one process (candidates=None)
+    both_directions: bool = True  # Problem.both_directions: one S for both directions
+    labels: bool = True  # the label mask of Neg(a)
+    half_operands: bool = False  # rounds its GEMM operands to float16 / bfloat16 operand_dtype
+    # "python" (nothing to compile), "aot" (a compiled extension built ahead of time by
+    # setup.py), "aot+jit" (that, or built on first use from the packaged sources)
+    build: str = "python"
+
+    def device_text(self) -> str:
+        return ", ".join(self.devices) if self.devices else "any"
+
+    def summary(self) -> str:
+        """One line for ``macl-kernels info``."""
+        dtypes = "/".join(_dtype_name(d) for d in self.dtypes) if self.dtypes else "any"
+        parts = [f"devices {self.device_text()}", f"dtypes {dtypes}",
+                 f"D <= {self.max_d}" if self.max_d is not None else "any D"]
+        features = [name for name, ok in (("layout 2n", self.symmetric),
+                                          ("both directions", self.both_directions),
+                                          ("labels", self.labels),
+                                          ("half operands", self.half_operands)) if ok]
+        features += [m.name.lower() for m in self.logit_maps]
+        features += [r.name.lower() for r in self.row_reductions]
+        return "; ".join(parts) + "; " + ", ".join(features)
+
+
 class Backend:
     """What a kernel backend implements (``backends/<name>.py`` exposes one instance as
-    ``BACKEND``). ``_ops`` turns it into the two custom operators; nothing else calls it.
+    ``BACKEND``). ``ops`` turns it into the two custom operators; nothing else calls ``fwd`` /
+    ``bwd``.
 
-    Subclasses set ``name`` and, when their kernels cap the embedding width, ``max_d`` (``auto``
-    passes over the backend beyond it; an explicit request gets a ``ValueError``)."""
+    Subclasses set ``name`` and ``capabilities`` (data). Where the environment decides
+    (a toolchain, a compiled extension, a device), they override ``environment_reason``; where
+    a reason depends on more than the data (Triton's tile shapes per GPU), they extend
+    ``not_supported_reasons`` (calling it on ``super()`` first)."""
 
     name: str = ""
-    max_d: Optional[int] = None
-    # Whether the backend is compiled code that the package builds (``auto`` warns once when
-    # it passes over such a backend because it was not built).
-    native: bool = False
-    # Whether fwd/bwd handle Problem.both_directions themselves (one S for both directions);
-    # otherwise _ops runs the two directions as two plain problems.
-    both_directions: bool = False
+    capabilities: Capabilities = Capabilities(devices=(), dtypes=())
+    # A native backend's compiled extension (``backends/_native.Extension``: its build state
+    # for ``info``, and the first-use build when selection chooses it); None: nothing compiled.
+    extension = None
 
-    def unavailable_reason(self, device: Optional[torch.device]) -> Optional[str]:
-        """``None`` when usable on ``device`` (or here at all, for ``None``), else a sentence
-        saying why not and what to do."""
-        raise NotImplementedError
-
-    def built(self) -> bool:
-        """Native backends: whether their compiled extension imports."""
-        return True
-
-    def missing_build(self, device: Optional[torch.device]) -> bool:
-        """Whether the only thing keeping this backend from ``device`` is its extension not being
-        built (``auto`` then warns once that it runs something slower). ``False`` when the
-        backend could not run there anyway (another device type, a CPU build of torch, ...)."""
-        return False
-
-    def width_reason(self, dim: Optional[int], dtype: Optional[torch.dtype],
-                     device: Optional[torch.device]) -> Optional[str]:
-        """Why ``auto`` passes over this backend for embeddings of width ``dim`` and dtype
-        ``dtype`` on ``device`` (``None``: it serves them; ``None`` arguments are unknown)."""
-        if dim is not None and self.max_d is not None and dim > self.max_d:
-            return f"supports D <= {self.max_d}, got D = {dim}"
+    def environment_reason(self, device: Optional[torch.device]) -> Optional[Reason]:
+        """Why this environment cannot run the backend on ``device`` (``None``: here at all),
+        given that the device type is one of ``capabilities.devices``; ``None`` when it can.
+        A ``BUILD`` reason when only a compiled extension is missing."""
         return None
 
+    def not_supported_reasons(self, device: Optional[torch.device] = None,
+                              dtype: Optional[torch.dtype] = None, D: Optional[int] = None,
+                              options: Optional[Options] = None) -> List[Reason]:
+        """Every reason this backend cannot serve a call on ``device`` with compute dtype
+        ``dtype``, width ``D`` and ``options``; ``[]`` when it can. ``None`` arguments are not
+        known and not checked. The one answer to "can this backend serve this problem"."""
+        caps = self.capabilities
+        reasons: List[Reason] = []
+        if device is not None and caps.devices and device.type not in caps.devices:
+            words = " or ".join(_DEVICE_WORDS.get(d, d) for d in caps.devices)
+            reasons.append(Reason(f"the {self.name} backend runs on {words} tensors only "
+                                  f"(got {device})", DEVICE))
+        else:
+            env = self.environment_reason(device)
+            if env is not None:
+                reasons.append(env)
+        if dtype is not None and caps.dtypes and dtype not in caps.dtypes:
+            reasons.append(Reason(
+                f"the {self.name} backend computes in "
+                f"{' or '.join(_dtype_name(d) for d in caps.dtypes)}, got {dtype} (half inputs "
+                f"reach it upcast to float32 by the loss functions)", DTYPE))
+        if D is not None and caps.max_d is not None and D > caps.max_d:
+            reasons.append(Reason(
+                f"backend {self.name!r} supports embeddings of width D <= {caps.max_d}, got "
+                f"D = {D}; use backend='torch' (or 'auto') for wider embeddings", WIDTH))
+        if options is not None:
+            reasons.extend(self._option_reasons(options))
+        return reasons
+
+    def _option_reasons(self, o: Options) -> List[Reason]:
+        caps, out = self.capabilities, []
+        wanted = [(o.logit_map is not None and o.logit_map not in caps.logit_maps,
+                   f"LogitMap.{o.logit_map.name if o.logit_map is not None else ''}"),
+                  (o.row_reduction is not None and o.row_reduction not in caps.row_reductions,
+                   f"RowReduction.{o.row_reduction.name if o.row_reduction is not None else ''}"),
+                  (bool(o.symmetric) and not caps.symmetric, "a symmetric S (candidates=None)"),
+                  (bool(o.both_directions) and not caps.both_directions, "both_directions"),
+                  (bool(o.labels) and not caps.labels, "the label mask")]
+        for refused, what in wanted:
+            if refused:
+                out.append(Reason(f"the {self.name} backend does not implement {what}; use "
+                                  f"backend='torch' (or 'auto')", OPTION))
+        return out
+
     def check(self, problem: Problem) -> None:
-        """Refuse what the kernels cannot do (dtype, width), with a ``TypeError`` /
-        ``ValueError`` naming it. Called by ``_ops`` before ``fwd``."""
-        if self.max_d is not None and problem.D > self.max_d:
-            raise ValueError(
-                f"backend {self.name!r} supports embeddings of width D <= {self.max_d}, got "
-                f"D = {problem.D}; use backend='torch' (or 'auto') for wider embeddings")
+        """Refuse what the backend cannot do before ``fwd``: ``not_supported_reasons`` of the
+        problem, raised as the first reason's exception type (``TypeError`` for a dtype,
+        ``ValueError`` for a width or an option, ``RuntimeError`` for the environment)."""
+        reasons = self.not_supported_reasons(problem.anchors.device, problem.anchors.dtype,
+                                             problem.D, Options.of(problem))
+        if reasons:
+            raise reasons[0].error("; ".join(reasons))
 
     def fwd(self, problem: Problem, need_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """``(lse_neg [M], aux)``: ``aux`` is whatever the backward needs besides ``lse_neg``

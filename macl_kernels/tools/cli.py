@@ -3,7 +3,8 @@
 Five subcommands, each answering one question a user has before trusting the package:
 
 ``info``
-    What is installed and which backends can run here (and, for those that cannot, why)?
+    What is installed and which backends can run here (and, for those that cannot, why)? What
+    each computes, and whether a native one is built, buildable on first use, or missing.
 ``verify``
     Does every usable backend agree with the float64 full-matrix reference, loss *and* gradients,
     for every loss and layout, to the tolerances of docs/math.md#tolerances? Exit status 1 if
@@ -276,8 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="versions, devices and which backends are usable (and why not)",
                        description="Print package, Python, torch, CUDA and Triton versions, CPU "
-                                   "details, and for each backend 'usable' or the reason it is "
-                                   "not.")
+                                   "details, and for each backend 'usable' or the reasons it is "
+                                   "not, what it computes (its capabilities) and, for a native "
+                                   "backend, whether its extension is built, buildable on first "
+                                   "use, or missing and why.")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(

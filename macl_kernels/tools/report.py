@@ -11,7 +11,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from .. import __version__
-from ..primitive.backends import available_backends
+from ..primitive import backends as native
+from ..primitive.backends import available_backends, build_state, capabilities
 
 
 def default_device() -> str:
@@ -149,7 +150,42 @@ def info_lines() -> List[str]:
                                   if affinity is not None and affinity != os.cpu_count() else "")
     lines.append(f"CPU: {cpu_model_name()}, {cpus} logical CPUs, "
                  f"torch threads {torch.get_num_threads()}")
+    lines.append(f"native builds: {native_build_line()}")
     lines.append("backends:")
+    lines.extend(backend_lines())
+    return lines
+
+
+_BUILD_WORDS = {"built": "built", "buildable": "buildable on first use", "missing": "missing"}
+
+
+def native_build_line() -> str:
+    """Whether a native backend that was not built ahead of time can be built on first use:
+    the switch, the compiler and the cache folder."""
+    if not native.jit_enabled():
+        return "first-use build disabled (MACL_KERNELS_JIT=0)"
+    cxx = native.compiler()
+    return (f"first-use build of the cpu extension enabled; C++ compiler "
+            f"{cxx or 'none found'}; ninja {native.ninja() or 'none found'}; cache "
+            f"{native.cache_root()} (MACL_KERNELS_CACHE); the cuda extension is built ahead of "
+            f"time only")
+
+
+def backend_lines() -> List[str]:
+    """Per backend: usable or why not (``not_supported_reasons`` for this machine), what it
+    computes (its ``Capabilities``) and, for a native backend, its build state: built (ahead of
+    time or a cached first-use build), buildable on first use, or missing and why."""
+    lines = []
     for name, reason in available_backends().items():
         lines.append(f"  {name}: {'usable' if reason is None else 'unusable: ' + reason}")
+        caps = capabilities(name)
+        if caps is None:
+            if name == "reference":
+                lines.append("    computes: the dense full-matrix oracle of every loss "
+                             "(any device, dtype and width)")
+            continue
+        lines.append(f"    computes: {caps.summary()}")
+        state = build_state(name)
+        if state is not None:
+            lines.append(f"    build: {_BUILD_WORDS[state.status]}: {state.detail}")
     return lines

@@ -1,5 +1,6 @@
 """Backend ``"cpu"``: the fused C++ kernels of ``csrc/cpu/`` (extension
-``macl_kernels._C_cpu``, built by ``setup.py``).
+``macl_kernels._C_cpu``, built by ``setup.py``, or on first use from the packaged sources:
+``_native.py``).
 
 The primitive of ``docs/math.md#the-primitive`` (per-row ``lse_neg``; recompute in backward),
 tiled in C++ over ``at::parallel_for``. A symmetric problem (layout ``2n`` on one process)
@@ -23,38 +24,31 @@ from typing import Optional
 
 import torch
 
-from ..protocol import Backend, Grads, Needs, Problem, RowReduction
+from ..protocol import (BUILD, Backend, Capabilities, Grads, Needs, Problem, Reason,
+                        RowReduction)
+from . import _native
 from ._native import Extension, cast_rows
 
-_EXTENSION = Extension("macl_kernels._C_cpu")
+# Ahead of time (setup.py), or built on first use from csrc/cpu (_native.py).
+_EXTENSION = Extension("macl_kernels._C_cpu", jit_part="cpu")
 
 
 class CpuBackend(Backend):
     name = "cpu"
-    native = True
-    both_directions = True
+    capabilities = Capabilities(devices=("cpu",), dtypes=(torch.float32, torch.float64),
+                                build="aot+jit")
 
-    def built(self) -> bool:
-        return _EXTENSION.get() is not None
+    @property
+    def extension(self) -> Extension:
+        return _EXTENSION
 
-    def missing_build(self, device: Optional[torch.device]) -> bool:
-        return (device is None or device.type == "cpu") and not self.built()
-
-    def unavailable_reason(self, device: Optional[torch.device]) -> Optional[str]:
-        if device is not None and device.type != "cpu":
-            return f"the cpu backend runs on CPU tensors only (got {device})"
-        if _EXTENSION.get() is None:
-            return (
-                f"the C++ extension {_EXTENSION.name} could not be imported ({_EXTENSION.error}); "
-                f"build it with `pip install --no-build-isolation -e .` (or `make install`) in "
-                f"the source tree")
-        return None
-
-    def check(self, problem: Problem) -> None:
-        super().check(problem)
-        if problem.anchors.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"the cpu backend computes in float32 or float64, got "
-                            f"{problem.anchors.dtype}")
+    def environment_reason(self, device: Optional[torch.device]) -> Optional[Reason]:
+        state = _EXTENSION.state()
+        if state.status != _native.MISSING:
+            return None  # built, or built when first needed
+        return Reason(f"the C++ extension is missing: {state.detail}; build it ahead of time "
+                      f"with `pip install --no-build-isolation -e .` (or `make install`) in the "
+                      f"source tree", BUILD)
 
     def _forward(self, p: Problem, need_eqs: bool):
         return _EXTENSION.get().forward(

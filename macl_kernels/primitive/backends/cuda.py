@@ -27,7 +27,8 @@ from typing import Optional
 
 import torch
 
-from ..protocol import Backend, Grads, Needs, Problem, RowReduction
+from ..protocol import (BUILD, ENVIRONMENT, Backend, Capabilities, Grads, Needs, Problem,
+                        Reason, RowReduction)
 from ._native import Extension, cast_rows
 
 _EXTENSION = Extension("macl_kernels._C_cuda")
@@ -48,42 +49,36 @@ def _operand_code(problem: Problem) -> int:
 
 class CudaBackend(Backend):
     name = "cuda"
-    native = True
-    both_directions = True
+    capabilities = Capabilities(devices=("cuda",), dtypes=(torch.float32, torch.float64),
+                                half_operands=True, build="aot")
 
-    def built(self) -> bool:
-        return _EXTENSION.get() is not None
+    @property
+    def extension(self) -> Extension:
+        return _EXTENSION
 
-    def missing_build(self, device: Optional[torch.device]) -> bool:
-        return (device is not None and device.type == "cuda" and bool(torch.version.cuda)
-                and not getattr(torch.version, "hip", None) and torch.cuda.is_available()
-                and not self.built())
-
-    def unavailable_reason(self, device: Optional[torch.device]) -> Optional[str]:
-        if device is not None and device.type != "cuda":
-            return f"the cuda backend runs on CUDA tensors only (got {device})"
+    def environment_reason(self, device: Optional[torch.device]) -> Optional[Reason]:
         if getattr(torch.version, "hip", None):
-            return (f"this torch ({torch.__version__}) is a ROCm build; the cuda backend needs "
-                    f"NVIDIA CUDA (use backend='triton' or 'torch')")
+            return Reason(f"this torch ({torch.__version__}) is a ROCm build; the cuda backend "
+                          f"needs NVIDIA CUDA (use backend='triton' or 'torch')", ENVIRONMENT)
         if not torch.version.cuda:
-            return (f"this torch ({torch.__version__}) is a CPU build: install a CUDA build of "
-                    f"PyTorch, then {_REBUILD}")
+            return Reason(f"this torch ({torch.__version__}) is a CPU build: install a CUDA build "
+                          f"of PyTorch, then {_REBUILD}", ENVIRONMENT)
         if not torch.cuda.is_available():
-            return "no CUDA device is available (torch.cuda.is_available() is False)"
+            return Reason("no CUDA device is available (torch.cuda.is_available() is False)",
+                          ENVIRONMENT)
         if _EXTENSION.get() is None:
-            return (f"the CUDA extension {_EXTENSION.name} was not built or could not be "
-                    f"imported ({_EXTENSION.error}); with a CUDA build of torch (here: torch "
-                    f"{torch.__version__}, CUDA {torch.version.cuda}) and nvcc installed, "
-                    f"{_REBUILD}")
+            # Ahead of time only: nvcc builds take minutes and need the CUDA toolkit.
+            return Reason(
+                f"the CUDA extension {_EXTENSION.name} was not built or could not be imported "
+                f"({_EXTENSION.error}); with a CUDA build of torch (here: torch "
+                f"{torch.__version__}, CUDA {torch.version.cuda}) and nvcc installed, {_REBUILD}",
+                BUILD)
         return None
 
     def check(self, problem: Problem) -> None:
         super().check(problem)
         anchors, candidates = problem.anchors, problem.candidate_rows
-        if anchors.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"the cuda backend computes in float32 or float64, got "
-                            f"{anchors.dtype}")
-        if anchors.device.type != "cuda" or candidates.device != anchors.device:
+        if candidates.device != anchors.device:
             raise ValueError(f"the cuda backend needs CUDA tensors on one device, got anchors "
                              f"on {anchors.device} and candidates on {candidates.device}")
 

@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from ..protocol import Backend, Grads, LogitMap, Needs, Problem, RowReduction
+from ..protocol import Backend, Capabilities, Grads, LogitMap, Needs, Problem, RowReduction
 
 # Elements per chunk x K tile: 2M fp32 elements = 8 MiB per live tile. Measured on the 2-core
 # x86 CI machine, MACL 2n, 2N = 8192, D = 128, forward+backward: 2**20 / 2**21 / 2**23 took
@@ -297,10 +297,8 @@ class TorchBackend(Backend):
     """Runs anywhere PyTorch does, in the anchors' dtype; ignores ``operand_dtype``."""
 
     name = "torch"
-    both_directions = True
-
-    def unavailable_reason(self, device):
-        return None
+    # Wherever torch runs, in any dtype its matmul supports, every width and option.
+    capabilities = Capabilities(devices=(), dtypes=())
 
     def fwd(self, problem, need_grad):
         chunk = default_chunk(problem.M, problem.K)

@@ -17,11 +17,12 @@ Index tensors reach the kernels as int32 (``_operands``), labels as int64.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 
-from ...protocol import Backend, Grads, LogitMap, Needs, Problem, RowReduction
+from ...protocol import (ENVIRONMENT, WIDTH, Backend, Capabilities, Grads, LogitMap, Needs,
+                         Options, Problem, Reason, RowReduction)
 from . import config
 from .config import (
     MAX_D, PRECISIONS, block_d_of, device_shared_limit, max_block_d, precision_class,
@@ -74,18 +75,6 @@ def _flags(problem: Problem, ops: _Operands) -> dict:
                 DOT_PRECISION=PRECISIONS[precision_class(op_dtype)][2],
                 UPCAST=config.INTERPRET and op_dtype == torch.bfloat16,
                 BLOCK_D=block_d_of(problem.D))
-
-
-_OPERAND_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _operand_dtype(problem: Problem) -> torch.dtype:
-    """The dtype the dots read: the half ``operand_dtype`` of upcast half inputs, else the
-    inputs'."""
-    if problem.anchors.dtype == torch.float32 and problem.operand_dtype in (torch.float16,
-                                                                          torch.bfloat16):
-        return problem.operand_dtype
-    return problem.anchors.dtype
 
 
 def _logit_params(problem: Problem) -> torch.Tensor:
@@ -308,26 +297,29 @@ class TritonBackend(Backend):
     """Triton kernels: on a GPU, or in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
 
     name = "triton"
-    max_d = MAX_D
-    both_directions = True
+    # Whole rows live in a tile: D <= MAX_D (on a GPU the shape tables cap it lower per operand
+    # precision: not_supported_reasons below). The CPU only under the interpreter: the
+    # environment (``config.unavailable_reason``) says so.
+    capabilities = Capabilities(devices=("cuda", "cpu"), dtypes=(torch.float32, torch.float64),
+                                max_d=MAX_D, half_operands=True)
 
-    def unavailable_reason(self, device):
-        return unavailable_reason(device)
+    def environment_reason(self, device: Optional[torch.device]) -> Optional[Reason]:
+        reason = unavailable_reason(device)
+        return None if reason is None else Reason(reason, ENVIRONMENT)
 
-    def check(self, problem: Problem) -> None:
-        if config.IMPORT_ERROR is not None:
-            raise RuntimeError(unavailable_reason(problem.anchors.device))
-        if problem.anchors.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"the triton backend computes in float32 or float64, got "
-                            f"{problem.anchors.dtype} (half inputs reach it upcast to float32 by "
-                            f"the loss functions)")
-        if problem.D > MAX_D:
-            raise ValueError(f"the triton backend keeps whole rows in a tile and supports D <= "
-                             f"{MAX_D}, got D = {problem.D}; use backend='torch' for wider "
-                             f"embeddings")
-        reason = self._shape_refusal(problem.D, _operand_dtype(problem), problem.anchors.device)
-        if reason is not None:
-            raise ValueError(reason)
+    def not_supported_reasons(self, device=None, dtype=None, D=None,
+                              options: Optional[Options] = None) -> List[Reason]:
+        """The data's reasons; then, on a GPU, a width no measured tile shape serves for the
+        operand precision (it would spill or not fit the shared memory)."""
+        reasons = super().not_supported_reasons(device, dtype, D, options)
+        if reasons or device is None or dtype is None or D is None:
+            return reasons
+        operand = dtype
+        if (dtype == torch.float32 and options is not None
+                and options.operand_dtype in (torch.float16, torch.bfloat16)):
+            operand = options.operand_dtype
+        refused = self._shape_refusal(D, operand, device)
+        return [] if refused is None else [Reason(refused, WIDTH)]
 
     @staticmethod
     def _shape_refusal(d: int, op_dtype: torch.dtype, device: torch.device) -> Optional[str]:
@@ -341,15 +333,6 @@ class TritonBackend(Backend):
         if block_d_of(d) <= max_block_d(precision, limit):
             return None
         return refusal(precision, d, limit)
-
-    def width_reason(self, dim: int, dtype: torch.dtype,
-                     device: Optional[torch.device]) -> Optional[str]:
-        """``auto`` passes over triton where its compiled kernels would spill or not fit: per
-        precision (``dtype``, the inputs' dtype; float32 under the current matmul precision)."""
-        base = super().width_reason(dim, dtype, device)
-        if base is not None or device is None or dtype not in _OPERAND_DTYPES:
-            return base
-        return self._shape_refusal(dim, dtype, device)
 
     def fwd(self, problem: Problem, need_grad: bool):
         if problem.both_directions:

@@ -244,20 +244,20 @@ shape = (64, 64, 4, 2)
 build("forward", "bf16", 128, shape, LOGIT_MAP=SCALED, ACC_E=True, HAS_LABELS=True,
       WIDE_WEIGHTS=False)
 for sym in (False, True):
-    build("candidates", "bf16", 128, shape, LOGIT_MAP=SCALED, SYMMETRIC=sym,
+    build("candidates", "bf16", 128, shape, LOGIT_MAP=SCALED, MIRRORED=sym,
           NEED_D_INV_TEMP=sym, HAS_LABELS=True, WIDE_WEIGHTS=False)
 build("both_forward", "bf16", 128, shape, LOGIT_MAP=SCALED)
-build("both_backward", "bf16", 128, shape, LOGIT_MAP=SCALED, NEED_D_INV_TEMP=True,
-      WIDE_WEIGHTS=False)
+build("both_backward", "bf16", 128, shape, LOGIT_MAP=SCALED, MIRRORED=True, HAS_LABELS=False,
+      NEED_D_INV_TEMP=True, WIDE_WEIGHTS=False)
 build("softplus_forward", "bf16", 128, shape, HAS_BIAS=True, ACC_E=True)
 build("softplus_candidates", "bf16", 128, shape, HAS_BIAS=True, WIDE_WEIGHTS=False)
 # fp16: the ARTANH map with the tf32 weight GEMMs.
 build("forward", "fp16", 128, (64, 64, 8, 2), LOGIT_MAP=ARTANH, ACC_E=True, HAS_LABELS=False,
       WIDE_WEIGHTS=True)
-build("both_backward", "fp16", 128, (64, 64, 8, 2), LOGIT_MAP=ARTANH, NEED_D_INV_TEMP=False,
-      WIDE_WEIGHTS=True)
+build("both_backward", "fp16", 128, (64, 64, 8, 2), LOGIT_MAP=ARTANH, MIRRORED=True,
+      HAS_LABELS=False, NEED_D_INV_TEMP=False, WIDE_WEIGHTS=True)
 # fp32 (3xTF32) at its widest width, the symmetric backward; fp64.
-build("candidates", "fp32", 128, (32, 32, 4, 2), LOGIT_MAP=ARTANH, SYMMETRIC=True,
+build("candidates", "fp32", 128, (32, 32, 4, 2), LOGIT_MAP=ARTANH, MIRRORED=True,
       NEED_D_INV_TEMP=False, HAS_LABELS=False, WIDE_WEIGHTS=False)
 build("forward", "fp64", 32, (32, 32, 4, 1), LOGIT_MAP=SCALED, ACC_E=True, HAS_LABELS=True,
       WIDE_WEIGHTS=False)

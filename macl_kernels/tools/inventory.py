@@ -164,10 +164,10 @@ def plan(arch: str, precisions: Sequence[str], widths: Sequence[int],
 
 def _heaviest(sets):
     """The flag set with the most work per tile: the ARTANH map with E (forward), the
-    symmetric ARTANH backward: the most live tiles and the float16 tf32 weight GEMMs."""
+    mirrored ARTANH backward: the most live tiles and the float16 tf32 weight GEMMs."""
     def weight(item):
         flags = item[1]
-        return (bool(flags.get("ACC_E")) + bool(flags.get("SYMMETRIC"))
+        return (bool(flags.get("ACC_E")) + bool(flags.get("MIRRORED"))
                 + 2 * (flags.get("LOGIT_MAP") == 1) + bool(flags.get("WIDE_WEIGHTS")))
     return max(sets, key=weight)
 

@@ -7,9 +7,11 @@ What runs for which problem (the kernels and their GEMM counts: ``kernels.py``):
   accumulator ``E``), then ``candidates`` for ``d_candidates``; the anchor side is a per-row
   scale of ``E`` here, no second pass over the tiles;
 * layout ``2n`` (``Problem.symmetric`` and ``config.USE_SYMMETRY``): ``forward`` without ``E``,
-  then ``candidates`` with ``SYMMETRIC`` for the one tensor's whole gradient;
+  then ``candidates`` with ``MIRRORED`` (the rows' own entries as the mirrored side) for the
+  one tensor's whole gradient;
 * both directions (``Problem.both_directions``): ``both_forward`` and a merge of the columns'
-  partials here, then ``both_backward`` once per side whose gradient is needed;
+  partials here, then ``both_backward`` (the candidates kernel with ``MIRRORED``, the columns'
+  entries as the mirrored side) once per side whose gradient is needed;
 * ``RowReduction.SOFTPLUS``: ``softplus_forward`` and ``softplus_candidates``.
 
 Index tensors reach the kernels as int32 (``_operands``), labels as int64.
@@ -107,7 +109,8 @@ def _run_forward(problem: Problem, acc_e: bool):
 
 
 def _run_backward(problem: Problem, lse_neg, E, g, needs: Needs) -> Grads:
-    """Symmetric (``config.USE_SYMMETRY``): one column-ordered pass gives the one tensor's whole
+    """Symmetric (``config.USE_SYMMETRY``): one column-ordered, mirrored pass (the rows' own
+    entries as the mirrored side: candidate ``k`` is anchor ``k``) gives the one tensor's whole
     gradient as ``d_anchors``. Otherwise the candidates' pass gives ``d_candidates`` and the
     forward's ``E`` the anchor side, a per-row scale."""
     ops = _operands(problem)
@@ -119,14 +122,15 @@ def _run_backward(problem: Problem, lse_neg, E, g, needs: Needs) -> Grads:
         d_rows = problem.anchors.new_empty((K, D))
         need_symmetric_d_inv_temp = ops.symmetric and need_d_inv_temp
         d_inv_temp_out = problem.anchors.new_empty(M) if need_symmetric_d_inv_temp else lse_neg
+        # The mirrored entries are the rows' own (unused dummies when not symmetric).
         launch(
             "candidates", K,
             (ops.anchors, ops.candidates, ops.inv_temp, ops.pos_index, ops.self_index, lse_neg,
-             g, d_rows, d_inv_temp_out, M, K, D, ops.anchors.stride(0),
-             ops.candidates.stride(0), d_rows.stride(0), _logit_params(problem),
-             ops.anchor_labels, ops.candidate_labels),
+             g, ops.inv_temp, ops.pos_index, ops.self_index, lse_neg, g, d_rows,
+             d_inv_temp_out, M, K, D, ops.anchors.stride(0), ops.candidates.stride(0),
+             d_rows.stride(0), _logit_params(problem), ops.anchor_labels, ops.candidate_labels),
             precision_class(ops.anchors.dtype),
-            SYMMETRIC=ops.symmetric, NEED_D_INV_TEMP=need_symmetric_d_inv_temp,
+            MIRRORED=ops.symmetric, NEED_D_INV_TEMP=need_symmetric_d_inv_temp,
             WIDE_WEIGHTS=ops.anchors.dtype == torch.float16,
             **_flags(problem, ops),
         )
@@ -277,9 +281,10 @@ def _run_both_backward(problem: Problem, lse_neg, g, needs: Needs) -> Grads:
              ops.inv_temp[mirrored_half], ops.pos_index[mirrored_half],
              ops.self_index[mirrored_half], lse_neg[mirrored_half], g[mirrored_half],
              d_mirrored, d_inv_temp_mirrored, n_rows, n_mirrored, D, rows.stride(0),
-             mirrored.stride(0), d_mirrored.stride(0), _logit_params(problem)),
+             mirrored.stride(0), d_mirrored.stride(0), _logit_params(problem),
+             ops.pos_index, ops.pos_index),  # label pointers: unused dummies (no labels)
             precision_class(ops.anchors.dtype),
-            NEED_D_INV_TEMP=need_d_inv_temp,
+            MIRRORED=True, HAS_LABELS=False, NEED_D_INV_TEMP=need_d_inv_temp,
             WIDE_WEIGHTS=ops.anchors.dtype == torch.float16,
             **_both_flags(problem, ops),
         )

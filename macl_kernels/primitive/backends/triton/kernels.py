@@ -36,17 +36,18 @@ Passes and GEMM work (one "GEMM" = ``2 M K D`` flops over the whole ``M x K`` ti
     ``dL_dS^T`` from the saved statistics, accumulate ``dL_dS^T anchors`` (1 GEMM).
   Total 2 passes, 4 GEMMs (``8 M K D`` flops); 1 GEMM when no gradient is required.
 * layout ``2n`` on one process (``anchors is candidates``, ``S`` symmetric): the forward keeps
-  only ``lse_neg`` (1 GEMM); the backward's column-ordered pass treats every tile as mirrored
-  (its columns are anchors too): from one recompute of the tile it builds both ``dL_dS_ak`` (row
+  only ``lse_neg`` (1 GEMM); the backward's column-ordered pass (``candidates_kernel`` with
+  ``MIRRORED``, the rows' own entries as ``mirrored_*``) treats every tile as mirrored (its
+  columns are anchors too): from one recompute of the tile it builds both ``dL_dS_ak`` (row
   side: anchor ``a``'s statistics) and ``dL_dS_ka`` (mirrored side: candidate ``k`` as an
   anchor, with its own statistics, since ``S_ka = S_ak``) and accumulates the one tensor's whole
   gradient ``(dL_dS + dL_dS^T) U`` (1 GEMM), plus ``d_inv_temp`` of the mirrored side. Total 2
   passes, 3 GEMMs (``6 M^2 D`` flops) instead of 4 - the symmetry saves the anchor-side
   accumulation. (The forward still computes each off-diagonal tile for both of its row blocks:
   sharing it there needs a cross-program merge of online statistics.) Whether this wins on a GPU
-  is for the benchmark to say (``bench/gpu/bench_triton_gpu.py``, backend ``triton_nosym`` turns it
-  off via ``config.USE_SYMMETRY``): at D = 128 in bf16 a tile's ``exp`` work is
-  comparable to its GEMM work, and the symmetric backward evaluates two exponentials per element
+  is for the benchmark to say (``bench/gpu/bench_triton_gpu.py``, backend ``triton_nosym`` turns
+  it off via ``config.USE_SYMMETRY``): at D = 128 in bf16 a tile's ``exp`` work is comparable to
+  its GEMM work, and the symmetric backward evaluates two exponentials per element
   (rows' and columns' ``Q``) where the general path's backward evaluates one (3 vs 2 over both
   passes), against 3 vs 4 GEMMs.
 * layout ``cross_sym`` on one process (``Problem.both_directions``: CLIP's two directions):
@@ -54,8 +55,10 @@ Passes and GEMM work (one "GEMM" = ``2 M K D`` flops over the whole ``M x K`` ti
   each column's partial (max, sum) per row block; a tiny merge in block order gives the columns'
   ``lse_neg`` (no atomics; extra memory ``2 K cdiv(M, BLOCK_M)``). Every tile is mirrored: its
   columns are anchors too (``mirrored_*`` pointers: the columns' per-anchor entries). Backward:
-  ``both_backward_kernel`` once per side (rows' gradient, columns' gradient), each forming both
-  directions' ``dL_dS`` from one recompute of the tile. 5 GEMMs of ``N x N x D`` instead of
+  the same ``candidates_kernel`` with ``MIRRORED`` as layout ``2n`` (one kernel family for both
+  mirrored problems, as the C++ backend models them), launched once per side (rows' gradient,
+  columns' gradient; table entry ``both_backward``), each forming both directions' ``dL_dS``
+  from one recompute of the tile. 5 GEMMs of ``N x N x D`` instead of
   2 x 4 as two cross blocks (docs/math.md#both-directions-of-one-s-layout-cross_sym).
 
 * ``RowReduction.SOFTPLUS`` (SigLIP, ``docs/math.md#siglip``), cross problems, SCALED map, with a
@@ -232,10 +235,11 @@ if triton is not None:
     @triton.jit
     def candidates_kernel(
         anchors_ptr, candidates_ptr, inv_temp_ptr, pos_index_ptr, self_index_ptr, lse_neg_ptr,
-        g_ptr, d_candidates_ptr, d_inv_temp_ptr,
+        g_ptr, mirrored_inv_temp_ptr, mirrored_pos_index_ptr, mirrored_self_index_ptr,
+        mirrored_lse_neg_ptr, mirrored_g_ptr, d_candidates_ptr, d_inv_temp_ptr,
         M, K, D, stride_anchors, stride_candidates, stride_d_candidates,
         logit_params_ptr, anchor_labels_ptr, candidate_labels_ptr,
-        LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr, SYMMETRIC: tl.constexpr,
+        LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr, MIRRORED: tl.constexpr,
         HAS_LABELS: tl.constexpr,
         NEED_D_INV_TEMP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         WIDE_WEIGHTS: tl.constexpr,
@@ -243,11 +247,16 @@ if triton is not None:
     ):
         """One block of candidates against every anchor block (column order: each program owns
         its output rows, so no atomics and a deterministic sum):
-        ``d_candidates_k = sum_a dL_dS_ak u_a``. ``SYMMETRIC`` (the anchors are the
-        candidates): every tile is mirrored, candidate ``k`` is anchor ``k`` too, and the same
+        ``d_candidates_k = sum_a dL_dS_ak u_a``. ``MIRRORED``: every tile is mirrored,
+        candidate ``k`` is an anchor too, with its entries at ``mirrored_*[k]``, and the same
         recomputed tile also gives its mirrored side ``dL_dS_ka`` (``S_ka = S_ak``), so the
-        block accumulates the one tensor's whole gradient ``sum_a (dL_dS_ak + dL_dS_ka) u_a``
-        and ``d_inv_temp_k = g_k sum_a Q_ka S_ka``."""
+        block accumulates ``sum_a (dL_dS_ak + dL_dS_ka) u_a`` and ``d_inv_temp_k = g_k sum_a
+        Q_ka S_ka``. One kernel for both mirrored problems (the C++ backend's model): layout
+        ``2n`` (the anchors are the candidates and ``mirrored_*`` the rows' own entries: the
+        one tensor's whole gradient in one pass) and both directions (``mirrored_*`` the
+        columns' half of the ``M + K`` entries; launched once per side, the two sides swapping
+        roles for the anchors' gradient: two passes, 2 GEMMs each). Without ``MIRRORED`` the
+        ``mirrored_*`` pointers are unused dummies."""
         acc_ty = lse_neg_ptr.dtype.element_ty
         # [artanh_scale, artanh_eps] in the compute dtype, as in the forward.
         artanh_scale = tl.load(logit_params_ptr)
@@ -261,14 +270,15 @@ if triton is not None:
             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         d_candidates = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
         d_inv_temp = tl.zeros([BLOCK_N], acc_ty)
-        if HAS_LABELS:  # symmetric: the candidates' labels are the anchors'
+        if HAS_LABELS:  # mirrored (2n): the candidates' labels are the anchors'
             label_k = tl.load(candidate_labels_ptr + offs_n, mask=col_ok, other=-1)
-        if SYMMETRIC:  # the mirrored side: candidate k's statistics as an anchor (K == M)
-            inv_temp_k = tl.load(inv_temp_ptr + offs_n, mask=col_ok, other=0.0).to(acc_ty)
-            pos_index_k = tl.load(pos_index_ptr + offs_n, mask=col_ok, other=-1)
-            self_index_k = tl.load(self_index_ptr + offs_n, mask=col_ok, other=-1)
-            lse_neg_k = tl.load(lse_neg_ptr + offs_n, mask=col_ok, other=0.0)
-            g_k = tl.load(g_ptr + offs_n, mask=col_ok, other=0.0).to(acc_ty)
+        if MIRRORED:  # the mirrored side: candidate k's entries as an anchor
+            inv_temp_k = tl.load(mirrored_inv_temp_ptr + offs_n, mask=col_ok,
+                                 other=0.0).to(acc_ty)
+            pos_index_k = tl.load(mirrored_pos_index_ptr + offs_n, mask=col_ok, other=-1)
+            self_index_k = tl.load(mirrored_self_index_ptr + offs_n, mask=col_ok, other=-1)
+            lse_neg_k = tl.load(mirrored_lse_neg_ptr + offs_n, mask=col_ok, other=0.0)
+            g_k = tl.load(mirrored_g_ptr + offs_n, mask=col_ok, other=0.0).to(acc_ty)
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             row_ok = offs_m < M
@@ -295,7 +305,7 @@ if triton is not None:
             Q = tl.exp(l - lse_neg_a[None, :])
             dL_dS_t = (g_a[None, :] * Q) * dl_dS(St, inv_temp_a[None, :], artanh_scale,
                                                  artanh_eps, LOGIT_MAP)
-            if SYMMETRIC:
+            if MIRRORED:
                 # Mirrored side: candidate k as an anchor, Q_ka over Neg(k), S_ka = S_ak.
                 keep_k = in_range & (offs_m[None, :] != pos_index_k[:, None])
                 if HAS_SELF:
@@ -314,14 +324,14 @@ if triton is not None:
         tl.store(d_candidates_ptr + offs_n.to(tl.int64)[:, None] * stride_d_candidates
                  + offs_d[None, :],
                  d_candidates, mask=col_ok[:, None] & d_ok[None, :])
-        if SYMMETRIC and NEED_D_INV_TEMP:
+        if MIRRORED and NEED_D_INV_TEMP:
             tl.store(d_inv_temp_ptr + offs_n, d_inv_temp, mask=col_ok)
 
     # ----------------------------------------------------------------------------------------
     # Both directions (layout cross_sym on one process, Problem.both_directions): the rows of S
     # are anchors against the candidates and its columns anchors against the rows. The per-anchor
     # arrays have M + K entries (rows, then columns); the kernels get the two halves as separate
-    # pointers.
+    # pointers. The backward is candidates_kernel with MIRRORED (above).
     # ----------------------------------------------------------------------------------------
 
     @triton.jit
@@ -398,85 +408,6 @@ if triton is not None:
         has_neg = s_i > 0
         lse_neg = tl.where(has_neg, m_i + tl.log(tl.where(has_neg, s_i, 1.0)), float("-inf"))
         tl.store(lse_neg_ptr + offs_m, lse_neg, mask=row_ok)
-
-    @triton.jit
-    def both_backward_kernel(
-        anchors_ptr, candidates_ptr,
-        inv_temp_ptr, pos_index_ptr, self_index_ptr, lse_neg_ptr, g_ptr,
-        mirrored_inv_temp_ptr, mirrored_pos_index_ptr, mirrored_self_index_ptr,
-        mirrored_lse_neg_ptr, mirrored_g_ptr,
-        d_candidates_ptr, d_inv_temp_ptr,
-        M, K, D, stride_anchors, stride_candidates, stride_d_candidates,
-        logit_params_ptr,
-        LOGIT_MAP: tl.constexpr, HAS_SELF: tl.constexpr, NEED_D_INV_TEMP: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE_WEIGHTS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        """One side's gradient in both directions, ``candidates_kernel``'s column order: each
-        program owns a block of the "candidates" (here: the side whose gradient it writes) and
-        loops over the "anchors" (the other side). Every tile is mirrored: the candidates are
-        anchors too, with the ``mirrored_*`` entries. From one recompute of each tile it forms
-        both directions' ``dL_dS`` (row side: the anchors, ``Q`` from ``lse_neg``; mirrored
-        side: the candidates as anchors, ``Q`` from ``mirrored_lse_neg``) and accumulates
-        ``d_candidates = sum_a dL_dS_ak u_a`` and the mirrored side's ``d_inv_temp``. Launched
-        once per side (for the anchors' gradient the two sides swap roles): two passes, 2 GEMMs
-        each."""
-        acc_ty = lse_neg_ptr.dtype.element_ty
-        artanh_scale = tl.load(logit_params_ptr)
-        artanh_eps = tl.load(logit_params_ptr + 1)
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        col_ok = offs_n < K
-        d_ok = offs_d < D
-        candidates = tl.load(
-            candidates_ptr + offs_n.to(tl.int64)[:, None] * stride_candidates + offs_d[None, :],
-            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        d_candidates = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
-        d_inv_temp = tl.zeros([BLOCK_N], acc_ty)
-        inv_temp_k = tl.load(mirrored_inv_temp_ptr + offs_n, mask=col_ok,
-                             other=0.0).to(acc_ty)
-        pos_index_k = tl.load(mirrored_pos_index_ptr + offs_n, mask=col_ok, other=-1)
-        self_index_k = tl.load(mirrored_self_index_ptr + offs_n, mask=col_ok, other=-1)
-        lse_neg_k = tl.load(mirrored_lse_neg_ptr + offs_n, mask=col_ok, other=0.0)
-        g_k = tl.load(mirrored_g_ptr + offs_n, mask=col_ok, other=0.0).to(acc_ty)
-        for m0 in range(0, M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < M
-            anchors = tl.load(
-                anchors_ptr + offs_m.to(tl.int64)[:, None] * stride_anchors + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            inv_temp_a = tl.load(inv_temp_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
-            pos_index_a = tl.load(pos_index_ptr + offs_m, mask=row_ok, other=-1)
-            self_index_a = tl.load(self_index_ptr + offs_m, mask=row_ok, other=-1)
-            lse_neg_a = tl.load(lse_neg_ptr + offs_m, mask=row_ok, other=0.0)
-            g_a = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0).to(acc_ty)
-            St = dot(candidates, tl.trans(anchors), DOT_PRECISION, UPCAST).to(acc_ty)
-            in_range = col_ok[:, None] & row_ok[None, :]
-            # Row side: anchor a's Q_ak over Neg(a).
-            keep = in_range & (offs_n[:, None] != pos_index_a[None, :])
-            if HAS_SELF:
-                keep = keep & (offs_n[:, None] != self_index_a[None, :])
-            l = tl.where(keep, logit(St, inv_temp_a[None, :], artanh_scale, artanh_eps,
-                                     LOGIT_MAP), float("-inf"))
-            dL_dS_t = (g_a[None, :] * tl.exp(l - lse_neg_a[None, :])) * dl_dS(
-                St, inv_temp_a[None, :], artanh_scale, artanh_eps, LOGIT_MAP)
-            # Mirrored side: candidate k as an anchor, Q_ka over Neg(k).
-            keep_k = in_range & (offs_m[None, :] != pos_index_k[:, None])
-            if HAS_SELF:
-                keep_k = keep_k & (offs_m[None, :] != self_index_k[:, None])
-            l_k = tl.where(keep_k, logit(St, inv_temp_k[:, None], artanh_scale, artanh_eps,
-                                         LOGIT_MAP), float("-inf"))
-            dL_dl_k = g_k[:, None] * tl.exp(l_k - lse_neg_k[:, None])
-            dL_dS_t += dL_dl_k * dl_dS(St, inv_temp_k[:, None], artanh_scale, artanh_eps,
-                                       LOGIT_MAP)
-            if NEED_D_INV_TEMP:
-                d_inv_temp += tl.sum(dL_dl_k * St, axis=1)
-            d_candidates += weights_dot(dL_dS_t, anchors, DOT_PRECISION, UPCAST,
-                                        WIDE_WEIGHTS).to(acc_ty)
-        tl.store(d_candidates_ptr + offs_n.to(tl.int64)[:, None] * stride_d_candidates
-                 + offs_d[None, :], d_candidates, mask=col_ok[:, None] & d_ok[None, :])
-        if NEED_D_INV_TEMP:
-            tl.store(d_inv_temp_ptr + offs_n, d_inv_temp, mask=col_ok)
 
     # ----------------------------------------------------------------------------------------
     # RowReduction.SOFTPLUS (SigLIP): sibling kernels of the two above, sharing their helpers.

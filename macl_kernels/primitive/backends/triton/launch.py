@@ -61,7 +61,7 @@ def _forward_flag_sets(precision: str):
 def _candidates_flag_sets(precision: str):
     return tuple((f"{'artanh' if artanh else 'scaled'} {'sym' if sym else 'cross'}"
                   f"{' labels' if labels else ''}",
-                  dict(LOGIT_MAP=_scaled_or_artanh(artanh), SYMMETRIC=sym,
+                  dict(LOGIT_MAP=_scaled_or_artanh(artanh), MIRRORED=sym,
                        NEED_D_INV_TEMP=sym and not artanh, HAS_LABELS=labels,
                        WIDE_WEIGHTS=precision == "fp16"))
                  for artanh in (False, True) for sym in (False, True)
@@ -74,9 +74,10 @@ def _both_forward_flag_sets(precision: str):
 
 
 def _both_backward_flag_sets(precision: str):
+    """The candidates kernel as both directions launch it: mirrored, no labels."""
     return tuple(("artanh" if artanh else "scaled",
-                  dict(LOGIT_MAP=_scaled_or_artanh(artanh), NEED_D_INV_TEMP=not artanh,
-                       WIDE_WEIGHTS=precision == "fp16"))
+                  dict(LOGIT_MAP=_scaled_or_artanh(artanh), MIRRORED=True, HAS_LABELS=False,
+                       NEED_D_INV_TEMP=not artanh, WIDE_WEIGHTS=precision == "fp16"))
                  for artanh in (False, True))
 
 
@@ -105,26 +106,29 @@ def register_kernel(name: str, spec: KernelSpec) -> None:
 if triton is not None:
     _LABELS = ("anchor_labels_ptr", "candidate_labels_ptr")
     _INDEX = ("pos_index_ptr", "self_index_ptr")
+    _MIRRORED_INDEX = ("mirrored_pos_index_ptr", "mirrored_self_index_ptr")
     register_kernel("forward", KernelSpec(
         kernels.forward_kernel, "forward",
         ("LOGIT_MAP", "HAS_SELF", "ACC_E", "HAS_LABELS", "DOT_PRECISION", "WIDE_WEIGHTS"),
         _forward_flag_sets, label_args=_LABELS))
     register_kernel("candidates", KernelSpec(
         kernels.candidates_kernel, "candidates",
-        ("LOGIT_MAP", "HAS_SELF", "SYMMETRIC", "NEED_D_INV_TEMP", "HAS_LABELS", "DOT_PRECISION",
-         "WIDE_WEIGHTS"), _candidates_flag_sets, label_args=_LABELS))
+        ("LOGIT_MAP", "HAS_SELF", "MIRRORED", "NEED_D_INV_TEMP", "HAS_LABELS", "DOT_PRECISION",
+         "WIDE_WEIGHTS"), _candidates_flag_sets,
+        index_args=_INDEX + _MIRRORED_INDEX, label_args=_LABELS))
     # Both directions (layout cross_sym): the forward's columns' partials have one row per
     # program, so its BLOCK_M is fixed before the launch: the table's default shape, no tuning.
     register_kernel("both_forward", KernelSpec(
         kernels.both_forward_kernel, "forward", ("LOGIT_MAP", "HAS_SELF", "DOT_PRECISION"),
         _both_forward_flag_sets,
-        index_args=_INDEX + ("mirrored_pos_index_ptr", "mirrored_self_index_ptr"),
-        autotuned=False))
+        index_args=_INDEX + _MIRRORED_INDEX, autotuned=False))
+    # Its backward is the candidates kernel, mirrored (one family with layout 2n's backward),
+    # launched once per side: an entry of its own for the flag sets, tuning and inventory of
+    # that use.
     register_kernel("both_backward", KernelSpec(
-        kernels.both_backward_kernel, "candidates",
+        kernels.candidates_kernel, "candidates",
         ("LOGIT_MAP", "HAS_SELF", "NEED_D_INV_TEMP", "DOT_PRECISION", "WIDE_WEIGHTS"),
-        _both_backward_flag_sets,
-        index_args=_INDEX + ("mirrored_pos_index_ptr", "mirrored_self_index_ptr")))
+        _both_backward_flag_sets, index_args=_INDEX + _MIRRORED_INDEX, label_args=_LABELS))
     # RowReduction.SOFTPLUS (SigLIP).
     register_kernel("softplus_forward", KernelSpec(
         kernels.softplus_forward_kernel, "forward",

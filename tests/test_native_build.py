@@ -100,6 +100,25 @@ def test_no_compiler_auto_warns_once_and_uses_torch(monkeypatch, tmp_path):
     assert not any(tmp_path.glob("*/_C_cpu-*")), "no build may be attempted without a compiler"
 
 
+def test_failed_build_is_missing_with_the_compilers_error(monkeypatch, tmp_path):
+    """A first-use build that fails (here: a flag the compiler refuses, at once) makes the
+    extension missing with the compiler's error; ``auto`` then warns once and uses ``torch``,
+    an explicit ``backend="cpu"`` raises with it, and no second build is attempted."""
+    if _native.compiler() is None or _native.ninja() is None:
+        pytest.skip("no C++ compiler or ninja on this machine")
+    ext = _cpu_extension(monkeypatch, tmp_path)
+    monkeypatch.setenv("MACL_CPU_ARCH_FLAGS", "-mno-such-flag-for-the-test")
+    assert ext.state().status == _native.BUILDABLE
+    with pytest.warns(RuntimeWarning, match="passed over the native backend 'cpu'"):
+        assert backends.resolve_backend("auto", torch.device("cpu")) == "torch"
+    state = ext.state()
+    assert state.status == _native.MISSING, state
+    assert "failed" in state.detail and "-mno-such-flag-for-the-test" in state.detail
+    monkeypatch.setattr(ext, "_jit_build", lambda: pytest.fail("built twice"))
+    with pytest.raises(RuntimeError, match="no-such-flag"):
+        backends.resolve_backend("cpu", torch.device("cpu"))
+
+
 def test_import_and_info_build_nothing(monkeypatch, tmp_path):
     """``import macl_kernels`` loads no extension, and asking about the backends (``info``,
     ``available_backends``) with only a first-use build possible compiles nothing."""

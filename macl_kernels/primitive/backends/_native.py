@@ -229,10 +229,15 @@ class Extension:
                 extra_ldflags=list(CPU_LINK_ARGS),  # a copy: torch appends to it
                 build_directory=str(folder), verbose=False)
         except Exception as exc:  # a compiler error, a linker error, ninja's RuntimeError
-            text = str(exc).strip().splitlines()
+            lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+            # The compiler's own "error:" lines say what went wrong; ninja's last line, that it
+            # stopped.
+            shown = [line for line in lines if "error:" in line][:2] or lines[-2:]
             self.build_error = (f"building it on first use in {folder} failed "
-                                f"({type(exc).__name__}: {' '.join(text[-3:])[:400]})")
+                                f"({type(exc).__name__}: {' '.join(shown)[:400]})")
             return None
+        finally:
+            os.environ["PATH"] = path
         self.origin = getattr(module, "__file__", None) or str(folder)
         return module
 

@@ -24,7 +24,9 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed: no Triton kernels to inventory")
 
 from macl_kernels.primitive import backends as B  # noqa: E402
+from macl_kernels.primitive import Options  # noqa: E402
 from macl_kernels.tools import cli  # noqa: E402
+from macl_kernels.tools import inventory as I  # noqa: E402
 from macl_kernels.primitive.backends import triton as TF  # noqa: E402
 # The layers whose switches and launcher the tests set or call.
 from macl_kernels.primitive.backends.triton import config as TC  # noqa: E402
@@ -90,6 +92,65 @@ def test_auto_passes_over_triton_per_dtype(compiled_mode):
         torch.set_float32_matmul_precision(previous)
     # The interpreter (CPU) accepts every width up to MAX_D.
     assert TF.TritonBackend._shape_refusal(768, torch.float32, torch.device("cpu")) is None
+
+
+def _target(arch):
+    return Options(shared_limit=TF.SHARED_MEMORY_LIMIT[I.ARCHS[arch]])
+
+
+def test_inventory_refuses_what_the_backend_refuses():
+    """The inventory's ``refused`` is the backend's ``not_supported_reasons`` for the target (no
+    GPU, whatever this process's Triton mode): float32 (3xTF32) at BLOCK_D 256 is refused on
+    sm_90 with the backend's reason, at 128 every kernel is compiled."""
+    rows = I.plan("sm_90", ["fp32"], [128, 256], candidates=False, flag_sets="heaviest")
+    reasons = B.not_supported_reasons("triton", CUDA, torch.float32, 256, _target("sm_90"))
+    assert [r.kind for r in reasons] == ["width"] and "fp32 operands at D = 256" in reasons[0]
+    assert not B.not_supported_reasons("triton", CUDA, torch.float32, 128, _target("sm_90"))
+    assert {(r["kernel"], r["block_d"], r["role"]) for r in rows} == \
+        {(k, 128, "default") for k in TF.KERNELS} | {(k, 256, "refused") for k in TF.KERNELS}
+    for row in rows:
+        if row["role"] == "refused":
+            assert row["ok"] and row["problem"] == "backend refuses: " + "; ".join(reasons)
+    # The target's shared memory, width by width: float32 tf32 loses BLOCK_D 512's only shape
+    # on an A100 (sm_80) and keeps 1024's; bfloat16 operands (float32 compute) keep both.
+    with _matmul_precision("high"):
+        assert B.not_supported_reasons("triton", CUDA, torch.float32, 512, _target("sm_80"))
+        assert not B.not_supported_reasons("triton", CUDA, torch.float32, 1024, _target("sm_80"))
+    assert not B.not_supported_reasons("triton", CUDA, torch.bfloat16, 512, _target("sm_80"))
+    rows = I.plan("sm_80", ["fp32-tf32", "bf16"], [512, 1024], kernels=["forward"],
+                  candidates=False, flag_sets="heaviest")
+    assert [(r["precision"], r["block_d"], r["role"]) for r in rows] == [
+        ("fp32-tf32", 512, "refused"), ("fp32-tf32", 1024, "default"),
+        ("bf16", 512, "default"), ("bf16", 1024, "default")]
+    assert torch.get_float32_matmul_precision() == "highest"  # plan restored it
+
+
+def test_inventory_takes_the_backends_answer(compiled_mode, monkeypatch):
+    """No second copy of the rule: the backend's refusal (here of every width) is what the
+    inventory lists, and a width the backend serves without a shape of the table is a failure.
+    Asked about this machine's GPU (no ``shared_limit``), the backend answers as for auto."""
+    local = B.not_supported_reasons("triton", CUDA, torch.float32, 256)
+    assert local == B.not_supported_reasons("triton", CUDA, torch.float32, 256, _target("sm_90"))
+    monkeypatch.setattr(TF.TritonBackend, "_shape_refusal",
+                        staticmethod(lambda d, op, device, limit=None: f"refused at {limit}"))
+    rows = I.plan("sm_90", ["bf16"], [64], kernels=["forward"], candidates=False)
+    assert [(r["role"], r["ok"], r["problem"]) for r in rows] == \
+        [("refused", True, f"backend refuses: refused at {TF.H100_SHARED_MEMORY}")]
+    monkeypatch.setattr(TF.TritonBackend, "_shape_refusal", staticmethod(lambda *a: None))
+    rows = I.plan("sm_90", ["fp32"], [256], kernels=["forward"], candidates=False)
+    assert [(r["role"], r["ok"]) for r in rows] == [("refused", False)]
+    assert "NoFittingShape" in rows[0]["problem"]
+    assert I.summary(rows)[0]["failures"] == 1
+
+
+@contextlib.contextmanager
+def _matmul_precision(value):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(value)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 class _RaisingKernel:

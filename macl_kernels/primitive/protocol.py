@@ -236,6 +236,12 @@ class Options:
     # The inputs' half dtype before the upcast (Problem.operand_dtype): what a kernel that
     # rounds its GEMM operands reads (Triton's tile shapes depend on it).
     operand_dtype: Optional[torch.dtype] = None
+    # Shared memory per block (bytes) of the GPU asked about when it is a target rather than a
+    # device of this machine (the kernel inventory compiles for sm_80 / sm_90 without a GPU). A
+    # backend whose limits depend on it (Triton's tile shapes) answers for that GPU, and leaves
+    # out what this process's environment says (a visible device, the interpreter). None: the
+    # call's own device, the environment checked (auto, an explicit backend, info).
+    shared_limit: Optional[int] = None
 
     @classmethod
     def of(cls, problem: "Problem") -> "Options":

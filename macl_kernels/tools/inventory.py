@@ -13,8 +13,13 @@ indices by strides in 64 bits (no ``arith.muli`` on an i32 tensor).
 
 Each row is checked against the rules the shape tables promise: at most ``MAX_SPILL_BYTES`` of
 spill, shared memory within the architecture's limit and within the figure the shape table
-records for it, 64-bit row offsets. Widths with no shape are listed as ``refused`` (the
-backend refuses them with a ``ValueError`` and ``auto`` passes over them).
+records for it, 64-bit row offsets. Which widths are ``refused`` is the backend's answer, not a
+rule of this module: ``not_supported_reasons("triton", ...)`` (the one that ``auto``, an explicit
+backend and ``info`` ask) for a CUDA device with the target's shared memory
+(``Options.shared_limit``: a target, so this process's environment is not asked), per precision
+class and width; a refused width is listed as ``refused`` rows with the backend's reasons (it
+raises a ``ValueError`` there and ``auto`` passes over it) and nothing of it is compiled. A width
+the backend accepts while a kernel's kind has no shape for it would fail at launch: a failing row.
 
 Compiling needs Triton's NVIDIA backend and a process where ``TRITON_INTERPRET`` is not set
 (kernels are decorated for the interpreter otherwise): ``cli.py`` re-runs itself without it.
@@ -22,6 +27,7 @@ Compiling needs Triton's NVIDIA backend and a process where ``TRITON_INTERPRET``
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
@@ -30,6 +36,8 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
 
 ARCHS = {"sm_80": 80, "sm_90": 90}
 WIDTHS = (16, 32, 64, 128, 256, 512, 1024)
@@ -124,16 +132,48 @@ def compile_config(spec, precision: str, block_d: int, flags: dict, shape, arch:
                 compile_s=round(seconds, 1))
 
 
+@contextlib.contextmanager
+def _float32_matmul_precision(value: str):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(value)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def backend_reasons(arch: str, precision: str, block_d: int) -> List[str]:
+    """Why the Triton backend refuses width ``block_d`` for ``precision`` operands on ``arch``
+    (``[]``: it serves it): the registry's ``not_supported_reasons`` for a CUDA device with the
+    architecture's shared memory as ``Options.shared_limit`` (a target: no GPU needed, this
+    process's environment not asked). The precision class is the backend's own mapping: the
+    operand dtype (half dtypes upcast, as the losses pass them), float32 under the matmul
+    precision whose ``tl.dot`` it names (tf32x3: "highest", tf32: "high")."""
+    from ..primitive import Options, not_supported_reasons
+    from ..primitive.backends import triton as TF
+
+    operand, _, dot_precision = TF.PRECISIONS[precision]
+    with _float32_matmul_precision("highest" if dot_precision == "tf32x3" else "high"):
+        if TF.precision_class(operand) != precision:  # a class the backend never chooses
+            raise ValueError(f"precision {precision!r}: the triton backend maps {operand} "
+                             f"operands to {TF.precision_class(operand)!r}")
+        return list(not_supported_reasons("triton", torch.device("cuda"), operand, block_d,
+                                          Options(shared_limit=_shared_limit(arch))))
+
+
 def plan(arch: str, precisions: Sequence[str], widths: Sequence[int],
          kernels: Optional[Sequence[str]] = None, candidates: bool = True,
          flag_sets: str = "all") -> List[dict]:
     """The rows to compile (without results): one per kernel, precision, width, flag set and
     shape the shape rules can launch (``role`` default / candidate), and one ``refused`` row per
-    kernel, precision and width without a shape. ``flag_sets="heaviest"`` keeps, per kernel,
-    the first flag set that accumulates most (forward with E, the symmetric backward)."""
+    kernel, precision and width the backend refuses (``backend_reasons``; ``problem`` says why).
+    ``flag_sets="heaviest"`` keeps, per kernel, the first flag set that accumulates most
+    (forward with E, the symmetric backward)."""
     from ..primitive.backends import triton as TF
 
     limit = _shared_limit(arch)
+    refused = {(precision, block_d): backend_reasons(arch, precision, block_d)
+               for precision in precisions for block_d in widths}
     rows = []
     for name, spec in TF.KERNELS.items():
         if kernels and name not in kernels:
@@ -143,11 +183,20 @@ def plan(arch: str, precisions: Sequence[str], widths: Sequence[int],
             if flag_sets == "heaviest":
                 sets = [_heaviest(sets)]
             for block_d in widths:
-                shapes = TF.shape_candidates(spec.kind, precision, block_d, limit)
                 base = dict(arch=arch, kernel=name, precision=precision, block_d=block_d,
                             shared_limit=limit)
-                if not shapes:
-                    rows.append(dict(base, flags="", role="refused"))
+                unshaped = dict(base, flags="", role="refused", block_m="", block_n="",
+                                num_warps="", num_stages="")
+                reasons = refused[(precision, block_d)]
+                if reasons:
+                    rows.append(dict(unshaped, ok=True,
+                                     problem="backend refuses: " + "; ".join(reasons)))
+                    continue
+                shapes = TF.shape_candidates(spec.kind, precision, block_d, limit)
+                if not shapes:  # served by the backend, no shape at launch: NoFittingShape
+                    rows.append(dict(unshaped, ok=False, problem=(
+                        f"the backend serves this width but the {spec.kind} table has no shape "
+                        f"within {limit} B: the launch would raise NoFittingShape")))
                     continue
                 if not candidates:
                     shapes = shapes[:1]
@@ -180,8 +229,7 @@ def _run_row(row: dict) -> dict:
 
     row = dict(row)
     row["triton"] = triton.__version__
-    if row["role"] == "refused":
-        row.update(ok=True, problem="no tile shape: the width is refused")
+    if row["role"] == "refused":  # judged by plan: nothing to compile
         return row
     flags = row.pop("_flags")
     shape = (row["block_m"], row["block_n"], row["num_warps"], row["num_stages"])
@@ -242,6 +290,7 @@ def summary(rows: Sequence[dict]) -> List[dict]:
                                          refused=False, failures=0))
         if row["role"] == "refused":
             entry["refused"] = True
+            entry["failures"] += not row["ok"]
             continue
         entry["configs"] += 1
         entry["worst_spill"] = max(entry["worst_spill"], int(row.get("spill_bytes") or 0))

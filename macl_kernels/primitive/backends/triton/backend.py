@@ -23,14 +23,17 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
-from ...protocol import (ENVIRONMENT, WIDTH, Backend, Capabilities, Grads, LogitMap, Needs,
+from ...protocol import (BUILD, ENVIRONMENT, WIDTH, Backend, Capabilities, Grads, LogitMap, Needs,
                          Options, Problem, Reason, RowReduction)
 from . import config
 from .config import (
-    MAX_D, PRECISIONS, block_d_of, device_shared_limit, max_block_d, precision_class,
+    MAX_D, PRECISIONS, SHAPES, block_d_of, device_shared_limit, precision_class, shape_candidates,
     unavailable_reason,
 )
 from .launch import NoFittingShape, TritonResourceError, launch, launch_shape, refusal
+
+# The kernel kinds of the shape tables (every kernel launches with its kind's shapes).
+KERNEL_KINDS = tuple(sorted({kind for _, kind in SHAPES}))
 
 
 class _Operands(NamedTuple):
@@ -315,27 +318,39 @@ class TritonBackend(Backend):
     def not_supported_reasons(self, device=None, dtype=None, D=None,
                               options: Optional[Options] = None) -> List[Reason]:
         """The data's reasons; then, on a GPU, a width no measured tile shape serves for the
-        operand precision (it would spill or not fit the shared memory)."""
+        operand precision (it would spill or not fit the shared memory). With
+        ``options.shared_limit`` the GPU is a target (the kernel inventory's): its shared memory
+        is that, and this process's environment is not asked."""
         reasons = super().not_supported_reasons(device, dtype, D, options)
+        target_limit = None if options is None else options.shared_limit
+        if target_limit is not None:
+            reasons = [r for r in reasons if r.kind not in (ENVIRONMENT, BUILD)]
         if reasons or device is None or dtype is None or D is None:
             return reasons
         operand = dtype
         if (dtype == torch.float32 and options is not None
                 and options.operand_dtype in (torch.float16, torch.bfloat16)):
             operand = options.operand_dtype
-        refused = self._shape_refusal(D, operand, device)
+        refused = self._shape_refusal(D, operand, device, target_limit)
         return [] if refused is None else [Reason(refused, WIDTH)]
 
     @staticmethod
-    def _shape_refusal(d: int, op_dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    def _shape_refusal(d: int, op_dtype: torch.dtype, device: torch.device,
+                       shared_limit: Optional[int] = None) -> Optional[str]:
         """On a GPU: why no measured tile shape serves width ``d`` with ``op_dtype`` operands
-        (``None`` when one does). The interpreter has no registers or shared memory to run out
-        of and accepts every width up to ``MAX_D``."""
-        if config.INTERPRET or device.type != "cuda":
+        (``None`` when one does): the rule the launcher applies, one kernel kind at a time, for
+        every kind at once (a call launches both). ``shared_limit``: a target GPU's shared
+        memory per block (the kernel inventory asks about sm_80 / sm_90 from any machine);
+        ``None``: ``device``'s. The interpreter has no registers or shared memory to run out of
+        and accepts every width up to ``MAX_D``."""
+        if device.type != "cuda" or (shared_limit is None and config.INTERPRET):
             return None
         precision = precision_class(op_dtype)
-        limit = device_shared_limit(device)
-        if block_d_of(d) <= max_block_d(precision, limit):
+        limit = device_shared_limit(device) if shared_limit is None else shared_limit
+        # Width by width, not up to a widest one: a smaller GPU's shared memory can drop a
+        # width's only shape (float32 tf32 at BLOCK_D 512 on an A100) and keep a wider one's.
+        block_d = block_d_of(d)
+        if all(shape_candidates(kind, precision, block_d, limit) for kind in KERNEL_KINDS):
             return None
         return refusal(precision, d, limit)
 

@@ -201,11 +201,16 @@ def shape_candidates(kind: str, precision: str, block_d: int,
 
 
 def max_block_d(precision: str, shared_limit: int = H100_SHARED_MEMORY) -> int:
-    """The widest ``BLOCK_D`` every kernel kind has a fitting shape for (0: none)."""
-    widths = [bd for bd in (16, 32, 64, 128, 256, 512, 1024)
-              if all(shape_candidates(kind, precision, bd, shared_limit)
-                     for kind in ("forward", "candidates"))]
-    return max(widths, default=0)
+    """The widest ``BLOCK_D`` up to which every width has a fitting shape of every kernel kind
+    (0: none). Up to, not the widest with one: a smaller GPU can lose a width's only shape and
+    keep a wider one's (float32 tf32 at BLOCK_D 512 on an A100), and "D <= widest" must hold."""
+    widest = 0
+    for bd in (16, 32, 64, 128, 256, 512, 1024):
+        if not all(shape_candidates(kind, precision, bd, shared_limit)
+                   for kind in ("forward", "candidates")):
+            break
+        widest = bd
+    return widest
 
 
 def device_shared_limit(device: Optional[torch.device] = None) -> int:

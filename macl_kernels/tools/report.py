@@ -130,7 +130,7 @@ def cuda_extension_line() -> str:
 def info_lines() -> List[str]:
     """The ``info`` report, one ``key: value`` line each (a list so that tests can inspect it)."""
     lines = [
-        f"macl_kernels: {__version__} ({os.path.dirname(os.path.abspath(__file__))})",
+        f"macl_kernels: {__version__} ({os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})",
         f"python: {platform.python_version()} ({platform.python_implementation()}, "
         f"{sys.executable})",
         f"platform: {platform.platform()}",

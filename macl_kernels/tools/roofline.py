@@ -35,7 +35,7 @@ WARMUP_S = 0.5
 # matrix S (P = M = 2N anchors in layout 2n; P = N in cross and cross_sym). No backend stores S,
 # so the backward recomputes it (as every backend does): forward = S; backward = S again plus the
 # two gradient products; step = forward + backward. In layout 2n S is symmetric: half of it is
-# computed (each tile serves its rows and its columns) and dU = (G + G^T) U is one P x P x D
+# computed (each tile serves its rows and its columns) and dU = (dL_dS + dL_dS^T) U is one P x P x D
 # product. In cross_sym one S serves both directions (row and column statistics, both gradient
 # sides), so its minimum equals cross's.
 _MACS_PER_P2D: Dict[str, Dict[str, float]] = {

@@ -46,9 +46,12 @@ class CpuBackend(Backend):
         state = _EXTENSION.state()
         if state.status != _native.MISSING:
             return None  # built, or built when first needed
-        return Reason(f"the C++ extension is missing: {state.detail}; build it ahead of time "
-                      f"with `pip install --no-build-isolation -e .` (or `make install`) in the "
-                      f"source tree", BUILD)
+        # A wheel user has no source tree: the first remedy is the compiler the first-use build
+        # needs; the ahead-of-time build is for a checkout.
+        return Reason(f"the C++ extension is missing: {state.detail}; with a C++ compiler (and "
+                      f"ninja) on PATH it is built on first use, or, in a source checkout, build "
+                      f"it ahead of time with `pip install --no-build-isolation -e .` (or "
+                      f"`make install`)", BUILD)
 
     def _forward(self, p: Problem, need_eqs: bool):
         return _EXTENSION.get().forward(

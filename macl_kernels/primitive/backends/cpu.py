@@ -46,11 +46,10 @@ class CpuBackend(Backend):
         state = _EXTENSION.state()
         if state.status != _native.MISSING:
             return None  # built, or built when first needed
-        # A wheel user has no source tree: the first remedy is the compiler the first-use build
-        # needs; the ahead-of-time build is for a checkout.
-        return Reason(f"the C++ extension is missing: {state.detail}; with a C++ compiler (and "
-                      f"ninja) on PATH it is built on first use, or, in a source checkout, build "
-                      f"it ahead of time with `pip install --no-build-isolation -e .` (or "
+        # ``detail`` says why the first-use build cannot run and what it needs (a wheel user's
+        # remedy); the ahead-of-time build is for a source checkout.
+        return Reason(f"the C++ extension is missing: {state.detail}; or, in a source checkout, "
+                      f"build it ahead of time with `pip install --no-build-isolation -e .` (or "
                       f"`make install`)", BUILD)
 
     def _forward(self, p: Problem, need_eqs: bool):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, NamedTuple, Optional, Set
 
 import macl_kernels
 
@@ -46,16 +46,27 @@ def _known(name: str, modules: Dict[str, Path]) -> Optional[str]:
     return None
 
 
-def import_graph() -> Dict[str, Set[str]]:
-    modules = module_files()
-    graph: Dict[str, Set[str]] = {name: set() for name in modules}
+class ImportEdge(NamedTuple):
+    importer: str  # dotted module name
+    target: str  # dotted module name (the longest prefix that is a module of the package)
+    path: str  # the dotted path as written, absolute (``macl_kernels.primitive.ops``)
+    name: Optional[str]  # the imported name of ``from X import name`` (not a module), else None
+    line: int
+
+
+def import_edges(modules: Optional[Dict[str, Path]] = None) -> List[ImportEdge]:
+    """Every import of a package module by a package module (also inside functions)."""
+    modules = module_files() if modules is None else modules
+    edges = []
     for module, path in modules.items():
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):  # module level and inside functions alike
-            targets: List[Optional[str]] = []
             if isinstance(node, ast.Import):
-                targets = [_known(alias.name, modules) for alias in node.names
-                           if alias.name.split(".")[0] == PACKAGE]
+                for alias in node.names:
+                    target = _known(alias.name, modules) \
+                        if alias.name.split(".")[0] == PACKAGE else None
+                    if target is not None:
+                        edges.append(ImportEdge(module, target, alias.name, None, node.lineno))
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = _base_package(module, path, node.level)
@@ -66,8 +77,18 @@ def import_graph() -> Dict[str, Set[str]]:
                     continue
                 for alias in node.names:
                     submodule = f"{source}.{alias.name}"
-                    targets.append(submodule if submodule in modules else _known(source, modules))
-            graph[module].update(t for t in targets if t is not None and t != module)
+                    if submodule in modules:  # `from pkg import module`: the name is a module
+                        edges.append(ImportEdge(module, submodule, submodule, None, node.lineno))
+                    elif (target := _known(source, modules)) is not None:
+                        edges.append(ImportEdge(module, target, source, alias.name, node.lineno))
+    return edges
+
+
+def import_graph() -> Dict[str, Set[str]]:
+    graph: Dict[str, Set[str]] = {name: set() for name in module_files()}
+    for edge in import_edges():
+        if edge.target != edge.importer:
+            graph[edge.importer].add(edge.target)
     return graph
 
 

@@ -113,7 +113,7 @@ def test_inventory_refuses_what_the_backend_refuses():
             assert row["ok"] and row["problem"] == "backend refuses: " + "; ".join(reasons)
     # The target's shared memory, width by width: float32 tf32 loses BLOCK_D 512's only shape
     # on an A100 (sm_80) and keeps 1024's; bfloat16 operands (float32 compute) keep both.
-    with _matmul_precision("high"):
+    with I.float32_matmul_precision("high"):
         assert B.not_supported_reasons("triton", CUDA, torch.float32, 512, _target("sm_80"))
         assert not B.not_supported_reasons("triton", CUDA, torch.float32, 1024, _target("sm_80"))
     assert not B.not_supported_reasons("triton", CUDA, torch.bfloat16, 512, _target("sm_80"))
@@ -141,16 +141,6 @@ def test_inventory_takes_the_backends_answer(compiled_mode, monkeypatch):
     assert [(r["role"], r["ok"]) for r in rows] == [("refused", False)]
     assert "NoFittingShape" in rows[0]["problem"]
     assert I.summary(rows)[0]["failures"] == 1
-
-
-@contextlib.contextmanager
-def _matmul_precision(value):
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(value)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 class _RaisingKernel:

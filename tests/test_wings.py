@@ -12,13 +12,12 @@ is over ``MAX_LINES`` lines. Every ``import`` counts, at module level or inside 
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List
 
 import pytest
 
-from test_import_cycles import PACKAGE, _base_package, _known, module_files
+from test_import_cycles import PACKAGE, ImportEdge, import_edges, module_files
 
 MAX_LINES = 900
 
@@ -35,12 +34,7 @@ ALLOWED = {
 SURFACE = {"primitive": f"{PACKAGE}.primitive"}
 
 
-class Edge(NamedTuple):
-    importer: str  # dotted module name
-    target: str  # dotted module name (the longest prefix that is a module of the package)
-    path: str  # the dotted path as written, absolute (``macl_kernels.primitive.ops``)
-    name: Optional[str]  # the imported name (``from X import name``), or None for ``import X``
-    line: int
+Edge = ImportEdge
 
 
 def wing(module: str) -> str:
@@ -54,36 +48,6 @@ def wing(module: str) -> str:
 
 def _private(part: str) -> bool:
     return part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
-
-
-def edges(modules: Dict[str, Path]) -> List[Edge]:
-    out = []
-    for module, path in modules.items():
-        tree = ast.parse(path.read_text(), filename=str(path))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                for alias in node.names:
-                    if alias.name.split(".")[0] == PACKAGE:
-                        target = _known(alias.name, modules)
-                        if target:
-                            out.append(Edge(module, target, alias.name, None, node.lineno))
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = _base_package(module, path, node.level)
-                    source = f"{base}.{node.module}" if node.module else base
-                else:
-                    source = node.module or ""
-                if source.split(".")[0] != PACKAGE:
-                    continue
-                for alias in node.names:
-                    submodule = f"{source}.{alias.name}"
-                    if submodule in modules:  # `from pkg import module`: the name is a module
-                        out.append(Edge(module, submodule, submodule, None, node.lineno))
-                    else:
-                        target = _known(source, modules)
-                        if target:
-                            out.append(Edge(module, target, source, alias.name, node.lineno))
-    return out
 
 
 def violations(all_edges: List[Edge]) -> List[str]:
@@ -114,7 +78,7 @@ def test_the_wings_exist_and_the_parser_sees_them():
     modules = module_files()
     wings = {wing(m) for m in modules}
     assert wings == {"primitive", "library", "tools"}
-    found = edges(modules)
+    found = import_edges(modules)
     pairs = {(wing(e.importer), wing(e.target)) for e in found}
     assert ("library", "primitive") in pairs  # the losses call the primitive
     assert ("tools", "library") in pairs  # the cases run the losses
@@ -153,7 +117,7 @@ def test_violations_are_found(importer, target, path, name, expected):
 
 
 def test_no_import_across_wings_breaks_the_rule():
-    found = violations(edges(module_files()))
+    found = violations(import_edges())
     assert not found, "\n".join(found)
 
 

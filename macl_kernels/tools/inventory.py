@@ -133,7 +133,9 @@ def compile_config(spec, precision: str, block_d: int, flags: dict, shape, arch:
 
 
 @contextlib.contextmanager
-def _float32_matmul_precision(value: str):
+def float32_matmul_precision(value: str):
+    """torch's float32 matmul precision set to ``value`` for the block (the Triton backend maps
+    float32 to its precision class by it), then restored."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(value)
     try:
@@ -153,7 +155,7 @@ def backend_reasons(arch: str, precision: str, block_d: int) -> List[str]:
     from ..primitive.backends import triton as TF
 
     operand, _, dot_precision = TF.PRECISIONS[precision]
-    with _float32_matmul_precision("highest" if dot_precision == "tf32x3" else "high"):
+    with float32_matmul_precision("highest" if dot_precision == "tf32x3" else "high"):
         if TF.precision_class(operand) != precision:  # a class the backend never chooses
             raise ValueError(f"precision {precision!r}: the triton backend maps {operand} "
                              f"operands to {TF.precision_class(operand)!r}")

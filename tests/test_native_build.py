@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import os
+import tempfile
+from pathlib import Path
 import warnings
 
 import pytest
@@ -119,6 +121,21 @@ def test_failed_build_is_missing_with_the_compilers_error(monkeypatch, tmp_path)
         backends.resolve_backend("cpu", torch.device("cpu"))
 
 
+def test_a_versioned_rebuild_is_found_in_the_cache(monkeypatch, tmp_path):
+    """torch names a second build of one extension in one process ``_C_cpu_v1`` (a failed first
+    try counts): the cache lookup takes the newest of the versioned files, else the plain one."""
+    ext = _cpu_extension(monkeypatch, tmp_path)
+    folder = ext.build_dir()
+    folder.mkdir(parents=True)
+    assert ext._cached_library() is None
+    (folder / "_C_cpu.so").write_bytes(b"")
+    assert ext._cached_library() == folder / "_C_cpu.so"
+    for version, mtime in ((2, 2_000_000_000), (1, 1_000_000_000)):  # v2 the newer
+        (folder / f"_C_cpu_v{version}.so").write_bytes(b"")
+        os.utime(folder / f"_C_cpu_v{version}.so", (mtime, mtime))
+    assert ext._cached_library() == folder / "_C_cpu_v2.so"
+
+
 def test_import_and_info_build_nothing(monkeypatch, tmp_path):
     """``import macl_kernels`` loads no extension, and asking about the backends (``info``,
     ``available_backends``) with only a first-use build possible compiles nothing."""
@@ -138,13 +155,23 @@ def test_import_and_info_build_nothing(monkeypatch, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.fixture
+def own_tmp_path():
+    """A temporary folder outside pytest's numbered base folders: another pytest process of the
+    same user (a second checkout's suite) prunes old base folders, and with them a build cache
+    in the middle of this test."""
+    with tempfile.TemporaryDirectory(prefix="macl_kernels_first_use_") as folder:
+        yield Path(folder)
+
+
 @pytest.mark.slow
-def test_first_use_build_then_cached(monkeypatch, tmp_path, capfd):
+def test_first_use_build_then_cached(monkeypatch, own_tmp_path, capfd):
     """The ahead-of-time module hidden: ``backend="cpu"`` builds the extension once (one line on
     stderr), its losses equal the torch backend's, and a fresh process state finds the cached
     build without building again."""
     if _native.compiler() is None or _native.ninja() is None:
         pytest.skip("no C++ compiler or ninja on this machine")
+    tmp_path = own_tmp_path
     ext = _cpu_extension(monkeypatch, tmp_path)
     z1, z2 = make_pair(40, 8, seed=1)
     got = loss_and_grads(mk.macl_loss, z1, z2, backend="cpu")

@@ -175,8 +175,15 @@ class Extension:
         folder = self.build_dir()
         if folder is None:
             return None
-        library = folder / f"{self.short_name}{'.pyd' if os.name == 'nt' else '.so'}"
-        return library if library.is_file() else None
+        suffix = ".pyd" if os.name == "nt" else ".so"
+        # torch names a rebuild of an extension already loaded (or tried) in the same process
+        # `<name>_v1`, `_v2`, ...: the newest of those, else the plain name.
+        versioned = sorted(folder.glob(f"{self.short_name}_v*{suffix}"),
+                           key=lambda path: path.stat().st_mtime, reverse=True)
+        for library in [*versioned, folder / f"{self.short_name}{suffix}"]:
+            if library.is_file():
+                return library
+        return None
 
     def _jit_missing(self) -> Optional[str]:
         """Why no first-use build can be attempted here (``None``: it can)."""
@@ -199,7 +206,9 @@ class Extension:
         if library is None:
             return None
         folder = library.parent
-        spec = importlib.util.spec_from_file_location(self.name, library)
+        # The module's name is the file's (`_C_cpu_v1` exports `PyInit__C_cpu_v1`).
+        name = f"{self.name.rpartition('.')[0]}.{library.name.split('.')[0]}"
+        spec = importlib.util.spec_from_file_location(name, library)
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)

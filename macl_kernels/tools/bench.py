@@ -19,7 +19,6 @@ forward+backward step over the median time) and that as a fraction of the whole-
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ import torch
 from . import roofline as _roofline
 from . import worker as _worker
 from .cases import ALL_CASES as LOSS_CASES
+from . import report
 from .report import device_name, format_table
 from .. import __version__
 
@@ -202,11 +202,7 @@ def csv_rows(config: BenchConfig, measurements: Sequence[Measurement],
 
 
 def write_csv(path: str, rows: Sequence[Dict]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_COLUMNS})
+    report.write_csv(path, CSV_COLUMNS, rows)
 
 
 def format_results(rows: Sequence[Dict]) -> str:

@@ -45,7 +45,6 @@ phase, memory against N with the budget and the search's probes, throughput).
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 import time
@@ -57,7 +56,7 @@ import torch
 from . import bench as _bench
 from . import roofline as _roofline
 from . import worker as _worker
-from .report import device_name, format_table
+from .report import device_name, format_table, write_csv
 from .. import __version__
 
 PROFILE_LOSSES = ("macl", "infonce", "clip", "dcl", "dclw", "tfree", "siglip", "infonce_labels",
@@ -270,14 +269,6 @@ def capacity_rows(config: ProfileConfig, caps: Sequence[Capacity]) -> List[Dict]
         "search_s": round(c.seconds, 1),
         "probes": " ".join(f"{n}:{'-' if b is None else b}:{note}" for n, b, note in c.probes),
     } for c in caps]
-
-
-def write_csv(path: str, columns: Sequence[str], rows: Sequence[Dict]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
 
 
 def _mib(value: Optional[float]) -> str:

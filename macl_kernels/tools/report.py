@@ -3,6 +3,7 @@ here, and plain-text tables. Used by ``info``, ``verify``, ``bench`` and ``profi
 
 from __future__ import annotations
 
+import csv
 import os
 import platform
 import sys
@@ -189,3 +190,12 @@ def backend_lines() -> List[str]:
         if state is not None:
             lines.append(f"    build: {_BUILD_WORDS[state.status]}: {state.detail}")
     return lines
+
+
+def write_csv(path: str, columns: Sequence[str], rows: Iterable[dict]) -> None:
+    """``rows`` as a CSV with ``columns`` (a missing or ``None`` value as an empty cell)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
